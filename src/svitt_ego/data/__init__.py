@@ -1,0 +1,1 @@
+"""The input side: EgoClip and EgoMCQ metadata, video reading, transforms, tokenizer, toy data."""
