@@ -27,17 +27,21 @@ def resolve_text_folder(name: str | None) -> Path | None:
     return minilm_path() if name == "minilm" else Path(name)
 
 
+def vocab_file(text: TextConfig) -> Path | None:
+    """The WordPiece ``vocab.txt`` of ``text.tokenizer`` (or ``text.pretrained``), if there is one."""
+    folder = resolve_text_folder(text.tokenizer or text.pretrained)
+    return folder / "vocab.txt" if folder is not None and (folder / "vocab.txt").exists() else None
+
+
 def load_tokenizer(text: TextConfig):
     """A fast BERT tokenizer from ``text.tokenizer`` (or ``text.pretrained``): a folder with vocab.txt."""
     from transformers import BertTokenizerFast
 
-    folder = resolve_text_folder(text.tokenizer or text.pretrained)
-    if folder is None:
-        raise FileNotFoundError("no tokenizer: set model.text.tokenizer (a folder with vocab.txt) "
-                                "or model.text.pretrained")
-    if not (folder / "vocab.txt").exists():
-        raise FileNotFoundError(f"{folder}: no vocab.txt for the tokenizer")
-    return BertTokenizerFast(str(folder / "vocab.txt"), do_lower_case=True)
+    vocab = vocab_file(text)
+    if vocab is None:
+        raise FileNotFoundError(f"no tokenizer: model.text.tokenizer={text.tokenizer!r}, model.text.pretrained="
+                                f"{text.pretrained!r}; one must be a folder with vocab.txt")
+    return BertTokenizerFast(str(vocab), do_lower_case=True)
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:

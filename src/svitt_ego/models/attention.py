@@ -1,0 +1,150 @@
+"""Edge sparsity: block-local + random attention with the 3D relative position bias.
+
+Token 0 is [CLS]; the ``n`` patch tokens after it are cut into blocks of ``G``
+consecutive tokens (the last block may be partial). The [CLS] query attends to
+every key. A patch query in block ``b`` attends to the [CLS] key, to its ``K_l``
+local blocks (``b`` and ``(K_l-1)/2`` neighbours each side) and to ``K_r``
+random other blocks, drawn without repetition and never a local block (fewer
+when fewer are free). The random draw is one :class:`BlockPattern` per layer
+and forward, shared by the batch and the heads.
+
+Backends compute the same function:
+
+- ``reference``: dense attention with the equivalent N x N mask (for tests).
+- ``blocked``: gathers each query block's key blocks; never builds an N x N
+  matrix, runs anywhere.
+- ``dense``: no edge sparsity at all (``attention: dense``), PyTorch SDPA with
+  the bias materialised.
+
+Every backend also returns the [CLS] query's attention probabilities, the
+score node sparsity prunes by.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from svitt_ego.models.position_bias import CLS_POSITION, RelativePositionBias3D
+
+
+@dataclass
+class BlockPattern:
+    """Key blocks of each query block: ``key_blocks[b, :]`` where ``valid[b, :]``."""
+
+    key_blocks: torch.Tensor  # [num_blocks, W] long
+    valid: torch.Tensor  # [num_blocks, W] bool
+    block_size: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.key_blocks.shape[0]
+
+
+def sample_block_pattern(num_tokens: int, block_size: int, k_local: int, k_random: int,
+                         generator: torch.Generator | None = None,
+                         device: torch.device | str = "cpu") -> BlockPattern:
+    """Draw the random blocks for ``num_tokens`` patch tokens (the [CLS] token excluded)."""
+    nb = math.ceil(num_tokens / block_size)
+    blocks = torch.arange(nb)
+    local = (blocks[:, None] - blocks[None, :]).abs() <= (k_local - 1) // 2
+    # Local blocks sort first, then the others in random order.
+    keys = torch.rand(nb, nb, generator=generator).masked_fill(local, -1.0)
+    width = min(k_local + k_random, nb)
+    key_blocks = keys.argsort(dim=1)[:, :width]
+    count = (local.sum(1) + k_random).clamp(max=nb)
+    valid = torch.arange(width)[None, :] < count[:, None]
+    return BlockPattern(key_blocks.to(device), valid.to(device), block_size)
+
+
+def dense_mask(pattern: BlockPattern, num_tokens: int) -> torch.Tensor:
+    """The [1 + n, 1 + n] boolean mask (True = attend) equivalent to ``pattern``."""
+    block_of = torch.arange(num_tokens, device=pattern.key_blocks.device) // pattern.block_size
+    allowed_blocks = torch.zeros(pattern.num_blocks, pattern.num_blocks, dtype=torch.bool,
+                                 device=block_of.device)
+    rows = torch.arange(pattern.num_blocks, device=block_of.device)[:, None].expand_as(pattern.key_blocks)
+    allowed_blocks[rows[pattern.valid], pattern.key_blocks[pattern.valid]] = True
+    mask = torch.ones(num_tokens + 1, num_tokens + 1, dtype=torch.bool, device=block_of.device)
+    mask[1:, 1:] = allowed_blocks[block_of[:, None], block_of[None, :]]
+    return mask
+
+
+Backend = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def dense_attention(q, k, v, positions, rel_bias: RelativePositionBias3D, pattern=None):
+    """Full attention through SDPA with the bias as a float mask; [CLS] probabilities on the side."""
+    bias = rel_bias(positions, positions)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+    cls_probs = _cls_probs(q, k, bias[:, :, :1])
+    return out, cls_probs
+
+
+def reference_attention(q, k, v, positions, rel_bias: RelativePositionBias3D, pattern: BlockPattern | None):
+    """Materialise scores, bias and the dense mask: simple, O(N^2) memory."""
+    scale = q.shape[-1] ** -0.5
+    scores = (q @ k.transpose(-2, -1)) * scale
+    scores = scores + rel_bias(positions, positions)
+    if pattern is not None:
+        scores = scores.masked_fill(~dense_mask(pattern, q.shape[-2] - 1), float("-inf"))
+    probs = scores.float().softmax(-1).to(q.dtype)
+    return probs @ v, probs[:, :, 0]
+
+
+def blocked_attention(q, k, v, positions, rel_bias: RelativePositionBias3D, pattern: BlockPattern):
+    """Each query block against its gathered key blocks plus [CLS]; memory O(N * W * G)."""
+    B, H, N, D = q.shape
+    n, G, nb = N - 1, pattern.block_size, pattern.num_blocks
+    pad = nb * G - n
+    scale = D**-0.5
+    W = pattern.key_blocks.shape[1]
+
+    # [CLS] query: dense over all keys.
+    cls_bias = rel_bias(positions[:, :1], positions)
+    cls_scores = (q[:, :, :1] @ k.transpose(-2, -1)) * scale + cls_bias
+    cls_probs = cls_scores.float().softmax(-1).to(q.dtype)
+    cls_out = cls_probs @ v
+
+    def blocks(x):  # [B, H, n, D] -> [B, H, nb, G, D]
+        return F.pad(x, (0, 0, 0, pad)).view(B, H, nb, G, D)
+
+    qb, kb, vb = blocks(q[:, :, 1:]), blocks(k[:, :, 1:]), blocks(v[:, :, 1:])
+    idx = pattern.key_blocks
+    k_cls = k[:, :, :1, None].expand(B, H, nb, 1, D)
+    v_cls = v[:, :, :1, None].expand(B, H, nb, 1, D)
+    kg = torch.cat([k_cls, kb[:, :, idx].reshape(B, H, nb, W * G, D)], dim=3)
+    vg = torch.cat([v_cls, vb[:, :, idx].reshape(B, H, nb, W * G, D)], dim=3)
+
+    patch_pos = F.pad(positions[:, 1:], (0, pad), value=0).view(-1, nb, G)
+    key_pos = patch_pos[:, idx].reshape(-1, nb, W * G)
+    key_pos = torch.cat([key_pos.new_full((key_pos.shape[0], nb, 1), CLS_POSITION), key_pos], dim=2)
+    bias = rel_bias(patch_pos, key_pos).transpose(1, 2)  # [B', H, nb, G, 1 + W*G]
+
+    token_ok = torch.arange(nb * G, device=q.device).view(nb, G) < n
+    key_ok = (token_ok[idx] & pattern.valid[:, :, None]).reshape(nb, W * G)
+    key_ok = torch.cat([key_ok.new_ones(nb, 1), key_ok], dim=1)
+
+    scores = (qb @ kg.transpose(-2, -1)) * scale + bias
+    scores = scores.masked_fill(~key_ok[:, None, :], float("-inf"))
+    out = scores.float().softmax(-1).to(q.dtype) @ vg
+    out = out.reshape(B, H, nb * G, D)[:, :, :n]
+    return torch.cat([cls_out, out], dim=2), cls_probs[:, :, 0]
+
+
+def _cls_probs(q, k, cls_bias):
+    scores = (q[:, :, :1] @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5 + cls_bias
+    return scores.float().softmax(-1).to(q.dtype)[:, :, 0]
+
+
+BACKENDS: dict[str, Backend] = {"reference": reference_attention, "blocked": blocked_attention}
+
+
+def resolve_backend(name: str, device: torch.device) -> Backend:
+    """``auto`` picks the fastest backend available on ``device``."""
+    if name == "auto":
+        name = "blocked"
+    return BACKENDS[name]

@@ -1,0 +1,192 @@
+"""SViTT-Ego: video encoder, text encoder, multimodal (fusion) encoder and heads.
+
+- Dual encoder: ``encode_video`` / ``encode_text`` give L2-normalised
+  ``embed_dim`` vectors for contrastive learning and retrieval.
+- Multimodal: the text tokens cross-attend to the video tokens in the fusion
+  layers; ``vtm_logits`` (video-text matching, 2-way on the [CLS]) and
+  ``mlm_logits`` (masked language modelling) read its output.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from svitt_ego.config import Config, ConfigError, ModelConfig, apply, validate
+from svitt_ego.data.tokenizer import load_tokenizer, tokenize, vocab_file
+from svitt_ego.models.text import FusionEncoder, MLMHead, TextEncoder, init_bert_weights
+from svitt_ego.models.video import VideoEncoder, VideoOutput
+from svitt_ego.models.weights import load_checked, read_state_dict, resize_video_bias_tables
+
+CONFIG_NAME = "svitt_ego_config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class SViTTEgo(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.visual = VideoEncoder(cfg.vision)
+        self.text = TextEncoder(cfg.text)
+        self.fusion = FusionEncoder(cfg.text, video_width=cfg.vision.width)
+        self.mlm_head = MLMHead(cfg.text)
+        self.vision_proj = nn.Linear(cfg.vision.width, cfg.embed_dim)
+        self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim)
+        self.vtm_head = nn.Linear(cfg.text.width, 2)
+        init_bert_weights(nn.ModuleList([self.vision_proj, self.text_proj, self.vtm_head]))
+        temp = torch.tensor(float(cfg.temperature))
+        if cfg.learn_temperature:
+            self.temp = nn.Parameter(temp)
+        else:
+            self.register_buffer("temp", temp)
+        self._tokenizer = None
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        """The contrastive temperature, clamped to [0.001, 0.5] as in SViTT."""
+        return self.temp.clamp(0.001, 0.5)
+
+    # Video ----------------------------------------------------------------
+    def forward_video(self, frames: torch.Tensor) -> VideoOutput:
+        """Normalised frames [B, T, 3, H, W] -> tokens, pooled vector and the kept token indices."""
+        return self.visual(frames)
+
+    def video_embedding(self, video: VideoOutput) -> torch.Tensor:
+        return F.normalize(self.vision_proj(video.pooled), dim=-1)
+
+    def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
+        """[B, T, 3, H, W] -> [B, embed_dim], L2-normalised."""
+        return self.video_embedding(self.forward_video(frames))
+
+    # Text -----------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.config.text)
+        return self._tokenizer
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        device = self.text_proj.weight.device
+        return {k: v.to(device) for k, v in tokenize(self.tokenizer, texts, self.config.text.max_length).items()}
+
+    def forward_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, L] -> unimodal text hidden states [B, L, C]."""
+        return self.text(input_ids, attention_mask)
+
+    def text_embedding(self, text_hidden: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(text_hidden[:, 0]), dim=-1)
+
+    def encode_text(self, texts: list[str] | torch.Tensor,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Strings or token ids [B, L] -> [B, embed_dim], L2-normalised."""
+        if isinstance(texts, torch.Tensor):
+            ids, mask = texts, attention_mask if attention_mask is not None else torch.ones_like(texts)
+        else:
+            enc = self.tokenize(texts)
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+        return self.text_embedding(self.forward_text(ids, mask))
+
+    # Multimodal -----------------------------------------------------------
+    def vtm_logits(self, text_hidden: torch.Tensor, attention_mask: torch.Tensor,
+                   video_tokens: torch.Tensor) -> torch.Tensor:
+        """Video-text matching logits [B, 2] (index 1 = match) for aligned text and video rows."""
+        fused = self.fusion(text_hidden, attention_mask, video_tokens)
+        return self.vtm_head(fused.hidden[:, 0])
+
+    def mlm_logits(self, masked_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   video_tokens: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits [B, L, V] for masked text, conditioned on the video."""
+        text_hidden = self.forward_text(masked_ids, attention_mask)
+        fused = self.fusion(text_hidden, attention_mask, video_tokens)
+        return self.mlm_head(fused.hidden, self.text.embeddings.word_embeddings.weight)
+
+    # Saving and loading ---------------------------------------------------
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write ``svitt_ego_config.json``, ``model.safetensors`` and the tokenizer's ``vocab.txt``."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, folder / WEIGHTS_NAME)
+        vocab = vocab_file(self.config.text)
+        if vocab is not None and vocab.resolve() != (folder / "vocab.txt").resolve():
+            shutil.copyfile(vocab, folder / "vocab.txt")
+        cfg = Config(model=self.config).to_dict()["model"]
+        (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, overrides: dict | None = None) -> "SViTTEgo":
+        """Load a :meth:`save_pretrained` folder.
+
+        ``overrides`` changes the model config before the weights load, e.g.
+        ``{"vision": {"num_frames": 8}}`` re-inflates a 4-frame checkpoint to 8
+        frames (the bias tables are interpolated along time) or
+        ``{"vision": {"k_random": 5}}`` changes the sparsity.
+        """
+        folder = Path(folder)
+        cfg = model_config_from_dict(json.loads((folder / CONFIG_NAME).read_text()), str(folder / CONFIG_NAME))
+        if overrides:
+            cfg = model_config_from_dict({**_merge(cfg, overrides)}, "overrides")
+        cfg.vision.pretrained = cfg.text.pretrained = None
+        if (folder / "vocab.txt").exists():
+            cfg.text.tokenizer = str(folder)
+        model = cls(cfg)
+        state = read_state_dict(folder)
+        resize_video_bias_tables(state, cfg.vision, prefix="visual.")
+        report = load_checked(model, state, str(folder))
+        if report.missing or report.unexpected:
+            raise ValueError(f"{folder}: checkpoint does not match the model: missing "
+                             f"{report.missing[:5]}, unexpected {report.unexpected[:5]}")
+        return model
+
+    def describe(self) -> str:
+        """Parameter counts per part, in millions."""
+        parts = {"video encoder": self.visual, "text encoder": self.text, "multimodal encoder": self.fusion}
+        lines = [f"{name:20s} {_count(m) / 1e6:8.1f} M" for name, m in parts.items()]
+        lines.append(f"{'heads':20s} {(_count(self) - sum(_count(m) for m in parts.values())) / 1e6:8.1f} M")
+        lines.append(f"{'total':20s} {_count(self) / 1e6:8.1f} M")
+        return "\n".join(lines)
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _merge(cfg: ModelConfig, overrides: dict) -> dict:
+    data = Config(model=cfg).to_dict()["model"]
+
+    def merge(base: dict, new: dict) -> dict:
+        for k, v in new.items():
+            base[k] = merge(dict(base[k]), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+        return base
+
+    return merge(data, overrides)
+
+
+def model_config_from_dict(data: dict, source: str) -> ModelConfig:
+    try:
+        cfg = Config()
+        apply(cfg.model, data, prefix="model.")
+        return validate(cfg).model
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def create_model(cfg: ModelConfig, load_pretrained: bool = True) -> SViTTEgo:
+    """Build SViTT-Ego; with ``load_pretrained``, initialise from the BEiT / BERT folders the config names."""
+    from svitt_ego.data.tokenizer import resolve_text_folder
+    from svitt_ego.models.weights import load_beit, load_bert
+
+    model = SViTTEgo(cfg)
+    if load_pretrained and cfg.vision.pretrained:
+        load_beit(model.visual, cfg.vision.pretrained)
+    if load_pretrained and cfg.text.pretrained:
+        load_bert(model, resolve_text_folder(cfg.text.pretrained))
+    return model

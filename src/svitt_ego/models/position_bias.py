@@ -1,0 +1,76 @@
+"""The 3D relative position bias of the video encoder.
+
+Every patch token has an original (t, h, w) index; pruning drops tokens but the
+survivors keep their index, so the bias between two tokens is always looked up
+from their original offsets. A position is stored as one integer: the patch's
+index in frame-major raster order, ``p = (t * H + h) * W + w``, and ``-1`` for
+[CLS].
+
+The table has ``(2T-1) * (2H-1) * (2W-1) + 3`` rows per head. The last three are
+BEiT's: [CLS] query -> patch key, patch query -> [CLS] key, [CLS] -> [CLS]. With
+T = 1 the layout is exactly BEiT's 2D table, so image checkpoints load as is and
+are inflated by repeating the 2D table over the temporal offsets.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CLS_POSITION = -1
+
+
+class RelativePositionBias3D(nn.Module):
+    def __init__(self, num_frames: int, grid_size: int, num_heads: int):
+        super().__init__()
+        self.num_frames = num_frames
+        self.grid_size = grid_size
+        self.num_relative = (2 * num_frames - 1) * (2 * grid_size - 1) ** 2 + 3
+        self.table = nn.Parameter(torch.zeros(self.num_relative, num_heads))
+
+    def index(self, query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+        """Table rows for every (query, key) pair; the inputs broadcast against each other."""
+        g, t = self.grid_size, self.num_frames
+        qt, qh, qw = _split(query_pos, g)
+        kt, kh, kw = _split(key_pos, g)
+        span = 2 * g - 1
+        idx = ((qt - kt + t - 1) * span + (qh - kh + g - 1)) * span + (qw - kw + g - 1)
+        q_cls, k_cls = query_pos == CLS_POSITION, key_pos == CLS_POSITION
+        r = self.num_relative
+        idx = torch.where(q_cls, r - 3, idx)
+        idx = torch.where(k_cls, r - 2, idx)
+        return torch.where(q_cls & k_cls, r - 1, idx)
+
+    def forward(self, query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+        """Bias ``[..., heads, Nq, Nk]`` between positions ``[..., Nq]`` and ``[..., Nk]``."""
+        return self.table[self.index(query_pos[..., :, None], key_pos[..., None, :])].movedim(-1, -3)
+
+
+def _split(pos: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    p = pos.clamp(min=0)
+    return p // (grid * grid), (p // grid) % grid, p % grid
+
+
+def resize_bias_table(table: torch.Tensor, frames_from: int, frames_to: int, grid_size: int) -> torch.Tensor:
+    """Adapt a table made for ``frames_from`` frames to ``frames_to`` frames.
+
+    From one frame (an image checkpoint) the 2D table is repeated over all
+    ``2T-1`` temporal offsets; between videos it is interpolated linearly along
+    the temporal offset axis, keeping offset 0 and the extremes aligned.
+    """
+    spatial = (2 * grid_size - 1) ** 2
+    expected = (2 * frames_from - 1) * spatial + 3
+    if table.shape[0] != expected:
+        raise ValueError(f"relative position bias table has {table.shape[0]} rows; expected {expected} "
+                         f"for {frames_from} frame(s) on a {grid_size}x{grid_size} grid")
+    if frames_from == frames_to:
+        return table
+    heads = table.shape[1]
+    patch, special = table[:-3].reshape(2 * frames_from - 1, spatial, heads), table[-3:]
+    if frames_from == 1:
+        patch = patch.expand(2 * frames_to - 1, spatial, heads)
+    else:
+        patch = F.interpolate(patch.permute(1, 2, 0), size=2 * frames_to - 1, mode="linear",
+                              align_corners=True).permute(2, 0, 1)
+    return torch.cat([patch.reshape(-1, heads), special]).contiguous()

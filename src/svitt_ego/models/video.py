@@ -1,0 +1,178 @@
+"""The video encoder: BEiT inflated to video, with edge and node sparsity.
+
+Frames are embedded one by one with BEiT's patch convolution and flattened
+frame-major, ``(t h w)`` in raster order, behind one [CLS] token; there is no
+absolute position embedding, every layer has its own 3D relative position
+bias. Node sparsity runs after the FFN of the layers in ``prune_layers``: the
+``ceil(keep_rate * n)`` patch tokens with the highest [CLS] attention (mean
+over heads) survive in their original order, together with their original
+(t, h, w) positions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from svitt_ego.config import VisionConfig
+from svitt_ego.models.attention import (BlockPattern, dense_attention, reference_attention,
+                                        resolve_backend, sample_block_pattern)
+from svitt_ego.models.position_bias import RelativePositionBias3D
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the residual branch per sample."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class VideoAttention(nn.Module):
+    """BEiT self-attention (q and v biases, no k bias) with the 3D relative position bias."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(cfg.width))
+        self.v_bias = nn.Parameter(torch.zeros(cfg.width))
+        self.proj = nn.Linear(cfg.width, cfg.width)
+        self.rel_pos_bias = RelativePositionBias3D(cfg.num_frames, cfg.grid_size, cfg.num_heads)
+        self.backend = cfg.backend
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor,
+                pattern: BlockPattern | None) -> tuple[torch.Tensor, torch.Tensor]:
+        B, N, C = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        q, k, v = F.linear(x, self.qkv.weight, bias).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        if self.backend == "reference":
+            attend = reference_attention
+        elif pattern is None:
+            attend = dense_attention
+        else:
+            attend = resolve_backend(self.backend, x.device)
+        out, cls_probs = attend(q, k, v, positions, self.rel_pos_bias, pattern)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C)), cls_probs
+
+
+class VideoBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.attn = VideoAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        hidden = int(cfg.width * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(cfg.width, hidden), nn.GELU(), nn.Linear(hidden, cfg.width))
+        self.gamma_1 = nn.Parameter(torch.full((cfg.width,), cfg.layer_scale_init))
+        self.gamma_2 = nn.Parameter(torch.full((cfg.width,), cfg.layer_scale_init))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x, positions, pattern):
+        attn, cls_probs = self.attn(self.norm1(x), positions, pattern)
+        x = x + self.drop_path(self.gamma_1 * attn)
+        x = x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
+        return x, cls_probs
+
+
+@dataclass
+class VideoOutput:
+    tokens: torch.Tensor  # [B, 1 + n, C] after the final LayerNorm: what the fusion layers see
+    pooled: torch.Tensor  # [B, C]
+    last_hidden_state: torch.Tensor  # [B, 1 + n, C] before the final LayerNorm
+    kept: list[torch.Tensor] = field(default_factory=list)  # per pruning layer: [B, n_l] patch indices kept
+
+
+class VideoEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(VideoBlock(cfg, rate) for rate in rates)
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.fc_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for block in self.blocks:
+            nn.init.trunc_normal_(block.attn.rel_pos_bias.table, std=0.02)
+
+    @property
+    def sparse(self) -> bool:
+        return self.cfg.attention == "sparse"
+
+    def block_pattern(self, layer: int, num_tokens: int, device: torch.device) -> BlockPattern | None:
+        """Random blocks for one layer: freshly drawn in training, fixed by ``eval_seed`` in eval mode."""
+        if not self.sparse:
+            return None
+        cfg = self.cfg
+        generator = None if self.training else torch.Generator().manual_seed(cfg.eval_seed * 1009 + layer)
+        return sample_block_pattern(num_tokens, cfg.block_size, cfg.k_local, cfg.k_random, generator, device)
+
+    def embed(self, frames: torch.Tensor) -> torch.Tensor:
+        """[B, T, 3, H, W] -> [B, 1 + T*h*w, C] with [CLS] in front."""
+        B, T = frames.shape[:2]
+        if T != self.cfg.num_frames or frames.shape[-1] != self.cfg.image_size:
+            raise ValueError(f"expected frames [B, {self.cfg.num_frames}, 3, {self.cfg.image_size}, "
+                             f"{self.cfg.image_size}], got {list(frames.shape)}")
+        x = self.patch_embed(frames.flatten(0, 1)).flatten(2).transpose(1, 2)
+        x = x.reshape(B, -1, x.shape[-1])
+        return torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)
+
+    def forward(self, frames: torch.Tensor) -> VideoOutput:
+        x = self.embed(frames)
+        B, N, _ = x.shape
+        positions = torch.arange(-1, N - 1, device=x.device)[None]  # [1, N]; -1 is [CLS]
+        kept = []
+        for layer, block in enumerate(self.blocks):
+            pattern = self.block_pattern(layer, x.shape[1] - 1, x.device)
+            if self.cfg.grad_checkpointing and self.training:
+                x, cls_probs = checkpoint(block, x, positions, pattern, use_reentrant=False)
+            else:
+                x, cls_probs = block(x, positions, pattern)
+            if layer in self.cfg.prune_layers and self.cfg.keep_rate < 1.0:
+                x, positions = prune_tokens(x, positions, cls_probs.mean(1)[:, 1:], self.cfg.keep_rate)
+                kept.append(positions[:, 1:])
+        tokens = self.norm(x)
+        if self.cfg.pooling == "mean":
+            pooled = self.fc_norm(x[:, 1:].mean(1))
+        else:
+            pooled = tokens[:, 0]
+        return VideoOutput(tokens=tokens, pooled=pooled, last_hidden_state=x, kept=kept)
+
+
+def prune_tokens(x: torch.Tensor, positions: torch.Tensor, scores: torch.Tensor,
+                 keep_rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep [CLS] and the ``ceil(keep_rate * n)`` highest-scoring patch tokens, in their original order.
+
+    ``x`` [B, 1 + n, C], ``positions`` [1 or B, 1 + n], ``scores`` [B, n].
+    """
+    B, n = scores.shape
+    idx = scores.topk(num_kept(keep_rate, n), dim=1).indices.sort(dim=1).values + 1
+    idx = torch.cat([idx.new_zeros(B, 1), idx], dim=1)
+    x = x.gather(1, idx[:, :, None].expand(-1, -1, x.shape[-1]))
+    return x, positions.expand(B, -1).gather(1, idx)
+
+
+def num_kept(keep_rate: float, n: int) -> int:
+    """``ceil(keep_rate * n)``, immune to float error (0.1 * 270 is 27.000000000000004)."""
+    return max(1, math.ceil(round(keep_rate * n, 6)))

@@ -1,0 +1,109 @@
+"""Edge sparsity: the block pattern, and the blocked backend against the dense reference."""
+
+import math
+
+import pytest
+import torch
+
+from svitt_ego.models.attention import (blocked_attention, dense_attention, dense_mask, reference_attention,
+                                        sample_block_pattern)
+from svitt_ego.models.position_bias import RelativePositionBias3D
+
+
+def test_pattern_local_random_and_no_repeats():
+    g = torch.Generator().manual_seed(1)
+    p = sample_block_pattern(num_tokens=784, block_size=56, k_local=3, k_random=3, generator=g)
+    assert p.num_blocks == 14
+    for b in range(14):
+        chosen = p.key_blocks[b][p.valid[b]].tolist()
+        assert len(set(chosen)) == len(chosen)  # never the same block twice
+        local = {c for c in range(b - 1, b + 2) if 0 <= c < 14}
+        assert local <= set(chosen)
+        assert len(set(chosen) - local) == 3  # K_r random blocks, none of them local
+
+
+def test_pattern_caps_random_blocks_at_the_free_ones():
+    p = sample_block_pattern(num_tokens=10, block_size=4, k_local=1, k_random=5)  # 3 blocks (4, 4, 2 tokens)
+    assert p.key_blocks.shape == (3, 3)
+    assert p.valid.all()
+    for b in range(3):
+        assert sorted(p.key_blocks[b].tolist()) == [0, 1, 2]
+
+
+def test_dense_mask_by_hand():
+    # 5 patch tokens, blocks of 2 -> blocks {0,1} {2,3} {4}; query block 0 sees block 2, block 1 sees 0, 2 sees 1.
+    p = sample_block_pattern(5, 2, k_local=1, k_random=0)
+    p.key_blocks = torch.tensor([[0, 2], [1, 0], [2, 1]])
+    p.valid = torch.ones(3, 2, dtype=torch.bool)
+    m = dense_mask(p, 5).int()
+    expected = torch.tensor([
+        [1, 1, 1, 1, 1, 1],
+        [1, 1, 1, 0, 0, 1],
+        [1, 1, 1, 0, 0, 1],
+        [1, 1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 1, 0],
+        [1, 0, 0, 1, 1, 1],
+    ])
+    assert torch.equal(m, expected)
+
+
+def _inputs(batch, heads, num_patches, dim, frames, grid, per_sample, total_patches=None):
+    """q, k, v for [CLS] + num_patches tokens whose positions are a (per-sample) subset of the grid."""
+    total = total_patches or frames * grid * grid
+    if per_sample:
+        pos = torch.stack([torch.randperm(total)[:num_patches].sort().values for _ in range(batch)])
+    else:
+        pos = torch.arange(num_patches)[None]
+    positions = torch.cat([torch.full((pos.shape[0], 1), -1), pos], dim=1)
+    q, k, v = (torch.randn(batch, heads, num_patches + 1, dim, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    bias = RelativePositionBias3D(frames, grid, heads).double()
+    torch.nn.init.normal_(bias.table, std=1.0)
+    return q, k, v, positions, bias
+
+
+def _outputs_and_grads(fn, q, k, v, positions, bias, pattern):
+    for t in (q, k, v, bias.table):
+        t.grad = None
+    out, cls_probs = fn(q, k, v, positions, bias, pattern)
+    weights = torch.randn_like(out, generator=torch.Generator().manual_seed(5))
+    ((out * weights).sum() + cls_probs.square().sum()).backward()
+    return out.detach(), cls_probs.detach(), [t.grad.clone() for t in (q, k, v, bias.table)]
+
+
+@pytest.mark.parametrize("num_patches,block_size,k_local,k_random,per_sample", [
+    (48, 8, 1, 2, False),   # whole blocks
+    (45, 8, 1, 2, True),    # partial last block, pruned token sets that differ per sample
+    (30, 7, 3, 9, True),    # K_r larger than the free blocks
+    (20, 4, 1, 0, False),   # local only
+])
+def test_blocked_equals_reference(num_patches, block_size, k_local, k_random, per_sample):
+    q, k, v, positions, bias = _inputs(3, 2, num_patches, 8, frames=4, grid=4, per_sample=per_sample)
+    pattern = sample_block_pattern(num_patches, block_size, k_local, k_random,
+                                   generator=torch.Generator().manual_seed(0))
+    ref = _outputs_and_grads(reference_attention, q, k, v, positions, bias, pattern)
+    got = _outputs_and_grads(blocked_attention, q, k, v, positions, bias, pattern)
+    assert (got[0] - ref[0]).abs().max() <= 1e-5
+    assert (got[1] - ref[1]).abs().max() <= 1e-5
+    for g_got, g_ref in zip(got[2], ref[2]):
+        assert (g_got - g_ref).abs().max() <= 1e-5
+
+
+def test_reference_is_sparse_attention_written_out():
+    """One query by hand: softmax over exactly the allowed keys, with the bias of their offsets."""
+    q, k, v, positions, bias = _inputs(1, 1, 12, 4, frames=1, grid=4, per_sample=False)
+    pattern = sample_block_pattern(12, 4, k_local=1, k_random=1, generator=torch.Generator().manual_seed(3))
+    out, _ = reference_attention(q, k, v, positions, bias, pattern)
+    i = 6  # patch token 5, in block 1
+    allowed = [0] + [1 + j for j in range(12) if j // 4 in pattern.key_blocks[1].tolist()]
+    scores = torch.stack([q[0, 0, i] @ k[0, 0, j] / math.sqrt(4) + bias(positions[:, i:i + 1], positions[:, j:j + 1])
+                          .reshape(()) for j in allowed])
+    expected = scores.softmax(0) @ v[0, 0, allowed]
+    assert torch.allclose(out[0, 0, i], expected, atol=1e-10)
+
+
+def test_dense_backend_equals_reference_without_pattern():
+    q, k, v, positions, bias = _inputs(2, 2, 16, 8, frames=1, grid=4, per_sample=True)
+    out, cls_probs = dense_attention(q, k, v, positions, bias)
+    ref_out, ref_cls = reference_attention(q, k, v, positions, bias, None)
+    assert (out - ref_out).abs().max() <= 1e-6 and (cls_probs - ref_cls).abs().max() <= 1e-6

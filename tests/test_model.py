@@ -1,0 +1,142 @@
+"""The whole model: node sparsity counts, determinism, save / load, re-inflation, sizes."""
+
+import pytest
+import torch
+
+from svitt_ego.config import load_config
+from svitt_ego.models import SViTTEgo, create_model
+
+SMALL = ["model.vision.width=48", "model.vision.num_heads=2", "model.vision.drop_path=0.0",
+         "model.text.width=32", "model.text.depth=4", "model.text.num_fusion_layers=3", "model.text.num_heads=2",
+         "model.text.intermediate_size=64", "model.text.vocab_size=120", "model.embed_dim=16"]
+
+
+def _model(*overrides, preset="svitt_ego_kr3"):
+    return SViTTEgo(load_config(preset, [*SMALL, *overrides]).model)
+
+
+def _text(batch, length=9):
+    ids = torch.randint(5, 120, (batch, length))
+    ids[:, 0] = 1
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    return ids, mask
+
+
+def test_pruning_counts_at_paper_setting():
+    """q_v = 0.7 after layers 3, 6, 9 at 4 frames of 224: 784 -> 549 -> 385 -> 270; q_m = 0.1 -> 27 (+ [CLS])."""
+    model = _model("model.vision.depth=10").eval()
+    frames = torch.randn(2, 4, 3, 224, 224)
+    with torch.no_grad():
+        video = model.forward_video(frames)
+        assert [k.shape[1] for k in video.kept] == [549, 385, 270]
+        assert video.tokens.shape[1] == 271
+        ids, mask = _text(2)
+        fused = model.fusion(model.forward_text(ids, mask), mask, video.tokens)
+    assert fused.kept.shape == (2, 28) and (fused.kept[:, 0] == 0).all()
+    # Kept tokens keep their original indices, in order, and later sets are subsets of earlier ones.
+    for earlier, later in zip(video.kept, video.kept[1:]):
+        assert (later.diff(dim=1) > 0).all()
+        for b in range(2):
+            assert set(later[b].tolist()) <= set(earlier[b].tolist())
+
+
+def test_pruned_tokens_keep_their_position_bias():
+    """Pruning after layer 0 equals running the later layers on the survivors with their original positions."""
+    model = _model("model.vision.depth=2", "model.vision.prune_layers=[0]", "model.vision.image_size=64",
+                   "model.vision.block_size=8").eval()
+    visual = model.visual
+    frames = torch.randn(2, 4, 3, 64, 64)
+    with torch.no_grad():
+        out = visual(frames)
+        x = visual.embed(frames)
+        positions = torch.arange(-1, x.shape[1] - 1)[None]
+        x, _ = visual.blocks[0](x, positions, visual.block_pattern(0, x.shape[1] - 1, x.device))
+        keep = torch.cat([torch.zeros(2, 1, dtype=torch.long), out.kept[0] + 1], dim=1)
+        x = x.gather(1, keep[:, :, None].expand(-1, -1, x.shape[-1]))
+        x, _ = visual.blocks[1](x, keep - 1, visual.block_pattern(1, x.shape[1] - 1, x.device))
+    assert (x - out.last_hidden_state).abs().max() <= 1e-5
+
+
+def test_eval_is_deterministic_and_training_resamples():
+    model = _model("model.vision.depth=2", "model.vision.image_size=64", "model.vision.block_size=4",
+                   "model.vision.k_random=2", "model.vision.prune_layers=[]")
+    frames = torch.randn(2, 4, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.encode_video(frames), model.encode_video(frames))
+    patterns = [model.visual.block_pattern(0, 64, "cpu").key_blocks for _ in range(2)]
+    assert torch.equal(*patterns)
+    model.train()
+    patterns = [model.visual.block_pattern(0, 64, "cpu").key_blocks for _ in range(2)]
+    assert not torch.equal(*patterns)
+    with torch.no_grad():
+        assert not torch.equal(model.encode_video(frames), model.encode_video(frames))
+
+
+def test_save_and_load_reproduce_outputs(tmp_path):
+    model = _model("model.vision.depth=2", "model.vision.image_size=64", "model.vision.block_size=8",
+                   "model.vision.prune_layers=[1]", "model.text.keep_rate=0.5").eval()
+    model.save_pretrained(tmp_path)
+    loaded = SViTTEgo.from_pretrained(tmp_path).eval()
+    frames, (ids, mask) = torch.randn(2, 4, 3, 64, 64), _text(2)
+    with torch.no_grad():
+        for m in (model, loaded):
+            video = m.forward_video(frames)
+            m.outputs = (m.video_embedding(video), m.encode_text(ids, mask),
+                         m.vtm_logits(m.forward_text(ids, mask), mask, video.tokens),
+                         m.mlm_logits(ids, mask, video.tokens))
+    for a, b in zip(model.outputs, loaded.outputs):
+        assert torch.equal(a, b)
+
+
+def test_reinflate_checkpoint_to_more_frames(tmp_path):
+    model = _model("model.vision.depth=1", "model.vision.image_size=32", "model.vision.block_size=4",
+                   "model.vision.prune_layers=[]")
+    model.save_pretrained(tmp_path)
+    longer = SViTTEgo.from_pretrained(tmp_path, {"vision": {"num_frames": 8}})
+    old = model.visual.blocks[0].attn.rel_pos_bias.table.detach()
+    new = longer.visual.blocks[0].attn.rel_pos_bias.table.detach()
+    assert new.shape == (15 * 9 + 3, 2)
+    old_t, new_t = old[:-3].view(7, 9, 2), new[:-3].view(15, 9, 2)
+    # Offsets -7..7 map linearly onto -3..3: 0 and the extremes line up, +1 falls at 3/7.
+    assert torch.allclose(new_t[7], old_t[3]) and torch.allclose(new_t[0], old_t[0])
+    assert torch.allclose(new_t[14], old_t[6])
+    assert torch.allclose(new_t[8], old_t[3] * 4 / 7 + old_t[4] * 3 / 7, atol=1e-7)
+    assert torch.equal(new[-3:], old[-3:])
+    assert longer.encode_video(torch.randn(1, 8, 3, 32, 32)).shape == (1, 16)
+
+
+def test_from_pretrained_rejects_mismatched_checkpoint(tmp_path):
+    _model("model.vision.depth=1", "model.vision.image_size=32", "model.vision.prune_layers=[]").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"'visual\.blocks\.0\.attn\.rel_pos_bias\.table' does not fit: "
+                                         r"checkpoint shape \(66, 2\), model shape \(346, 2\)"):
+        SViTTEgo.from_pretrained(tmp_path, {"vision": {"patch_size": 8}})
+
+
+def test_gradient_checkpointing_is_exact():
+    overrides = ["model.vision.depth=3", "model.vision.image_size=64", "model.vision.block_size=8",
+                 "model.vision.prune_layers=[1]"]
+    plain = _model(*overrides).train()
+    ckpt = _model(*overrides, "model.vision.grad_checkpointing=true").train()
+    ckpt.load_state_dict(plain.state_dict())
+    frames = torch.randn(2, 4, 3, 64, 64)
+    grads = []
+    for m in (plain, ckpt):
+        torch.manual_seed(7)
+        m.encode_video(frames).square().sum().backward()
+        grads.append({n: p.grad for n, p in m.visual.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert any("rel_pos_bias" in n for n in grads[1])
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+def test_paper_presets_have_beit_b_and_bert_base_size():
+    for preset in ("svitt_ego_kr3", "svitt_ego_kr5", "dense"):
+        with torch.device("meta"):
+            model = create_model(load_config(preset).model)
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        assert 85.5e6 < count(model.visual) < 86.5e6  # BEiT-B/16 without absolute positions
+        # BERT-base (109.5M without its pooler) + cross-attention in 3 layers (3 x 2.4M) + MLM head transform.
+        assert 116e6 < count(model.text) + count(model.fusion) + count(model.mlm_head) < 118e6
