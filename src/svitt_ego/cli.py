@@ -58,7 +58,7 @@ def _cmd_eval_mcq(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from svitt_ego.train import demo
+    from svitt_ego.demo import demo
 
     demo(args.workdir, quick=args.quick)
     return 0
@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval-mcq", help="EgoMCQ accuracy (inter / intra) of a checkpoint")
     p.add_argument("checkpoint", help="a training checkpoint (.pt) or a save_pretrained folder")
-    _add_config_args(p, "svitt_ego_kr3")
+    p.add_argument("--config", default=None,
+                   help="a preset or YAML file for the data settings (default: the checkpoint's own)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.egomcq=...")
     p.add_argument("--output", default=None, help="write the accuracies as JSON here")
     p.set_defaults(func=_cmd_eval_mcq)
 

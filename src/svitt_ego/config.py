@@ -317,6 +317,11 @@ def load_config(preset: str | Path | None = None, overrides: list[str] | tuple =
             apply(cfg, data)
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
+    return override(cfg, overrides)
+
+
+def override(cfg: Config, overrides: list[str] | tuple = ()) -> Config:
+    """Apply ``key=value`` overrides to ``cfg`` in place, then validate it."""
     for text in overrides:
         key, value = parse_override(text)
         _set(cfg, key.split("."), value)

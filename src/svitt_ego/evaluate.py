@@ -1,10 +1,25 @@
-"""EgoMCQ evaluation (and later NLQ feature extraction)."""
+"""EgoMCQ evaluation (and later NLQ feature extraction).
+
+Each question's narration is scored against its five candidate clips by the
+cosine of the dual-encoder embeddings; a question is right when the best
+choice is the answer. Under torchrun every process takes every
+``world_size``-th question, so none is counted twice.
+"""
 
 from __future__ import annotations
 
-import torch
+import json
+from pathlib import Path
 
-INTER_VIDEO, INTRA_VIDEO = 1, 2
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from svitt_ego.config import Config, config_from_dict, load_config, override
+from svitt_ego.data.egomcq import INTER_VIDEO, INTRA_VIDEO, EgoMCQDataset, collate_egomcq, read_egomcq
+from svitt_ego.data.tokenizer import load_tokenizer
+from svitt_ego.models import SViTTEgo
 
 
 def egomcq_accuracy(scores, answers, types) -> dict:
@@ -47,3 +62,86 @@ def egomcq_accuracy(scores, answers, types) -> dict:
         count[name] = int(selected.sum())
         accuracy[name] = 100.0 * correct[selected].double().mean().item() if count[name] else float("nan")
     return {**accuracy, "num_inter": count["inter"], "num_intra": count["intra"]}
+
+
+@torch.no_grad()
+def egomcq_scores(model: SViTTEgo, batch: dict) -> torch.Tensor:
+    """Cosine scores [B, C] of each question's text against its C candidate clips."""
+    frames = batch["frames"]
+    B, C = frames.shape[:2]
+    video = model.encode_video(frames.flatten(0, 1)).view(B, C, -1)
+    text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    return torch.einsum("bcd,bd->bc", video.float(), text.float())
+
+
+@torch.no_grad()
+def evaluate_egomcq(model: SViTTEgo, cfg: Config, device: torch.device, tokenizer=None) -> dict:
+    """EgoMCQ accuracy of ``model`` on ``cfg.data.egomcq``; every process returns the global result."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    tokenizer = tokenizer or load_tokenizer(cfg.model.text)
+    questions = read_egomcq(cfg.data.egomcq)
+    loader = DataLoader(EgoMCQDataset(cfg, questions[rank::world_size]), batch_size=cfg.train.batch_size,
+                        collate_fn=collate_egomcq(tokenizer, cfg.model.text.max_length),
+                        num_workers=cfg.data.num_workers)
+    precision = cfg.train.precision if device.type == "cuda" else "fp32"
+    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    was_training = model.training
+    model.eval()
+    scores, answers, types = [], [], []
+    for batch in tqdm(loader, desc="EgoMCQ", disable=rank != 0, dynamic_ncols=True):
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            scores.append(egomcq_scores(model, batch).cpu())
+        answers.append(batch["answer"].cpu())
+        types.append(batch["type"].cpu())
+    model.train(was_training)
+    local = (torch.cat(scores), torch.cat(answers), torch.cat(types))
+    if world_size > 1:
+        parts = [None] * world_size
+        dist.all_gather_object(parts, local)
+        local = tuple(torch.cat([p[i] for p in parts]) for i in range(3))
+    return egomcq_accuracy(*local)
+
+
+def format_egomcq(result: dict) -> str:
+    return (f"{'EgoMCQ':14s}{'inter':>8s}{'intra':>8s}\n"
+            f"{'questions':14s}{result['num_inter']:>8d}{result['num_intra']:>8d}\n"
+            f"{'accuracy (%)':14s}{result['inter']:>8.1f}{result['intra']:>8.1f}")
+
+
+def load_for_eval(checkpoint: str | Path, config: str | None = None,
+                  overrides: list[str] | tuple = ()) -> tuple[SViTTEgo, Config]:
+    """A model and its config from a training checkpoint (``.pt``) or a ``save_pretrained`` folder.
+
+    The model's settings always come from the checkpoint. The rest (data paths,
+    batch size) comes from ``config`` if given, else from the training
+    checkpoint's own config; ``overrides`` apply last.
+    """
+    path = Path(checkpoint)
+    if path.is_dir():
+        model = SViTTEgo.from_pretrained(path)
+        cfg = load_config(config) if config else Config()
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        saved = config_from_dict(state["config"])
+        cfg = load_config(config) if config else saved
+        cfg.model = saved.model
+        model = SViTTEgo(saved.model)
+        model.load_state_dict(state["model"])
+    cfg.model = model.config
+    return model, override(cfg, overrides)
+
+
+def run_egomcq(checkpoint: str | Path, config: str | None = None, overrides: list[str] | tuple = (),
+               output: str | Path | None = None) -> dict:
+    """``svitt-ego eval-mcq``: evaluate, print the table, optionally write JSON."""
+    from svitt_ego.train import setup_distributed
+
+    rank, _, device = setup_distributed()
+    model, cfg = load_for_eval(checkpoint, config, overrides)
+    result = evaluate_egomcq(model.to(device), cfg, device)
+    if rank == 0:
+        print(format_egomcq(result))
+        if output is not None:
+            Path(output).write_text(json.dumps({"checkpoint": str(checkpoint), **result}, indent=2))
+    return result

@@ -99,11 +99,17 @@ class SViTTEgo(nn.Module):
         return self.vtm_head(fused.hidden[:, 0])
 
     def mlm_logits(self, masked_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   video_tokens: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits [B, L, V] for masked text, conditioned on the video."""
+                   video_tokens: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
+        """Vocabulary logits [B, L, V] for masked text, conditioned on the video.
+
+        With ``select`` (bool [B, L]) only those positions go through the
+        vocabulary projection, and the result is [num_selected, V].
+        """
         text_hidden = self.forward_text(masked_ids, attention_mask)
-        fused = self.fusion(text_hidden, attention_mask, video_tokens)
-        return self.mlm_head(fused.hidden, self.text.embeddings.word_embeddings.weight)
+        hidden = self.fusion(text_hidden, attention_mask, video_tokens).hidden
+        if select is not None:
+            hidden = hidden[select]
+        return self.mlm_head(hidden, self.text.embeddings.word_embeddings.weight)
 
     # Saving and loading ---------------------------------------------------
     def save_pretrained(self, folder: str | Path) -> Path:
