@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from svitt_ego.config import Config
 from svitt_ego.data.dataset import EgoClipDataset, collate_egoclip, epoch_indices
-from svitt_ego.data.egoclip import padded_positive_mask
+from svitt_ego.data.egoclip import action_positive_mask
 from svitt_ego.data.tokenizer import load_tokenizer
 from svitt_ego.losses import (IGNORE_INDEX, all_gather_no_grad, all_gather_with_grad, ego_nce, mask_tokens,
                               sample_vtm_negatives, vtm_loss)
@@ -69,7 +69,7 @@ class PretrainingObjective(nn.Module):
 
         # Contrastive, over the global batch: embeddings and tags from every process.
         if cfg.contrastive == "egonce":
-            positives = padded_positive_mask(all_gather_no_grad(batch["nouns"]), all_gather_no_grad(batch["verbs"]))
+            positives = action_positive_mask(gather_tags(batch["nouns"]), gather_tags(batch["verbs"]))
         else:
             positives = None
         contrastive = ego_nce(all_gather_with_grad(video_emb), all_gather_with_grad(text_emb), positives,
@@ -78,7 +78,7 @@ class PretrainingObjective(nn.Module):
         # VTM, on the local batch: each video with its text, a hard negative text, and each text with a hard
         # negative video; positives (action-aware with EgoNCE) are never drawn as negatives.
         n = ids.shape[0]
-        local_positives = padded_positive_mask(batch["nouns"], batch["verbs"]) if positives is not None else None
+        local_positives = action_positive_mask(batch["nouns"], batch["verbs"]) if positives is not None else None
         with torch.no_grad():
             sim = video_emb @ text_emb.T / m.temperature
         neg_text, neg_video = sample_vtm_negatives(sim, local_positives)
@@ -96,6 +96,15 @@ class PretrainingObjective(nn.Module):
 
         loss = cfg.contrastive_weight * contrastive + cfg.vtm_weight * vtm + cfg.mlm_weight * mlm
         return {"loss": loss, "contrastive": contrastive.detach(), "vtm": vtm.detach(), "mlm": mlm.detach()}
+
+
+def gather_tags(tags: torch.Tensor) -> torch.Tensor:
+    """All processes' padded tag tensors, padded (-1) to the widest first so that they stack."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tags
+    width = torch.tensor(tags.shape[1], device=tags.device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    return all_gather_no_grad(F.pad(tags, (0, int(width) - tags.shape[1]), value=-1))
 
 
 class EpochSampler(Sampler):

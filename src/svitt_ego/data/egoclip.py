@@ -1,0 +1,324 @@
+"""EgoClip metadata: reading ``egoclip.csv``, EgoNCE's action positives, scene-aware negatives.
+
+The file has 3.8M tab-separated rows (DESIGN 2.1). It is parsed with pyarrow and checked with
+vectorised compute kernels; a malformed row is reported with its 1-based line number and the
+offending field. A clean file is cached as parquet next to it (keyed on the file's size and
+mtime), so later reads take a second or two.
+
+The returned DataFrame keeps the big columns in Arrow memory: ``video_uid`` and
+``narration_source`` are categoricals, ``clip_text`` an Arrow string column, ``tag_verb`` and
+``tag_noun`` Arrow ``list<int32>`` columns (``df.tag_noun.iloc[i]`` is a list of ints). Arrow
+buffers hold no Python objects, so forked DataLoader workers share them without copy-on-write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+import torch
+
+COLUMNS = ("clip_idx", "video_uid", "video_dur", "narration_source", "narration_ind",
+           "narration_time", "clip_start", "clip_end", "clip_text", "tag_verb", "tag_noun")
+INT_COLUMNS = ("clip_idx", "narration_ind")
+FLOAT_COLUMNS = ("video_dur", "narration_time", "clip_start", "clip_end")
+TAG_COLUMNS = ("tag_verb", "tag_noun")
+
+# Bump when the cached table's layout changes.
+CACHE_VERSION = 1
+_CACHE_KEY = b"svitt_ego.egoclip"
+
+_INT_PATTERN = r"^[+-]?\d{1,18}$"
+_FLOAT_PATTERN = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
+_TAG_PATTERN = r"^\[\s*(\d{1,9}\s*(,\s*\d{1,9}\s*)*)?\]$"
+
+
+@dataclass
+class _Problem:
+    """Where a malformed row is, and what is wrong with it."""
+
+    line: int
+    field: str
+    message: str
+
+
+def read_egoclip(path: str | Path, lax: bool = False, cache: bool = True) -> pd.DataFrame:
+    """Read ``egoclip.csv`` into a DataFrame with one row per clip, in file order.
+
+    A malformed row (wrong number of fields, a non-numeric number, a bad tag list,
+    ``clip_end < clip_start``) raises ``ValueError`` naming the file, the line and the field.
+    With ``lax=True`` such rows are dropped instead and one warning gives their count and the
+    first of them. Only a file without malformed rows is cached.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such EgoClip metadata file")
+    cache_path = path.with_name(path.name + ".cache.parquet")
+    key = _cache_key(path)
+    if cache:
+        table = _load_cache(cache_path, key)
+        if table is not None:
+            return _to_pandas(table)
+
+    table, bad_rows, num_bad, first = _parse(path)
+    if num_bad:
+        where = f"{path}, line {first.line}, field '{first.field}': {first.message}"
+        if not lax:
+            raise ValueError(f"malformed EgoClip row: {where}")
+        warnings.warn(f"skipped {num_bad} malformed EgoClip rows; the first: {where}", stacklevel=2)
+        table = table.filter(pa.array(~bad_rows))
+    elif cache:
+        _save_cache(cache_path, table, key)
+    return _to_pandas(table)
+
+
+def _parse(path: Path) -> tuple[pa.Table, np.ndarray, int, _Problem | None]:
+    """Parse and check every row. Returns the typed table, the mask of its bad rows, the number
+    of bad rows (including those with the wrong field count, which are not in the table) and
+    the first problem in file order."""
+    with open(path, "rb") as f:
+        header = [name.strip('"') for name in f.readline().decode("utf-8", "replace").rstrip("\r\n").split("\t")]
+    missing = [c for c in COLUMNS if c not in header]
+    if missing:
+        raise ValueError(f"{path}, line 1: missing column(s) {', '.join(missing)} in the header")
+
+    table, short_rows = _read_strings(path, use_threads=True)
+    if short_rows:
+        # A threaded read does not know line numbers; a second, serial read does.
+        table, short_rows = _read_strings(path, use_threads=False)
+    lines = _table_lines(table.num_rows, [line for line, _ in short_rows])
+
+    def got(name: str, row: int) -> str:
+        return repr(table.column(name)[row].as_py())
+
+    # (field, mask of bad rows, message for a bad row)
+    columns, checks = {}, []
+    for name in COLUMNS:
+        raw = table.column(name)
+        if name in INT_COLUMNS:
+            columns[name], bad = _to_number(raw, pa.int64(), _INT_PATTERN)
+            checks.append((name, bad, lambda row, name=name: f"expected an integer, got {got(name, row)}"))
+        elif name in FLOAT_COLUMNS:
+            columns[name], bad = _to_number(raw, pa.float64(), _FLOAT_PATTERN)
+            checks.append((name, bad, lambda row, name=name: f"expected a finite number, got {got(name, row)}"))
+        elif name in TAG_COLUMNS:
+            columns[name], bad = _to_tags(raw)
+            checks.append((name, bad, lambda row, name=name: f"expected a list of class ids like [12, 7] or [], "
+                                                             f"got {got(name, row)}"))
+        else:
+            columns[name] = raw
+    reversed_times = pc.less(columns["clip_end"], columns["clip_start"]).to_numpy(zero_copy_only=False)
+    checks.append(("clip_end", reversed_times,
+                   lambda row: f"{got('clip_end', row)} is before clip_start {got('clip_start', row)}"))
+    columns["video_uid"] = pc.dictionary_encode(columns["video_uid"])
+    columns["narration_source"] = pc.dictionary_encode(columns["narration_source"])
+    parsed = pa.table(columns)
+
+    bad_rows = np.zeros(parsed.num_rows, dtype=bool)
+    for _, bad, _ in checks:
+        bad_rows |= bad
+    candidates = []
+    if short_rows:
+        line, count = short_rows[0]
+        field = header[count] if count < len(header) else "(extra)"
+        candidates.append(_Problem(line, field, f"the row has {count} tab-separated fields, expected {len(header)}"))
+    if bad_rows.any():
+        row = int(np.argmax(bad_rows))
+        name, describe = next((name, describe) for name, bad, describe in checks if bad[row])
+        candidates.append(_Problem(int(lines[row]), name, describe(row)))
+    first = min(candidates, key=lambda p: p.line, default=None)
+    return parsed, bad_rows, len(short_rows) + int(bad_rows.sum()), first
+
+
+def _read_strings(path: Path, use_threads: bool) -> tuple[pa.Table, list[tuple[int, int]]]:
+    """All columns as strings; rows with the wrong field count are skipped and returned as
+    ``(line, number of fields)`` (line is only known when ``use_threads=False``)."""
+    short_rows = []
+
+    def on_invalid(row) -> str:
+        short_rows.append((row.number, row.actual_columns))
+        return "skip"
+
+    table = pcsv.read_csv(
+        path,
+        read_options=pcsv.ReadOptions(use_threads=use_threads, block_size=1 << 24),
+        # Empty lines stay rows so that row i of the table is line i + 2 of the file.
+        parse_options=pcsv.ParseOptions(delimiter="\t", invalid_row_handler=on_invalid,
+                                        ignore_empty_lines=False),
+        convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in COLUMNS},
+                                            include_columns=list(COLUMNS), strings_can_be_null=False,
+                                            quoted_strings_can_be_null=False),
+    )
+    return table, short_rows
+
+
+def _table_lines(num_rows: int, skipped_lines: list[int]) -> np.ndarray:
+    """The file line (1-based, the header is line 1) of each table row."""
+    all_lines = np.arange(2, 2 + num_rows + len(skipped_lines))
+    return np.delete(all_lines, np.asarray(skipped_lines, dtype=np.int64) - 2)
+
+
+def _to_number(raw: pa.ChunkedArray, type_: pa.DataType, pattern: str) -> tuple[pa.ChunkedArray, np.ndarray]:
+    """Cast strings to numbers; on failure find the bad ones with a regex and cast the rest."""
+    bad = np.zeros(len(raw), dtype=bool)
+    try:
+        values = pc.cast(raw, type_)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        bad = ~pc.match_substring_regex(raw, pattern).to_numpy(zero_copy_only=False)
+        values = pc.cast(pc.if_else(pa.array(bad), "0", raw), type_)
+    if pa.types.is_floating(type_):
+        bad |= ~pc.is_finite(values).to_numpy(zero_copy_only=False)
+    return values, bad
+
+
+def _to_tags(raw: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
+    """``"[192, 115, 12]"`` -> [192, 115, 12] for the whole column at once; bad entries -> []."""
+    raw = raw.combine_chunks()
+    bad = ~pc.match_substring_regex(raw, _TAG_PATTERN).to_numpy(zero_copy_only=False)
+    if bad.any():
+        raw = pc.if_else(pa.array(bad), "[]", raw)
+    inner = pc.utf8_trim_whitespace(pc.utf8_slice_codeunits(raw, 1, -1))
+    pieces = pc.split_pattern(inner, ",")
+    # "" (an empty list) splits into one empty piece: drop it.
+    empty = pc.equal(inner, "").to_numpy(zero_copy_only=False)
+    lengths = np.where(empty, 0, pc.list_value_length(pieces).to_numpy(zero_copy_only=False))
+    flat = pc.list_flatten(pieces)
+    keep = ~empty[pc.list_parent_indices(pieces).to_numpy()]
+    values = pc.cast(pc.utf8_trim_whitespace(flat.filter(pa.array(keep))), pa.int32())
+    offsets = np.zeros(len(raw) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), values), bad
+
+
+def _to_pandas(table: pa.Table) -> pd.DataFrame:
+    def dtype(type_: pa.DataType):
+        if pa.types.is_string(type_):
+            return pd.StringDtype("pyarrow")
+        if pa.types.is_list(type_):
+            return pd.ArrowDtype(type_)
+        return None
+
+    return table.to_pandas(types_mapper=dtype, split_blocks=True, self_destruct=True)
+
+
+def _cache_key(path: Path) -> bytes:
+    stat = path.stat()
+    return json.dumps({"version": CACHE_VERSION, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}).encode()
+
+
+def _load_cache(cache_path: Path, key: bytes) -> pa.Table | None:
+    try:
+        metadata = pq.read_schema(cache_path).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return None
+    if metadata.get(_CACHE_KEY) != key:
+        return None
+    return pq.read_table(cache_path)
+
+
+def _save_cache(cache_path: Path, table: pa.Table, key: bytes) -> None:
+    """Write atomically (several ranks may build it at once); a read-only folder only warns."""
+    tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.tmp")
+    try:
+        pq.write_table(table.replace_schema_metadata({_CACHE_KEY: key}), tmp)
+        os.replace(tmp, cache_path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        warnings.warn(f"could not cache EgoClip metadata at {cache_path}: {err}", stacklevel=3)
+
+
+def pad_tags(tags: list) -> torch.Tensor:
+    """Tag-id lists -> ``[N, K]`` long tensor, ``K`` the longest list (at least 1), padded with -1."""
+    width = max([len(t) for t in tags] + [1])
+    out = torch.full((len(tags), width), -1, dtype=torch.long)
+    for i, t in enumerate(tags):
+        out[i, :len(t)] = torch.as_tensor(np.asarray(t, dtype=np.int64))
+    return out
+
+
+def action_positive_mask(nouns: list | torch.Tensor, verbs: list | torch.Tensor) -> torch.Tensor:
+    """EgoNCE positives: ``[N, N]`` bool, True where clips i and j share at least one noun class
+    and at least one verb class, and on the diagonal. Empty tag lists share nothing.
+
+    ``nouns`` and ``verbs`` are lists of tag-id lists, or their :func:`pad_tags` tensors.
+    """
+    nouns = nouns if torch.is_tensor(nouns) else pad_tags(nouns)
+    verbs = verbs if torch.is_tensor(verbs) else pad_tags(verbs)
+    eye = torch.eye(len(nouns), dtype=torch.bool, device=nouns.device)
+    return (_shares_a_class(nouns) & _shares_a_class(verbs)) | eye
+
+
+def _shares_a_class(tags: torch.Tensor) -> torch.Tensor:
+    same = tags[:, None, :, None] == tags[None, :, None, :]
+    return (same & (tags[:, None, :, None] >= 0)).flatten(2).any(dim=2)
+
+
+class SceneNegatives:
+    """Scene-aware hard negatives (DESIGN 2.3): for an anchor row, another clip of the same video
+    whose narration falls in the same ``window``-second bin (``floor(narration_time / window)``)
+    and whose ``[clip_start, clip_end]`` does not overlap the anchor's (closed intervals, so the
+    anchor itself and a second narration of the same moment are never drawn).
+
+    Fallbacks, counted in ``fallbacks``: when the window has no such clip, the nearest
+    non-overlapping clip of the same video (``"nearest"``); when the video has none either, a
+    random clip of another video (``"other_video"``).
+    """
+
+    def __init__(self, table: pd.DataFrame, window: float = 60.0):
+        self.video = pd.factorize(table["video_uid"])[0].astype(np.int64)
+        self.start = table["clip_start"].to_numpy(dtype=np.float64)
+        self.end = table["clip_end"].to_numpy(dtype=np.float64)
+        bin_ = np.floor(table["narration_time"].to_numpy(dtype=np.float64) / window).astype(np.int64)
+        # Sorting by (video, bin) makes every group and every video a contiguous slice of `order`.
+        self.order = np.lexsort((self.start, bin_, self.video))
+        video_sorted, bin_sorted = self.video[self.order], bin_[self.order]
+        new_group = np.ones(len(self.order), dtype=bool)
+        new_group[1:] = (video_sorted[1:] != video_sorted[:-1]) | (bin_sorted[1:] != bin_sorted[:-1])
+        bounds = np.append(np.flatnonzero(new_group), len(self.order))
+        self.group_start, self.group_end = bounds[:-1], bounds[1:]
+        self.group_of_row = np.empty(len(self.order), dtype=np.int64)
+        self.group_of_row[self.order] = np.cumsum(new_group) - 1
+        self.video_sorted = video_sorted
+        self.num_videos = int(self.video.max()) + 1 if len(self.video) else 0
+        self.fallbacks = {"nearest": 0, "other_video": 0}
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def sample(self, index: int, rng: np.random.Generator) -> tuple[int, str]:
+        """A negative row for row ``index``, and how it was found: ``"window"``, ``"nearest"`` or
+        ``"other_video"``."""
+        group = self.group_of_row[index]
+        members = self.order[self.group_start[group]:self.group_end[group]]
+        candidates = members[self._apart(members, index)]
+        if len(candidates):
+            return int(rng.choice(candidates)), "window"
+
+        video = self.video[index]
+        lo, hi = np.searchsorted(self.video_sorted, [video, video + 1])
+        same_video = self.order[lo:hi]
+        gap = np.maximum(self.start[index] - self.end[same_video], self.start[same_video] - self.end[index])
+        if (gap > 0).any():
+            self.fallbacks["nearest"] += 1
+            return int(same_video[np.argmin(np.where(gap > 0, gap, np.inf))]), "nearest"
+
+        if self.num_videos < 2:
+            raise ValueError(f"no negative for EgoClip row {index}: its video has no other "
+                             "non-overlapping clip and there is no other video")
+        self.fallbacks["other_video"] += 1
+        while True:
+            other = int(rng.integers(len(self.order)))
+            if self.video[other] != video:
+                return other, "other_video"
+
+    def _apart(self, rows: np.ndarray, index: int) -> np.ndarray:
+        return (self.end[rows] < self.start[index]) | (self.start[rows] > self.end[index])

@@ -1,0 +1,147 @@
+"""EgoMCQ (DESIGN 2.4): pick the clip, out of five, that a narration describes."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from svitt_ego.config import Config
+from svitt_ego.data.tokenizer import tokenize
+from svitt_ego.data.transforms import ClipTransform
+from svitt_ego.data.video import read_clip_frames
+
+INTER_VIDEO, INTRA_VIDEO = 1, 2
+
+
+@dataclass
+class Clip:
+    """A span of a video in seconds, with its narration (optional for choices)."""
+
+    video_uid: str
+    start: float
+    end: float
+    text: str | None
+
+
+@dataclass
+class MCQQuestion:
+    question_id: str
+    query: Clip
+    choices: list[Clip]
+    answer: int
+    type: int
+
+
+def read_egomcq(path: str | Path) -> list[MCQQuestion]:
+    """Read ``egomcq.json``. Malformed input raises ``ValueError`` naming the question and field."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected an object of questions keyed by id, got {type(data).__name__}")
+    return [_question(str(qid), entry, f"{path}: question {qid!r}") for qid, entry in data.items()]
+
+
+def _question(qid: str, entry, where: str) -> MCQQuestion:
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected an object, got {type(entry).__name__}")
+    for key in ("query", "choices", "answer", "types"):
+        if key not in entry:
+            raise ValueError(f"{where}, field '{key}': missing")
+    query = _clip(entry["query"], where, "query", need_text=True)
+    choices = entry["choices"]
+    if not isinstance(choices, dict) or not choices or set(choices) != {str(i) for i in range(len(choices))}:
+        raise ValueError(f"{where}, field 'choices': expected an object with keys '0'..'n-1', got {choices!r:.200}")
+    choices = [_clip(choices[str(i)], where, f"choices.{i}", need_text=False) for i in range(len(choices))]
+    answer = _integer(entry["answer"], f"{where}, field 'answer'")
+    if not 0 <= answer < len(choices):
+        raise ValueError(f"{where}, field 'answer': {answer} is not a choice (0..{len(choices) - 1})")
+    kind = _integer(entry["types"], f"{where}, field 'types'")
+    if kind not in (INTER_VIDEO, INTRA_VIDEO):
+        raise ValueError(f"{where}, field 'types': expected 1 (inter-video) or 2 (intra-video), got {kind}")
+    return MCQQuestion(qid, query, choices, answer, kind)
+
+
+def _clip(row, where: str, name: str, need_text: bool) -> Clip:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}, field '{name}': expected an EgoClip row (an object), got {type(row).__name__}")
+    uid = row.get("video_uid")
+    if not isinstance(uid, str) or not uid:
+        raise ValueError(f"{where}, field '{name}.video_uid': expected a video id, got {uid!r}")
+    start, end = (_number(row.get(key), f"{where}, field '{name}.{key}'") for key in ("clip_start", "clip_end"))
+    if end < start:
+        raise ValueError(f"{where}, field '{name}.clip_end': {end} is before clip_start {start}")
+    text = row.get("clip_text")
+    if need_text and not isinstance(text, str):
+        raise ValueError(f"{where}, field '{name}.clip_text': expected a string, got {text!r}")
+    return Clip(uid, start, end, text if isinstance(text, str) else None)
+
+
+def _number(value, where: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise ValueError(f"{where}: expected a number, got {value!r}")
+    return number
+
+
+def _integer(value, where: str) -> int:
+    if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, str) and value.strip().isdigit()):
+        raise ValueError(f"{where}: expected an integer, got {value!r}")
+    return int(value)
+
+
+class EgoMCQDataset(Dataset):
+    """One question per item: ``question_id``, ``text`` (the query's narration), ``frames``
+    (float ``[num_choices, T, 3, S, S]``, middle-of-segment frames, evaluation transform),
+    ``answer`` and ``type`` (1 inter-video, 2 intra-video).
+
+    An unreadable video always raises :class:`VideoReadError`, whatever ``cfg.data.on_error``:
+    dropping questions would bias the accuracy.
+    """
+
+    def __init__(self, cfg: Config, items: list[MCQQuestion]):
+        vision = cfg.model.vision
+        self.items = items
+        self.video_root, self.chunk_seconds = cfg.data.video_root, cfg.data.chunk_seconds
+        self.num_frames = vision.num_frames
+        self.transform = ClipTransform(vision.image_size, False, vision.mean, vision.std)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        question = self.items[index]
+        frames = torch.stack([
+            self.transform(read_clip_frames(self.video_root, clip.video_uid, max(clip.start, 0.0), max(clip.end, 0.0),
+                                            self.num_frames, "uniform", self.chunk_seconds))
+            for clip in question.choices])
+        return {"question_id": question.question_id, "text": question.query.text, "frames": frames,
+                "answer": question.answer, "type": question.type}
+
+
+def collate_egomcq(tokenizer, max_length: int):
+    """The collate function for :class:`EgoMCQDataset`: ``frames`` ``[B, C, T, 3, S, S]``,
+    ``input_ids``/``attention_mask`` ``[B, L]``, ``answer`` and ``type`` ``[B]``, ``question_id``
+    (a list of str)."""
+    return functools.partial(_collate_egomcq, tokenizer=tokenizer, max_length=max_length)
+
+
+def _collate_egomcq(items: list[dict], tokenizer, max_length: int) -> dict:
+    return {
+        "question_id": [item["question_id"] for item in items],
+        "frames": torch.stack([item["frames"] for item in items]),
+        **tokenize(tokenizer, [item["text"] for item in items], max_length),
+        "answer": torch.tensor([item["answer"] for item in items], dtype=torch.long),
+        "type": torch.tensor([item["type"] for item in items], dtype=torch.long),
+    }

@@ -1,0 +1,177 @@
+"""``svitt-ego prepare-videos``: raw Ego4D videos -> the chunked layout the loader reads.
+
+``SRC/<video_uid>.mp4`` becomes ``DST/<video_uid>/<k>.mp4``: h264, short side ``short_side``
+(aspect kept, even sizes), the source's frame rate, frame ``j`` of chunk ``k`` being the
+source's ``j``-th frame in ``[k * chunk_seconds, (k + 1) * chunk_seconds)``. Only PyAV is used.
+
+Resumable: every chunk is written under a temporary name and renamed when complete, and
+``DST/<video_uid>/chunks.json`` is written last, listing the chunks and the settings; a video
+whose manifest matches the settings and whose chunks all exist is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+from av.video.reformatter import VideoReformatter
+from tqdm import tqdm
+
+MANIFEST = "chunks.json"
+# A keyframe every second: a clip's frames are then at most a second of decoding away.
+KEYFRAME_SECONDS = 1.0
+ENCODER_OPTIONS = {"crf": "23", "preset": "veryfast"}
+
+
+@dataclass
+class Summary:
+    done: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def prepare_videos(src: str | Path, dst: str | Path, short_side: int = 256, chunk_seconds: float = 600.0,
+                   workers: int = 4) -> Summary:
+    """Convert every ``SRC/*.mp4`` with ``workers`` processes. A video that fails is reported
+    (and listed in ``Summary.failed``) without stopping the others."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no such folder")
+    sources = sorted(src.glob("*.mp4"))
+    jobs = [(source, dst / source.stem, short_side, chunk_seconds) for source in sources]
+    summary = Summary()
+    progress = tqdm(total=len(jobs), unit="video", desc="prepare-videos")
+    if workers > 1 and len(jobs) > 1:
+        with multiprocessing.Pool(min(workers, len(jobs))) as pool:
+            for result in pool.imap_unordered(_run_job, jobs):
+                _record(summary, result, progress)
+    else:
+        for job in jobs:
+            _record(summary, _run_job(job), progress)
+    progress.close()
+    print(f"prepare-videos: {summary.done} converted, {summary.skipped} already done, "
+          f"{len(summary.failed)} failed, of {len(jobs)} videos in {src}")
+    for path, error in summary.failed:
+        print(f"  failed: {path}: {error}")
+    return summary
+
+
+def _record(summary: Summary, result: tuple[str, str, str | None], progress: tqdm) -> None:
+    status, path, error = result
+    if status == "done":
+        summary.done += 1
+    elif status == "skipped":
+        summary.skipped += 1
+    else:
+        summary.failed.append((path, error))
+        progress.write(f"prepare-videos: {path}: {error}")
+    progress.update()
+
+
+def _run_job(job: tuple[Path, Path, int, float]) -> tuple[str, str, str | None]:
+    source, out_dir, short_side, chunk_seconds = job
+    if is_prepared(out_dir, short_side, chunk_seconds):
+        return "skipped", str(source), None
+    try:
+        prepare_video(source, out_dir, short_side, chunk_seconds)
+    except Exception as err:  # noqa: BLE001 - one bad input must not stop the others
+        return "failed", str(source), f"{type(err).__name__}: {err}"
+    return "done", str(source), None
+
+
+def is_prepared(out_dir: Path, short_side: int, chunk_seconds: float) -> bool:
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return (manifest.get("short_side") == short_side and manifest.get("chunk_seconds") == chunk_seconds
+            and all((out_dir / f"{k}.mp4").is_file() for k in manifest.get("chunks", [None])))
+
+
+def output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """Scale so the short side is ``short_side``, keep the aspect, round both sides to even
+    numbers (yuv420p needs them)."""
+    scale = short_side / min(width, height)
+    return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
+
+
+def prepare_video(source: Path, out_dir: Path, short_side: int = 256, chunk_seconds: float = 600.0) -> list[int]:
+    """Write the chunks of one video and then its manifest; return the chunk numbers."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chunks: list[int] = []
+    writer = None
+    try:
+        with av.open(str(source)) as container:
+            if not container.streams.video:
+                raise ValueError("no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            rate = Fraction(stream.average_rate or stream.guessed_rate or 0)
+            if not rate:
+                raise ValueError("unknown frame rate")
+            width, height = output_size(stream.codec_context.width, stream.codec_context.height, short_side)
+            start = stream.start_time or 0
+            resize = VideoReformatter()
+            for index, frame in enumerate(container.decode(stream)):
+                # Without timestamps, assume a constant rate.
+                time = (frame.pts - start) * stream.time_base if frame.pts is not None else index / rate
+                chunk = math.floor(time / Fraction(chunk_seconds))
+                if writer is None or chunk != writer.chunk:
+                    if writer is not None:
+                        writer.close()
+                    writer = _ChunkWriter(out_dir, chunk, width, height, rate, first_time=time)
+                    chunks.append(chunk)
+                writer.write(resize.reformat(frame, width, height, "yuv420p", interpolation="AREA", threads=1), time)
+        if writer is None:
+            raise ValueError("no frames decoded")
+        writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    manifest = {"chunks": chunks, "fps": str(rate), "width": width, "height": height,
+                "short_side": short_side, "chunk_seconds": chunk_seconds}
+    tmp = out_dir / f".{MANIFEST}.part"
+    tmp.write_text(json.dumps(manifest))
+    os.replace(tmp, out_dir / MANIFEST)
+    return chunks
+
+
+class _ChunkWriter:
+    """One output chunk, written to a temporary name and renamed by :meth:`close`.
+
+    A frame's timestamp is its time after the chunk's first frame, in frames, so a constant-rate
+    source gives frame j the timestamp j and a variable-rate one keeps its timing (to a frame)."""
+
+    def __init__(self, out_dir: Path, chunk: int, width: int, height: int, rate: Fraction, first_time: Fraction):
+        self.chunk, self.rate, self.first_time = chunk, rate, first_time
+        self.path = out_dir / f"{chunk}.mp4"
+        self.tmp = out_dir / f".{chunk}.mp4.part"
+        self.container = av.open(str(self.tmp), "w", format="mp4")
+        self.stream = self.container.add_stream("libx264", rate=rate)
+        self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
+        self.stream.gop_size = max(1, round(rate * Fraction(KEYFRAME_SECONDS)))
+        self.stream.options = dict(ENCODER_OPTIONS)
+        self.last_pts = -1
+
+    def write(self, frame: av.VideoFrame, time: Fraction) -> None:
+        self.last_pts = max(round((time - self.first_time) * self.rate), self.last_pts + 1)
+        frame.pts, frame.time_base = self.last_pts, 1 / self.rate
+        self.container.mux(self.stream.encode(frame))
+
+    def close(self) -> None:
+        self.container.mux(self.stream.encode())
+        self.container.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self.container.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)

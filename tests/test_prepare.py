@@ -1,0 +1,72 @@
+"""prepare-videos: resize, chunk, resume, and carry on past a corrupt input."""
+
+from __future__ import annotations
+
+import json
+import math
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+from test_video import HEIGHT, WIDTH, draw_code, read_code, write_video
+
+from svitt_ego.data.prepare import MANIFEST, output_size, prepare_videos
+from svitt_ego.data.video import read_frames
+
+
+def upscaled_code(index: int) -> np.ndarray:
+    """draw_code at twice the size, so that halving it gives back the test frame size."""
+    return draw_code(index, 0).repeat(2, axis=0).repeat(2, axis=1)
+
+
+@pytest.fixture
+def sources(tmp_path):
+    src = tmp_path / "src"
+    write_video(src / "a.mp4", [upscaled_code(i) for i in range(150)], Fraction(30), gop=250)
+    write_video(src / "b.mp4", [upscaled_code(i) for i in range(40)], Fraction(30000, 1001))
+    (src / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    return src
+
+
+def test_output_size_keeps_aspect_with_even_sides():
+    assert output_size(1920, 1080, 256) == (456, 256)
+    assert output_size(1080, 1920, 256) == (256, 456)
+    assert output_size(1440, 1080, 256) == (342, 256)
+    assert output_size(128, 96, 48) == (64, 48)
+
+
+def test_prepare_resizes_chunks_resumes_and_reports_failures(sources, tmp_path, capsys):
+    dst = tmp_path / "dst"
+    summary = prepare_videos(sources, dst, short_side=HEIGHT, chunk_seconds=2.0, workers=2)
+    assert (summary.done, summary.skipped) == (2, 0)
+    assert [path.split("/")[-1] for path, _ in summary.failed] == ["broken.mp4"]
+    assert "broken.mp4" in capsys.readouterr().out
+
+    assert sorted(p.name for p in (dst / "a").glob("*.mp4")) == ["0.mp4", "1.mp4", "2.mp4"]
+    assert json.loads((dst / "a" / MANIFEST).read_text())["chunks"] == [0, 1, 2]
+    assert not list(dst.glob("*/.*.part"))
+    with av.open(str(dst / "a" / "1.mp4")) as container:
+        stream = container.streams.video[0]
+        assert (stream.width, stream.height, stream.average_rate, stream.frames) == (WIDTH, HEIGHT, 30, 60)
+    with av.open(str(dst / "b" / "0.mp4")) as container:
+        assert container.streams.video[0].average_rate == Fraction(30000, 1001)
+
+    # Frame j of chunk k shows source frame k * 60 + j, so reading at t gives floor(t * 30).
+    times = np.array([0.0, 1.99, 2.0, 2.5, 4.1, 4.95])
+    frames = read_frames(dst, "a", times, chunk_seconds=2.0)
+    assert [read_code(f.numpy())[0] for f in frames] == [math.floor(t * 30 + 1e-6) for t in times]
+
+    mtimes = {p: p.stat().st_mtime_ns for p in dst.rglob("*.mp4")}
+    again = prepare_videos(sources, dst, short_side=HEIGHT, chunk_seconds=2.0, workers=1)
+    assert (again.done, again.skipped, len(again.failed)) == (0, 2, 1)
+    assert {p: p.stat().st_mtime_ns for p in dst.rglob("*.mp4")} == mtimes
+
+
+def test_incomplete_video_is_redone(sources, tmp_path):
+    dst = tmp_path / "dst"
+    prepare_videos(sources, dst, short_side=HEIGHT, chunk_seconds=2.0, workers=1)
+    (dst / "a" / "2.mp4").unlink()
+    summary = prepare_videos(sources, dst, short_side=HEIGHT, chunk_seconds=2.0, workers=1)
+    assert (summary.done, summary.skipped) == (1, 1)
+    assert (dst / "a" / "2.mp4").is_file()

