@@ -1,0 +1,99 @@
+"""Pretraining end to end on the synthetic world: exact resume after a kill, non-finite losses, the demo."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from svitt_ego import train
+from svitt_ego.config import load_config
+from svitt_ego.data.toy import make_toy_data
+
+SMALL = ["model.vision.width=48", "model.vision.num_heads=2", "model.vision.depth=2", "model.vision.image_size=32",
+         "model.vision.block_size=4", "model.vision.prune_layers=[0]", "model.text.width=32", "model.text.depth=4",
+         "model.text.num_fusion_layers=2", "model.text.num_heads=2", "model.text.intermediate_size=64",
+         "model.text.pretrained=null", "model.text.tokenizer=minilm", "model.embed_dim=16",
+         "train.batch_size=4", "train.eval_every_epoch=false", "data.num_workers=0", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return make_toy_data(tmp_path_factory.mktemp("toy"), seed=1, num_videos=6)
+
+
+def _config(toy, out, *overrides):
+    return load_config("tiny", [f"data.egoclip={toy / 'egoclip.csv'}", f"data.egomcq={toy / 'egomcq.json'}",
+                                f"data.video_root={toy / 'videos'}", f"train.output_dir={out}", *SMALL, *overrides])
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_parameters(toy, tmp_path):
+    overrides = ["train.epochs=2", "train.max_steps=14", "train.checkpoint_every=3", "train.lr=1e-3"]
+    train.pretrain(_config(toy, tmp_path / "whole", *overrides))
+
+    cfg = _config(toy, tmp_path / "killed", *overrides)
+    (tmp_path / "killed").mkdir()
+    cfg.save(tmp_path / "killed.yaml")
+    proc = subprocess.Popen([sys.executable, "-m", "svitt_ego.cli", "pretrain", "--config",
+                             str(tmp_path / "killed.yaml")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "killed" / "step-6.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "model").exists()  # it really was stopped mid-run
+    train.pretrain(cfg, resume=True)
+
+    whole = train.load_checkpoint(tmp_path / "whole" / "last.pt")
+    resumed = train.load_checkpoint(tmp_path / "killed" / "last.pt")
+    assert whole["step"] == resumed["step"] == 14
+    for name, value in whole["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name
+    # Old step checkpoints are pruned; last and best stay.
+    kept = sorted(p.name for p in (tmp_path / "killed").glob("*.pt"))
+    assert kept == ["best.pt", "last.pt", "step-12.pt", "step-14.pt"]
+
+
+@pytest.mark.slow
+def test_non_finite_loss_is_reported_skipped_and_bounded(toy, tmp_path, monkeypatch, caplog):
+    forward = train.PretrainingObjective.forward
+    calls = []
+
+    def sometimes_nan(self, batch):
+        losses = forward(self, batch)
+        calls.append(1)
+        if len(calls) in (2, 3):
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(train.PretrainingObjective, "forward", sometimes_nan)
+    with caplog.at_level("ERROR"):
+        train.pretrain(_config(toy, tmp_path / "a", "train.max_steps=5", "train.max_nonfinite=2"))
+    assert "non-finite loss at step 1 (epoch 0, batch 1); clip ids [" in caplog.text
+    state = train.load_checkpoint(tmp_path / "a" / "last.pt")
+    assert state["step"] == 5 and state["nonfinite"] == 2
+    calls.clear()
+    with pytest.raises(RuntimeError, match="2 non-finite losses, more than train.max_nonfinite=1"):
+        train.pretrain(_config(toy, tmp_path / "b", "train.max_steps=5", "train.max_nonfinite=1"))
+
+
+@pytest.mark.slow
+def test_quick_demo_learns(tmp_path):
+    """The demo's short version: the loss falls and EgoMCQ beats chance (20%) after pretraining."""
+    from svitt_ego.demo import demo
+
+    result = demo(tmp_path, quick=True)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    after = result["after"]
+    assert (after["inter"] + after["intra"]) / 2 > 25.0
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+    assert list((tmp_path / "run" / "tensorboard").iterdir())
