@@ -1,4 +1,4 @@
-"""The ``svitt-ego`` command.
+"""svitt-ego: pretrain and evaluate SViTT-Ego, a sparse video-text transformer for egocentric video.
 
 Each subcommand parses its own arguments here and imports the module that does
 the work only when it runs, so ``svitt-ego --help`` stays fast.
