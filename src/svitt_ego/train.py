@@ -65,7 +65,7 @@ class PretrainingObjective(nn.Module):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         video = m.forward_video(batch["frames"])
         text_hidden = m.forward_text(ids, mask)
-        video_emb, text_emb = m.video_embedding(video), m.text_embedding(text_hidden)
+        video_emb, text_emb = m.video_embedding(video), m.text_embedding(text_hidden, mask)
 
         # Contrastive, over the global batch: embeddings and tags from every process.
         if cfg.contrastive == "egonce":

@@ -78,8 +78,13 @@ class SViTTEgo(nn.Module):
         """Token ids [B, L] -> unimodal text hidden states [B, L, C]."""
         return self.text(input_ids, attention_mask)
 
-    def text_embedding(self, text_hidden: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_proj(text_hidden[:, 0]), dim=-1)
+    def text_embedding(self, text_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.config.text.pooling == "mean":
+            mask = attention_mask[..., None].to(text_hidden.dtype)
+            pooled = (text_hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        else:
+            pooled = text_hidden[:, 0]
+        return F.normalize(self.text_proj(pooled), dim=-1)
 
     def encode_text(self, texts: list[str] | torch.Tensor,
                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -89,7 +94,7 @@ class SViTTEgo(nn.Module):
         else:
             enc = self.tokenize(texts)
             ids, mask = enc["input_ids"], enc["attention_mask"]
-        return self.text_embedding(self.forward_text(ids, mask))
+        return self.text_embedding(self.forward_text(ids, mask), mask)
 
     # Multimodal -----------------------------------------------------------
     def vtm_logits(self, text_hidden: torch.Tensor, attention_mask: torch.Tensor,
