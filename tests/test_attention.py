@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from svitt_ego.models.attention import (blocked_attention, dense_attention, dense_mask, reference_attention,
-                                        sample_block_pattern)
+from svitt_ego.models.attention import (blocked_attention, dense_attention, dense_mask, flex_attention,
+                                        reference_attention, sample_block_pattern)
 from svitt_ego.models.position_bias import RelativePositionBias3D
 
 
@@ -107,3 +107,31 @@ def test_dense_backend_equals_reference_without_pattern():
     out, cls_probs = dense_attention(q, k, v, positions, bias)
     ref_out, ref_cls = reference_attention(q, k, v, positions, bias, None)
     assert (out - ref_out).abs().max() <= 1e-6 and (cls_probs - ref_cls).abs().max() <= 1e-6
+
+
+def test_flex_forward_equals_reference_on_cpu():
+    """FlexAttention has no CPU backward; its forward (compiled for CPU) is checked here, the rest on CUDA."""
+    q, k, v, positions, bias = _inputs(2, 2, 45, 16, frames=4, grid=4, per_sample=True)
+    q, k, v, bias = q.detach().float(), k.detach().float(), v.detach().float(), bias.float()
+    pattern = sample_block_pattern(45, 8, 1, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = reference_attention(q, k, v, positions, bias, pattern)
+        got = flex_attention(q, k, v, positions, bias, pattern)
+    assert (got[0] - ref[0]).abs().max() <= 1e-5 and (got[1] - ref[1]).abs().max() <= 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("num_patches,block_size,k_local,k_random", [(784, 56, 1, 3), (549, 56, 1, 5), (45, 8, 3, 9)])
+def test_flex_equals_reference_on_cuda(dtype, tol, num_patches, block_size, k_local, k_random):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    q, k, v, positions, bias = _inputs(2, 4, num_patches, 64, frames=4, grid=14, per_sample=True)
+    q, k, v = (t.detach().to("cuda", dtype).requires_grad_() for t in (q, k, v))
+    positions, bias = positions.cuda(), bias.float().cuda()
+    pattern = sample_block_pattern(num_patches, block_size, k_local, k_random,
+                                   generator=torch.Generator().manual_seed(0), device="cuda")
+    ref = _outputs_and_grads(reference_attention, q, k, v, positions, bias, pattern)
+    got = _outputs_and_grads(flex_attention, q, k, v, positions, bias, pattern)
+    for a, b in zip((*got[:2], *got[2]), (*ref[:2], *ref[2])):
+        assert (a.float() - b.float()).abs().max() <= tol * max(1.0, b.float().abs().max().item())

@@ -13,6 +13,10 @@ Backends compute the same function:
 - ``reference``: dense attention with the equivalent N x N mask (for tests).
 - ``blocked``: gathers each query block's key blocks; never builds an N x N
   matrix, runs anywhere.
+- ``flex``: PyTorch FlexAttention (compiled). Each G-token block is padded to
+  a tile of ``tile_size(G)`` tokens, [CLS] gets a tile of its own, the block
+  pattern becomes the tile-level block mask and the bias is computed inside
+  the kernel from the (t, h, w) offsets. The default on CUDA.
 - ``dense``: no edge sparsity at all (``attention: dense``), PyTorch SDPA with
   the bias materialised.
 
@@ -135,16 +139,73 @@ def blocked_attention(q, k, v, positions, rel_bias: RelativePositionBias3D, patt
     return torch.cat([cls_out, out], dim=2), cls_probs[:, :, 0]
 
 
+def tile_size(block_size: int) -> int:
+    """FlexAttention tile for G-token blocks: the next power of two (at least 16), e.g. 64 for G = 56."""
+    return max(16, 1 << (block_size - 1).bit_length())
+
+
+_compiled_flex_attention = None
+
+
+def _flex_attention():
+    global _compiled_flex_attention
+    if _compiled_flex_attention is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex_attention
+
+
+def flex_attention(q, k, v, positions, rel_bias: RelativePositionBias3D, pattern: BlockPattern):
+    """Edge-sparse attention through FlexAttention, in a tiled layout: tile 0 holds [CLS], tile b + 1 block b."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, H, N, D = q.shape
+    n, G, nb = N - 1, pattern.block_size, pattern.num_blocks
+    P = tile_size(G)
+    L = (nb + 1) * P
+    device = q.device
+    patch = torch.arange(n, device=device)
+    slot = torch.cat([patch.new_zeros(1), (patch // G + 1) * P + patch % G])  # token -> place in the tiled layout
+
+    def tiled(x):
+        return x.new_zeros(B, H, L, D).index_copy(2, slot, x)
+
+    pos = positions.expand(B, -1).new_zeros(B, L).index_copy(1, slot, positions.expand(B, -1))
+    key_ok = torch.zeros(L, dtype=torch.bool, device=device)
+    key_ok[slot] = True
+    # Query tile 0 ([CLS]) sees every tile; query tile b + 1 sees tile 0 and its key blocks' tiles.
+    rows = torch.cat([torch.zeros(nb, 1, dtype=torch.long, device=device), pattern.key_blocks + 1], dim=1)
+    kv_indices = torch.zeros(nb + 1, nb + 1, dtype=torch.int32, device=device)
+    kv_indices[0] = torch.arange(nb + 1, device=device)
+    kv_indices[1:, :rows.shape[1]] = rows.int()
+    kv_num = torch.cat([torch.tensor([nb + 1], device=device), 1 + pattern.valid.sum(1)]).int()
+    table = rel_bias.table
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return key_ok[kv_idx]
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + table[rel_bias.index(pos[b, q_idx], pos[b, kv_idx]), h]
+
+    block_mask = BlockMask.from_kv_blocks(kv_num[None, None], kv_indices[None, None], BLOCK_SIZE=P,
+                                          mask_mod=mask_mod, seq_lengths=(L, L))
+    out = _flex_attention()(tiled(q), tiled(k), tiled(v), score_mod=score_mod, block_mask=block_mask)
+    cls_probs = _cls_probs(q, k, rel_bias(positions[:, :1], positions))
+    return out[:, :, slot], cls_probs
+
+
 def _cls_probs(q, k, cls_bias):
     scores = (q[:, :, :1] @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5 + cls_bias
     return scores.float().softmax(-1).to(q.dtype)[:, :, 0]
 
 
-BACKENDS: dict[str, Backend] = {"reference": reference_attention, "blocked": blocked_attention}
+BACKENDS: dict[str, Backend] = {"reference": reference_attention, "blocked": blocked_attention,
+                                 "flex": flex_attention}
 
 
 def resolve_backend(name: str, device: torch.device) -> Backend:
-    """``auto`` picks the fastest backend available on ``device``."""
+    """``auto``: FlexAttention on CUDA, the blocked backend elsewhere."""
     if name == "auto":
-        name = "blocked"
+        name = "flex" if device.type == "cuda" else "blocked"
     return BACKENDS[name]

@@ -1,0 +1,24 @@
+"""The benchmark scripts run (tiny settings, CPU), so they are ready for the GPU they are meant for."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args):
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_attention_benchmark_runs():
+    out = _run("benchmarks/attention.py", "--device", "cpu", "--frames", "1", "--batch", "1", "--repeats", "1",
+               "--dtype", "float32", "--methods", "blocked", "dense_bias", "flash")
+    assert "blocked" in out and "dense_bias" in out and "1.00" in out
+
+
+def test_train_step_benchmark_runs():
+    out = _run("benchmarks/train_step.py", "--device", "cpu", "--runs", "tiny:4", "--clips", "2", "--steps", "1")
+    assert "tiny:4" in out
