@@ -118,25 +118,20 @@ class EpochSampler(Sampler):
                  rank: int = 0, world_size: int = 1):
         self.num_rows, self.fraction, self.seed = num_rows, fraction, seed
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.epoch, self.start_batch = 0, 0
+        per_rank = len(epoch_indices(num_rows, fraction, 0, seed)) // world_size
+        self.batches_per_epoch = per_rank // batch_size
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def batches_per_epoch(self) -> int:
-        per_rank = len(epoch_indices(self.num_rows, self.fraction, 0, self.seed)) // self.world_size
-        return per_rank // self.batch_size
-
-    def _indices(self) -> np.ndarray:
-        rows = epoch_indices(self.num_rows, self.fraction, self.epoch, self.seed)
-        mine = rows[self.rank::self.world_size][:len(rows) // self.world_size]
-        return mine[: self.batches_per_epoch() * self.batch_size][self.start_batch * self.batch_size:]
+        rows = epoch_indices(self.num_rows, self.fraction, epoch, self.seed)
+        mine = rows[self.rank::self.world_size][: self.batches_per_epoch * self.batch_size]
+        self._indices = mine[start_batch * self.batch_size:]
 
     def __iter__(self):
-        return iter(self._indices().tolist())
+        return iter(self._indices.tolist())
 
     def __len__(self) -> int:
-        return len(self._indices())
+        return len(self._indices)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -234,7 +229,7 @@ def pretrain(cfg: Config, resume: bool = False) -> dict:
     dataset = EgoClipDataset(cfg, train=True)
     sampler = EpochSampler(len(dataset), cfg.data.fraction_per_epoch, cfg.train.seed, cfg.train.batch_size,
                            rank, world_size)
-    batches_per_epoch = sampler.batches_per_epoch()
+    batches_per_epoch = sampler.batches_per_epoch
     if batches_per_epoch < cfg.train.grad_accum:
         raise ValueError(f"{cfg.data.egoclip}: {len(dataset)} clips give {batches_per_epoch} batches of "
                          f"{cfg.train.batch_size} per process, fewer than train.grad_accum={cfg.train.grad_accum}")
@@ -302,13 +297,14 @@ def pretrain(cfg: Config, resume: bool = False) -> dict:
                             generator=torch.Generator().manual_seed(cfg.train.seed + epoch))
         progress = tqdm(loader, desc=f"epoch {epoch}", disable=not main, dynamic_ncols=True,
                         initial=start_batch, total=batches_per_epoch)
-        batch_in_epoch, tic, clips = start_batch, time.perf_counter(), 0
+        batch_in_epoch, tic, clips, skipped = start_batch, time.perf_counter(), 0, 0
         epoch_loss = []
         for batch in progress:
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             boundary = (batch_in_epoch + 1) % cfg.train.grad_accum == 0
             batch_in_epoch += 1
             clips += batch["frames"].shape[0] * world_size
+            skipped += batch["skipped"]
             with contextlib.nullcontext() if boundary or world_size == 1 else wrapped.no_sync():
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     losses = wrapped(batch)
@@ -343,7 +339,7 @@ def pretrain(cfg: Config, resume: bool = False) -> dict:
                 elapsed = time.perf_counter() - tic
                 record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
                           "clips_per_s": clips / elapsed, "temperature": model.temperature.item(),
-                          "skipped_clips": batch.get("skipped", 0),
+                          "skipped_clips": skipped,
                           **{k: v.item() for k, v in losses.items()}}
                 if device.type == "cuda":
                     record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -355,7 +351,7 @@ def pretrain(cfg: Config, resume: bool = False) -> dict:
                         writer.add_scalar(f"train/{key}", value, step)
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
-                tic, clips = time.perf_counter(), 0
+                tic, clips, skipped = time.perf_counter(), 0, 0
             if step % cfg.train.checkpoint_every == 0:
                 checkpoint(f"step-{step}.pt", batch_in_epoch, epoch)
             if step >= total_steps:

@@ -103,7 +103,8 @@ class VideoEncoder(nn.Module):
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(VideoBlock(cfg, rate) for rate in rates)
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.fc_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        # Mean pooling's LayerNorm (BEiT's pooler.layernorm); [CLS] pooling reads ``norm``'s output.
+        self.fc_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps) if cfg.pooling == "mean" else None
         self._init_weights()
 
     def _init_weights(self) -> None:
