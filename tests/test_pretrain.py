@@ -97,3 +97,22 @@ def test_quick_demo_learns(tmp_path):
     assert (after["inter"] + after["intra"]) / 2 > 25.0
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
     assert list((tmp_path / "run" / "tensorboard").iterdir())
+
+
+@pytest.mark.slow
+def test_eval_mcq_command_prints_and_writes_accuracy(toy, tmp_path, capsys):
+    from svitt_ego.cli import main
+
+    train.pretrain(_config(toy, tmp_path / "run", "train.max_steps=2"))
+    out = tmp_path / "egomcq.json"
+    assert main(["eval-mcq", str(tmp_path / "run" / "last.pt"), "--output", str(out), "train.batch_size=8"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    questions = json.loads((toy / "egomcq.json").read_text())
+    assert result["num_inter"] + result["num_intra"] == len(questions)
+    assert f"{result['inter']:.1f}" in printed and "accuracy (%)" in printed
+    # The same accuracies from the save_pretrained folder of the same run.
+    assert main(["eval-mcq", str(tmp_path / "run" / "model"), "--config", str(tmp_path / "run" / "config.yaml"),
+                 "--output", str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert (again["inter"], again["intra"]) == (result["inter"], result["intra"])
