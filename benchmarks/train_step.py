@@ -68,9 +68,6 @@ def run(spec: str, clips: int, steps: int, device) -> tuple[float, float]:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - tic) / steps
     peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan")
-    del model, objective, optimizer
-    if cuda:
-        torch.cuda.empty_cache()
     return peak, 2 * clips / seconds
 
 
@@ -86,7 +83,11 @@ def main() -> None:
     print(f"{name}, torch {torch.__version__}, {args.clips} clips + {args.clips} negatives per step, "
           f"{'fp16 autocast' if device.type == 'cuda' else 'fp32'}")
     print(f"{'run':>24} {'peak GB':>8} {'clips/s':>8} {'x dense':>8}")
-    results = {spec: run(spec, args.clips, args.steps, device) for spec in args.runs}
+    results = {}
+    for spec in args.runs:
+        results[spec] = run(spec, args.clips, args.steps, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the last run's model and optimizer are gone; start the next one clean
     for spec, (peak, speed) in results.items():
         frames = spec.split(":")[1]
         dense = results.get(f"dense:{frames}")

@@ -1,7 +1,4 @@
-"""The training loop's parts: schedule, parameter groups, sampler, DDP equivalence, exact resume."""
-
-import math
-import os
+"""The training loop's parts: schedule, parameter groups, sampler, the objective, DDP equivalence."""
 
 import pytest
 import torch

@@ -144,7 +144,7 @@ class SViTTEgo(nn.Module):
         folder = Path(folder)
         cfg = model_config_from_dict(json.loads((folder / CONFIG_NAME).read_text()), str(folder / CONFIG_NAME))
         if overrides:
-            cfg = model_config_from_dict({**_merge(cfg, overrides)}, "overrides")
+            cfg = model_config_from_dict(_merge(cfg, overrides), "overrides")
         cfg.vision.pretrained = cfg.text.pretrained = None
         if (folder / "vocab.txt").exists():
             cfg.text.tokenizer = str(folder)
