@@ -83,8 +83,9 @@ def evaluate_egomcq(model: SViTTEgo, cfg: Config, device: torch.device, tokenize
     loader = DataLoader(EgoMCQDataset(cfg, questions[rank::world_size]), batch_size=cfg.train.batch_size,
                         collate_fn=collate_egomcq(tokenizer, cfg.model.text.max_length),
                         num_workers=cfg.data.num_workers)
-    precision = cfg.train.precision if device.type == "cuda" else "fp32"
-    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    from svitt_ego.train import autocast_dtype
+
+    amp_dtype = autocast_dtype(cfg, device)
     was_training = model.training
     model.eval()
     scores, answers, types = [], [], []

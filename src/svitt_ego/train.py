@@ -172,6 +172,13 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """fp16 or bf16 autocast on CUDA as ``train.precision`` says; None (fp32) on the CPU."""
+    if device.type != "cuda":
+        return None
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.precision)
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -243,9 +250,8 @@ def pretrain(cfg: Config, resume: bool = False) -> dict:
     warmup = round(cfg.train.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_schedule(s, total_steps, warmup, cfg.train.min_lr_ratio))
-    precision = cfg.train.precision if device.type == "cuda" else "fp32"
-    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    amp_dtype = autocast_dtype(cfg, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     step, epoch, start_batch, best, nonfinite = 0, 0, 0, -math.inf, 0
     if resume and (out / "last.pt").exists():

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from svitt_ego.config import TextConfig
-from svitt_ego.models.video import num_kept
+from svitt_ego.models.video import kept_indices
 
 
 class BertEmbeddings(nn.Module):
@@ -165,9 +165,7 @@ class FusionEncoder(nn.Module):
             prune = i == 0 and self.keep_rate < 1.0
             text, cls_probs = layer(text, mask, video, return_cls_probs=prune)
             if prune:
-                scores = cls_probs.mean(1)[:, 1:]  # text [CLS] -> video patch tokens
-                idx = scores.topk(num_kept(self.keep_rate, scores.shape[1]), dim=1).indices.sort(dim=1).values + 1
-                kept = torch.cat([idx.new_zeros(idx.shape[0], 1), idx], dim=1)
+                kept = kept_indices(cls_probs.mean(1)[:, 1:], self.keep_rate)  # by text [CLS] -> video patches
                 video = video.gather(1, kept[:, :, None].expand(-1, -1, video.shape[-1]))
         return FusionOutput(hidden=text, kept=kept)
 

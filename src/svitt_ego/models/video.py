@@ -167,11 +167,16 @@ def prune_tokens(x: torch.Tensor, positions: torch.Tensor, scores: torch.Tensor,
 
     ``x`` [B, 1 + n, C], ``positions`` [1 or B, 1 + n], ``scores`` [B, n].
     """
-    B, n = scores.shape
-    idx = scores.topk(num_kept(keep_rate, n), dim=1).indices.sort(dim=1).values + 1
-    idx = torch.cat([idx.new_zeros(B, 1), idx], dim=1)
+    idx = kept_indices(scores, keep_rate)
     x = x.gather(1, idx[:, :, None].expand(-1, -1, x.shape[-1]))
-    return x, positions.expand(B, -1).gather(1, idx)
+    return x, positions.expand(x.shape[0], -1).gather(1, idx)
+
+
+def kept_indices(scores: torch.Tensor, keep_rate: float) -> torch.Tensor:
+    """[B, 1 + k]: 0 for [CLS], then the indices (counting [CLS]) of the top ``k = ceil(keep_rate * n)``
+    of the ``n`` patch scores, in increasing order."""
+    idx = scores.topk(num_kept(keep_rate, scores.shape[1]), dim=1).indices.sort(dim=1).values + 1
+    return torch.cat([idx.new_zeros(idx.shape[0], 1), idx], dim=1)
 
 
 def num_kept(keep_rate: float, n: int) -> int:
