@@ -16,7 +16,8 @@ Backends compute the same function:
 - ``flex``: PyTorch FlexAttention (compiled). Each G-token block is padded to
   a tile of ``tile_size(G)`` tokens, [CLS] gets a tile of its own, the block
   pattern becomes the tile-level block mask and the bias is computed inside
-  the kernel from the (t, h, w) offsets. The default on CUDA.
+  the kernel from the (t, h, w) offsets. CUDA only for training (FlexAttention
+  has no CPU backward); opt-in (``backend: flex``) until it is measured on a GPU.
 - ``dense``: no edge sparsity at all (``attention: dense``), PyTorch SDPA with
   the bias materialised.
 
@@ -205,7 +206,7 @@ BACKENDS: dict[str, Backend] = {"reference": reference_attention, "blocked": blo
 
 
 def resolve_backend(name: str, device: torch.device) -> Backend:
-    """``auto``: FlexAttention on CUDA, the blocked backend elsewhere."""
+    """``auto``: the blocked backend, on every device, until ``flex`` is verified on a GPU."""
     if name == "auto":
-        name = "flex" if device.type == "cuda" else "blocked"
+        name = "blocked"
     return BACKENDS[name]
