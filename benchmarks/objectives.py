@@ -15,8 +15,12 @@ import argparse
 import time
 from pathlib import Path
 
+import torch
+
 from svitt_ego.config import load_config
 from svitt_ego.data.toy import make_toy_data
+from svitt_ego.evaluate import evaluate_egomcq
+from svitt_ego.models import SViTTEgo
 from svitt_ego.train import pretrain
 
 
@@ -34,9 +38,11 @@ def main() -> None:
             cfg = load_config("tiny", [f"data.egoclip={data / 'egoclip.csv'}", f"data.egomcq={data / 'egomcq.json'}",
                                        f"data.video_root={data / 'videos'}", f"loss.contrastive={objective}",
                                        f"train.seed={seed}", f"train.output_dir={workdir / f'{objective}-{seed}'}",
-                                       *args.overrides])
+                                       "train.eval_every_epoch=false", *args.overrides])
             tic = time.perf_counter()
-            result = pretrain(cfg)
+            pretrain(cfg)
+            model = SViTTEgo.from_pretrained(Path(cfg.train.output_dir) / "model")
+            result = evaluate_egomcq(model, cfg, torch.device("cpu"))
             rows.append((objective, seed, result["inter"], result["intra"], (time.perf_counter() - tic) / 60))
     print(f"\n{'objective':>10} {'seed':>5} {'inter %':>8} {'intra %':>8} {'minutes':>8}")
     for objective, seed, inter, intra, minutes in rows:
