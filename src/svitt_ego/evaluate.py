@@ -126,7 +126,6 @@ def load_for_eval(checkpoint: str | Path, config: str | None = None,
         state = torch.load(path, map_location="cpu", weights_only=False)
         saved = config_from_dict(state["config"])
         cfg = load_config(config) if config else saved
-        cfg.model = saved.model
         model = SViTTEgo(saved.model)
         model.load_state_dict(state["model"])
     cfg.model = model.config

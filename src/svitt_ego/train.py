@@ -39,7 +39,7 @@ from svitt_ego.data.dataset import EgoClipDataset, collate_egoclip, epoch_indice
 from svitt_ego.data.egoclip import action_positive_mask
 from svitt_ego.data.tokenizer import load_tokenizer
 from svitt_ego.losses import (IGNORE_INDEX, all_gather_no_grad, all_gather_with_grad, ego_nce, mask_tokens,
-                              sample_vtm_negatives, vtm_loss)
+                              mlm_loss, sample_vtm_negatives, vtm_loss)
 from svitt_ego.models import SViTTEgo, create_model
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,8 @@ class PretrainingObjective(nn.Module):
         # VTM, on the local batch: each video with its text, a hard negative text, and each text with a hard
         # negative video; positives (action-aware with EgoNCE) are never drawn as negatives.
         n = ids.shape[0]
-        local_positives = action_positive_mask(batch["nouns"], batch["verbs"]) if positives is not None else None
+        first = dist.get_rank() * n if dist.is_initialized() else 0
+        local_positives = positives[first:first + n, first:first + n] if positives is not None else None
         with torch.no_grad():
             sim = video_emb @ text_emb.T / m.temperature
         neg_text, neg_video = sample_vtm_negatives(sim, local_positives)
@@ -92,7 +93,7 @@ class PretrainingObjective(nn.Module):
                                          special_token_ids=self.special_ids, probability=cfg.mlm_probability)
         selected = labels != IGNORE_INDEX
         mlm_logits = m.mlm_logits(masked_ids, mask, video.tokens, select=selected)
-        mlm = F.cross_entropy(mlm_logits.float(), labels[selected])
+        mlm = mlm_loss(mlm_logits, labels[selected])
 
         loss = cfg.contrastive_weight * contrastive + cfg.vtm_weight * vtm + cfg.mlm_weight * mlm
         return {"loss": loss, "contrastive": contrastive.detach(), "vtm": vtm.detach(), "mlm": mlm.detach()}
@@ -370,9 +371,7 @@ def pretrain(cfg: Config, resume: bool = False) -> dict:
         else:
             start_batch = batch_in_epoch
         if finished_epoch and cfg.train.eval_every_epoch and Path(cfg.data.egomcq).exists():
-            model.eval()
             results = evaluate_egomcq(model, cfg, device, tokenizer)
-            model.train()
             score = (results["inter"] + results["intra"]) / 2
             if main:
                 record = {"step": step, "epoch": epoch, **{f"egomcq_{k}": v for k, v in results.items()}}
