@@ -91,7 +91,7 @@ def test_quick_demo_learns(tmp_path):
     result = demo(tmp_path, quick=True)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    assert len(losses) >= 6 and sum(losses[-2:]) < sum(losses[:2])
     after = result["after"]
     assert (after["inter"] + after["intra"]) / 2 > 25.0
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()

@@ -75,8 +75,19 @@ def test_objective_gives_finite_losses_and_gradients_everywhere():
     assert set(losses) == {"loss", "contrastive", "vtm", "mlm"}
     assert all(torch.isfinite(v) for v in losses.values())
     losses["loss"].backward()
-    missing = [n for n, p in objective.named_parameters() if p.grad is None]
+    missing = [n for n, p in objective.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_frozen_word_embeddings_get_no_gradient_and_no_optimizer_state(frozen):
+    objective = _objective([f"model.text.freeze_word_embeddings={str(frozen).lower()}"])
+    model = objective.model
+    word = model.text.embeddings.word_embeddings.weight
+    in_groups = any(p is word for group in parameter_groups(model, 0.02) for p in group["params"])
+    objective(_batch(6, 0))["loss"].backward()
+    assert in_groups is not frozen and (word.grad is None) is frozen
+    assert model.mlm_head.bias.grad is not None and model.text.embeddings.position_embeddings.weight.grad is not None
 
 
 ONLY_CONTRASTIVE = ["loss.vtm_weight=0", "loss.mlm_weight=0"]
@@ -109,6 +120,7 @@ def test_two_processes_of_two_equal_one_process_of_four(tmp_path):
     for name, p in objective.named_parameters():
         if p.grad is None or p.grad.abs().max() == 0:
             continue
-        assert torch.allclose(ddp["grads"][name], p.grad, atol=1e-6, rtol=1e-4), name
+        # float32 sums in another order: the error scales with the tensor's largest entry
+        assert (ddp["grads"][name] - p.grad).abs().max() <= 1e-6 + 1e-5 * p.grad.abs().max(), name
         checked += 1
     assert checked > 20

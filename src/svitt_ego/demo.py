@@ -21,7 +21,7 @@ from svitt_ego.models import SViTTEgo, create_model
 from svitt_ego.train import pretrain
 
 # The quick version (for tests): a smaller world and a short run.
-QUICK_VIDEOS = 16
+QUICK_VIDEOS = 40
 QUICK_OVERRIDES = ["train.epochs=2", "train.checkpoint_every=1000"]
 
 

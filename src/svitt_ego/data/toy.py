@@ -39,10 +39,10 @@ SIZE = 96  # frames are SIZE x SIZE
 PAD = 4  # the scene is drawn with this margin so the camera can jitter
 CHUNK_SECONDS = 600
 OBJECT_RADIUS = 16.0  # half-size of an object at rest, in pixels
-DEFAULT_NUM_VIDEOS = 60  # 48 training videos (one longer than a chunk), 12 for EgoMCQ
+DEFAULT_NUM_VIDEOS = 240  # 192 training videos (one longer than a chunk), 48 for EgoMCQ
 LONG_VIDEO_SECONDS = 620.0
-TRAIN_SECONDS = (90.0, 150.0)  # range of the other videos' lengths
-VAL_SECONDS = (100.0, 140.0)
+TRAIN_SECONDS = (20.0, 40.0)  # range of the other videos' lengths
+VAL_SECONDS = (25.0, 35.0)
 MIN_GAP, MAX_GAP = 0.8, 1.6  # seconds between two actions
 
 # (narration text, taxonomy name, base form for NLQ queries), in class-id order.

@@ -39,6 +39,7 @@ class SViTTEgo(nn.Module):
         self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim)
         self.vtm_head = nn.Linear(cfg.text.width, 2)
         init_bert_weights(nn.ModuleList([self.vision_proj, self.text_proj, self.vtm_head]))
+        self.text.embeddings.word_embeddings.weight.requires_grad_(not cfg.text.freeze_word_embeddings)
         temp = torch.tensor(float(cfg.temperature))
         if cfg.learn_temperature:
             self.temp = nn.Parameter(temp)
