@@ -87,6 +87,7 @@ def test_frozen_word_embeddings_get_no_gradient_and_no_optimizer_state(frozen):
     in_groups = any(p is word for group in parameter_groups(model, 0.02) for p in group["params"])
     objective(_batch(6, 0))["loss"].backward()
     assert in_groups is not frozen and (word.grad is None) is frozen
+    assert ("trainable" in model.describe()) is frozen
     assert model.mlm_head.bias.grad is not None and model.text.embeddings.position_embeddings.weight.grad is not None
 
 

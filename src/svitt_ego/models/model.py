@@ -164,6 +164,9 @@ class SViTTEgo(nn.Module):
         lines = [f"{name:20s} {_count(m) / 1e6:8.1f} M" for name, m in parts.items()]
         lines.append(f"{'heads':20s} {(_count(self) - sum(_count(m) for m in parts.values())) / 1e6:8.1f} M")
         lines.append(f"{'total':20s} {_count(self) / 1e6:8.1f} M")
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        if trainable < _count(self):
+            lines.append(f"{'trainable':20s} {trainable / 1e6:8.1f} M")
         return "\n".join(lines)
 
 
