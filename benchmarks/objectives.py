@@ -12,6 +12,7 @@ overrides apply to both.
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -40,6 +41,7 @@ def main() -> None:
                                        f"train.seed={seed}", f"train.output_dir={workdir / f'{objective}-{seed}'}",
                                        "train.eval_every_epoch=false", *args.overrides])
             tic = time.perf_counter()
+            shutil.rmtree(cfg.train.output_dir, ignore_errors=True)  # each run starts afresh
             pretrain(cfg)
             model = SViTTEgo.from_pretrained(Path(cfg.train.output_dir) / "model")
             result = evaluate_egomcq(model, cfg, torch.device("cpu"))

@@ -98,6 +98,22 @@ def test_quick_demo_learns(tmp_path):
     assert list((tmp_path / "run" / "tensorboard").iterdir())
 
 
+def test_fresh_run_refuses_a_folder_holding_a_run(toy, tmp_path, capsys):
+    from svitt_ego.cli import main
+
+    cfg = _config(toy, tmp_path / "run", "train.max_steps=1")
+    train.pretrain(cfg)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    with pytest.raises(FileExistsError, match="already holds a run.*--resume"):
+        train.pretrain(cfg)
+    overrides = [f"{key}={value}" for key, value in (
+        ("data.egoclip", toy / "egoclip.csv"), ("data.video_root", toy / "videos"),
+        ("train.output_dir", tmp_path / "run"))]
+    assert main(["pretrain", "--config", "tiny", *overrides, *SMALL]) == 2
+    assert str(tmp_path / "run") in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+
+
 @pytest.mark.slow
 def test_eval_mcq_command_prints_and_writes_accuracy(toy, tmp_path, capsys):
     from svitt_ego.cli import main

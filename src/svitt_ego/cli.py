@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"svitt-ego: config error: {err}", file=sys.stderr)
         return 2
+    except FileExistsError as err:
+        print(f"svitt-ego: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def demo(workdir: str | Path = "demo_run", quick: bool = False) -> dict:
     print(f"1/3 evaluating the untrained tiny model on {cfg.data.egomcq}")
     before = evaluate_egomcq(create_model(cfg.model), cfg, torch.device("cpu"))
     print(f"2/3 pretraining the tiny model ({cfg.train.epochs} epochs) into {cfg.train.output_dir}")
+    shutil.rmtree(cfg.train.output_dir, ignore_errors=True)  # the demo starts afresh every time
     pretrain(cfg)
     print("3/3 evaluating the pretrained model")
     after = evaluate_egomcq(SViTTEgo.from_pretrained(Path(cfg.train.output_dir) / "model"), cfg, torch.device("cpu"))

@@ -221,6 +221,9 @@ def pretrain(cfg: Config, resume: bool = False) -> dict:
     rank, world_size, device = setup_distributed()
     main = rank == 0
     out = Path(cfg.train.output_dir)
+    if not resume and (out / "last.pt").exists():
+        raise FileExistsError(f"{out} already holds a run ({out / 'last.pt'}); pass --resume to continue it, "
+                              "or choose another train.output_dir")
     if main:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.yaml")
