@@ -287,6 +287,7 @@ def _distributed_worker(rank, world_size, init_file, out_file):
         loss, grads = egonce_step(rank, world_size)
         if rank == 0:
             torch.save({"loss": loss, "grads": grads}, out_file)
+        dist.barrier()  # neither rank tears gloo down while the other still uses it
     finally:
         dist.destroy_process_group()
 

@@ -105,6 +105,7 @@ def _ddp_worker(rank, world_size, init_file, out):
     loss.backward()
     if rank == 0:
         torch.save({"loss": loss.detach(), "grads": {n: p.grad for n, p in objective.named_parameters()}}, out)
+    dist.barrier()  # neither rank tears gloo down while the other still uses it
     dist.destroy_process_group()
 
 
