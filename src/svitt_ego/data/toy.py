@@ -554,7 +554,7 @@ def _workers() -> int:
 def make_toy_data(root: str | Path, seed: int = 0, num_videos: int | None = None) -> Path:
     """Generate the toy dataset under ``root`` and return ``root``.
 
-    ``num_videos`` (default 60) counts training plus validation videos; a fifth
+    ``num_videos`` (default 240) counts training plus validation videos; a fifth
     of them (at least two) are held out for EgoMCQ. A folder that already
     holds a complete dataset with the same parameters is left as it is.
     """
