@@ -26,9 +26,13 @@ def toy(tmp_path_factory):
     return make_toy_data(tmp_path_factory.mktemp("toy"), seed=1, num_videos=6)
 
 
+def _overrides(toy, out, *overrides):
+    return [f"data.egoclip={toy / 'egoclip.csv'}", f"data.egomcq={toy / 'egomcq.json'}",
+            f"data.video_root={toy / 'videos'}", f"train.output_dir={out}", *SMALL, *overrides]
+
+
 def _config(toy, out, *overrides):
-    return load_config("tiny", [f"data.egoclip={toy / 'egoclip.csv'}", f"data.egomcq={toy / 'egomcq.json'}",
-                                f"data.video_root={toy / 'videos'}", f"train.output_dir={out}", *SMALL, *overrides])
+    return load_config("tiny", _overrides(toy, out, *overrides))
 
 
 @pytest.mark.slow
@@ -101,15 +105,13 @@ def test_quick_demo_learns(tmp_path):
 def test_fresh_run_refuses_a_folder_holding_a_run(toy, tmp_path, capsys):
     from svitt_ego.cli import main
 
-    cfg = _config(toy, tmp_path / "run", "train.max_steps=1")
+    overrides = _overrides(toy, tmp_path / "run", "train.max_steps=1")
+    cfg = load_config("tiny", overrides)
     train.pretrain(cfg)
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
     with pytest.raises(FileExistsError, match="already holds a run.*--resume"):
         train.pretrain(cfg)
-    overrides = [f"{key}={value}" for key, value in (
-        ("data.egoclip", toy / "egoclip.csv"), ("data.video_root", toy / "videos"),
-        ("train.output_dir", tmp_path / "run"))]
-    assert main(["pretrain", "--config", "tiny", *overrides, *SMALL]) == 2
+    assert main(["pretrain", "--config", "tiny", *overrides]) == 2
     assert str(tmp_path / "run") in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
 
