@@ -1,7 +1,8 @@
 """Configuration: dataclasses with defaults, YAML presets, dotted overrides.
 
 A run is described by one :class:`Config`. It is built from the dataclass
-defaults, then a YAML preset (``configs/<name>.yaml`` or any path), then
+defaults, then a YAML preset (one shipped in the package, see :func:`preset_names`,
+or any YAML path), then
 command-line overrides such as ``model.vision.k_random=5``. Every value is
 type-checked and validated; an error names the offending key.
 """
@@ -9,6 +10,7 @@ type-checked and validated; an error names the offending key.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import math
 import types
 import typing
@@ -18,7 +20,7 @@ from typing import Any, Optional
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+PRESETS = importlib.resources.files("svitt_ego") / "configs"  # shipped in the package (package data)
 
 
 class ConfigError(ValueError):
@@ -160,11 +162,18 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    # EgoMCQ questions per batch; each question holds all its choices' clips (five in EgoMCQ).
+    batch_size: int = 4
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -194,7 +203,7 @@ def validate(cfg: Config) -> Config:
         ("model.text.depth", t.depth), ("model.text.num_heads", t.num_heads),
         ("model.text.max_length", t.max_length), ("model.embed_dim", cfg.model.embed_dim),
         ("train.batch_size", cfg.train.batch_size), ("train.grad_accum", cfg.train.grad_accum),
-        ("train.epochs", cfg.train.epochs),
+        ("train.epochs", cfg.train.epochs), ("eval.batch_size", cfg.eval.batch_size),
     ]:
         _check(key, value >= 1, ">= 1", value)
     _check("model.vision.image_size", v.image_size % v.patch_size == 0,
@@ -301,29 +310,39 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else None
 
 
-def resolve_preset(name: str) -> Path:
+def preset_names() -> list[str]:
+    """The presets shipped with the package, e.g. ``svitt_ego_kr3``."""
+    return sorted(p.name[:-len(".yaml")] for p in PRESETS.iterdir() if p.name.endswith(".yaml"))
+
+
+def read_preset(name: str) -> tuple[str, str]:
+    """``(where, text)`` of a YAML file path or of a preset shipped with the package."""
     path = Path(name)
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        return path
-    preset = CONFIG_DIR / f"{name}.yaml"
-    if preset.exists():
-        return preset
-    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    raise ConfigError(f"no config file or preset named {name!r} (presets: {', '.join(known)})")
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return str(path), path.read_text()
+    preset = PRESETS / f"{name}.yaml"
+    if preset.is_file():
+        return f"preset {name}", preset.read_text()
+    raise ConfigError(f"no config file or preset named {name!r} (presets: {', '.join(preset_names())})")
 
 
 def load_config(preset: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
-    """Defaults, then the preset (a name under ``configs/`` or a YAML path), then ``key=value`` overrides."""
+    """Defaults, then the preset (a name from :func:`preset_names` or a YAML path), then ``key=value`` overrides."""
     cfg = Config()
     if preset is not None:
-        path = resolve_preset(str(preset))
-        data = yaml.safe_load(path.read_text()) or {}
+        where, text = read_preset(str(preset))
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f", line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{where}{line}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+            raise ConfigError(f"{where}: expected a mapping at the top level")
         try:
             apply(cfg, data)
         except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from None
+            raise ConfigError(f"{where}: {err}") from None
     return override(cfg, overrides)
 
 

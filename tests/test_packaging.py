@@ -1,0 +1,36 @@
+"""The built wheel carries the presets, so a regular (non-editable) install can load them."""
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from svitt_ego.config import preset_names
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_wheel_holds_the_presets(tmp_path):
+    source = tmp_path / "source"  # a copy, so that the build leaves nothing in the checkout
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source)
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                             "-q", "-w", str(tmp_path), str(source)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (wheel,) = tmp_path.glob("svitt_ego-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    presets = preset_names()
+    assert {"svitt_ego_kr3", "svitt_ego_kr5", "dense", "tiny"} <= set(presets)
+    assert {f"svitt_ego/configs/{name}.yaml" for name in presets} <= names
+
+
+def test_info_lists_the_presets(capsys):
+    from svitt_ego.cli import main
+
+    assert main(["info", "--list"]) == 0
+    assert capsys.readouterr().out.split() == preset_names()
