@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from svitt_ego.config import load_config
-from svitt_ego.data.toy import make_toy_data
+from svitt_ego.data.toy import make_toy_data, toy_data_overrides
 from svitt_ego.evaluate import evaluate_egomcq
 from svitt_ego.models import SViTTEgo
 from svitt_ego.train import pretrain
@@ -36,8 +36,7 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         for objective in ("egonce", "infonce"):
-            cfg = load_config("tiny", [f"data.egoclip={data / 'egoclip.csv'}", f"data.egomcq={data / 'egomcq.json'}",
-                                       f"data.video_root={data / 'videos'}", f"loss.contrastive={objective}",
+            cfg = load_config("tiny", [*toy_data_overrides(data), f"loss.contrastive={objective}",
                                        f"train.seed={seed}", f"train.output_dir={workdir / f'{objective}-{seed}'}",
                                        "train.eval_every_epoch=false", *args.overrides])
             tic = time.perf_counter()

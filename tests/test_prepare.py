@@ -9,7 +9,7 @@ from fractions import Fraction
 import av
 import numpy as np
 import pytest
-from test_video import HEIGHT, WIDTH, draw_code, read_code, write_video
+from helpers import HEIGHT, WIDTH, draw_code, read_code, write_video
 
 from svitt_ego.data.prepare import MANIFEST, output_size, prepare_videos
 from svitt_ego.data.video import read_frames

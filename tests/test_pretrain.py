@@ -10,15 +10,12 @@ import time
 import pytest
 import torch
 
+from helpers import toy_config, toy_run_overrides
+
 from svitt_ego import train
+from svitt_ego.checkpoint import load_checkpoint
 from svitt_ego.config import load_config
 from svitt_ego.data.toy import make_toy_data
-
-SMALL = ["model.vision.width=48", "model.vision.num_heads=2", "model.vision.depth=2", "model.vision.image_size=32",
-         "model.vision.block_size=4", "model.vision.prune_layers=[0]", "model.text.width=32", "model.text.depth=4",
-         "model.text.num_fusion_layers=2", "model.text.num_heads=2", "model.text.intermediate_size=64",
-         "model.text.pretrained=null", "model.text.tokenizer=minilm", "model.embed_dim=16",
-         "train.batch_size=4", "train.eval_every_epoch=false", "data.num_workers=0", "train.log_every=1"]
 
 
 @pytest.fixture(scope="module")
@@ -26,21 +23,12 @@ def toy(tmp_path_factory):
     return make_toy_data(tmp_path_factory.mktemp("toy"), seed=1, num_videos=6)
 
 
-def _overrides(toy, out, *overrides):
-    return [f"data.egoclip={toy / 'egoclip.csv'}", f"data.egomcq={toy / 'egomcq.json'}",
-            f"data.video_root={toy / 'videos'}", f"train.output_dir={out}", *SMALL, *overrides]
-
-
-def _config(toy, out, *overrides):
-    return load_config("tiny", _overrides(toy, out, *overrides))
-
-
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_parameters(toy, tmp_path):
     overrides = ["train.epochs=2", "train.max_steps=14", "train.checkpoint_every=3", "train.lr=1e-3"]
-    train.pretrain(_config(toy, tmp_path / "whole", *overrides))
+    train.pretrain(toy_config(toy, tmp_path / "whole", *overrides))
 
-    cfg = _config(toy, tmp_path / "killed", *overrides)
+    cfg = toy_config(toy, tmp_path / "killed", *overrides)
     (tmp_path / "killed").mkdir()
     cfg.save(tmp_path / "killed.yaml")
     proc = subprocess.Popen([sys.executable, "-m", "svitt_ego.cli", "pretrain", "--config",
@@ -54,8 +42,8 @@ def test_killed_run_resumes_to_the_same_parameters(toy, tmp_path):
     assert not (tmp_path / "killed" / "model").exists()  # it really was stopped mid-run
     train.pretrain(cfg, resume=True)
 
-    whole = train.load_checkpoint(tmp_path / "whole" / "last.pt")
-    resumed = train.load_checkpoint(tmp_path / "killed" / "last.pt")
+    whole = load_checkpoint(tmp_path / "whole" / "last.pt")
+    resumed = load_checkpoint(tmp_path / "killed" / "last.pt")
     assert whole["step"] == resumed["step"] == 14
     for name, value in whole["model"].items():
         assert torch.equal(value, resumed["model"][name]), name
@@ -78,13 +66,13 @@ def test_non_finite_loss_is_reported_skipped_and_bounded(toy, tmp_path, monkeypa
 
     monkeypatch.setattr(train.PretrainingObjective, "forward", sometimes_nan)
     with caplog.at_level("ERROR"):
-        train.pretrain(_config(toy, tmp_path / "a", "train.max_steps=5", "train.max_nonfinite=2"))
+        train.pretrain(toy_config(toy, tmp_path / "a", "train.max_steps=5", "train.max_nonfinite=2"))
     assert "non-finite loss at step 1 (epoch 0, batch 1); clip ids [" in caplog.text
-    state = train.load_checkpoint(tmp_path / "a" / "last.pt")
+    state = load_checkpoint(tmp_path / "a" / "last.pt")
     assert state["step"] == 5 and state["nonfinite"] == 2
     calls.clear()
     with pytest.raises(RuntimeError, match="2 non-finite losses, more than train.max_nonfinite=1"):
-        train.pretrain(_config(toy, tmp_path / "b", "train.max_steps=5", "train.max_nonfinite=1"))
+        train.pretrain(toy_config(toy, tmp_path / "b", "train.max_steps=5", "train.max_nonfinite=1"))
 
 
 @pytest.mark.slow
@@ -105,7 +93,7 @@ def test_quick_demo_learns(tmp_path):
 def test_fresh_run_refuses_a_folder_holding_a_run(toy, tmp_path, capsys):
     from svitt_ego.cli import main
 
-    overrides = _overrides(toy, tmp_path / "run", "train.max_steps=1")
+    overrides = toy_run_overrides(toy, tmp_path / "run", "train.max_steps=1")
     cfg = load_config("tiny", overrides)
     train.pretrain(cfg)
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
@@ -120,7 +108,7 @@ def test_fresh_run_refuses_a_folder_holding_a_run(toy, tmp_path, capsys):
 def test_eval_mcq_command_prints_and_writes_accuracy(toy, tmp_path, capsys):
     from svitt_ego.cli import main
 
-    train.pretrain(_config(toy, tmp_path / "run", "train.max_steps=2"))
+    train.pretrain(toy_config(toy, tmp_path / "run", "train.max_steps=2"))
     out = tmp_path / "egomcq.json"
     assert main(["eval-mcq", str(tmp_path / "run" / "last.pt"), "--output", str(out), "train.batch_size=8"]) == 0
     printed = capsys.readouterr().out

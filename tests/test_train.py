@@ -5,16 +5,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from helpers import SMALL_MODEL, text_batch
+
 from svitt_ego.config import load_config
 from svitt_ego.data.tokenizer import load_tokenizer
 from svitt_ego.models import SViTTEgo
-from svitt_ego.train import EpochSampler, PretrainingObjective, cosine_schedule, parameter_groups
+from svitt_ego.objective import PretrainingObjective
+from svitt_ego.train import EpochSampler, cosine_schedule, parameter_groups
 
-SMALL = ["model.vision.width=48", "model.vision.num_heads=2", "model.vision.depth=2", "model.vision.image_size=32",
-         "model.vision.block_size=4", "model.vision.prune_layers=[0]", "model.vision.drop_path=0.0",
-         "model.text.width=32", "model.text.depth=4", "model.text.num_fusion_layers=2", "model.text.num_heads=2",
-         "model.text.intermediate_size=64", "model.text.pretrained=null", "model.text.tokenizer=minilm",
-         "model.embed_dim=16"]
+SMALL = [*SMALL_MODEL, "model.vision.drop_path=0.0"]
 
 
 def test_cosine_schedule_by_hand():
@@ -53,8 +52,7 @@ def test_epoch_sampler_splits_and_resumes():
 
 def _batch(n, seed):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, 2000, (n, 8), generator=g)
-    ids[:, 0], ids[:, -1] = 101, 102
+    ids = text_batch(load_tokenizer(load_config("tiny", SMALL).model.text), n, 8, g)
     nouns = torch.randint(0, 3, (n, 2), generator=g)
     nouns[::3, 1] = -1
     return {"frames": torch.randn(n, 4, 3, 32, 32, generator=g), "input_ids": ids,

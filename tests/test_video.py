@@ -10,58 +10,9 @@ import av
 import numpy as np
 import pytest
 
+from helpers import HEIGHT, WIDTH, draw_code, read_code, write_chunked_video
+
 from svitt_ego.data.video import VideoReadError, read_chunk_frames, read_clip_frames, read_frames, sample_times
-
-WIDTH, HEIGHT, BITS = 64, 48, 8
-
-
-def draw_code(index: int, chunk: int) -> np.ndarray:
-    """A frame whose top half shows ``index`` and bottom half ``chunk`` as 8 black/white bars."""
-    image = np.zeros((HEIGHT, WIDTH, 3), dtype=np.uint8)
-    bar = WIDTH // BITS
-    for row, value in ((0, index), (1, chunk)):
-        for bit in range(BITS):
-            if value >> bit & 1:
-                image[row * HEIGHT // 2:(row + 1) * HEIGHT // 2, bit * bar:(bit + 1) * bar] = 255
-    return image
-
-
-def read_code(image: np.ndarray) -> tuple[int, int]:
-    """Inverse of :func:`draw_code`, robust to compression (looks at the bars' centres)."""
-    bar, half = WIDTH // BITS, HEIGHT // 2
-    values = []
-    for row in range(2):
-        centres = image[row * half + 4:(row + 1) * half - 4].astype(float).mean(axis=(0, 2))
-        bits = [centres[bit * bar + 2:(bit + 1) * bar - 2].mean() > 128 for bit in range(BITS)]
-        values.append(sum(1 << bit for bit, on in enumerate(bits) if on))
-    return values[0], values[1]
-
-
-def write_video(path: Path, frames: list[np.ndarray], fps: Fraction, gop: int = 15) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
-        stream.gop_size = gop
-        stream.options = {"crf": "12", "preset": "veryfast"}
-        for i, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts, frame.time_base = i, 1 / fps
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode())
-    return path
-
-
-def write_chunked_video(root: Path, video_uid: str, seconds: float, fps: Fraction, chunk_seconds: float) -> list[int]:
-    """A video cut into chunks like ``prepare_videos`` does; frame j of chunk k shows (j, k).
-    Returns the number of frames of each chunk."""
-    counts = []
-    for chunk in range(math.ceil(seconds / chunk_seconds)):
-        length = min(chunk_seconds, seconds - chunk * chunk_seconds)
-        count = math.ceil(length * fps)
-        write_video(root / video_uid / f"{chunk}.mp4", [draw_code(j, chunk) for j in range(count)], fps)
-        counts.append(count)
-    return counts
 
 
 def expected_codes(times: np.ndarray, fps: Fraction, chunk_seconds: float, counts: list[int]) -> list[tuple[int, int]]:

@@ -7,20 +7,24 @@ the work only when it runs, so ``svitt-ego --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--config", default=default,
-                        help=f"a preset under configs/ or a YAML file (default: {default})")
+                        help=f"a preset (svitt-ego info --list) or a YAML file (default: {default})")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted overrides, e.g. model.vision.k_random=5 train.batch_size=4")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from svitt_ego.config import load_config
+    from svitt_ego.config import load_config, preset_names
     from svitt_ego.models import create_model
 
+    if args.list:
+        print("\n".join(preset_names()))
+        return 0
     cfg = load_config(args.config, args.overrides)
     model = create_model(cfg.model, load_pretrained=False)
     print(model.describe())
@@ -46,7 +50,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from svitt_ego.config import load_config
     from svitt_ego.train import pretrain
 
-    pretrain(load_config(args.config, args.overrides), resume=args.resume)
+    pretrain(load_config(args.config, args.overrides), resume=args.resume,
+             allow_config_change=args.allow_config_change)
     return 0
 
 
@@ -70,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="build a model from a config and print its size")
     _add_config_args(p, "svitt_ego_kr3")
+    p.add_argument("--list", action="store_true", help="print the names of the presets shipped with svitt-ego")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("make-toy-data", help="generate the synthetic egocentric dataset")
@@ -89,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretrain on EgoClip (use torchrun for several GPUs)")
     _add_config_args(p, "svitt_ego_kr3")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.output_dir")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though settings that change the saved state's meaning differ (logged)")
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("eval-mcq", help="EgoMCQ accuracy (inter / intra) of a checkpoint")
@@ -106,9 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean bad input (a file, a value, a checkpoint), not a bug: one line, exit 2."""
+    from svitt_ego.checkpoint import CheckpointError
     from svitt_ego.config import ConfigError
+    from svitt_ego.data.video import VideoReadError
 
+    return ConfigError, CheckpointError, VideoReadError, FileNotFoundError, FileExistsError
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse fills the overrides with the first run of positionals only: take KEY=VALUE words
@@ -117,13 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except ConfigError as err:
-        print(f"svitt-ego: config error: {err}", file=sys.stderr)
-        return 2
-    except FileExistsError as err:
-        print(f"svitt-ego: {err}", file=sys.stderr)
+    except _user_errors() as err:
+        print(f"svitt-ego: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -8,50 +8,62 @@ print the before / after accuracies.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from svitt_ego.config import load_config
-from svitt_ego.data.toy import make_toy_data
-from svitt_ego.evaluate import evaluate_egomcq
+from svitt_ego.checkpoint import atomic_write_text
+from svitt_ego.config import Config, load_config
+from svitt_ego.data.toy import make_toy_data, toy_data_overrides
+from svitt_ego.evaluate import CHANCE, evaluate_egomcq, format_egomcq
 from svitt_ego.models import SViTTEgo, create_model
 from svitt_ego.train import pretrain
 
 # The quick version (for tests): a smaller world and a short run.
 QUICK_VIDEOS = 40
 QUICK_OVERRIDES = ["train.epochs=2", "train.checkpoint_every=1000"]
+# Marks a run folder the demo made, and so may delete when it starts again.
+DEMO_MARKER = ".made-by-svitt-ego-demo"
+
+
+def fresh_run_folder(folder: Path) -> None:
+    """Start ``folder`` afresh: delete it if an earlier demo made it; refuse to touch anyone else's."""
+    if folder.exists() and any(folder.iterdir()):
+        if not (folder / DEMO_MARKER).exists():
+            raise FileExistsError(f"{folder} exists and was not made by svitt-ego demo; move it away or choose "
+                                  "another --workdir")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / DEMO_MARKER).touch()
+
+
+def demo_config(workdir: Path, quick: bool) -> Config:
+    data = make_toy_data(workdir / "toy_data", seed=0, num_videos=QUICK_VIDEOS if quick else None)
+    # EgoMCQ runs once before and once after pretraining, not after every epoch.
+    return load_config("tiny", [*toy_data_overrides(data), f"train.output_dir={workdir / 'run'}",
+                                "train.eval_every_epoch=false", *(QUICK_OVERRIDES if quick else [])])
 
 
 def demo(workdir: str | Path = "demo_run", quick: bool = False) -> dict:
     workdir = Path(workdir)
     start = time.perf_counter()
-    data = make_toy_data(workdir / "toy_data", seed=0, num_videos=QUICK_VIDEOS if quick else None)
-    # EgoMCQ runs once before and once after pretraining, not after every epoch.
-    cfg = load_config("tiny", [f"data.egoclip={data / 'egoclip.csv'}", f"data.egomcq={data / 'egomcq.json'}",
-                               f"data.video_root={data / 'videos'}", f"train.output_dir={workdir / 'run'}",
-                               "train.eval_every_epoch=false", *(QUICK_OVERRIDES if quick else [])])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = demo_config(workdir, quick)
+    run = Path(cfg.train.output_dir)
+    fresh_run_folder(run)
     torch.manual_seed(cfg.train.seed)
 
     print(f"1/3 evaluating the untrained tiny model on {cfg.data.egomcq}")
     before = evaluate_egomcq(create_model(cfg.model), cfg, torch.device("cpu"))
-    print(f"2/3 pretraining the tiny model ({cfg.train.epochs} epochs) into {cfg.train.output_dir}")
-    shutil.rmtree(cfg.train.output_dir, ignore_errors=True)  # the demo starts afresh every time
+    print(f"2/3 pretraining the tiny model ({cfg.train.epochs} epochs) into {run}")
     pretrain(cfg)
     print("3/3 evaluating the pretrained model")
-    after = evaluate_egomcq(SViTTEgo.from_pretrained(Path(cfg.train.output_dir) / "model"), cfg, torch.device("cpu"))
+    after = evaluate_egomcq(SViTTEgo.from_pretrained(run / "model"), cfg, torch.device("cpu"))
     elapsed = time.perf_counter() - start
 
-    print(f"\n{'EgoMCQ (%)':16s}{'inter':>8s}{'intra':>8s}")
-    print(f"{'before':16s}{before['inter']:>8.1f}{before['intra']:>8.1f}")
-    print(f"{'after':16s}{after['inter']:>8.1f}{after['intra']:>8.1f}")
-    print(f"{'chance':16s}{20.0:>8.1f}{20.0:>8.1f}")
-    print(f"\n{before['num_inter']} inter- and {before['num_intra']} intra-video questions; "
-          f"{elapsed / 60:.1f} minutes in all. Checkpoints, TensorBoard logs and metrics.jsonl: {cfg.train.output_dir}")
+    print("\n" + format_egomcq({"before (%)": before, "after (%)": after, "chance (%)": CHANCE}))
+    print(f"\n{elapsed / 60:.1f} minutes in all. Checkpoints, TensorBoard logs and metrics.jsonl: {run}")
     result = {"before": before, "after": after, "minutes": elapsed / 60}
-    (workdir / "demo_results.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(workdir / "demo_results.json", json.dumps(result, indent=2, allow_nan=False))
     return result

@@ -1,25 +1,31 @@
-"""EgoMCQ evaluation (and later NLQ feature extraction).
+"""EgoMCQ evaluation.
 
-Each question's narration is scored against its five candidate clips by the
-cosine of the dual-encoder embeddings; a question is right when the best
-choice is the answer. Under torchrun every process takes every
-``world_size``-th question, so none is counted twice.
+Each question's narration is scored against its candidate clips by the cosine
+of the dual-encoder embeddings; a question is right when the best choice is the
+answer. Under torchrun every process takes every ``world_size``-th question, so
+none is counted twice.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from svitt_ego.config import Config, config_from_dict, load_config, override
-from svitt_ego.data.egomcq import INTER_VIDEO, INTRA_VIDEO, EgoMCQDataset, collate_egomcq, read_egomcq
+from svitt_ego.checkpoint import CheckpointError, atomic_write_text, load_checkpoint
+from svitt_ego.config import Config, ConfigError, config_from_dict, load_config, override, parse_override
+from svitt_ego.data.egomcq import INTER_VIDEO, INTRA_VIDEO, EgoMCQDataset, MCQQuestion, collate_egomcq, read_egomcq
 from svitt_ego.data.tokenizer import load_tokenizer
+from svitt_ego.device import autocast, to_device
+from svitt_ego.distributed import gather_objects, is_main, rank, setup_distributed, world_size
 from svitt_ego.models import SViTTEgo
+
+CHANCE = {"inter": 20.0, "intra": 20.0}  # five choices per question
 
 
 def egomcq_accuracy(scores, answers, types) -> dict:
@@ -31,13 +37,14 @@ def egomcq_accuracy(scores, answers, types) -> dict:
     EgoVLP's and LaViLa's printouts swap these two labels.
 
     Args:
-        scores: [Q, C] scores of the C choices (tensor or array).
+        scores: [Q, C] scores of the C choices (tensor or array); questions with fewer
+            choices pad their row with -inf.
         answers: [Q] index of the right choice.
         types: [Q] question type, 1 (inter) or 2 (intra).
 
     Returns:
         ``{"inter": %, "intra": %, "num_inter": int, "num_intra": int}``; the accuracy of a
-        type without questions is NaN.
+        type without questions is None (absent, and ``null`` in JSON).
     """
     scores = torch.as_tensor(scores).double().cpu()
     answers = torch.as_tensor(answers).long().cpu()
@@ -60,8 +67,14 @@ def egomcq_accuracy(scores, answers, types) -> dict:
     for name, type_id in (("inter", INTER_VIDEO), ("intra", INTRA_VIDEO)):
         selected = types == type_id
         count[name] = int(selected.sum())
-        accuracy[name] = 100.0 * correct[selected].double().mean().item() if count[name] else float("nan")
+        accuracy[name] = 100.0 * correct[selected].double().mean().item() if count[name] else None
     return {**accuracy, "num_inter": count["inter"], "num_intra": count["intra"]}
+
+
+def egomcq_score(result: dict) -> float:
+    """One number to rank checkpoints by: the mean accuracy of the question types present."""
+    present = [result[k] for k in ("inter", "intra") if result[k] is not None]
+    return sum(present) / len(present) if present else -math.inf
 
 
 @torch.no_grad()
@@ -74,74 +87,106 @@ def egomcq_scores(model: SViTTEgo, batch: dict) -> torch.Tensor:
     return torch.einsum("bcd,bd->bc", video.float(), text.float())
 
 
+def batches_by_choices(questions: list[MCQQuestion], batch_size: int) -> list[list[int]]:
+    """Batches of question indices, each holding questions with the same number of choices (so they stack)."""
+    groups: dict[int, list[int]] = {}
+    for index, question in enumerate(questions):
+        groups.setdefault(len(question.choices), []).append(index)
+    return [indices[i:i + batch_size] for _, indices in sorted(groups.items())
+            for i in range(0, len(indices), batch_size)]
+
+
 @torch.no_grad()
 def evaluate_egomcq(model: SViTTEgo, cfg: Config, device: torch.device, tokenizer=None) -> dict:
     """EgoMCQ accuracy of ``model`` on ``cfg.data.egomcq``; every process returns the global result."""
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    tokenizer = tokenizer or load_tokenizer(cfg.model.text)
     questions = read_egomcq(cfg.data.egomcq)
-    loader = DataLoader(EgoMCQDataset(cfg, questions[rank::world_size]), batch_size=cfg.train.batch_size,
+    if not questions:
+        raise ConfigError(f"data.egomcq: {cfg.data.egomcq} holds no questions")
+    width = max(len(q.choices) for q in questions)
+    mine = questions[rank()::world_size()]
+    tokenizer = tokenizer or load_tokenizer(cfg.model.text)
+    loader = DataLoader(EgoMCQDataset(cfg, mine), batch_sampler=batches_by_choices(mine, cfg.eval.batch_size),
                         collate_fn=collate_egomcq(tokenizer, cfg.model.text.max_length),
                         num_workers=cfg.data.num_workers)
-    from svitt_ego.train import autocast_dtype
-
-    amp_dtype = autocast_dtype(cfg, device)
     was_training = model.training
     model.eval()
-    scores, answers, types = [], [], []
-    for batch in tqdm(loader, desc="EgoMCQ", disable=rank != 0, dynamic_ncols=True):
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            scores.append(egomcq_scores(model, batch).cpu())
+    scores, answers, types = [torch.empty(0, width, dtype=torch.float64)], [torch.empty(0, dtype=torch.long)], \
+        [torch.empty(0, dtype=torch.long)]
+    for batch in tqdm(loader, desc="EgoMCQ", disable=not is_main(), dynamic_ncols=True):
+        batch = to_device(batch, device)
+        with autocast(cfg, device):
+            score = egomcq_scores(model, batch).double().cpu()
+        scores.append(F.pad(score, (0, width - score.shape[1]), value=-math.inf))
         answers.append(batch["answer"].cpu())
         types.append(batch["type"].cpu())
     model.train(was_training)
-    local = (torch.cat(scores), torch.cat(answers), torch.cat(types))
-    if world_size > 1:
-        parts = [None] * world_size
-        dist.all_gather_object(parts, local)
-        local = tuple(torch.cat([p[i] for p in parts]) for i in range(3))
-    return egomcq_accuracy(*local)
+    parts = gather_objects((torch.cat(scores), torch.cat(answers), torch.cat(types)))
+    return egomcq_accuracy(*(torch.cat([p[i] for p in parts]) for i in range(3)))
 
 
-def format_egomcq(result: dict) -> str:
-    return (f"{'EgoMCQ':14s}{'inter':>8s}{'intra':>8s}\n"
-            f"{'questions':14s}{result['num_inter']:>8d}{result['num_intra']:>8d}\n"
-            f"{'accuracy (%)':14s}{result['inter']:>8.1f}{result['intra']:>8.1f}")
+def format_egomcq(rows: dict[str, dict]) -> str:
+    """A table of accuracies, one row per named result, and the number of questions of each type."""
+    def cell(value) -> str:
+        return f"{'-':>8s}" if value is None else f"{value:>8.1f}"
+
+    lines = [f"{'EgoMCQ':14s}{'inter':>8s}{'intra':>8s}"]
+    counted = next((r for r in rows.values() if "num_inter" in r), None)
+    if counted is not None:
+        lines.append(f"{'questions':14s}{counted['num_inter']:>8d}{counted['num_intra']:>8d}")
+    lines += [f"{name:14s}{cell(r['inter'])}{cell(r['intra'])}" for name, r in rows.items()]
+    return "\n".join(lines)
+
+
+def model_overrides(overrides: list[str] | tuple) -> tuple[dict, list[str]]:
+    """Split ``key=value`` overrides into a nested dict of the ``model.`` ones and the rest."""
+    model, rest = {}, []
+    for text in overrides:
+        key, value = parse_override(text)
+        if not key.startswith("model."):
+            rest.append(text)
+            continue
+        *sections, name = key.split(".")[1:]
+        node = model
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = value
+    return model, rest
 
 
 def load_for_eval(checkpoint: str | Path, config: str | None = None,
                   overrides: list[str] | tuple = ()) -> tuple[SViTTEgo, Config]:
     """A model and its config from a training checkpoint (``.pt``) or a ``save_pretrained`` folder.
 
-    The model's settings always come from the checkpoint. The rest (data paths,
-    batch size) comes from ``config`` if given, else from the training
-    checkpoint's own config; ``overrides`` apply last.
+    The model's settings come from the checkpoint; ``model.`` overrides rebuild it from its
+    weights (e.g. ``model.vision.num_frames=8`` re-inflates the bias tables, as
+    :meth:`SViTTEgo.from_pretrained` does). The rest (data paths, batch size) comes from
+    ``config`` if given, else from the training checkpoint's own config; overrides apply last.
     """
     path = Path(checkpoint)
+    changes, rest = model_overrides(overrides)
     if path.is_dir():
-        model = SViTTEgo.from_pretrained(path)
+        model = SViTTEgo.from_pretrained(path, changes)
         cfg = load_config(config) if config else Config()
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    elif path.is_file():
+        state = load_checkpoint(path)
         saved = config_from_dict(state["config"])
         cfg = load_config(config) if config else saved
-        model = SViTTEgo(saved.model)
-        model.load_state_dict(state["model"])
+        model = SViTTEgo.from_state_dict(saved.model, state["model"], str(path), changes)
+    else:
+        raise CheckpointError(f"{path}: no such checkpoint (a .pt file or a save_pretrained folder)")
     cfg.model = model.config
-    return model, override(cfg, overrides)
+    return model, override(cfg, rest)
 
 
 def run_egomcq(checkpoint: str | Path, config: str | None = None, overrides: list[str] | tuple = (),
                output: str | Path | None = None) -> dict:
     """``svitt-ego eval-mcq``: evaluate, print the table, optionally write JSON."""
-    from svitt_ego.train import setup_distributed
-
-    rank, _, device = setup_distributed()
+    _, _, device = setup_distributed()
     model, cfg = load_for_eval(checkpoint, config, overrides)
     result = evaluate_egomcq(model.to(device), cfg, device)
-    if rank == 0:
-        print(format_egomcq(result))
+    if is_main():
+        print(format_egomcq({"accuracy (%)": result}))
         if output is not None:
-            Path(output).write_text(json.dumps({"checkpoint": str(checkpoint), **result}, indent=2))
+            atomic_write_text(output, json.dumps({"checkpoint": str(checkpoint), **result}, indent=2,
+                                                 allow_nan=False))
     return result

@@ -1,8 +1,8 @@
 """Pretraining objectives: EgoNCE / InfoNCE, video-text matching (VTM) and masked language modelling (MLM).
 
-Also the helpers they need: gathering embeddings across processes with gradient,
-hard-negative sampling for VTM and BERT-style token masking. All losses compute
-in (at least) float32, whatever the autocast dtype of their inputs.
+Also the helpers they need: hard-negative sampling for VTM, the VTM row layout
+and BERT-style token masking. All losses compute in (at least) float32, whatever
+the autocast dtype of their inputs. :mod:`svitt_ego.objective` combines them.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Iterable, Optional, Union
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
@@ -74,65 +73,6 @@ def info_nce(
     return ego_nce(video_emb, text_emb, None, temperature)
 
 
-# --------------------------------------------------------------------------- distributed
-
-
-def _world_size() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-class _AllGatherWithGrad(torch.autograd.Function):
-    """``all_gather`` along dim 0 whose backward sums the gradient over ranks and keeps the local slice."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        ctx.rank, ctx.local_size = dist.get_rank(), tensor.shape[0]
-        tensor = tensor.contiguous()
-        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, tensor)
-        return torch.cat(gathered, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad.narrow(0, ctx.rank * ctx.local_size, ctx.local_size)
-
-
-def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``tensor`` from every rank along dim 0, rank order; the local slice keeps its gradient.
-
-    Every rank must pass the same shape. Every rank then computes the same loss ``L``
-    on the global batch. The backward all-reduces (sums) the incoming gradient and
-    returns this rank's slice, i.e. ``world_size * dL/dx_local``. DDP then averages
-    parameter gradients over ``world_size``, which gives exactly the gradient of one
-    process that computed ``L`` on the global batch.
-
-    Identity when ``torch.distributed`` is not initialised or the world size is 1.
-    """
-    if _world_size() == 1:
-        return tensor
-    return _AllGatherWithGrad.apply(tensor)
-
-
-@torch.no_grad()
-def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``tensor`` from every rank along dim 0 (for tags, masks, ids); no gradient.
-
-    Every rank must pass the same shape (pad variable-length data first).
-    Identity when ``torch.distributed`` is not initialised or the world size is 1.
-    """
-    world_size = _world_size()
-    if world_size == 1:
-        return tensor
-    tensor = tensor.contiguous()
-    gathered = [torch.empty_like(tensor) for _ in range(world_size)]
-    dist.all_gather(gathered, tensor)
-    return torch.cat(gathered, dim=0)
-
-
 # --------------------------------------------------------------------------- video-text matching
 
 
@@ -172,12 +112,14 @@ def sample_vtm_negatives(
         from ``softmax(sim[i, :])`` over its non-positives, and for each text ``j`` a video
         drawn from ``softmax(sim[:, j])`` over its non-positives. If every entry of a row
         (column) is a positive, the draw falls back to a uniformly random other index,
-        which is then a positive: there is no negative to draw.
+        which is then a positive: there is no negative to draw. A non-finite similarity (an
+        fp16 overflow upstream) counts as 0 so that the draw still succeeds: the loss of such
+        a step is non-finite too, and training skips the step (``train.max_nonfinite``).
     """
     n = sim.shape[0]
     if sim.shape != (n, n) or n < 2:
         raise ValueError(f"sim must be [B, B] with B >= 2, got {tuple(sim.shape)}")
-    sim = sim.detach().float()
+    sim = sim.detach().float().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
     blocked = torch.eye(n, dtype=torch.bool, device=sim.device)
     if pos_mask is not None:
         blocked = blocked | pos_mask.to(device=sim.device, dtype=torch.bool)
@@ -186,12 +128,27 @@ def sample_vtm_negatives(
     return neg_text_idx, neg_video_idx
 
 
-def vtm_loss(logits: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Two-way cross-entropy of the VTM head on ``3B`` video-text pairs, laid out as
+def vtm_pairs(
+    text: torch.Tensor, mask: torch.Tensor, video: torch.Tensor, neg_text: torch.Tensor, neg_video: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``3B`` video-text pairs the VTM head sees, as aligned (text, mask, video) rows:
 
     ``[(v_i, t_i) for i] + [(v_i, t_neg(i)) for i] + [(v_neg(j), t_j) for j]``
 
-    i.e. rows ``0..B-1`` are positives (label 1) and rows ``B..3B-1`` negatives (label 0).
+    i.e. rows ``0..B-1`` are positives and rows ``B..3B-1`` negatives (:func:`vtm_loss`'s labels).
+
+    Args:
+        text: [B, L, C] text hidden states; mask: [B, L] their attention mask.
+        video: [B, N, D] video tokens.
+        neg_text, neg_video: [B] the hard negatives of :func:`sample_vtm_negatives`.
+    """
+    return (torch.cat([text, text[neg_text], text]), torch.cat([mask, mask[neg_text], mask]),
+            torch.cat([video, video, video[neg_video]]))
+
+
+def vtm_loss(logits: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Two-way cross-entropy of the VTM head on the ``3B`` pairs of :func:`vtm_pairs`:
+    rows ``0..B-1`` are positives (label 1), rows ``B..3B-1`` negatives (label 0).
 
     Args:
         logits: [3B, 2] VTM logits (class 1 = "matches").
@@ -245,7 +202,7 @@ def mask_tokens(
         attention_mask: [B, L], 1 for real tokens, 0 for padding.
         mask_token_id: id of [MASK].
         vocab_size: size of the vocabulary.
-        special_token_ids: ids never selected ([CLS], [SEP], [PAD], ...).
+        special_token_ids: ids never selected ([CLS], [SEP], [PAD], ...), or a tensor of them.
         probability: selection probability per maskable token.
         generator: optional random generator, for reproducible masks.
 
@@ -256,7 +213,10 @@ def mask_tokens(
     if not 0.0 <= probability <= 1.0:
         raise ValueError(f"probability must be in [0, 1], got {probability}")
     device, shape = input_ids.device, input_ids.shape
-    special = torch.tensor(sorted(set(special_token_ids)), dtype=input_ids.dtype, device=device)
+    if torch.is_tensor(special_token_ids):  # already on the device: no copy per call
+        special = special_token_ids.to(device=device, dtype=input_ids.dtype)
+    else:
+        special = torch.tensor(sorted(set(special_token_ids)), dtype=input_ids.dtype, device=device)
     maskable = attention_mask.bool() & ~torch.isin(input_ids, special)
 
     selected = (_rand(shape, generator, device) < probability) & maskable

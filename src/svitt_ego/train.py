@@ -1,111 +1,51 @@
 """Pretraining: EgoNCE (or InfoNCE) + VTM + MLM on EgoClip, one process or many under torchrun.
 
-The loop, in order: set up the process group and device, build the model
-(from the BEiT / BERT folders the config names), the data, AdamW with a cosine
-schedule; resume from the last checkpoint if asked; then for every batch run
-:class:`PretrainingObjective`, step the optimizer every ``grad_accum`` batches,
-log, checkpoint every ``checkpoint_every`` steps and at the end of each epoch,
-and evaluate on EgoMCQ after each epoch.
+:func:`pretrain` composes the parts: it locks the run folder, builds a :class:`Run`
+(model, :class:`~svitt_ego.objective.PretrainingObjective`, data, AdamW with a cosine
+schedule, a :class:`~svitt_ego.checkpoint.Checkpointer` and a :class:`MetricsLogger`),
+resumes the :class:`TrainState` if asked, then runs :func:`train_one_epoch` (one
+:func:`optimizer_step` per batch) and :func:`end_epoch` (EgoMCQ, checkpoint, ``best.pt``)
+until the last epoch or ``train.max_steps``.
 
 Resuming is exact: a checkpoint holds the model, optimizer, gradient scaler,
-scheduler, step, epoch, how many batches of the epoch were consumed and the
-RNG states; the data order of an epoch is a function of (seed, epoch) and each
-clip's randomness of (seed, epoch, index), so the resumed run sees the same
-batches in the same state as an uninterrupted one.
+scheduler, the train state and every rank's RNG states; the data order of an
+epoch is a function of (seed, epoch) and each clip's randomness of (seed, epoch,
+index), so the resumed run sees the same batches in the same state as an
+uninterrupted one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
-import os
 import random
-import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from svitt_ego.config import Config
+from svitt_ego.checkpoint import Checkpointer, RunLock, atomic_write
+from svitt_ego.config import Config, ConfigError
 from svitt_ego.data.dataset import EgoClipDataset, collate_egoclip, epoch_indices
-from svitt_ego.data.egoclip import action_positive_mask
 from svitt_ego.data.tokenizer import load_tokenizer
-from svitt_ego.losses import (IGNORE_INDEX, all_gather_no_grad, all_gather_with_grad, ego_nce, mask_tokens,
-                              mlm_loss, sample_vtm_negatives, vtm_loss)
+from svitt_ego.device import autocast, to_device
+from svitt_ego.distributed import decide_on_main, is_main, rank, setup_distributed, true_on_every_rank, world_size
+from svitt_ego.evaluate import egomcq_score, evaluate_egomcq
 from svitt_ego.models import SViTTEgo, create_model
+from svitt_ego.objective import PretrainingObjective
+
+__all__ = ["EpochSampler", "MetricsLogger", "NonFiniteStep", "PretrainingObjective", "Run", "TrainState",
+           "cosine_schedule", "optimizer_step", "parameter_groups", "pretrain", "train_one_epoch"]
 
 log = logging.getLogger(__name__)
-
-
-class PretrainingObjective(nn.Module):
-    """The model plus its three objectives; ``forward(batch)`` returns the losses.
-
-    Wrapping the objective (not only the model) in DDP makes every parameter's
-    gradient flow through one ``forward`` call, as DDP expects.
-    """
-
-    def __init__(self, model: SViTTEgo, cfg: Config, tokenizer):
-        super().__init__()
-        self.model = model
-        self.loss_cfg = cfg.loss
-        self.mask_token_id = tokenizer.mask_token_id
-        self.special_ids = list(tokenizer.all_special_ids)
-        self.vocab_size = cfg.model.text.vocab_size
-
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        m, cfg = self.model, self.loss_cfg
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        video = m.forward_video(batch["frames"])
-        text_hidden = m.forward_text(ids, mask)
-        video_emb, text_emb = m.video_embedding(video), m.text_embedding(text_hidden, mask)
-
-        # Contrastive, over the global batch: embeddings and tags from every process.
-        if cfg.contrastive == "egonce":
-            positives = action_positive_mask(gather_tags(batch["nouns"]), gather_tags(batch["verbs"]))
-        else:
-            positives = None
-        contrastive = ego_nce(all_gather_with_grad(video_emb), all_gather_with_grad(text_emb), positives,
-                              m.temperature)
-
-        # VTM, on the local batch: each video with its text, a hard negative text, and each text with a hard
-        # negative video; positives (action-aware with EgoNCE) are never drawn as negatives.
-        n = ids.shape[0]
-        first = dist.get_rank() * n if dist.is_initialized() else 0
-        local_positives = positives[first:first + n, first:first + n] if positives is not None else None
-        with torch.no_grad():
-            sim = video_emb @ text_emb.T / m.temperature
-        neg_text, neg_video = sample_vtm_negatives(sim, local_positives)
-        logits = m.vtm_logits(torch.cat([text_hidden, text_hidden[neg_text], text_hidden]),
-                              torch.cat([mask, mask[neg_text], mask]),
-                              torch.cat([video.tokens, video.tokens, video.tokens[neg_video]]))
-        vtm = vtm_loss(logits, n)
-
-        # MLM: masked text through the text layers, then the fusion layers with the video.
-        masked_ids, labels = mask_tokens(ids, mask, mask_token_id=self.mask_token_id, vocab_size=self.vocab_size,
-                                         special_token_ids=self.special_ids, probability=cfg.mlm_probability)
-        selected = labels != IGNORE_INDEX
-        mlm_logits = m.mlm_logits(masked_ids, mask, video.tokens, select=selected)
-        mlm = mlm_loss(mlm_logits, labels[selected])
-
-        loss = cfg.contrastive_weight * contrastive + cfg.vtm_weight * vtm + cfg.mlm_weight * mlm
-        return {"loss": loss, "contrastive": contrastive.detach(), "vtm": vtm.detach(), "mlm": mlm.detach()}
-
-
-def gather_tags(tags: torch.Tensor) -> torch.Tensor:
-    """All processes' padded tag tensors, padded (-1) to the widest first so that they stack."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return tags
-    width = torch.tensor(tags.shape[1], device=tags.device)
-    dist.all_reduce(width, op=dist.ReduceOp.MAX)
-    return all_gather_no_grad(F.pad(tags, (0, int(width) - tags.shape[1]), value=-1))
 
 
 class EpochSampler(Sampler):
@@ -135,16 +75,14 @@ class EpochSampler(Sampler):
         return len(self._indices)
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms, layer scales, tokens, bias tables and the temperature."""
+def parameter_groups(model: SViTTEgo, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on parameters of fewer than two dimensions (biases, norms, layer
+    scales, the temperature) and on those the model names in ``no_weight_decay()``."""
+    skip = model.no_weight_decay()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or name.endswith(("bias", "cls_token", "rel_pos_bias.table")):
-            no_decay.append(p)
-        else:
-            decay.append(p)
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or name in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -156,246 +94,311 @@ def cosine_schedule(step: int, total: int, warmup: int, min_ratio: float) -> flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-# --------------------------------------------------------------------------- process and checkpoints
+# --------------------------------------------------------------------------- one step
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """Rank, world size and device; initialises the process group when run under torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world_size, device
+class NonFiniteStep(Exception):
+    """A step's loss or gradient was not finite on some rank; its gradients were dropped."""
 
 
-def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """fp16 or bf16 autocast on CUDA as ``train.precision`` says; None (fp32) on the CPU."""
-    if device.type != "cuda":
-        return None
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.precision)
+def optimizer_step(objective: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   scheduler, batch: dict, cfg: Config, accumulate: bool = False) -> dict[str, torch.Tensor]:
+    """Forward and backward on one batch, then (unless ``accumulate``) clip, step and schedule.
+
+    ``objective`` is a :class:`PretrainingObjective`, DDP-wrapped or not; ``batch`` is on its
+    device. Returns the detached losses. Raises :class:`NonFiniteStep` (after dropping every
+    gradient accumulated since the last step) when the loss, or without a gradient scaler the
+    gradient norm, is not finite on some rank. One host-device sync per call decides that for
+    all ranks at once; with fp16 the scaler skips steps with non-finite gradients itself.
+    """
+    ddp = isinstance(objective, nn.parallel.DistributedDataParallel)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    with objective.no_sync() if accumulate and ddp else contextlib.nullcontext():
+        with autocast(cfg, batch["frames"].device):
+            losses = objective(batch)
+        scaler.scale(losses["loss"] / cfg.train.grad_accum).backward()
+    checks = [torch.isfinite(losses["loss"].detach())]
+    if not accumulate and not scaler.is_enabled():
+        checks.append(torch.isfinite(_grad_norm(params, cfg.train.grad_clip)))
+    finite = true_on_every_rank(torch.stack(checks))
+    if not all(finite):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteStep("loss" if not finite[0] else "gradient")  # a non-finite loss has non-finite gradients
+    if not accumulate:
+        if scaler.is_enabled() and cfg.train.grad_clip is not None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+    return {k: v.detach() for k, v in losses.items()}
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def _grad_norm(params: list[torch.Tensor], clip: float | None) -> torch.Tensor:
+    """The total gradient norm (clipping to ``clip`` on the way, if given), without a host sync."""
+    if clip is not None:
+        return nn.utils.clip_grad_norm_(params, clip)
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+# --------------------------------------------------------------------------- state, logging
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+@dataclass
+class TrainState:
+    """Where a run is: what a checkpoint stores besides the model, optimizer, scheduler and scaler."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of ``epoch`` already consumed
+    best: float = -math.inf  # the best end-of-epoch score so far ...
+    best_metric: str = ""  # ... and what it measures: "egomcq" (mean accuracy) or "-train_loss"
+    nonfinite: int = 0  # steps skipped for a non-finite loss or gradient
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, state: dict) -> "TrainState":
+        return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls) if f.name in state})
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+class MetricsLogger:
+    """Training and evaluation records into the progress bar, TensorBoard and ``metrics.jsonl`` (rank 0).
+
+    Between two training records it counts clips (over all ranks) and skipped clips, so each
+    record carries the throughput since the previous one.
+    """
+
+    def __init__(self, folder: Path, device: torch.device):
+        self.enabled, self.device = is_main(), device
+        self.writer = self.file = None
+        if self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(folder / "tensorboard")
+            self.file = open(folder / "metrics.jsonl", "a")
+        self._reset()
+
+    def _reset(self) -> None:
+        self.tic, self.clips, self.skipped = time.perf_counter(), 0, 0
+
+    def progress(self, loader: DataLoader, epoch: int, initial: int, total: int) -> tqdm:
+        return tqdm(loader, desc=f"epoch {epoch}", disable=not self.enabled, dynamic_ncols=True,
+                    initial=initial, total=total)
+
+    def count(self, batch: dict) -> None:
+        self.clips += batch["frames"].shape[0] * world_size()
+        self.skipped += batch["skipped"]
+
+    def train(self, progress: tqdm, state: TrainState, lr: float, temperature: torch.Tensor,
+              losses: dict[str, torch.Tensor]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": state.step, "epoch": state.epoch, "lr": lr,
+                  "clips_per_s": self.clips / (time.perf_counter() - self.tic),
+                  "temperature": temperature.item(), "skipped_clips": self.skipped,
+                  **{k: v.item() for k, v in losses.items()}}
+        postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{lr:.2e}", "clips_s": f"{record['clips_per_s']:.1f}"}
+        if self.device.type == "cuda":
+            record["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            postfix["mem"] = f"{record['peak_mem_gb']:.1f}G"
+        progress.set_postfix(**postfix)
+        self._write(record, "train", exclude=("step", "epoch"))
+        self._reset()
+
+    def egomcq(self, state: TrainState, results: dict) -> None:
+        if not self.enabled:
+            return
+        self._write({"step": state.step, "epoch": state.epoch, **{f"egomcq_{k}": v for k, v in results.items()}},
+                    "egomcq", include=("egomcq_inter", "egomcq_intra"))
+        log.info("epoch %d: EgoMCQ inter %s, intra %s", state.epoch, *(
+            "absent" if results[k] is None else f"{results[k]:.1f}%" for k in ("inter", "intra")))
+
+    def _write(self, record: dict, section: str, exclude: tuple = (), include: tuple | None = None) -> None:
+        for key, value in record.items():
+            if key not in exclude and (include is None or key in include) and value is not None:
+                self.writer.add_scalar(f"{section}/{key.removeprefix('egomcq_')}", value, record["step"])
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.file.close()
 
 
-def step_checkpoints(folder: Path) -> list[Path]:
-    """``step-<N>.pt`` files, oldest first."""
-    return sorted(folder.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+# --------------------------------------------------------------------------- the run
 
 
-# --------------------------------------------------------------------------- the loop
+@dataclass
+class Run:
+    """Everything a pretraining run works with, built once by :func:`build_run`."""
+
+    cfg: Config
+    device: torch.device
+    model: SViTTEgo
+    objective: nn.Module  # the PretrainingObjective, DDP-wrapped under torchrun
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    dataset: EgoClipDataset
+    sampler: EpochSampler
+    total_steps: int
+    checkpointer: Checkpointer
+    logger: MetricsLogger
 
 
-def pretrain(cfg: Config, resume: bool = False) -> dict:
-    """Pretrain with ``cfg``; returns the last EgoMCQ accuracies (empty without evaluation)."""
-    from svitt_ego.evaluate import evaluate_egomcq
+def seed_everything(seed: int) -> None:
+    # seed + rank: each rank draws its own random attention blocks, drop paths and MLM masks. That is
+    # harmless for DDP, which averages gradients and never compares activations across ranks; the
+    # parameters themselves are broadcast from rank 0 when DDP wraps the model.
+    for set_seed in (torch.manual_seed, np.random.seed, random.seed):
+        set_seed(seed + rank())
 
-    rank, world_size, device = setup_distributed()
-    main = rank == 0
-    out = Path(cfg.train.output_dir)
-    if not resume and (out / "last.pt").exists():
-        raise FileExistsError(f"{out} already holds a run ({out / 'last.pt'}); pass --resume to continue it, "
-                              "or choose another train.output_dir")
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "config.yaml")
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.manual_seed(cfg.train.seed + rank)
-    np.random.seed(cfg.train.seed + rank)
-    random.seed(cfg.train.seed + rank)
 
+def build_run(cfg: Config, device: torch.device) -> Run:
+    seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.text)
     model = create_model(cfg.model).to(device)
     objective = PretrainingObjective(model, cfg, tokenizer).to(device)
-    wrapped = nn.parallel.DistributedDataParallel(objective) if world_size > 1 else objective
-
+    wrapped = nn.parallel.DistributedDataParallel(objective) if world_size() > 1 else objective
     dataset = EgoClipDataset(cfg, train=True)
-    sampler = EpochSampler(len(dataset), cfg.data.fraction_per_epoch, cfg.train.seed, cfg.train.batch_size,
-                           rank, world_size)
-    batches_per_epoch = sampler.batches_per_epoch
-    if batches_per_epoch < cfg.train.grad_accum:
-        raise ValueError(f"{cfg.data.egoclip}: {len(dataset)} clips give {batches_per_epoch} batches of "
-                         f"{cfg.train.batch_size} per process, fewer than train.grad_accum={cfg.train.grad_accum}")
-    steps_per_epoch = batches_per_epoch // cfg.train.grad_accum
-    total_steps = cfg.train.epochs * steps_per_epoch
-    if cfg.train.max_steps is not None:
-        total_steps = min(total_steps, cfg.train.max_steps)
-
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                                  betas=tuple(cfg.train.betas))
-    warmup = round(cfg.train.warmup_epochs * steps_per_epoch)
+    t = cfg.train
+    sampler = EpochSampler(len(dataset), cfg.data.fraction_per_epoch, t.seed, t.batch_size, rank(), world_size())
+    if sampler.batches_per_epoch < t.grad_accum:
+        raise ConfigError(f"{cfg.data.egoclip}: {len(dataset)} clips give {sampler.batches_per_epoch} batches of "
+                          f"{t.batch_size} per process, fewer than train.grad_accum={t.grad_accum}")
+    steps_per_epoch = sampler.batches_per_epoch // t.grad_accum
+    total_steps = min(t.epochs * steps_per_epoch, t.max_steps if t.max_steps is not None else math.inf)
+    optimizer = torch.optim.AdamW(parameter_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
+                                  fused=True if device.type == "cuda" else None)
+    warmup = round(t.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_schedule(s, total_steps, warmup, cfg.train.min_lr_ratio))
-    amp_dtype = autocast_dtype(cfg, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+        optimizer, lambda s: cosine_schedule(s, total_steps, warmup, t.min_lr_ratio))
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and t.precision == "fp16")
+    checkpointer = Checkpointer(t.output_dir, t.keep_checkpoints, {
+        "model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler})
+    return Run(cfg, device, model, wrapped, tokenizer, optimizer, scheduler, scaler, dataset, sampler,
+               total_steps, checkpointer, MetricsLogger(Path(t.output_dir), device))
 
-    step, epoch, start_batch, best, nonfinite = 0, 0, 0, -math.inf, 0
-    if resume and (out / "last.pt").exists():
-        state = load_checkpoint(out / "last.pt")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step, epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
-        best, nonfinite = state["best"], state["nonfinite"]
-        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        if main:
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", out / "last.pt", step, epoch, start_batch)
-    elif resume and main:
+
+def train_one_epoch(run: Run, state: TrainState) -> float | None:
+    """Train from ``state.batch_in_epoch`` to the end of ``state.epoch`` (or ``run.total_steps``).
+
+    Updates ``state`` as it goes and returns the mean loss of the batches it trained on (None if none).
+    """
+    cfg, t = run.cfg, run.cfg.train
+    run.sampler.set_epoch(state.epoch, state.batch_in_epoch)
+    run.dataset.set_epoch(state.epoch)
+    loader = DataLoader(run.dataset, batch_size=t.batch_size, sampler=run.sampler,
+                        collate_fn=collate_egoclip(run.tokenizer, cfg.model.text.max_length),
+                        num_workers=cfg.data.num_workers, pin_memory=run.device.type == "cuda", drop_last=True,
+                        generator=torch.Generator().manual_seed(t.seed + state.epoch))
+    progress = run.logger.progress(loader, state.epoch, state.batch_in_epoch, run.sampler.batches_per_epoch)
+    loss_sum, trained = torch.zeros((), dtype=torch.float64, device=run.device), 0
+    for batch in progress:
+        batch = to_device(batch, run.device)
+        state.batch_in_epoch += 1
+        run.logger.count(batch)
+        accumulate = state.batch_in_epoch % t.grad_accum != 0
+        try:
+            losses = optimizer_step(run.objective, run.optimizer, run.scaler, run.scheduler, batch, cfg, accumulate)
+        except NonFiniteStep as what:
+            skip_nonfinite(state, str(what), batch, t.max_nonfinite)
+            continue
+        loss_sum += losses["loss"]
+        trained += 1
+        if accumulate:
+            continue
+        state.step += 1
+        if state.step % t.log_every == 0 or state.step == 1:
+            run.logger.train(progress, state, run.scheduler.get_last_lr()[0], run.model.temperature, losses)
+        if state.step % t.checkpoint_every == 0:
+            run.checkpointer.save(f"step-{state.step}.pt", state.to_dict(), cfg)
+        if state.step >= run.total_steps:
+            break
+    progress.close()
+    return loss_sum.item() / trained if trained else None
+
+
+def skip_nonfinite(state: TrainState, what: str, batch: dict, limit: int) -> None:
+    state.nonfinite += 1
+    log.error("non-finite %s at step %d (epoch %d, batch %d); clip ids %s; step skipped (%d of %d allowed)",
+              what, state.step, state.epoch, state.batch_in_epoch - 1, batch["clip_idx"].tolist(), state.nonfinite,
+              limit)
+    if state.nonfinite > limit:
+        raise RuntimeError(f"{state.nonfinite} non-finite losses, more than train.max_nonfinite={limit}; stopping")
+
+
+def end_epoch(run: Run, state: TrainState, mean_loss: float | None) -> dict:
+    """After :func:`train_one_epoch`: move to the next epoch if this one is complete, evaluate EgoMCQ
+    on it, checkpoint, and copy the checkpoint to ``best.pt`` if its score is the best so far.
+
+    The score is EgoMCQ's mean accuracy when evaluated, else minus the mean training loss.
+    """
+    cfg, batches = run.cfg, run.sampler.batches_per_epoch
+    finished = state.batch_in_epoch >= batches - batches % cfg.train.grad_accum
+    if finished:
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    results = {}
+    if finished and cfg.train.eval_every_epoch and decide_on_main(Path(cfg.data.egomcq).exists):
+        results = evaluate_egomcq(run.model, cfg, run.device, run.tokenizer)
+        run.logger.egomcq(state, results)
+        score, metric = egomcq_score(results), "egomcq"
+    else:
+        score, metric = (-mean_loss if mean_loss is not None else -math.inf), "-train_loss"
+    improved = score > state.best
+    if improved:
+        state.best, state.best_metric = score, metric
+    run.checkpointer.save(f"step-{state.step}.pt", state.to_dict(), cfg)
+    if improved:
+        run.checkpointer.mark_best()
+    return results
+
+
+def start(run: Run, resume: bool, allow_config_change: bool) -> TrainState:
+    """The state to start from: ``last.pt``'s when resuming and it exists (after checking the config),
+    else a fresh one; then ``config.yaml`` is written (atomically), once the checks have passed."""
+    out, state = Path(run.cfg.train.output_dir), TrainState()
+    saved = run.checkpointer.resume(run.cfg, allow_config_change) if resume else None
+    if saved is not None:
+        state = TrainState.from_checkpoint(saved)
+        if is_main():
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", run.checkpointer.last, state.step,
+                     state.epoch, state.batch_in_epoch)
+    elif resume and is_main():
         log.info("no checkpoint in %s; starting afresh", out)
+    if is_main():
+        atomic_write(out / "config.yaml", run.cfg.save)
+    return state
 
-    writer = None
-    if main:
-        from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(out / "tensorboard")
-    metrics_file = open(out / "metrics.jsonl", "a") if main else None
+def pretrain(cfg: Config, resume: bool = False, allow_config_change: bool = False) -> dict:
+    """Pretrain with ``cfg``; returns the last EgoMCQ accuracies (empty without evaluation).
 
-    def checkpoint(name: str, batch_in_epoch: int, at_epoch: int) -> None:
-        states = [None] * world_size
-        if world_size > 1:
-            dist.all_gather_object(states, rng_state())
-        else:
-            states = [rng_state()]
-        if not main:
-            return
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                 "epoch": at_epoch, "batch_in_epoch": batch_in_epoch, "best": best, "nonfinite": nonfinite,
-                 "rng": states, "config": cfg.to_dict()}
-        save_checkpoint(out / name, state)
-        save_checkpoint(out / "last.pt", state)
-        for old in step_checkpoints(out)[:-cfg.train.keep_checkpoints]:
-            old.unlink()
-
-    collate = collate_egoclip(tokenizer, cfg.model.text.max_length)
-    results: dict = {}
-    model.train()
-    while epoch < cfg.train.epochs and step < total_steps:
-        sampler.set_epoch(epoch, start_batch)
-        dataset.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collate,
-                            num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", drop_last=True,
-                            generator=torch.Generator().manual_seed(cfg.train.seed + epoch))
-        progress = tqdm(loader, desc=f"epoch {epoch}", disable=not main, dynamic_ncols=True,
-                        initial=start_batch, total=batches_per_epoch)
-        batch_in_epoch, tic, clips, skipped = start_batch, time.perf_counter(), 0, 0
-        epoch_loss = []
-        for batch in progress:
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            boundary = (batch_in_epoch + 1) % cfg.train.grad_accum == 0
-            batch_in_epoch += 1
-            clips += batch["frames"].shape[0] * world_size
-            skipped += batch["skipped"]
-            with contextlib.nullcontext() if boundary or world_size == 1 else wrapped.no_sync():
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    losses = wrapped(batch)
-                finite = torch.isfinite(losses["loss"]).float()
-                if world_size > 1:
-                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                if finite.item():
-                    scaler.scale(losses["loss"] / cfg.train.grad_accum).backward()
-            if not finite.item():
-                nonfinite += 1
-                log.error("non-finite loss at step %d (epoch %d, batch %d); clip ids %s; step skipped (%d of %d "
-                          "allowed)", step, epoch, batch_in_epoch - 1, batch["clip_idx"].tolist(), nonfinite,
-                          cfg.train.max_nonfinite)
-                optimizer.zero_grad(set_to_none=True)
-                if nonfinite > cfg.train.max_nonfinite:
-                    raise RuntimeError(f"{nonfinite} non-finite losses, more than train.max_nonfinite="
-                                       f"{cfg.train.max_nonfinite}; stopping")
-                continue
-            epoch_loss.append(losses["loss"].item())
-            if not boundary:
-                continue
-            if cfg.train.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-
-            if main and (step % cfg.train.log_every == 0 or step == 1):
-                elapsed = time.perf_counter() - tic
-                record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                          "clips_per_s": clips / elapsed, "temperature": model.temperature.item(),
-                          "skipped_clips": skipped,
-                          **{k: v.item() for k, v in losses.items()}}
-                if device.type == "cuda":
-                    record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                     clips_s=f"{record['clips_per_s']:.1f}",
-                                     **({"mem": f"{record['peak_mem_gb']:.1f}G"} if "peak_mem_gb" in record else {}))
-                for key, value in record.items():
-                    if key not in ("step", "epoch"):
-                        writer.add_scalar(f"train/{key}", value, step)
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                tic, clips, skipped = time.perf_counter(), 0, 0
-            if step % cfg.train.checkpoint_every == 0:
-                checkpoint(f"step-{step}.pt", batch_in_epoch, epoch)
-            if step >= total_steps:
-                break
-        progress.close()
-
-        finished_epoch = batch_in_epoch >= batches_per_epoch - batches_per_epoch % cfg.train.grad_accum
-        if finished_epoch:
-            epoch, start_batch = epoch + 1, 0
-        else:
-            start_batch = batch_in_epoch
-        if finished_epoch and cfg.train.eval_every_epoch and Path(cfg.data.egomcq).exists():
-            results = evaluate_egomcq(model, cfg, device, tokenizer)
-            score = (results["inter"] + results["intra"]) / 2
-            if main:
-                record = {"step": step, "epoch": epoch, **{f"egomcq_{k}": v for k, v in results.items()}}
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                writer.add_scalar("egomcq/inter", results["inter"], step)
-                writer.add_scalar("egomcq/intra", results["intra"], step)
-                log.info("epoch %d: EgoMCQ inter %.1f%%, intra %.1f%%", epoch, results["inter"], results["intra"])
-        else:
-            score = -float(np.mean(epoch_loss)) if epoch_loss else -math.inf
-        improved = score > best
-        best = max(best, score)
-        checkpoint(f"step-{step}.pt", start_batch, epoch)
-        if main and improved:
-            shutil.copyfile(out / "last.pt", out / "best.pt.tmp")
-            os.replace(out / "best.pt.tmp", out / "best.pt")
-
-    if main:
-        model.save_pretrained(out / "model")
-        writer.close()
-        metrics_file.close()
-    if world_size > 1:
-        dist.barrier()
+    ``resume`` continues the run in ``train.output_dir`` from ``last.pt``; a config that changes
+    what the saved state means is refused unless ``allow_config_change``.
+    """
+    _, _, device = setup_distributed()
+    out = Path(cfg.train.output_dir)
+    if not resume and decide_on_main((out / "last.pt").exists):
+        raise FileExistsError(f"{out} already holds a run ({out / 'last.pt'}); pass --resume to continue it, "
+                              "or choose another train.output_dir")
+    with RunLock(out) if is_main() else contextlib.nullcontext():
+        run = build_run(cfg, device)
+        try:
+            state, results = start(run, resume, allow_config_change), {}
+            run.model.train()
+            while state.epoch < cfg.train.epochs and state.step < run.total_steps:
+                results = end_epoch(run, state, train_one_epoch(run, state))
+            if is_main():
+                run.model.save_pretrained(out / "model")
+        finally:
+            run.logger.close()
+    if world_size() > 1:
+        torch.distributed.barrier()
     return results

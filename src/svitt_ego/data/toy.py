@@ -598,3 +598,10 @@ def make_toy_data(root: str | Path, seed: int = 0, num_videos: int | None = None
     (root / "README.md").write_text(_readme(plans, len(train_rows), len(questions), seed))
     manifest_path.write_text(json.dumps(manifest, indent=1))
     return root
+
+
+def toy_data_overrides(root: str | Path) -> list[str]:
+    """The config overrides that point ``data.egoclip`` / ``egomcq`` / ``video_root`` at a toy dataset."""
+    root = Path(root)
+    return [f"data.egoclip={root / 'egoclip.csv'}", f"data.egomcq={root / 'egomcq.json'}",
+            f"data.video_root={root / 'videos'}"]

@@ -10,24 +10,39 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from svitt_ego.checkpoint import CheckpointError, fsync_folder
 from svitt_ego.config import Config, ConfigError, ModelConfig, apply, validate
 from svitt_ego.data.tokenizer import load_tokenizer, tokenize, vocab_file
+from svitt_ego.models.position_bias import RelativePositionBias3D
 from svitt_ego.models.text import FusionEncoder, MLMHead, TextEncoder, init_bert_weights
 from svitt_ego.models.video import VideoEncoder, VideoOutput
 from svitt_ego.models.weights import load_checked, read_state_dict, resize_video_bias_tables
 
 CONFIG_NAME = "svitt_ego_config.json"
 WEIGHTS_NAME = "model.safetensors"
+# The learned contrastive temperature is clamped to this range, as in SViTT.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.001, 0.5
 
 
 class SViTTEgo(nn.Module):
+    """SViTT-Ego: a sparse BEiT video encoder (``visual``), a BERT text encoder (``text``), a BERT
+    multimodal encoder whose layers cross-attend to the video tokens (``fusion``), projections to the
+    shared embedding space and the VTM and MLM heads.
+
+    Build it with :func:`create_model` (initialising from BEiT / BERT folders) or
+    :meth:`from_pretrained`; ``forward_*`` / ``*_logits`` are the pieces the pretraining
+    objective combines, ``encode_video`` / ``encode_text`` the dual encoder for retrieval.
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -49,8 +64,15 @@ class SViTTEgo(nn.Module):
 
     @property
     def temperature(self) -> torch.Tensor:
-        """The contrastive temperature, clamped to [0.001, 0.5] as in SViTT."""
-        return self.temp.clamp(0.001, 0.5)
+        """The contrastive temperature, clamped to [MIN_TEMPERATURE, MAX_TEMPERATURE]."""
+        return self.temp.clamp(MIN_TEMPERATURE, MAX_TEMPERATURE)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters with two or more dimensions that take no weight decay: the [CLS]
+        token and the relative position bias tables (timm's convention; parameters with fewer than
+        two dimensions, biases, norms, layer scales and the temperature, take none either)."""
+        tables = {f"{name}.table" for name, m in self.named_modules() if isinstance(m, RelativePositionBias3D)}
+        return tables | {"visual.cls_token"}
 
     # Video ----------------------------------------------------------------
     def forward_video(self, frames: torch.Tensor) -> VideoOutput:
@@ -119,19 +141,43 @@ class SViTTEgo(nn.Module):
 
     # Saving and loading ---------------------------------------------------
     def save_pretrained(self, folder: str | Path) -> Path:
-        """Write ``svitt_ego_config.json``, ``model.safetensors`` and the tokenizer's ``vocab.txt``."""
+        """Write ``svitt_ego_config.json``, ``model.safetensors`` and the tokenizer's ``vocab.txt``.
+
+        The files go into a fresh folder beside ``folder`` (fsynced), which then takes its place:
+        ``folder`` never holds a mix of two models or a partial one.
+        """
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+        staging.chmod(0o755)  # mkdtemp makes it private
+        try:
+            self._write_pretrained(staging)
+            if folder.exists():
+                retired = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old."))
+                os.replace(folder, retired / folder.name)
+                os.replace(staging, folder)
+                shutil.rmtree(retired)
+            else:
+                os.replace(staging, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        fsync_folder(folder.parent)
+        return folder
+
+    def _write_pretrained(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(state, folder / WEIGHTS_NAME)
         vocab = vocab_file(self.config.text)
-        if vocab is not None and vocab.resolve() != (folder / "vocab.txt").resolve():
+        if vocab is not None:
             shutil.copyfile(vocab, folder / "vocab.txt")
         cfg = Config(model=self.config).to_dict()["model"]
         (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
-        return folder
+        for path in folder.iterdir():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_folder(folder)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, overrides: dict | None = None) -> "SViTTEgo":
@@ -143,19 +189,29 @@ class SViTTEgo(nn.Module):
         ``{"vision": {"k_random": 5}}`` changes the sparsity.
         """
         folder = Path(folder)
+        if not (folder / CONFIG_NAME).is_file():
+            raise CheckpointError(f"{folder}: not a saved model (no {CONFIG_NAME})")
         cfg = model_config_from_dict(json.loads((folder / CONFIG_NAME).read_text()), str(folder / CONFIG_NAME))
-        if overrides:
-            cfg = model_config_from_dict(_merge(cfg, overrides), "overrides")
-        cfg.vision.pretrained = cfg.text.pretrained = None
         if (folder / "vocab.txt").exists():
             cfg.text.tokenizer = str(folder)
+        return cls.from_state_dict(cfg, read_state_dict(folder), str(folder), overrides)
+
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, state: dict[str, torch.Tensor], source: str,
+                        overrides: dict | None = None) -> "SViTTEgo":
+        """A model of config ``cfg`` (changed by ``overrides``, as in :meth:`from_pretrained`) holding
+        ``state``, the weights of a model of config ``cfg``."""
+        if overrides:
+            cfg = model_config_from_dict(_merge(cfg, overrides), "overrides")
+        cfg.text.tokenizer = cfg.text.tokenizer or cfg.text.pretrained  # the weights come from ``state``
+        cfg.vision.pretrained = cfg.text.pretrained = None
         model = cls(cfg)
-        state = read_state_dict(folder)
+        state = dict(state)
         resize_video_bias_tables(state, cfg.vision, prefix="visual.")
-        report = load_checked(model, state, str(folder))
+        report = load_checked(model, state, source)
         if report.missing or report.unexpected:
-            raise ValueError(f"{folder}: checkpoint does not match the model: missing "
-                             f"{report.missing[:5]}, unexpected {report.unexpected[:5]}")
+            raise CheckpointError(f"{source}: checkpoint does not match the model: missing "
+                                  f"{report.missing[:5]}, unexpected {report.unexpected[:5]}")
         return model
 
     def describe(self) -> str:

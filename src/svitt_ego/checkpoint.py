@@ -1,0 +1,253 @@
+"""Checkpoints and run folders: atomic writes, safe loading, exact RNG states, the run lock, resume checks.
+
+A checkpoint is read with ``torch.load(weights_only=True)``: it may hold only
+tensors and plain Python values (dicts, lists, numbers, strings), so loading a
+crafted file never runs code. The RNG states of Python and NumPy, which are
+tuples holding arrays, are stored as tensors and plain values for that reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from svitt_ego.config import Config, ConfigError
+from svitt_ego.distributed import decide_on_main, gather_objects, is_main, rank, world_size
+
+log = logging.getLogger(__name__)
+
+# Settings that may change between a run and its resumption: where things are written or read from,
+# how often to log or save, how errors are handled. Any other change alters what the saved state means
+# (model shape, batch size, data, seed, schedule) and needs ``allow_change``.
+RESUMABLE_CHANGES = (
+    "train.output_dir", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every_epoch",
+    "train.max_nonfinite", "train.log_every", "data.egomcq", "data.video_root", "data.num_workers",
+    "data.on_error", "data.lax_metadata", "model.vision.backend", "model.vision.grad_checkpointing",
+    "model.vision.pretrained", "model.text.pretrained", "eval.",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, unsafe to load or cannot be written."""
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+def fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Have ``write`` fill a uniquely named temporary file next to ``path``, fsync it, rename it onto
+    ``path`` and fsync the folder: readers see the old file or the new one, never a partial one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_folder(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_copy(source: Path, path: Path) -> None:
+    atomic_write(path, lambda tmp: shutil.copyfile(source, tmp))
+
+
+# --------------------------------------------------------------------------- RNG states as plain values
+
+
+def rng_state() -> dict:
+    """This process's torch, CUDA, NumPy and Python RNG states as tensors and plain values."""
+    version, mt, gauss = random.getstate()
+    key, np_mt, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"key": key, "state": torch.from_numpy(np_mt.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["key"], n["state"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- save and load
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint's contents, read without running code: anything but tensors and plain values is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: refused to load: it holds more than tensors and plain values "
+                              f"({first_line})") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from None
+
+
+def step_checkpoints(folder: Path) -> list[Path]:
+    """``step-<N>.pt`` files, oldest first."""
+    return sorted(folder.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+
+
+# --------------------------------------------------------------------------- the run folder
+
+
+class RunLock:
+    """An exclusive lock on a run folder (``.lock``, naming its holder) while a run writes into it.
+
+    ``flock`` is released by the kernel when the holder dies, so a killed run leaves no stale lock.
+    """
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / ".lock"
+        self._file = None
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(self.path, "a+")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "unknown"
+            file.close()
+            raise FileExistsError(f"{self.path.parent} is in use by another run ({holder}); wait for it to end "
+                                  "or choose another train.output_dir") from None
+        file.truncate(0)
+        file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        file.flush()
+        self._file = file
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()  # closing releases the lock
+        self._file = None
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: dict, cfg: Config) -> dict[str, tuple]:
+    """``{key: (saved, new)}`` for every setting that differs and is not one of :data:`RESUMABLE_CHANGES`."""
+    old, new = _flatten(saved), _flatten(cfg.to_dict())
+    return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)}
+
+
+def check_resume(path: Path, state: dict, cfg: Config, allow_change: bool) -> None:
+    """Refuse to resume ``state`` with a config (or world size) that changes what it means, unless allowed."""
+    changes = config_changes(state["config"], cfg)
+    if state.get("world_size", 1) != world_size():
+        changes["world size"] = (state.get("world_size", 1), world_size())
+    if not changes:
+        return
+    listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
+    if not allow_change:
+        raise ConfigError(f"{path} was saved with other settings: {listed}; resume with the run's own config "
+                          "or pass --allow-config-change")
+    if is_main():
+        log.warning("resuming %s with changed settings (allowed): %s", path, listed)
+
+
+# --------------------------------------------------------------------------- the checkpointer
+
+
+class Checkpointer:
+    """Saves and restores a run's state in its folder: ``step-<N>.pt`` (the newest ``keep`` of them),
+    ``last.pt`` and ``best.pt``. Rank 0 writes; every rank learns whether the write worked, so a failed
+    write stops all of them instead of leaving the others waiting in the next collective."""
+
+    def __init__(self, folder: str | Path, keep: int, objects: dict):
+        self.folder, self.keep = Path(folder), keep
+        self.objects = objects  # name -> anything with state_dict() / load_state_dict()
+
+    @property
+    def last(self) -> Path:
+        return self.folder / "last.pt"
+
+    def save(self, name: str, train_state: dict, cfg: Config) -> None:
+        rng = gather_objects(rng_state())  # every rank's, so that each resumes its own stream
+        state = {**{key: obj.state_dict() for key, obj in self.objects.items()}, **train_state,
+                 "rng": rng, "config": cfg.to_dict(), "world_size": world_size()}
+        error = decide_on_main(lambda: self._write(name, state))
+        if error:
+            raise CheckpointError(error)
+
+    def _write(self, name: str, state: dict) -> str | None:
+        try:
+            save_checkpoint(self.folder / name, state)
+            save_checkpoint(self.last, state)
+            for old in step_checkpoints(self.folder)[:-self.keep]:
+                old.unlink()
+        except OSError as err:
+            return f"{self.folder / name}: could not write the checkpoint ({err})"
+        return None
+
+    def mark_best(self) -> None:
+        """``best.pt`` becomes a copy of ``last.pt``."""
+        if is_main():
+            atomic_copy(self.last, self.folder / "best.pt")
+
+    def resume(self, cfg: Config, allow_change: bool = False) -> dict | None:
+        """Load ``last.pt`` into the objects and this rank's RNG; returns the rest (step, epoch, ...) or None."""
+        if not decide_on_main(self.last.exists):
+            return None
+        state = load_checkpoint(self.last)
+        check_resume(self.last, state, cfg, allow_change)
+        for key, obj in self.objects.items():
+            obj.load_state_dict(state[key])
+        rngs = state["rng"]
+        set_rng_state(rngs[rank()] if rank() < len(rngs) else rngs[0])
+        return state

@@ -1,0 +1,29 @@
+"""Where and in which precision tensors run: autocast from ``train.precision``, batches onto a device."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from svitt_ego.config import Config
+
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """fp16 or bf16 autocast on CUDA as ``train.precision`` says; None (fp32) on the CPU."""
+    if device.type != "cuda":
+        return None
+    return AUTOCAST_DTYPES.get(cfg.train.precision)
+
+
+def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context of ``train.precision`` on ``device`` (a no-op for fp32 and on the CPU)."""
+    dtype = autocast_dtype(cfg, device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch with its tensors on ``device`` (asynchronous from pinned memory); other values as they are."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -1,0 +1,65 @@
+"""Processes under torchrun: all-gathers with and without gradient, decisions made once on rank 0."""
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from svitt_ego.distributed import all_gather_no_grad, all_gather_with_grad
+from svitt_ego.losses import ego_nce
+
+
+def test_all_gather_is_identity_without_distributed():
+    x = torch.randn(3, 2)
+    assert all_gather_with_grad(x) is x
+    assert all_gather_no_grad(x) is x
+
+
+GLOBAL_BATCH = 4
+
+
+def egonce_step(rank, world_size):
+    """EgoNCE on linear-layer embeddings of this rank's slice, gathered; grads averaged like DDP."""
+    torch.manual_seed(0)
+    video_proj, text_proj = torch.nn.Linear(6, 3), torch.nn.Linear(5, 3)
+    log_temperature = torch.nn.Parameter(torch.tensor(math.log(0.2)))
+    params = [*video_proj.parameters(), *text_proj.parameters(), log_temperature]
+    video_in, text_in = torch.randn(GLOBAL_BATCH, 6), torch.randn(GLOBAL_BATCH, 5)
+    tags = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 0, 1], [0, 0, 1]])
+
+    local = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
+    video = all_gather_with_grad(video_proj(video_in[local]))
+    text = all_gather_with_grad(text_proj(text_in[local]))
+    all_tags = all_gather_no_grad(tags[local]).float()
+    loss = ego_nce(video, text, all_tags @ all_tags.T > 0, log_temperature.exp())
+    loss.backward()
+    grads = [p.grad for p in params]
+    if world_size > 1:
+        for g in grads:
+            dist.all_reduce(g)
+            g /= world_size
+    return loss.detach(), grads
+
+
+def _distributed_worker(rank, world_size, init_file, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        loss, grads = egonce_step(rank, world_size)
+        if rank == 0:
+            torch.save({"loss": loss, "grads": grads}, out_file)
+        dist.barrier()  # neither rank tears gloo down while the other still uses it
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_all_gather_with_grad_matches_single_process(tmp_path):
+    out_file = tmp_path / "rank0.pt"
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(out_file)), nprocs=2)
+    two_procs = torch.load(out_file)
+    loss, grads = egonce_step(rank=0, world_size=1)
+    torch.testing.assert_close(two_procs["loss"], loss)
+    for got, expected in zip(two_procs["grads"], grads):
+        torch.testing.assert_close(got, expected)
