@@ -15,6 +15,7 @@ from svitt_ego.losses import (
     mlm_loss,
     sample_vtm_negatives,
     vtm_loss,
+    vtm_pairs,
 )
 
 # A hand-made, asymmetric positive mask with a False diagonal entry (the diagonal must still count).
@@ -160,6 +161,24 @@ def test_sample_vtm_negatives_fallback_and_reproducibility():
     a = sample_vtm_negatives(sim, None, generator=torch.Generator().manual_seed(5))
     b = sample_vtm_negatives(sim, None, generator=torch.Generator().manual_seed(5))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_sample_vtm_negatives_survives_non_finite_similarities():
+    """An fp16 overflow upstream gives NaN / inf similarities: the draw must not crash (the loss is
+    non-finite anyway and training skips the step)."""
+    sim = torch.randn(4, 4)
+    sim[1, 2], sim[3] = float("nan"), float("inf")
+    neg_text, neg_video = sample_vtm_negatives(sim, None, generator=torch.Generator().manual_seed(0))
+    assert ((neg_text >= 0) & (neg_text < 4) & (neg_text != torch.arange(4))).all()
+    assert ((neg_video >= 0) & (neg_video < 4) & (neg_video != torch.arange(4))).all()
+
+
+def test_vtm_pairs_layout():
+    text, mask, video = torch.arange(3)[:, None, None] * 10.0, torch.arange(3)[:, None], torch.arange(3)[:, None, None]
+    neg_text, neg_video = torch.tensor([2, 0, 1]), torch.tensor([1, 2, 0])
+    t, m, v = vtm_pairs(text, mask, video, neg_text, neg_video)
+    assert t.flatten().tolist() == [0, 10, 20, 20, 0, 10, 0, 10, 20] and m.flatten().tolist() == [0, 1, 2, 2, 0, 1, 0, 1, 2]
+    assert v.flatten().tolist() == [0, 1, 2, 0, 1, 2, 1, 2, 0]
 
 
 def test_vtm_loss_layout():

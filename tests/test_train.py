@@ -11,7 +11,7 @@ from svitt_ego.config import load_config
 from svitt_ego.data.tokenizer import load_tokenizer
 from svitt_ego.models import SViTTEgo
 from svitt_ego.objective import PretrainingObjective
-from svitt_ego.train import EpochSampler, cosine_schedule, parameter_groups
+from svitt_ego.train import EpochSampler, NonFiniteStep, cosine_schedule, optimizer_step, parameter_groups
 
 SMALL = [*SMALL_MODEL, "model.vision.drop_path=0.0"]
 
@@ -87,6 +87,61 @@ def test_frozen_word_embeddings_get_no_gradient_and_no_optimizer_state(frozen):
     assert in_groups is not frozen and (word.grad is None) is frozen
     assert ("trainable" in model.describe()) is frozen
     assert model.mlm_head.bias.grad is not None and model.text.embeddings.position_embeddings.weight.grad is not None
+
+
+def test_model_names_its_no_weight_decay_parameters():
+    model = SViTTEgo(load_config("tiny", SMALL).model)
+    names = model.no_weight_decay()
+    assert "visual.cls_token" in names and "visual.blocks.1.attn.rel_pos_bias.table" in names
+    parameters = dict(model.named_parameters())
+    assert names <= set(parameters) and all(parameters[n].ndim >= 2 for n in names)
+
+
+def test_nan_embeddings_give_a_non_finite_loss_not_a_crash():
+    objective = _objective()
+    batch = _batch(6, 0)
+    batch["frames"][2] = float("nan")  # what an fp16 overflow in the video encoder produces
+    losses = objective(batch)
+    assert not torch.isfinite(losses["loss"])
+
+
+def _step_parts(overrides=()):
+    objective = _objective(overrides)
+    cfg = load_config("tiny", [*SMALL, *overrides])
+    optimizer = torch.optim.AdamW(parameter_groups(objective.model, 0.02), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return objective, optimizer, torch.amp.GradScaler("cuda", enabled=False), scheduler, cfg
+
+
+def _parameters(objective):
+    return {n: p.detach().clone() for n, p in objective.named_parameters()}
+
+
+def test_optimizer_step_updates_and_accumulates():
+    objective, optimizer, scaler, scheduler, cfg = _step_parts(["train.grad_accum=2"])
+    before = _parameters(objective)
+    losses = optimizer_step(objective, optimizer, scaler, scheduler, _batch(4, 0), cfg, accumulate=True)
+    assert set(losses) == {"loss", "contrastive", "vtm", "mlm"} and not losses["loss"].requires_grad
+    assert all(torch.equal(p, before[n]) for n, p in objective.named_parameters())  # accumulated, not stepped
+    optimizer_step(objective, optimizer, scaler, scheduler, _batch(4, 1), cfg)
+    assert scheduler.last_epoch == 1 and not torch.equal(objective.model.text_proj.weight, before["model.text_proj.weight"])
+    assert all(p.grad is None for p in objective.parameters())
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient"])
+def test_optimizer_step_skips_non_finite_values(what):
+    objective, optimizer, scaler, scheduler, cfg = _step_parts()
+    before = _parameters(objective)
+    if what == "loss":
+        batch = _batch(4, 0)
+        batch["frames"][0] = float("nan")
+    else:  # a finite loss whose backward overflows
+        batch = _batch(4, 0)
+        objective.model.vtm_head.weight.register_hook(lambda grad: grad * float("inf"))
+    with pytest.raises(NonFiniteStep, match=what):
+        optimizer_step(objective, optimizer, scaler, scheduler, batch, cfg)
+    assert all(torch.equal(p, before[n]) for n, p in objective.named_parameters())
+    assert all(p.grad is None for p in objective.parameters()) and scheduler.last_epoch == 0
 
 
 ONLY_CONTRASTIVE = ["loss.vtm_weight=0", "loss.mlm_weight=0"]
