@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from fractions import Fraction
 from pathlib import Path
@@ -106,3 +107,18 @@ def make_config(video_root, **data) -> Config:
     for key, value in data.items():
         setattr(cfg.data, key, value)
     return cfg
+
+
+def write_egomcq(path, questions):
+    """Write ``{question_id: question}`` as an egomcq.json."""
+    path.write_text(json.dumps(questions))
+    return path
+
+
+def mcq_question(answer=2, types=2, choices=5):
+    """An EgoMCQ question on the videos of the ``video_root`` fixture."""
+    row = lambda uid, s, text=None: {"video_uid": uid, "clip_start": s, "clip_end": s + 0.8,  # noqa: E731
+                                     "clip_text": text or "#C C picks a cup", "clip_idx": 7}
+    return {"query": row("v1", 0.5, "#C C opens the door"),
+            "choices": {str(i): row("v1" if i % 2 else "v2", 0.3 * i) for i in range(choices)},
+            "answer": answer, "types": types}

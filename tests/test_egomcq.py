@@ -2,25 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from helpers import FRAMES, SIZE, make_config
+from helpers import FRAMES, SIZE, make_config, mcq_question, write_egomcq
 
 from svitt_ego.data.egomcq import EgoMCQDataset, collate_egomcq, read_egomcq
-
-
-def write_egomcq(path, questions):
-    path.write_text(json.dumps(questions))
-    return path
-
-
-def mcq_question(answer=2, types=2):
-    row = lambda uid, s, text=None: {"video_uid": uid, "clip_start": s, "clip_end": s + 0.8,  # noqa: E731
-                                     "clip_text": text or "#C C picks a cup", "clip_idx": 7}
-    return {"query": row("v1", 0.5, "#C C opens the door"),
-            "choices": {str(i): row("v1" if i % 2 else "v2", 0.3 * i) for i in range(5)},
-            "answer": answer, "types": types}
 
 
 def test_egomcq_read_dataset_and_collate(tmp_path, video_root, word_tokenizer):

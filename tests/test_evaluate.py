@@ -1,10 +1,16 @@
 """EgoMCQ evaluation: the accuracy (ties, question types, inter/intra labels), edge cases, loading models."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from helpers import FRAMES, SIZE, SMALL_MODEL, mcq_question, write_egomcq
 
-from svitt_ego.evaluate import egomcq_accuracy
+from svitt_ego.checkpoint import save_checkpoint
+from svitt_ego.config import ConfigError, load_config
+from svitt_ego.evaluate import egomcq_accuracy, evaluate_egomcq, load_for_eval
+from svitt_ego.models import SViTTEgo
 
 
 def test_accuracy_per_type_with_ties():
@@ -38,3 +44,73 @@ def test_rejects_bad_inputs():
         egomcq_accuracy(torch.zeros(2, 5), torch.zeros(2), torch.tensor([1, 3]))
     with pytest.raises(ValueError):
         egomcq_accuracy(torch.zeros(2, 5), torch.zeros(3), torch.ones(2))
+
+
+# --------------------------------------------------------------------------- evaluating a model
+
+
+def _eval_config(video_root, egomcq, *overrides):
+    return load_config("tiny", [*SMALL_MODEL, f"model.vision.num_frames={FRAMES}", f"data.video_root={video_root}",
+                                "data.chunk_seconds=2.0", "data.num_workers=0", f"data.egomcq={egomcq}", *overrides])
+
+
+def test_an_empty_question_set_is_an_error_naming_the_file(tmp_path, video_root):
+    cfg = _eval_config(video_root, write_egomcq(tmp_path / "empty.json", {}))
+    with pytest.raises(ConfigError, match=r"data\.egomcq: .*empty\.json holds no questions"):
+        evaluate_egomcq(SViTTEgo(cfg.model), cfg, torch.device("cpu"))
+
+
+def test_questions_with_any_number_of_choices(tmp_path, video_root):
+    questions = {"a": mcq_question(1, 1, choices=5), "b": mcq_question(2, 2, choices=3), "c": mcq_question(0, 1, 2),
+                 "d": mcq_question(4, 2, choices=5), "e": mcq_question(1, 1, choices=3)}
+    path = write_egomcq(tmp_path / "egomcq.json", questions)
+    cfg = _eval_config(video_root, path, "eval.batch_size=4")
+    model = SViTTEgo(cfg.model)
+    together = evaluate_egomcq(model, cfg, torch.device("cpu"))
+    alone = [evaluate_egomcq(model, _eval_config(video_root, write_egomcq(tmp_path / f"{k}.json", {k: q})),
+                             torch.device("cpu")) for k, q in questions.items()]
+    assert (together["num_inter"], together["num_intra"]) == (3, 2)
+    for name in ("inter", "intra"):
+        right = [r[name] / 100 for r in alone if r[name] is not None]
+        assert together[name] == pytest.approx(100 * sum(right) / len(right))
+
+
+def _saved_model(tmp_path, video_root):
+    """A small model saved both ways: a save_pretrained folder and a training checkpoint."""
+    cfg = _eval_config(video_root, write_egomcq(tmp_path / "egomcq.json", {"0": mcq_question(1, 1)}))
+    model = SViTTEgo(cfg.model)
+    model.save_pretrained(tmp_path / "model")
+    save_checkpoint(tmp_path / "last.pt", {"model": model.state_dict(), "config": cfg.to_dict()})
+    cfg.save(tmp_path / "config.yaml")
+    return cfg
+
+
+def test_a_missing_type_is_null_in_the_json_output(tmp_path, video_root, capsys):
+    from svitt_ego.cli import main
+
+    _saved_model(tmp_path, video_root)
+    out = tmp_path / "result.json"
+    assert main(["eval-mcq", str(tmp_path / "model"), "--config", str(tmp_path / "config.yaml"),
+                 "--output", str(out)]) == 0
+    text = out.read_text()
+    assert "NaN" not in text and json.loads(text)["intra"] is None and json.loads(text)["num_inter"] == 1
+    assert "-" in capsys.readouterr().out.splitlines()[-1]  # the absent type's cell
+
+
+def test_model_overrides_rebuild_the_model_from_its_weights(tmp_path, video_root):
+    """``eval-mcq CKPT model.vision.num_frames=4`` re-inflates the saved 2-frame model, as from_pretrained does."""
+    _saved_model(tmp_path, video_root)
+    model, cfg = load_for_eval(tmp_path / "last.pt", overrides=["model.vision.num_frames=4", "eval.batch_size=2"])
+    expected = SViTTEgo.from_pretrained(tmp_path / "model", {"vision": {"num_frames": 4}})
+    assert cfg.model.vision.num_frames == model.config.vision.num_frames == 4 and cfg.eval.batch_size == 2
+    assert all(torch.equal(v, expected.state_dict()[k]) for k, v in model.state_dict().items())
+    frames = torch.randn(1, 4, 3, SIZE, SIZE)
+    torch.testing.assert_close(model.eval().encode_video(frames), expected.eval().encode_video(frames))
+
+
+def test_missing_checkpoint_is_named_in_one_line(tmp_path, capsys):
+    from svitt_ego.cli import main
+
+    assert main(["eval-mcq", str(tmp_path / "nothing.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing.pt: no such checkpoint" in err
