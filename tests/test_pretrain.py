@@ -14,7 +14,7 @@ from helpers import toy_config, toy_run_overrides
 
 from svitt_ego import train
 from svitt_ego.checkpoint import load_checkpoint
-from svitt_ego.config import load_config
+from svitt_ego.config import ConfigError, load_config
 from svitt_ego.data.toy import make_toy_data
 
 
@@ -121,3 +121,49 @@ def test_eval_mcq_command_prints_and_writes_accuracy(toy, tmp_path, capsys):
                  "--output", str(tmp_path / "again.json")]) == 0
     again = json.loads((tmp_path / "again.json").read_text())
     assert (again["inter"], again["intra"]) == (result["inter"], result["intra"])
+
+
+def test_resume_refuses_a_config_that_changes_the_saved_state(toy, tmp_path, caplog):
+    cfg = toy_config(toy, tmp_path / "run", "train.max_steps=1")
+    train.pretrain(cfg)
+    saved_yaml = (tmp_path / "run" / "config.yaml").read_text()
+    changed = toy_config(toy, tmp_path / "run", "train.max_steps=2", "train.batch_size=2", "train.lr=0.5")
+    with pytest.raises(ConfigError, match=r"train\.batch_size 4 -> 2, train\.lr 0\.0003 -> 0\.5, "
+                                          r"train\.max_steps 1 -> 2; .*--allow-config-change"):
+        train.pretrain(changed, resume=True)
+    assert (tmp_path / "run" / "config.yaml").read_text() == saved_yaml  # written only after the checks
+    with caplog.at_level("WARNING"):
+        train.pretrain(toy_config(toy, tmp_path / "run", "train.max_steps=2"), resume=True,
+                       allow_config_change=True)
+    assert "changed settings (allowed): train.max_steps 1 -> 2" in caplog.text
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 2
+    assert "max_steps: 2" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_a_second_run_in_a_locked_folder_is_refused(toy, tmp_path, capsys):
+    from svitt_ego.checkpoint import RunLock
+    from svitt_ego.cli import main
+
+    overrides = toy_run_overrides(toy, tmp_path / "run", "train.max_steps=1")
+    with RunLock(tmp_path / "run"):
+        with pytest.raises(FileExistsError, match=rf"in use by another run \(pid {os.getpid()} on "):
+            train.pretrain(load_config("tiny", overrides))
+        assert main(["pretrain", "--config", "tiny", *overrides]) == 2
+    assert "in use by another run" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_demo_deletes_only_a_run_folder_it_made(tmp_path):
+    from svitt_ego.demo import fresh_run_folder
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "last.pt").write_text("precious")
+    with pytest.raises(FileExistsError, match="not made by svitt-ego demo"):
+        fresh_run_folder(theirs)
+    assert (theirs / "last.pt").read_text() == "precious"
+    ours = tmp_path / "ours"
+    fresh_run_folder(ours)
+    (ours / "last.pt").write_text("old demo")
+    fresh_run_folder(ours)
+    assert not (ours / "last.pt").exists() and ours.is_dir()
