@@ -1,6 +1,7 @@
 """Processes under torchrun: all-gathers with and without gradient, decisions made once on rank 0."""
 
 import math
+import time
 
 import pytest
 import torch
@@ -63,3 +64,38 @@ def test_all_gather_with_grad_matches_single_process(tmp_path):
     torch.testing.assert_close(two_procs["loss"], loss)
     for got, expected in zip(two_procs["grads"], grads):
         torch.testing.assert_close(got, expected)
+
+
+def _decision_worker(rank, world_size, init_file, folder):
+    from pathlib import Path
+
+    from svitt_ego.checkpoint import CheckpointError, Checkpointer
+    from svitt_ego.config import Config
+    from svitt_ego.distributed import decide_on_main
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        folder = Path(folder)
+        # Only rank 0 "sees" the file; every rank must take rank 0's branch.
+        seen = decide_on_main(lambda: rank == 0)
+        # Rank 0 cannot write (no such folder): every rank learns it instead of waiting in the next collective.
+        try:
+            Checkpointer(folder / "missing", 2, {"model": torch.nn.Linear(1, 1)}).save("step-1.pt", {}, Config())
+            outcome = "saved"
+        except CheckpointError as err:
+            outcome = str(err)
+        (folder / f"rank{rank}.txt").write_text(f"{seen}\n{outcome}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_0_decides_and_a_failed_checkpoint_stops_every_rank(tmp_path):
+    context = mp.spawn(_decision_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=5):  # True once both ranks have ended
+        if time.monotonic() > deadline:
+            pytest.fail("a rank is still waiting: the ranks went out of step")
+    for rank in range(2):
+        seen, outcome = (tmp_path / f"rank{rank}.txt").read_text().split("\n", 1)
+        assert seen == "True" and "step-1.pt: could not write the checkpoint" in outcome
