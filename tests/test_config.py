@@ -56,3 +56,22 @@ def test_cli_reports_config_errors(capsys):
 
     assert main(["info", "--config", "tiny", "model.vision.k_local=4"]) == 2
     assert "model.vision.k_local: must be odd" in capsys.readouterr().err
+
+
+def test_malformed_yaml_names_the_file_and_line(tmp_path, capsys):
+    from svitt_ego.cli import main
+
+    path = tmp_path / "broken.yaml"
+    path.write_text("model:\n  vision:\n    k_random: [3\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml, line 4: not valid YAML"):
+        load_config(str(path))
+    assert main(["info", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "broken.yaml, line 4" in err and "<unicode string>" not in err
+
+
+def test_eval_batch_size_is_its_own_setting():
+    cfg = load_config("tiny", ["eval.batch_size=2"])
+    assert cfg.eval.batch_size == 2 and cfg.train.batch_size == 16
+    with pytest.raises(ConfigError, match=r"eval\.batch_size: must be >= 1"):
+        load_config("tiny", ["eval.batch_size=0"])
