@@ -22,6 +22,7 @@ from torch import nn
 from svitt_ego.checkpoint import CheckpointError, fsync_folder
 from svitt_ego.config import Config, ConfigError, ModelConfig, apply, validate
 from svitt_ego.data.tokenizer import load_tokenizer, tokenize, vocab_file
+from svitt_ego.device import to_device
 from svitt_ego.models.position_bias import RelativePositionBias3D
 from svitt_ego.models.text import FusionEncoder, MLMHead, TextEncoder, init_bert_weights
 from svitt_ego.models.video import VideoEncoder, VideoOutput
@@ -95,7 +96,7 @@ class SViTTEgo(nn.Module):
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         device = self.text_proj.weight.device
-        return {k: v.to(device) for k, v in tokenize(self.tokenizer, texts, self.config.text.max_length).items()}
+        return to_device(tokenize(self.tokenizer, texts, self.config.text.max_length), device)
 
     def forward_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token ids [B, L] -> unimodal text hidden states [B, L, C]."""
