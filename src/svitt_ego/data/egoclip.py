@@ -1,6 +1,6 @@
 """EgoClip metadata: reading ``egoclip.csv``, EgoNCE's action positives, scene-aware negatives.
 
-The file has 3.8M tab-separated rows (DESIGN 2.1). It is parsed with pyarrow and checked with
+The file has 3.8M tab-separated rows. It is parsed with pyarrow and checked with
 vectorised compute kernels; a malformed row is reported with its 1-based line number and the
 offending field. A clean file is cached as parquet next to it (keyed on the file's size and
 mtime), so later reads take a second or two.
@@ -263,7 +263,7 @@ def _shares_a_class(tags: torch.Tensor) -> torch.Tensor:
 
 
 class SceneNegatives:
-    """Scene-aware hard negatives (DESIGN 2.3): for an anchor row, another clip of the same video
+    """Scene-aware hard negatives: for an anchor row, another clip of the same video
     whose narration falls in the same ``window``-second bin (``floor(narration_time / window)``)
     and whose ``[clip_start, clip_end]`` does not overlap the anchor's (closed intervals, so the
     anchor itself and a second narration of the same moment are never drawn).

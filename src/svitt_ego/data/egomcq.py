@@ -1,4 +1,4 @@
-"""EgoMCQ (DESIGN 2.4): pick the clip, out of five, that a narration describes."""
+"""EgoMCQ: pick the clip, out of five, that a narration describes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reading clip frames from the chunked video layout ``<root>/<video_uid>/<k>.mp4`` (DESIGN 2.2).
+"""Reading clip frames from the chunked video layout ``<root>/<video_uid>/<k>.mp4``.
 
 Chunk ``k`` holds times ``[k * chunk_seconds, (k + 1) * chunk_seconds)`` of the video, with its
 own clock starting at 0. The frame shown at time ``t`` is frame
