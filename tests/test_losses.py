@@ -13,6 +13,7 @@ from svitt_ego.losses import (
     info_nce,
     mask_tokens,
     mlm_loss,
+    replacement_ids,
     sample_vtm_negatives,
     vtm_loss,
     vtm_pairs,
@@ -263,3 +264,31 @@ def test_mlm_loss():
     empty = mlm_loss(logits, torch.full((2, 4), -100))
     empty.backward()
     assert empty.item() == 0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_mask_tokens_with_precomputed_replacements_is_the_same_draw():
+    ids, attention = text_batch(batch=64)
+    kwargs = dict(mask_token_id=MASK, vocab_size=VOCAB, probability=0.15)
+    plain = mask_tokens(ids, attention, special_token_ids=SPECIALS, generator=torch.Generator().manual_seed(3),
+                        **kwargs)
+    cached = mask_tokens(ids, attention, special_token_ids=torch.tensor(SPECIALS),
+                         replacements=replacement_ids(VOCAB, SPECIALS, MASK),
+                         generator=torch.Generator().manual_seed(3), **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(plain, cached))
+    assert not torch.isin(replacement_ids(VOCAB, SPECIALS, MASK), torch.tensor(SPECIALS)).any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mask_tokens_does_not_sync_with_the_host_on_cuda():
+    device = torch.device("cuda")
+    ids, attention = (t.to(device) for t in text_batch(batch=64))
+    special, replacements = torch.tensor(SPECIALS, device=device), replacement_ids(VOCAB, SPECIALS, MASK).to(device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mask_tokens(ids, attention, mask_token_id=MASK, vocab_size=VOCAB, special_token_ids=special,
+                    replacements=replacements)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+

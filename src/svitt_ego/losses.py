@@ -178,6 +178,28 @@ def _randint(
     return torch.randint(high, shape, generator=generator, device=gen_device).to(device)
 
 
+def replacement_ids(vocab_size: int, special_token_ids: Iterable[int], mask_token_id: int) -> torch.Tensor:
+    """The ids BERT masking may put in place of a token: the vocabulary without special ids and [MASK]."""
+    allowed = torch.ones(vocab_size, dtype=torch.bool)
+    allowed[[i for i in set(special_token_ids) if i < vocab_size]] = False
+    allowed[mask_token_id] = False
+    return allowed.nonzero().squeeze(1)
+
+
+def _select(maskable: torch.Tensor, probability: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Each maskable token with ``probability``; in a row that drew none, its maskable token of largest draw.
+
+    All draws of such a row are >= ``probability`` and independent, so that token is uniformly random
+    among the row's maskable ones; taking it from the same draw needs no host sync and no second draw.
+    """
+    draw = _rand(maskable.shape, generator, maskable.device)
+    selected = (draw < probability) & maskable
+    missing = maskable.any(dim=1) & ~selected.any(dim=1)
+    pick = draw.masked_fill(~maskable, -1.0).argmax(dim=1, keepdim=True)
+    columns = torch.arange(maskable.shape[1], device=maskable.device)
+    return selected | (missing[:, None] & (columns == pick))
+
+
 @torch.no_grad()
 def mask_tokens(
     input_ids: torch.Tensor,
@@ -188,6 +210,7 @@ def mask_tokens(
     special_token_ids: Iterable[int],
     probability: float = 0.5,
     generator: Optional[torch.Generator] = None,
+    replacements: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking: select tokens with ``probability``; of those 80% -> [MASK], 10% -> random, 10% kept.
 
@@ -205,6 +228,8 @@ def mask_tokens(
         special_token_ids: ids never selected ([CLS], [SEP], [PAD], ...), or a tensor of them.
         probability: selection probability per maskable token.
         generator: optional random generator, for reproducible masks.
+        replacements: :func:`replacement_ids`, if computed once already (then masking runs
+            without a host-device sync when ``special_token_ids`` is a tensor on the device).
 
     Returns:
         ``(masked_ids, labels)``: the corrupted ids, and labels holding the original id at
@@ -213,28 +238,18 @@ def mask_tokens(
     if not 0.0 <= probability <= 1.0:
         raise ValueError(f"probability must be in [0, 1], got {probability}")
     device, shape = input_ids.device, input_ids.shape
-    if torch.is_tensor(special_token_ids):  # already on the device: no copy per call
-        special = special_token_ids.to(device=device, dtype=input_ids.dtype)
-    else:
-        special = torch.tensor(sorted(set(special_token_ids)), dtype=input_ids.dtype, device=device)
-    maskable = attention_mask.bool() & ~torch.isin(input_ids, special)
-
-    selected = (_rand(shape, generator, device) < probability) & maskable
-    missing = maskable.any(dim=1) & ~selected.any(dim=1)
-    if missing.any():
-        pick = _rand(shape, generator, device).masked_fill(~maskable, -1.0).argmax(dim=1)
-        rows = missing.nonzero().squeeze(1)
-        selected[rows, pick[rows]] = True
+    if not torch.is_tensor(special_token_ids):
+        special_token_ids = torch.tensor(sorted(set(special_token_ids)))
+    special = special_token_ids.to(device=device, dtype=input_ids.dtype)
+    if replacements is None:
+        replacements = replacement_ids(vocab_size, special_token_ids.tolist(), mask_token_id)
+    selected = _select(attention_mask.bool() & ~torch.isin(input_ids, special), probability, generator)
 
     action = _rand(shape, generator, device)
     to_mask = selected & (action < 0.8)
     to_random = selected & (action >= 0.8) & (action < 0.9)
-
-    allowed = torch.ones(vocab_size, dtype=torch.bool, device=device)
-    allowed[special[special < vocab_size]] = False
-    allowed[mask_token_id] = False
-    candidates = allowed.nonzero().squeeze(1).to(input_ids.dtype)
-    random_ids = candidates[_randint(len(candidates), shape, generator, device)]
+    replacements = replacements.to(device=device, dtype=input_ids.dtype)
+    random_ids = replacements[_randint(len(replacements), shape, generator, device)]
 
     masked_ids = input_ids.masked_fill(to_mask, mask_token_id)
     masked_ids = torch.where(to_random, random_ids, masked_ids)

@@ -8,7 +8,8 @@ from torch import nn
 from svitt_ego.config import Config
 from svitt_ego.data.egoclip import action_positive_mask
 from svitt_ego.distributed import all_gather_with_grad, gather_tags, rank
-from svitt_ego.losses import IGNORE_INDEX, ego_nce, mask_tokens, mlm_loss, sample_vtm_negatives, vtm_loss, vtm_pairs
+from svitt_ego.losses import (IGNORE_INDEX, ego_nce, mask_tokens, mlm_loss, replacement_ids, sample_vtm_negatives,
+                              vtm_loss, vtm_pairs)
 from svitt_ego.models import SViTTEgo
 
 
@@ -24,9 +25,12 @@ class PretrainingObjective(nn.Module):
         self.model = model
         self.loss_cfg = cfg.loss
         self.mask_token_id = tokenizer.mask_token_id
-        # A buffer, so that it moves with the module and masking copies nothing to the device per step.
-        self.register_buffer("special_ids", torch.tensor(sorted(set(tokenizer.all_special_ids))), persistent=False)
         self.vocab_size = cfg.model.text.vocab_size
+        # Buffers, so that they move with the module and masking copies nothing to the device per step.
+        special = sorted(set(tokenizer.all_special_ids))
+        self.register_buffer("special_ids", torch.tensor(special), persistent=False)
+        self.register_buffer("replacement_ids", replacement_ids(self.vocab_size, special, self.mask_token_id),
+                             persistent=False)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         m, cfg = self.model, self.loss_cfg
@@ -54,7 +58,10 @@ class PretrainingObjective(nn.Module):
 
         # MLM: masked text through the text layers, then the fusion layers with the video.
         masked_ids, labels = mask_tokens(ids, mask, mask_token_id=self.mask_token_id, vocab_size=self.vocab_size,
-                                         special_token_ids=self.special_ids, probability=cfg.mlm_probability)
+                                         special_token_ids=self.special_ids, probability=cfg.mlm_probability,
+                                         replacements=self.replacement_ids)
+        # Only the masked positions go through the vocabulary projection: one host sync for their
+        # count, much cheaper than [B, L, V] logits.
         selected = labels != IGNORE_INDEX
         mlm_logits = m.mlm_logits(masked_ids, mask, video.tokens, select=selected)
         mlm = mlm_loss(mlm_logits, labels[selected])
