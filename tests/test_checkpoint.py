@@ -68,6 +68,14 @@ def test_rng_states_round_trip_through_a_safe_checkpoint(tmp_path):
     assert _draws() == expected
 
 
+def test_older_checkpoints_with_numpy_rng_states_still_load_and_resume_exactly(tmp_path):
+    legacy = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    torch.save({"rng": [legacy]}, tmp_path / "old.pt")  # how checkpoints were written before
+    expected = _draws()
+    set_rng_state(load_checkpoint(tmp_path / "old.pt")["rng"][0])
+    assert _draws() == expected
+
+
 def test_atomic_writes_use_unique_temporary_files(tmp_path):
     path, errors = tmp_path / "shared.txt", []
 

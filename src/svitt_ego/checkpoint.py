@@ -4,6 +4,8 @@ A checkpoint is read with ``torch.load(weights_only=True)``: it may hold only
 tensors and plain Python values (dicts, lists, numbers, strings), so loading a
 crafted file never runs code. The RNG states of Python and NumPy, which are
 tuples holding arrays, are stored as tensors and plain values for that reason.
+Checkpoints written before that stored NumPy's state as an array; NumPy arrays
+(plain data, rebuilt without calling anything else) are allowed so they still load.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ RESUMABLE_CHANGES = (
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, unsafe to load or cannot be written."""
+
+
+_NUMPY_CORE = getattr(np, "_core", None) or np.core
+# What an array of numbers needs to unpickle: its class, its dtype and NumPy's array constructor.
+NUMPY_ARRAY_GLOBALS = [_NUMPY_CORE.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 # --------------------------------------------------------------------------- atomic files
@@ -95,12 +102,15 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state`'s states (or the tuples that older checkpoints hold)."""
     torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["key"], n["state"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss_next"]))
+    n, p = state["numpy"], state["python"]
+    if isinstance(n, dict):
+        n = (n["key"], n["state"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    np.random.set_state(n)
+    if isinstance(p, dict):
+        p = (p["version"], tuple(p["state"].tolist()), p["gauss_next"])
+    random.setstate(p)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -118,7 +128,8 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: refused to load: it holds more than tensors and plain values "
