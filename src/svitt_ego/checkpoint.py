@@ -10,6 +10,7 @@ Checkpoints written before that stored NumPy's state as an array; NumPy arrays
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -156,7 +157,8 @@ class RunLock:
         self.path = Path(folder) / ".lock"
         self._file = None
 
-    def __enter__(self) -> "RunLock":
+    def try_acquire(self) -> str | None:
+        """Take the lock; returns None, or why not (naming the holder)."""
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,17 +169,40 @@ class RunLock:
             file.seek(0)
             holder = file.read().strip() or "unknown"
             file.close()
-            raise FileExistsError(f"{self.path.parent} is in use by another run ({holder}); wait for it to end "
-                                  "or choose another train.output_dir") from None
+            return (f"{self.path.parent} is in use by another run ({holder}); wait for it to end or choose "
+                    "another train.output_dir")
         file.truncate(0)
         file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         file.flush()
         self._file = file
+        return None
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing releases the lock
+            self._file = None
+
+    def __enter__(self) -> "RunLock":
+        error = self.try_acquire()
+        if error:
+            raise FileExistsError(error)
         return self
 
     def __exit__(self, *exc) -> None:
-        self._file.close()  # closing releases the lock
-        self._file = None
+        self.release()
+
+
+@contextlib.contextmanager
+def locked_run_folder(folder: Path):
+    """Hold the run folder's lock on rank 0 for the block; every rank fails alike if another run holds it."""
+    lock = RunLock(folder)
+    error = decide_on_main(lock.try_acquire)
+    if error:
+        raise FileExistsError(error)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:

@@ -44,6 +44,12 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return int(os.environ.get("RANK", 0)), size, device
 
 
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for without a process group)."""
+    if world_size() > 1:
+        dist.barrier()
+
+
 def decide_on_main(decision: Callable[[], Any]) -> Any:
     """Run ``decision`` on rank 0 only and give every rank its result (a picklable value).
 

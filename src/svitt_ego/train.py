@@ -32,12 +32,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from svitt_ego.checkpoint import Checkpointer, RunLock, atomic_write
+from svitt_ego.checkpoint import Checkpointer, atomic_write, locked_run_folder
 from svitt_ego.config import Config, ConfigError
 from svitt_ego.data.dataset import EgoClipDataset, collate_egoclip, epoch_indices
 from svitt_ego.data.tokenizer import load_tokenizer
 from svitt_ego.device import autocast, to_device
-from svitt_ego.distributed import decide_on_main, is_main, rank, setup_distributed, true_on_every_rank, world_size
+from svitt_ego.distributed import (barrier, decide_on_main, is_main, rank, setup_distributed, true_on_every_rank,
+                                   world_size)
 from svitt_ego.evaluate import egomcq_score, evaluate_egomcq
 from svitt_ego.models import SViTTEgo, create_model
 from svitt_ego.objective import PretrainingObjective
@@ -388,7 +389,7 @@ def pretrain(cfg: Config, resume: bool = False, allow_config_change: bool = Fals
     if not resume and decide_on_main((out / "last.pt").exists):
         raise FileExistsError(f"{out} already holds a run ({out / 'last.pt'}); pass --resume to continue it, "
                               "or choose another train.output_dir")
-    with RunLock(out) if is_main() else contextlib.nullcontext():
+    with locked_run_folder(out):
         run = build_run(cfg, device)
         try:
             state, results = start(run, resume, allow_config_change), {}
@@ -399,6 +400,5 @@ def pretrain(cfg: Config, resume: bool = False, allow_config_change: bool = Fals
                 run.model.save_pretrained(out / "model")
         finally:
             run.logger.close()
-    if world_size() > 1:
-        torch.distributed.barrier()
+    barrier()
     return results
