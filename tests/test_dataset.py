@@ -1,4 +1,4 @@
-"""The EgoClip dataset, its collate function, transforms and the per-epoch subset."""
+"""The EgoClip dataset, its collate function, transforms, the per-epoch subset and its sampler."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import FRAMES, SIZE, make_config
 
-from svitt_ego.data.dataset import EgoClipDataset, collate_egoclip, epoch_indices
+from svitt_ego.data.dataset import EgoClipDataset, EpochSampler, collate_egoclip, epoch_indices
 from svitt_ego.data.egoclip import action_positive_mask
 from svitt_ego.data.transforms import ClipTransform
 from svitt_ego.data.video import VideoReadError
@@ -96,6 +96,20 @@ def test_epoch_indices():
     assert not np.array_equal(first, epoch_indices(1000, 0.1, epoch=1, seed=0))
     assert sorted(epoch_indices(50, 1.0, epoch=3, seed=1)) == list(range(50))
     assert len(epoch_indices(5, 0.01, epoch=0, seed=0)) == 1
+
+
+def test_epoch_sampler_splits_and_resumes():
+    samplers = [EpochSampler(103, 1.0, seed=3, batch_size=5, rank=r, world_size=2) for r in range(2)]
+    for s in samplers:
+        s.set_epoch(1)
+    a, b = (list(s) for s in samplers)
+    assert len(a) == len(b) == 50 and not set(a) & set(b)  # 51 rows each, 10 whole batches of 5
+    samplers[0].set_epoch(1, start_batch=4)
+    assert list(samplers[0]) == a[20:]
+    samplers[0].set_epoch(2)
+    assert list(samplers[0]) != a
+    tenth = EpochSampler(1000, 0.1, seed=0, batch_size=10)
+    assert len(tenth) == 100
 
 
 def test_transforms_shape_normalisation_and_shared_crop():

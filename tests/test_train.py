@@ -1,4 +1,4 @@
-"""The training loop's parts: schedule, parameter groups, sampler, the objective, DDP equivalence."""
+"""The training loop's parts: schedule, parameter groups, the objective, optimizer_step, DDP equivalence."""
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ from svitt_ego.config import load_config
 from svitt_ego.data.tokenizer import load_tokenizer
 from svitt_ego.models import SViTTEgo
 from svitt_ego.objective import PretrainingObjective
-from svitt_ego.train import EpochSampler, NonFiniteStep, cosine_schedule, optimizer_step, parameter_groups
+from svitt_ego.train import NonFiniteStep, cosine_schedule, optimizer_step, parameter_groups
 
 SMALL = [*SMALL_MODEL, "model.vision.drop_path=0.0"]
 
@@ -34,20 +34,6 @@ def test_no_weight_decay_on_biases_norms_and_tables():
     assert "visual.blocks.0.attn.q_bias" in no_decay_names and "visual.cls_token" in no_decay_names
     assert {names[id(p)] for p in decay["params"]} >= {"visual.blocks.0.attn.qkv.weight", "text_proj.weight"}
     assert decay["weight_decay"] == 0.02 and no_decay["weight_decay"] == 0.0
-
-
-def test_epoch_sampler_splits_and_resumes():
-    samplers = [EpochSampler(103, 1.0, seed=3, batch_size=5, rank=r, world_size=2) for r in range(2)]
-    for s in samplers:
-        s.set_epoch(1)
-    a, b = (list(s) for s in samplers)
-    assert len(a) == len(b) == 50 and not set(a) & set(b)  # 51 rows each, 10 whole batches of 5
-    samplers[0].set_epoch(1, start_batch=4)
-    assert list(samplers[0]) == a[20:]
-    samplers[0].set_epoch(2)
-    assert list(samplers[0]) != a
-    tenth = EpochSampler(1000, 0.1, seed=0, batch_size=10)
-    assert len(tenth) == 100
 
 
 def _batch(n, seed):

@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from svitt_ego.checkpoint import Checkpointer, atomic_write, locked_run_folder
 from svitt_ego.config import Config, ConfigError
-from svitt_ego.data.dataset import EgoClipDataset, collate_egoclip, epoch_indices
+from svitt_ego.data.dataset import EgoClipDataset, EpochSampler, collate_egoclip
 from svitt_ego.data.tokenizer import load_tokenizer
 from svitt_ego.device import autocast, to_device
 from svitt_ego.distributed import (barrier, decide_on_main, is_main, rank, setup_distributed, true_on_every_rank,
@@ -43,37 +43,10 @@ from svitt_ego.evaluate import egomcq_score, evaluate_egomcq
 from svitt_ego.models import SViTTEgo, create_model
 from svitt_ego.objective import PretrainingObjective
 
-__all__ = ["EpochSampler", "MetricsLogger", "NonFiniteStep", "PretrainingObjective", "Run", "TrainState",
+__all__ = ["MetricsLogger", "NonFiniteStep", "PretrainingObjective", "Run", "TrainState",
            "cosine_schedule", "optimizer_step", "parameter_groups", "pretrain", "train_one_epoch"]
 
 log = logging.getLogger(__name__)
-
-
-class EpochSampler(Sampler):
-    """This process's share of an epoch (:func:`epoch_indices`), from batch ``start_batch`` on.
-
-    Every process gets the same number of rows (the remainder is dropped), and
-    the order depends only on (seed, epoch), so a resumed run continues exactly.
-    """
-
-    def __init__(self, num_rows: int, fraction: float, seed: int, batch_size: int,
-                 rank: int = 0, world_size: int = 1):
-        self.num_rows, self.fraction, self.seed = num_rows, fraction, seed
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        per_rank = len(epoch_indices(num_rows, fraction, 0, seed)) // world_size
-        self.batches_per_epoch = per_rank // batch_size
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        rows = epoch_indices(self.num_rows, self.fraction, epoch, self.seed)
-        mine = rows[self.rank::self.world_size][: self.batches_per_epoch * self.batch_size]
-        self._indices = mine[start_batch * self.batch_size:]
-
-    def __iter__(self):
-        return iter(self._indices.tolist())
-
-    def __len__(self) -> int:
-        return len(self._indices)
 
 
 def parameter_groups(model: SViTTEgo, weight_decay: float) -> list[dict]:

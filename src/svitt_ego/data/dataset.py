@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from svitt_ego.config import Config
 from svitt_ego.data.egoclip import SceneNegatives, pad_tags, read_egoclip
@@ -92,6 +92,33 @@ def epoch_indices(num_rows: int, fraction: float, epoch: int, seed: int) -> np.n
     (at least one), drawn afresh for every epoch, the same for the same arguments."""
     rng = np.random.default_rng([seed, epoch])
     return rng.choice(num_rows, size=max(1, round(fraction * num_rows)), replace=False)
+
+
+class EpochSampler(Sampler):
+    """This process's share of an epoch (:func:`epoch_indices`), from batch ``start_batch`` on.
+
+    Every process gets the same number of rows (the remainder is dropped), and
+    the order depends only on (seed, epoch), so a resumed run continues exactly.
+    """
+
+    def __init__(self, num_rows: int, fraction: float, seed: int, batch_size: int,
+                 rank: int = 0, world_size: int = 1):
+        self.num_rows, self.fraction, self.seed = num_rows, fraction, seed
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        per_rank = len(epoch_indices(num_rows, fraction, 0, seed)) // world_size
+        self.batches_per_epoch = per_rank // batch_size
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        rows = epoch_indices(self.num_rows, self.fraction, epoch, self.seed)
+        mine = rows[self.rank::self.world_size][: self.batches_per_epoch * self.batch_size]
+        self._indices = mine[start_batch * self.batch_size:]
+
+    def __iter__(self):
+        return iter(self._indices.tolist())
+
+    def __len__(self) -> int:
+        return len(self._indices)
 
 
 def collate_egoclip(tokenizer, max_length: int):
