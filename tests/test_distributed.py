@@ -99,3 +99,41 @@ def test_rank_0_decides_and_a_failed_checkpoint_stops_every_rank(tmp_path):
     for rank in range(2):
         seen, outcome = (tmp_path / f"rank{rank}.txt").read_text().split("\n", 1)
         assert seen == "True" and "step-1.pt: could not write the checkpoint" in outcome
+
+
+def _egomcq_worker(rank, world_size, init_file, cfg_path, out_file):
+    from svitt_ego.config import load_config
+    from svitt_ego.evaluate import evaluate_egomcq
+    from svitt_ego.models import SViTTEgo
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        cfg = load_config(cfg_path)
+        result = evaluate_egomcq(SViTTEgo(cfg.model), cfg, torch.device("cpu"))
+        torch.save(result, f"{out_file}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_egomcq_with_a_rank_that_has_no_questions(tmp_path, video_root):
+    """One question, two ranks: rank 1 evaluates nothing and both get the one-process result."""
+    from helpers import FRAMES, SMALL_MODEL, mcq_question, write_egomcq
+
+    from svitt_ego.config import load_config
+    from svitt_ego.evaluate import evaluate_egomcq
+    from svitt_ego.models import SViTTEgo
+
+    egomcq = write_egomcq(tmp_path / "egomcq.json", {"0": mcq_question(1, 1)})
+    cfg = load_config("tiny", [*SMALL_MODEL, f"model.vision.num_frames={FRAMES}", f"data.video_root={video_root}",
+                               "data.chunk_seconds=2.0", "data.num_workers=0", f"data.egomcq={egomcq}"])
+    cfg.save(tmp_path / "config.yaml")
+    mp.spawn(_egomcq_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "config.yaml"), str(tmp_path / "out")),
+             nprocs=2)
+    torch.manual_seed(0)
+    expected = evaluate_egomcq(SViTTEgo(cfg.model), cfg, torch.device("cpu"))
+    assert expected["num_inter"] == 1
+    for rank in range(2):
+        assert torch.load(tmp_path / f"out.{rank}") == expected
