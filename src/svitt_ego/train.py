@@ -113,8 +113,8 @@ def _grad_norm(params: list[torch.Tensor], clip: float | None) -> torch.Tensor:
     """The total gradient norm (clipping to ``clip`` on the way, if given), without a host sync."""
     if clip is not None:
         return nn.utils.clip_grad_norm_(params, clip)
-    grads = [p.grad.detach() for p in params if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    norms = [torch.linalg.vector_norm(p.grad.detach()) for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
 # --------------------------------------------------------------------------- state, logging
