@@ -90,6 +90,29 @@ def test_save_and_load_reproduce_outputs(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_save_pretrained_replaces_a_model_folder_whole(tmp_path, monkeypatch):
+    first, second = (_model("model.vision.depth=1", "model.vision.prune_layers=[]") for _ in range(2))
+    folder = first.save_pretrained(tmp_path / "model")
+    written = sorted(p.name for p in folder.iterdir())
+    second.save_pretrained(folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and sorted(p.name for p in folder.iterdir()) == written
+    assert torch.equal(SViTTEgo.from_pretrained(folder).vision_proj.weight, second.vision_proj.weight)
+
+    def fail(self, staging):
+        (staging / "model.safetensors").write_text("partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(SViTTEgo, "_write_pretrained", fail)
+    with pytest.raises(OSError, match="disk full"):
+        first.save_pretrained(folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no partial folder left behind
+    assert torch.equal(SViTTEgo.from_pretrained(folder).vision_proj.weight, second.vision_proj.weight)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_text("precious")
+    with pytest.raises(FileExistsError, match=r"holds other files \(last\.pt\)"):
+        second.save_pretrained(tmp_path / "run")
+
+
 def test_reinflate_checkpoint_to_more_frames(tmp_path):
     model = _model("model.vision.depth=1", "model.vision.image_size=32", "model.vision.block_size=4",
                    "model.vision.prune_layers=[]")

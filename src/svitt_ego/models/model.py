@@ -30,6 +30,7 @@ from svitt_ego.models.weights import load_checked, read_state_dict, resize_video
 
 CONFIG_NAME = "svitt_ego_config.json"
 WEIGHTS_NAME = "model.safetensors"
+SAVED_FILES = (CONFIG_NAME, WEIGHTS_NAME, "vocab.txt")
 # The learned contrastive temperature is clamped to this range, as in SViTT.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.001, 0.5
 
@@ -145,9 +146,14 @@ class SViTTEgo(nn.Module):
         """Write ``svitt_ego_config.json``, ``model.safetensors`` and the tokenizer's ``vocab.txt``.
 
         The files go into a fresh folder beside ``folder`` (fsynced), which then takes its place:
-        ``folder`` never holds a mix of two models or a partial one.
+        ``folder`` never holds a mix of two models or a partial one. A ``folder`` holding anything
+        else is refused rather than replaced.
         """
         folder = Path(folder)
+        others = sorted(p.name for p in folder.iterdir() if p.name not in SAVED_FILES) if folder.is_dir() else []
+        if others:
+            raise FileExistsError(f"{folder} holds other files ({', '.join(others[:5])}); save_pretrained replaces "
+                                  "the whole folder, so give it a new or empty one")
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
         staging.chmod(0o755)  # mkdtemp makes it private
