@@ -93,6 +93,9 @@ def test_atomic_writes_use_unique_temporary_files(tmp_path):
         w.join()
     assert errors == [] and path.read_text() in ("a" * 1000, "b" * 1000)
     assert os.listdir(tmp_path) == ["shared.txt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0o600
 
 
 def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path):

@@ -61,11 +61,18 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Have ``write`` fill a uniquely named temporary file next to ``path``, fsync it, rename it onto
     ``path`` and fsync the folder: readers see the old file or the new one, never a partial one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; the file gets the usual permissions
     os.close(fd)
     try:
         write(Path(tmp))
