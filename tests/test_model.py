@@ -29,13 +29,13 @@ def test_pruning_counts_at_paper_setting():
     frames = torch.randn(2, 4, 3, 224, 224)
     with torch.no_grad():
         video = model.forward_video(frames)
-        assert [k.shape[1] for k in video.kept] == [549, 385, 270]
+        assert [k.shape[1] for k in video.kept_positions] == [549, 385, 270]
         assert video.tokens.shape[1] == 271
         ids, mask = _text(2)
         fused = model.fusion(model.forward_text(ids, mask), mask, video.tokens)
-    assert fused.kept.shape == (2, 28) and (fused.kept[:, 0] == 0).all()
+    assert fused.kept_video_tokens.shape == (2, 28) and (fused.kept_video_tokens[:, 0] == 0).all()
     # Kept tokens keep their original indices, in order, and later sets are subsets of earlier ones.
-    for earlier, later in zip(video.kept, video.kept[1:]):
+    for earlier, later in zip(video.kept_positions, video.kept_positions[1:]):
         assert (later.diff(dim=1) > 0).all()
         for b in range(2):
             assert set(later[b].tolist()) <= set(earlier[b].tolist())
@@ -52,7 +52,7 @@ def test_pruned_tokens_keep_their_position_bias():
         x = visual.embed(frames)
         positions = torch.arange(-1, x.shape[1] - 1)[None]
         x, _ = visual.blocks[0](x, positions, visual.block_pattern(0, x.shape[1] - 1, x.device))
-        keep = torch.cat([torch.zeros(2, 1, dtype=torch.long), out.kept[0] + 1], dim=1)
+        keep = torch.cat([torch.zeros(2, 1, dtype=torch.long), out.kept_positions[0] + 1], dim=1)
         x = x.gather(1, keep[:, :, None].expand(-1, -1, x.shape[-1]))
         x, _ = visual.blocks[1](x, keep - 1, visual.block_pattern(1, x.shape[1] - 1, x.device))
     assert (x - out.last_hidden_state).abs().max() <= 1e-5
