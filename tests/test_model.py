@@ -74,6 +74,24 @@ def test_eval_is_deterministic_and_training_resamples():
         assert not torch.equal(model.encode_video(frames), model.encode_video(frames))
 
 
+def test_block_patterns_follow_the_pruned_token_counts():
+    """64 patches in blocks of 8, q_v = 0.7 after layer 1: 8 blocks, then ceil(0.7 * 64) = 45 tokens in 6."""
+    visual = _model("model.vision.depth=4", "model.vision.prune_layers=[1]", "model.vision.image_size=64",
+                    "model.vision.block_size=8").visual
+    assert visual.tokens_per_layer(64) == [64, 64, 45, 45]
+    visual.train()
+    patterns = visual.block_patterns(64, torch.device("cpu"))
+    assert [p.num_blocks for p in patterns] == [8, 8, 6, 6]
+    assert not torch.equal(patterns[0].key_blocks, patterns[1].key_blocks)  # each layer draws its own
+    visual.eval()
+    patterns = visual.block_patterns(64, torch.device("cpu"))
+    fresh = _model("model.vision.depth=4", "model.vision.prune_layers=[1]", "model.vision.image_size=64",
+                   "model.vision.block_size=8").visual.eval()
+    for layer, (pattern, n) in enumerate(zip(patterns, [64, 64, 45, 45])):
+        assert pattern is visual.block_pattern(layer, n, "cpu")  # cached
+        assert torch.equal(pattern.key_blocks, fresh.block_pattern(layer, n, "cpu").key_blocks)  # seeded
+
+
 def test_save_and_load_reproduce_outputs(tmp_path):
     model = _model("model.vision.depth=2", "model.vision.image_size=64", "model.vision.block_size=8",
                    "model.vision.prune_layers=[1]", "model.text.keep_rate=0.5").eval()
