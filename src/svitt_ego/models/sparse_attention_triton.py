@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from svitt_ego.models.position_bias import PATCH_TO_CLS_ROW, RelativePositionBias3D
 
@@ -44,7 +45,7 @@ def _bias_rows(query_pos, key_pos, GRID: tl.constexpr, FRAMES: tl.constexpr):
 @triton.jit
 def _tile(ptr, batch_stride, head_stride, row_stride, batch, head, tile, n,
           G: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-          FIRST_ROW: tl.constexpr = 1):
+          FIRST_ROW: tl.constexpr):
     """Patch tokens ``tile * G ..`` of one (batch, head) with their indices and mask.
 
     Token ``t`` is row ``FIRST_ROW + t``: 1 in a sequence with [CLS] in front, 0 in the patch-only output.
@@ -85,7 +86,7 @@ def _forward_kernel(Q, K, V, O, LSE, POS, TABLE, KEY_BLOCKS, KEY_COUNT,
     batch = tl.program_id(1) // num_heads
     head = tl.program_id(1) % num_heads
     table_head = TABLE + head * table_rows
-    q, q_token, q_ok = _tile(Q, sqb, sqh, sqn, batch, head, tile, n, G, BLOCK, HEAD_DIM, BLOCK_D)
+    q, q_token, q_ok = _tile(Q, sqb, sqh, sqn, batch, head, tile, n, G, BLOCK, HEAD_DIM, BLOCK_D, 1)
     query_pos = tl.load(POS + batch * pos_stride + 1 + q_token, mask=q_ok, other=0)
     # The [CLS] key starts the online softmax: every row has at least this one finite score.
     k0 = _cls_vector(K, skb, skh, batch, head, HEAD_DIM, BLOCK_D)
@@ -95,8 +96,8 @@ def _forward_kernel(Q, K, V, O, LSE, POS, TABLE, KEY_BLOCKS, KEY_COUNT,
     acc = tl.zeros([BLOCK, BLOCK_D], tl.float32) + v0[None, :]
     for w in range(0, tl.load(KEY_COUNT + tile)):
         key_tile = tl.load(KEY_BLOCKS + tile * width + w)
-        k, k_token, k_ok = _tile(K, skb, skh, skn, batch, head, key_tile, n, G, BLOCK, HEAD_DIM, BLOCK_D)
-        v, _, _ = _tile(V, svb, svh, svn, batch, head, key_tile, n, G, BLOCK, HEAD_DIM, BLOCK_D)
+        k, k_token, k_ok = _tile(K, skb, skh, skn, batch, head, key_tile, n, G, BLOCK, HEAD_DIM, BLOCK_D, 1)
+        v, _, _ = _tile(V, svb, svh, svn, batch, head, key_tile, n, G, BLOCK, HEAD_DIM, BLOCK_D, 1)
         key_pos = tl.load(POS + batch * pos_stride + 1 + k_token, mask=k_ok, other=0)
         s = _scores(q, k, query_pos, key_pos, q_ok, k_ok, table_head, scale, GRID, FRAMES, PRECISION)
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -125,7 +126,7 @@ def _backward_query_kernel(Q, K, V, DO, LSE, DELTA, DQ, CLS_DKV, POS, TABLE, DTA
     head = tl.program_id(1) % num_heads
     table_head = TABLE + head * table_rows
     dtable_head = DTABLE + head * table_rows
-    q, q_token, q_ok = _tile(Q, sqb, sqh, sqn, batch, head, tile, n, G, BLOCK, HEAD_DIM, BLOCK_D)
+    q, q_token, q_ok = _tile(Q, sqb, sqh, sqn, batch, head, tile, n, G, BLOCK, HEAD_DIM, BLOCK_D, 1)
     do, _, _ = _tile(DO, sdb, sdh, sdn, batch, head, tile, n, G, BLOCK, HEAD_DIM, BLOCK_D, 0)
     query_pos = tl.load(POS + batch * pos_stride + 1 + q_token, mask=q_ok, other=0)
     row = (batch * num_heads + head) * n + q_token
@@ -137,22 +138,22 @@ def _backward_query_kernel(Q, K, V, DO, LSE, DELTA, DQ, CLS_DKV, POS, TABLE, DTA
     p0 = tl.where(q_ok, tl.exp(s0 - lse), 0.0)
     ds0 = p0 * (tl.sum(do.to(tl.float32) * v0[None, :], 1) - delta)
     dq = ds0[:, None] * k0[None, :]
-    tl.atomic_add(dtable_head + CLS_ROW, tl.sum(ds0, 0))
+    tl.atomic_add(dtable_head + CLS_ROW, tl.sum(ds0, 0), sem="relaxed")  # read only after the kernel
     dims = tl.arange(0, BLOCK_D)
     partial = CLS_DKV + ((batch * num_heads + head) * num_tiles + tile) * 2 * BLOCK_D + dims
     tl.store(partial, tl.sum(ds0[:, None] * q.to(tl.float32), 0) * scale)
     tl.store(partial + BLOCK_D, tl.sum(p0[:, None] * do.to(tl.float32), 0))
     for w in range(0, tl.load(KEY_COUNT + tile)):
         key_tile = tl.load(KEY_BLOCKS + tile * width + w)
-        k, k_token, k_ok = _tile(K, skb, skh, skn, batch, head, key_tile, n, G, BLOCK, HEAD_DIM, BLOCK_D)
-        v, _, _ = _tile(V, svb, svh, svn, batch, head, key_tile, n, G, BLOCK, HEAD_DIM, BLOCK_D)
+        k, k_token, k_ok = _tile(K, skb, skh, skn, batch, head, key_tile, n, G, BLOCK, HEAD_DIM, BLOCK_D, 1)
+        v, _, _ = _tile(V, svb, svh, svn, batch, head, key_tile, n, G, BLOCK, HEAD_DIM, BLOCK_D, 1)
         key_pos = tl.load(POS + batch * pos_stride + 1 + k_token, mask=k_ok, other=0)
         s = _scores(q, k, query_pos, key_pos, q_ok, k_ok, table_head, scale, GRID, FRAMES, PRECISION)
         both = q_ok[:, None] & k_ok[None, :]
         p = tl.where(both, tl.exp(s - lse[:, None]), 0.0)
         ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        tl.atomic_add(dtable_head + _bias_rows(query_pos, key_pos, GRID, FRAMES), ds, mask=both)
+        tl.atomic_add(dtable_head + _bias_rows(query_pos, key_pos, GRID, FRAMES), ds, mask=both, sem="relaxed")
     offsets = batch * sgb + head * sgh + (1 + q_token)[:, None] * sgn + dims[None, :]
     tl.store(DQ + offsets, (dq * scale).to(DQ.dtype.element_ty), mask=q_ok[:, None] & (dims[None, :] < HEAD_DIM))
 
@@ -168,14 +169,14 @@ def _backward_key_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, POS, TABLE, QUERY_BLOC
     batch = tl.program_id(1) // num_heads
     head = tl.program_id(1) % num_heads
     table_head = TABLE + head * table_rows
-    k, k_token, k_ok = _tile(K, skb, skh, skn, batch, head, key_tile, n, G, BLOCK, HEAD_DIM, BLOCK_D)
-    v, _, _ = _tile(V, svb, svh, svn, batch, head, key_tile, n, G, BLOCK, HEAD_DIM, BLOCK_D)
+    k, k_token, k_ok = _tile(K, skb, skh, skn, batch, head, key_tile, n, G, BLOCK, HEAD_DIM, BLOCK_D, 1)
+    v, _, _ = _tile(V, svb, svh, svn, batch, head, key_tile, n, G, BLOCK, HEAD_DIM, BLOCK_D, 1)
     key_pos = tl.load(POS + batch * pos_stride + 1 + k_token, mask=k_ok, other=0)
     dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     for j in range(0, tl.load(QUERY_COUNT + key_tile)):
         tile = tl.load(QUERY_BLOCKS + key_tile * num_tiles + j)
-        q, q_token, q_ok = _tile(Q, sqb, sqh, sqn, batch, head, tile, n, G, BLOCK, HEAD_DIM, BLOCK_D)
+        q, q_token, q_ok = _tile(Q, sqb, sqh, sqn, batch, head, tile, n, G, BLOCK, HEAD_DIM, BLOCK_D, 1)
         do, _, _ = _tile(DO, sdb, sdh, sdn, batch, head, tile, n, G, BLOCK, HEAD_DIM, BLOCK_D, 0)
         query_pos = tl.load(POS + batch * pos_stride + 1 + q_token, mask=q_ok, other=0)
         row = (batch * num_heads + head) * n + q_token
@@ -245,6 +246,7 @@ class _SparseAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse, positions, table_t, key_blocks, key_count, query_blocks, query_count = ctx.saved_tensors
         B, H, N, D = q.shape
