@@ -8,6 +8,7 @@ from attention_helpers import attention_inputs, max_relative_error, outputs_and_
 
 from svitt_ego.models.attention import (blocked_attention, dense_attention, dense_mask, flex_attention,
                                         reference_attention, sample_block_pattern)
+from svitt_ego.models.position_bias import RelativePositionBias3D
 
 
 def test_pattern_local_random_and_no_repeats():
@@ -109,3 +110,14 @@ def test_flex_equals_reference_on_cuda(dtype, tol, num_patches, block_size, k_lo
     ref = outputs_and_grads(reference_attention, q, k, v, positions, bias, pattern)
     got = outputs_and_grads(flex_attention, q, k, v, positions, bias, pattern)
     assert max_relative_error(got, ref) <= tol
+
+
+def test_offset_codes_give_the_table_rows_by_hand():
+    """Every pair of patches on a 3 x 4 x 4 grid: the fused kernel's row (code difference + center row)
+    is ``index``'s; worked out by hand for one pair."""
+    bias = RelativePositionBias3D(num_frames=3, grid_size=4, num_heads=1)
+    pos = torch.arange(3 * 16)
+    codes = bias.offset_code(pos)
+    assert torch.equal(codes[:, None] - codes[None, :] + bias.center_row, bias.index(pos[:, None], pos[None, :]))
+    # (t, h, w) = (2, 1, 3) against (0, 3, 0): offset (2, -2, 3) -> ((2 + 2) * 7 + (-2 + 3)) * 7 + (3 + 3) = 209
+    assert bias.index(torch.tensor(2 * 16 + 1 * 4 + 3), torch.tensor(3 * 4)).item() == 209

@@ -111,7 +111,8 @@ def dense_attention(q, k, v, positions, rel_bias: RelativePositionBias3D, patter
 def reference_attention(q, k, v, positions, rel_bias: RelativePositionBias3D, pattern: BlockPattern | None):
     """Materialise scores, bias and the dense mask: simple, O(N^2) memory."""
     scale = q.shape[-1] ** -0.5
-    scores = (q.float() @ k.float().transpose(-2, -1)) * scale
+    acc = _score_dtype(q)
+    scores = (q.to(acc) @ k.to(acc).transpose(-2, -1)) * scale
     scores = scores + rel_bias(positions, positions)
     if pattern is not None:
         scores = scores.masked_fill(~dense_mask(pattern, q.shape[-2] - 1), float("-inf"))
@@ -148,7 +149,8 @@ def blocked_attention(q, k, v, positions, rel_bias: RelativePositionBias3D, patt
     key_ok = (token_ok[idx] & pattern.valid[:, :, None]).reshape(nb, W * G)
     key_ok = torch.cat([key_ok.new_ones(nb, 1), key_ok], dim=1)
 
-    scores = (qb.float() @ kg.float().transpose(-2, -1)) * scale + bias
+    acc = _score_dtype(q)
+    scores = (qb.to(acc) @ kg.to(acc).transpose(-2, -1)) * scale + bias
     scores = scores.masked_fill(~key_ok[:, None, :], float("-inf"))
     out = scores.softmax(-1).to(q.dtype) @ vg
     out = out.reshape(B, H, nb * G, D)[:, :, :n]
@@ -220,9 +222,15 @@ def triton_attention(q, k, v, positions, rel_bias: RelativePositionBias3D, patte
 
 
 def _cls_probs(q, k, cls_bias):
-    """The [CLS] query's probabilities over all keys [B, H, N] (fp32 scores, cast back to q's dtype)."""
-    scores = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5 + cls_bias
+    """The [CLS] query's probabilities over all keys [B, H, N] (scores in at least fp32, cast back to q's dtype)."""
+    acc = _score_dtype(q)
+    scores = (q[:, :, :1].to(acc) @ k.to(acc).transpose(-2, -1)) * q.shape[-1] ** -0.5 + cls_bias
     return scores.softmax(-1).to(q.dtype)[:, :, 0]
+
+
+def _score_dtype(q: torch.Tensor) -> torch.dtype:
+    """fp32 for half-precision inputs (fp16 scores overflow), the input's own dtype from fp32 up."""
+    return torch.promote_types(q.dtype, torch.float32)
 
 
 def _cls_row(q, k, v, positions, rel_bias: RelativePositionBias3D):

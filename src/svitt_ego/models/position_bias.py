@@ -40,13 +40,22 @@ class RelativePositionBias3D(nn.Module):
         self.num_relative = (2 * num_frames - 1) * (2 * grid_size - 1) ** 2 + NUM_SPECIAL_ROWS
         self.table = nn.Parameter(torch.zeros(self.num_relative, num_heads))
 
+    @property
+    def center_row(self) -> int:
+        """The table row of the zero offset (t, h, w) = (0, 0, 0)."""
+        span = 2 * self.grid_size - 1
+        return ((self.num_frames - 1) * span + self.grid_size - 1) * span + self.grid_size - 1
+
+    def offset_code(self, pos: torch.Tensor) -> torch.Tensor:
+        """``(t * span + h) * span + w`` with ``span = 2 * grid - 1``: between two patches the table row
+        is ``offset_code(query) - offset_code(key) + center_row`` (what the fused kernel relies on)."""
+        t, h, w = _split(pos, self.grid_size)
+        span = 2 * self.grid_size - 1
+        return (t * span + h) * span + w
+
     def index(self, query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
         """Table rows for every (query, key) pair; the inputs broadcast against each other."""
-        g, t = self.grid_size, self.num_frames
-        qt, qh, qw = _split(query_pos, g)
-        kt, kh, kw = _split(key_pos, g)
-        span = 2 * g - 1
-        idx = ((qt - kt + t - 1) * span + (qh - kh + g - 1)) * span + (qw - kw + g - 1)
+        idx = self.offset_code(query_pos) - self.offset_code(key_pos) + self.center_row
         q_cls, k_cls = query_pos == CLS_POSITION, key_pos == CLS_POSITION
         r = self.num_relative
         idx = torch.where(q_cls, r + CLS_TO_PATCH_ROW, idx)

@@ -3,9 +3,10 @@
 Layout: query tile ``b`` holds the ``G`` patch tokens of block ``b`` (padded to ``BLOCK``, a power of
 two of at least 16: 64 for G = 56, the padding rows masked). It visits the [CLS] key and its key
 blocks, each loaded as one ``BLOCK``-row tile (the tokens past ``G`` or past the last token masked).
-The bias is looked up inside the kernel from the two tokens' kept positions (one int32 each,
-:class:`RelativePositionBias3D`'s encoding); scores and the online softmax are fp32 whatever the
-input dtype, and the forward stores each row's logsumexp.
+The bias is looked up inside the kernel from the two tokens' kept positions: each token carries
+one int32, its :meth:`RelativePositionBias3D.offset_code`, and the table row of a pair is the
+difference of their codes plus the table's center row. Scores and the online softmax are fp32
+whatever the input dtype, and the forward stores each row's logsumexp.
 
 The backward follows FlashAttention-2: one kernel per query tile computes dQ (and adds dS into an
 fp32 copy of the bias table with atomics, since many pairs share a table row), one kernel per key
@@ -29,17 +30,6 @@ from svitt_ego.models.position_bias import PATCH_TO_CLS_ROW, RelativePositionBia
 
 if TYPE_CHECKING:  # the attention module imports this one lazily; no import at run time either way round
     from svitt_ego.models.attention import BlockPattern
-
-
-@triton.jit
-def _bias_rows(query_pos, key_pos, GRID: tl.constexpr, FRAMES: tl.constexpr):
-    """Table rows [M, N] of patch queries against patch keys (``RelativePositionBias3D.index``)."""
-    area: tl.constexpr = GRID * GRID
-    span: tl.constexpr = 2 * GRID - 1
-    dt = query_pos[:, None] // area - key_pos[None, :] // area + FRAMES - 1
-    dh = (query_pos[:, None] // GRID) % GRID - (key_pos[None, :] // GRID) % GRID + GRID - 1
-    dw = query_pos[:, None] % GRID - key_pos[None, :] % GRID + GRID - 1
-    return (dt * span + dh) * span + dw
 
 
 @triton.jit
@@ -67,27 +57,26 @@ def _cls_vector(ptr, batch_stride, head_stride, batch, head, HEAD_DIM: tl.conste
 
 
 @triton.jit
-def _scores(q, k, query_pos, key_pos, q_ok, k_ok, table_head, scale,
-            GRID: tl.constexpr, FRAMES: tl.constexpr, PRECISION: tl.constexpr):
-    """fp32 scores with the bias; keys outside the block are -inf."""
+def _scores(q, k, query_code, key_code, q_ok, k_ok, table_center, scale, PRECISION: tl.constexpr):
+    """fp32 scores with the bias (table row: code difference + center row); keys outside the block are -inf."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     both = q_ok[:, None] & k_ok[None, :]
-    s += tl.load(table_head + _bias_rows(query_pos, key_pos, GRID, FRAMES), mask=both, other=0.0)
+    s += tl.load(table_center + (query_code[:, None] - key_code[None, :]), mask=both, other=0.0)
     return tl.where(k_ok[None, :], s, float("-inf"))
 
 
 @triton.jit
-def _forward_kernel(Q, K, V, O, LSE, POS, TABLE, KEY_BLOCKS, KEY_COUNT,
+def _forward_kernel(Q, K, V, O, LSE, CODES, TABLE, KEY_BLOCKS, KEY_COUNT,
                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-                    pos_stride, n, num_heads, table_rows, width, scale,
+                    code_stride, n, num_heads, table_rows, center, width, scale,
                     G: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    GRID: tl.constexpr, FRAMES: tl.constexpr, CLS_ROW: tl.constexpr, PRECISION: tl.constexpr):
+                    CLS_ROW: tl.constexpr, PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     batch = tl.program_id(1) // num_heads
     head = tl.program_id(1) % num_heads
     table_head = TABLE + head * table_rows
     q, q_token, q_ok = _tile(Q, sqb, sqh, sqn, batch, head, tile, n, G, BLOCK, HEAD_DIM, BLOCK_D, 1)
-    query_pos = tl.load(POS + batch * pos_stride + 1 + q_token, mask=q_ok, other=0)
+    query_code = tl.load(CODES + batch * code_stride + 1 + q_token, mask=q_ok, other=0)
     # The [CLS] key starts the online softmax: every row has at least this one finite score.
     k0 = _cls_vector(K, skb, skh, batch, head, HEAD_DIM, BLOCK_D)
     v0 = _cls_vector(V, svb, svh, batch, head, HEAD_DIM, BLOCK_D)
@@ -98,8 +87,8 @@ def _forward_kernel(Q, K, V, O, LSE, POS, TABLE, KEY_BLOCKS, KEY_COUNT,
         key_tile = tl.load(KEY_BLOCKS + tile * width + w)
         k, k_token, k_ok = _tile(K, skb, skh, skn, batch, head, key_tile, n, G, BLOCK, HEAD_DIM, BLOCK_D, 1)
         v, _, _ = _tile(V, svb, svh, svn, batch, head, key_tile, n, G, BLOCK, HEAD_DIM, BLOCK_D, 1)
-        key_pos = tl.load(POS + batch * pos_stride + 1 + k_token, mask=k_ok, other=0)
-        s = _scores(q, k, query_pos, key_pos, q_ok, k_ok, table_head, scale, GRID, FRAMES, PRECISION)
+        key_code = tl.load(CODES + batch * code_stride + 1 + k_token, mask=k_ok, other=0)
+        s = _scores(q, k, query_code, key_code, q_ok, k_ok, table_head + center, scale, PRECISION)
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -114,12 +103,11 @@ def _forward_kernel(Q, K, V, O, LSE, POS, TABLE, KEY_BLOCKS, KEY_COUNT,
 
 
 @triton.jit
-def _backward_query_kernel(Q, K, V, DO, LSE, DELTA, DQ, CLS_DKV, POS, TABLE, DTABLE, KEY_BLOCKS, KEY_COUNT,
+def _backward_query_kernel(Q, K, V, DO, LSE, DELTA, DQ, CLS_DKV, CODES, TABLE, DTABLE, KEY_BLOCKS, KEY_COUNT,
                            sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
-                           pos_stride, n, num_heads, num_tiles, table_rows, width, scale,
+                           code_stride, n, num_heads, num_tiles, table_rows, center, width, scale,
                            G: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                           GRID: tl.constexpr, FRAMES: tl.constexpr, CLS_ROW: tl.constexpr,
-                           PRECISION: tl.constexpr):
+                           CLS_ROW: tl.constexpr, PRECISION: tl.constexpr):
     """dQ of one query tile, its share of the [CLS] key's dK / dV, and dS into the table."""
     tile = tl.program_id(0)
     batch = tl.program_id(1) // num_heads
@@ -128,7 +116,7 @@ def _backward_query_kernel(Q, K, V, DO, LSE, DELTA, DQ, CLS_DKV, POS, TABLE, DTA
     dtable_head = DTABLE + head * table_rows
     q, q_token, q_ok = _tile(Q, sqb, sqh, sqn, batch, head, tile, n, G, BLOCK, HEAD_DIM, BLOCK_D, 1)
     do, _, _ = _tile(DO, sdb, sdh, sdn, batch, head, tile, n, G, BLOCK, HEAD_DIM, BLOCK_D, 0)
-    query_pos = tl.load(POS + batch * pos_stride + 1 + q_token, mask=q_ok, other=0)
+    query_code = tl.load(CODES + batch * code_stride + 1 + q_token, mask=q_ok, other=0)
     row = (batch * num_heads + head) * n + q_token
     lse = tl.load(LSE + row, mask=q_ok, other=0.0)
     delta = tl.load(DELTA + row, mask=q_ok, other=0.0)
@@ -147,23 +135,23 @@ def _backward_query_kernel(Q, K, V, DO, LSE, DELTA, DQ, CLS_DKV, POS, TABLE, DTA
         key_tile = tl.load(KEY_BLOCKS + tile * width + w)
         k, k_token, k_ok = _tile(K, skb, skh, skn, batch, head, key_tile, n, G, BLOCK, HEAD_DIM, BLOCK_D, 1)
         v, _, _ = _tile(V, svb, svh, svn, batch, head, key_tile, n, G, BLOCK, HEAD_DIM, BLOCK_D, 1)
-        key_pos = tl.load(POS + batch * pos_stride + 1 + k_token, mask=k_ok, other=0)
-        s = _scores(q, k, query_pos, key_pos, q_ok, k_ok, table_head, scale, GRID, FRAMES, PRECISION)
+        key_code = tl.load(CODES + batch * code_stride + 1 + k_token, mask=k_ok, other=0)
+        s = _scores(q, k, query_code, key_code, q_ok, k_ok, table_head + center, scale, PRECISION)
         both = q_ok[:, None] & k_ok[None, :]
         p = tl.where(both, tl.exp(s - lse[:, None]), 0.0)
         ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        tl.atomic_add(dtable_head + _bias_rows(query_pos, key_pos, GRID, FRAMES), ds, mask=both, sem="relaxed")
+        tl.atomic_add(dtable_head + center + (query_code[:, None] - key_code[None, :]), ds, mask=both, sem="relaxed")
     offsets = batch * sgb + head * sgh + (1 + q_token)[:, None] * sgn + dims[None, :]
     tl.store(DQ + offsets, (dq * scale).to(DQ.dtype.element_ty), mask=q_ok[:, None] & (dims[None, :] < HEAD_DIM))
 
 
 @triton.jit
-def _backward_key_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, POS, TABLE, QUERY_BLOCKS, QUERY_COUNT,
+def _backward_key_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CODES, TABLE, QUERY_BLOCKS, QUERY_COUNT,
                          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
-                         pos_stride, n, num_heads, num_tiles, table_rows, scale,
+                         code_stride, n, num_heads, num_tiles, table_rows, center, scale,
                          G: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         GRID: tl.constexpr, FRAMES: tl.constexpr, PRECISION: tl.constexpr):
+                         PRECISION: tl.constexpr):
     """dK and dV of one key tile, over the query tiles that visited it."""
     key_tile = tl.program_id(0)
     batch = tl.program_id(1) // num_heads
@@ -171,18 +159,18 @@ def _backward_key_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, POS, TABLE, QUERY_BLOC
     table_head = TABLE + head * table_rows
     k, k_token, k_ok = _tile(K, skb, skh, skn, batch, head, key_tile, n, G, BLOCK, HEAD_DIM, BLOCK_D, 1)
     v, _, _ = _tile(V, svb, svh, svn, batch, head, key_tile, n, G, BLOCK, HEAD_DIM, BLOCK_D, 1)
-    key_pos = tl.load(POS + batch * pos_stride + 1 + k_token, mask=k_ok, other=0)
+    key_code = tl.load(CODES + batch * code_stride + 1 + k_token, mask=k_ok, other=0)
     dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     for j in range(0, tl.load(QUERY_COUNT + key_tile)):
         tile = tl.load(QUERY_BLOCKS + key_tile * num_tiles + j)
         q, q_token, q_ok = _tile(Q, sqb, sqh, sqn, batch, head, tile, n, G, BLOCK, HEAD_DIM, BLOCK_D, 1)
         do, _, _ = _tile(DO, sdb, sdh, sdn, batch, head, tile, n, G, BLOCK, HEAD_DIM, BLOCK_D, 0)
-        query_pos = tl.load(POS + batch * pos_stride + 1 + q_token, mask=q_ok, other=0)
+        query_code = tl.load(CODES + batch * code_stride + 1 + q_token, mask=q_ok, other=0)
         row = (batch * num_heads + head) * n + q_token
         lse = tl.load(LSE + row, mask=q_ok, other=0.0)
         delta = tl.load(DELTA + row, mask=q_ok, other=0.0)
-        s = _scores(q, k, query_pos, key_pos, q_ok, k_ok, table_head, scale, GRID, FRAMES, PRECISION)
+        s = _scores(q, k, query_code, key_code, q_ok, k_ok, table_head + center, scale, PRECISION)
         p = tl.where(q_ok[:, None] & k_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
         dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
         ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
@@ -215,11 +203,11 @@ def kernel_pattern(pattern: BlockPattern) -> tuple[torch.Tensor, ...]:
     return key_blocks, key_count, query_blocks, visits.sum(0).int()
 
 
-def _launch_constants(q, rel_bias: RelativePositionBias3D, block_size: int) -> dict:
+def _launch_constants(q, block_size: int) -> dict:
     head_dim = q.shape[-1]
     return dict(G=block_size, BLOCK=tile_rows(block_size), HEAD_DIM=head_dim,
-                BLOCK_D=max(16, triton.next_power_of_2(head_dim)), GRID=rel_bias.grid_size,
-                FRAMES=rel_bias.num_frames, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
 def _strides(*tensors):
@@ -228,27 +216,26 @@ def _strides(*tensors):
 
 class _SparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, table, positions, rel_bias, pattern):
+    def forward(ctx, q, k, v, table, codes, center, pattern):
         B, H, N, D = q.shape
         n, nb = N - 1, pattern.num_blocks
         key_blocks, key_count, query_blocks, query_count = kernel_pattern(pattern)
         table_t = table.detach().float().t().contiguous()  # [H, rows]: one head's rows contiguous
         out = q.new_empty(B, H, n, D)
         lse = torch.empty(B, H, n, device=q.device, dtype=torch.float32)
-        consts = _launch_constants(q, rel_bias, pattern.block_size)
-        _forward_kernel[(nb, B * H)](q, k, v, out, lse, positions, table_t, key_blocks, key_count,
-                                     *_strides(q, k, v, out), positions.stride(0), n, H, table_t.shape[1],
-                                     key_blocks.shape[1], D**-0.5, CLS_ROW=rel_bias.num_relative
-                                     + PATCH_TO_CLS_ROW, **consts)
-        ctx.save_for_backward(q, k, v, out, lse, positions, table_t, key_blocks, key_count, query_blocks,
-                              query_count)
-        ctx.consts, ctx.table_dtype = consts, table.dtype
+        consts = _launch_constants(q, pattern.block_size)
+        rows = table_t.shape[1]
+        _forward_kernel[(nb, B * H)](q, k, v, out, lse, codes, table_t, key_blocks, key_count,
+                                     *_strides(q, k, v, out), codes.stride(0), n, H, rows, center,
+                                     key_blocks.shape[1], D**-0.5, CLS_ROW=rows + PATCH_TO_CLS_ROW, **consts)
+        ctx.save_for_backward(q, k, v, out, lse, codes, table_t, key_blocks, key_count, query_blocks, query_count)
+        ctx.consts, ctx.center, ctx.table_dtype = consts, center, table.dtype
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, out, lse, positions, table_t, key_blocks, key_count, query_blocks, query_count = ctx.saved_tensors
+        q, k, v, out, lse, codes, table_t, key_blocks, key_count, query_blocks, query_count = ctx.saved_tensors
         B, H, N, D = q.shape
         n, nb = N - 1, key_blocks.shape[0]
         consts = ctx.consts
@@ -259,13 +246,13 @@ class _SparseAttention(torch.autograd.Function):
         cls_dkv = torch.empty(B, H, nb, 2, consts["BLOCK_D"], device=q.device, dtype=torch.float32)
         dtable = torch.zeros_like(table_t)
         rows, scale = table_t.shape[1], D**-0.5
-        _backward_query_kernel[(nb, B * H)](q, k, v, grad_out, lse, delta, dq, cls_dkv, positions, table_t, dtable,
+        _backward_query_kernel[(nb, B * H)](q, k, v, grad_out, lse, delta, dq, cls_dkv, codes, table_t, dtable,
                                             key_blocks, key_count, *_strides(q, k, v, grad_out, dq),
-                                            positions.stride(0), n, H, nb, rows, key_blocks.shape[1], scale,
-                                            CLS_ROW=rows + PATCH_TO_CLS_ROW, **consts)
-        _backward_key_kernel[(nb, B * H)](q, k, v, grad_out, lse, delta, dk, dv, positions, table_t,
+                                            codes.stride(0), n, H, nb, rows, ctx.center, key_blocks.shape[1],
+                                            scale, CLS_ROW=rows + PATCH_TO_CLS_ROW, **consts)
+        _backward_key_kernel[(nb, B * H)](q, k, v, grad_out, lse, delta, dk, dv, codes, table_t,
                                           query_blocks, query_count, *_strides(q, k, v, grad_out, dk),
-                                          positions.stride(0), n, H, nb, rows, scale, **consts)
+                                          codes.stride(0), n, H, nb, rows, ctx.center, scale, **consts)
         cls_dkv = cls_dkv.sum(2)[..., :D]
         dk[:, :, 0], dv[:, :, 0] = cls_dkv[:, :, 0], cls_dkv[:, :, 1]
         return dq, dk, dv, dtable.t().contiguous().to(ctx.table_dtype), None, None, None
@@ -278,5 +265,5 @@ def sparse_attention(q, k, v, positions, rel_bias: RelativePositionBias3D, patte
     """
     k, v = k.to(q.dtype), v.to(q.dtype)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    positions = positions.to(device=q.device, dtype=torch.int32).expand(q.shape[0], -1).contiguous()
-    return _SparseAttention.apply(q, k, v, rel_bias.table, positions, rel_bias, pattern)
+    codes = rel_bias.offset_code(positions.to(q.device)).to(torch.int32).expand(q.shape[0], -1).contiguous()
+    return _SparseAttention.apply(q, k, v, rel_bias.table, codes, rel_bias.center_row, pattern)
