@@ -28,6 +28,11 @@ from torch.autograd.function import once_differentiable
 
 from svitt_ego.models.position_bias import PATCH_TO_CLS_ROW, RelativePositionBias3D
 
+# Warps per program for 64-row tiles of head dim 64, chosen from ptxas's report for sm_90 (fp16): the
+# forward needs 168 registers a thread with 4 warps, no spills; with 4 warps both backward kernels hit
+# the 255-register cap and one spills, with 8 they fit.
+FORWARD_WARPS, BACKWARD_WARPS = 4, 8
+
 if TYPE_CHECKING:  # the attention module imports this one lazily; no import at run time either way round
     from svitt_ego.models.attention import BlockPattern
 
@@ -227,7 +232,8 @@ class _SparseAttention(torch.autograd.Function):
         rows = table_t.shape[1]
         _forward_kernel[(nb, B * H)](q, k, v, out, lse, codes, table_t, key_blocks, key_count,
                                      *_strides(q, k, v, out), codes.stride(0), n, H, rows, center,
-                                     key_blocks.shape[1], D**-0.5, CLS_ROW=rows + PATCH_TO_CLS_ROW, **consts)
+                                     key_blocks.shape[1], D**-0.5, CLS_ROW=rows + PATCH_TO_CLS_ROW,
+                                     num_warps=FORWARD_WARPS, **consts)
         ctx.save_for_backward(q, k, v, out, lse, codes, table_t, key_blocks, key_count, query_blocks, query_count)
         ctx.consts, ctx.center, ctx.table_dtype = consts, center, table.dtype
         return out
@@ -249,10 +255,12 @@ class _SparseAttention(torch.autograd.Function):
         _backward_query_kernel[(nb, B * H)](q, k, v, grad_out, lse, delta, dq, cls_dkv, codes, table_t, dtable,
                                             key_blocks, key_count, *_strides(q, k, v, grad_out, dq),
                                             codes.stride(0), n, H, nb, rows, ctx.center, key_blocks.shape[1],
-                                            scale, CLS_ROW=rows + PATCH_TO_CLS_ROW, **consts)
+                                            scale, CLS_ROW=rows + PATCH_TO_CLS_ROW, num_warps=BACKWARD_WARPS,
+                                            **consts)
         _backward_key_kernel[(nb, B * H)](q, k, v, grad_out, lse, delta, dk, dv, codes, table_t,
                                           query_blocks, query_count, *_strides(q, k, v, grad_out, dk),
-                                          codes.stride(0), n, H, nb, rows, ctx.center, scale, **consts)
+                                          codes.stride(0), n, H, nb, rows, ctx.center, scale,
+                                          num_warps=BACKWARD_WARPS, **consts)
         cls_dkv = cls_dkv.sum(2)[..., :D]
         dk[:, :, 0], dv[:, :, 0] = cls_dkv[:, :, 0], cls_dkv[:, :, 1]
         return dq, dk, dv, dtable.t().contiguous().to(ctx.table_dtype), None, None, None
