@@ -121,3 +121,8 @@ def test_offset_codes_give_the_table_rows_by_hand():
     assert torch.equal(codes[:, None] - codes[None, :] + bias.center_row, bias.index(pos[:, None], pos[None, :]))
     # (t, h, w) = (2, 1, 3) against (0, 3, 0): offset (2, -2, 3) -> ((2 + 2) * 7 + (-2 + 3)) * 7 + (3 + 3) = 209
     assert bias.index(torch.tensor(2 * 16 + 1 * 4 + 3), torch.tensor(3 * 4)).item() == 209
+
+
+def test_tile_size_is_the_next_power_of_two_from_16():
+    sizes = {g: sample_block_pattern(4 * g, g, 1, 1).tile_size for g in (4, 8, 16, 17, 56, 64)}
+    assert sizes == {4: 16, 8: 16, 16: 16, 17: 32, 56: 64, 64: 64}

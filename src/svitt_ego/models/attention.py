@@ -17,7 +17,7 @@ Backends compute the same function:
   tiles, the bias looked up inside it; see
   :mod:`svitt_ego.models.sparse_attention_triton`. What ``auto`` picks on CUDA.
 - ``flex``: PyTorch FlexAttention (compiled). Each G-token block is padded to
-  a tile of ``tile_size(G)`` tokens, [CLS] gets a tile of its own, the block
+  a tile of ``BlockPattern.tile_size`` tokens, [CLS] gets a tile of its own, the block
   pattern becomes the tile-level block mask and the bias is computed inside
   the kernel from the (t, h, w) offsets. CUDA only for training (FlexAttention
   has no CPU backward); opt-in (``backend: flex``) until it is measured on a GPU.
@@ -53,6 +53,12 @@ class BlockPattern:
     @property
     def num_blocks(self) -> int:
         return self.key_blocks.shape[0]
+
+    @property
+    def tile_size(self) -> int:
+        """Rows of the tile a kernel gives each block: the next power of two of G, at least 16 (Triton's
+        smallest matrix product), e.g. 64 for G = 56."""
+        return max(16, 1 << (self.block_size - 1).bit_length())
 
 
 def sample_block_pattern(num_tokens: int, block_size: int, k_local: int, k_random: int,
@@ -157,11 +163,6 @@ def blocked_attention(q, k, v, positions, rel_bias: RelativePositionBias3D, patt
     return torch.cat([cls_out, out], dim=2), cls_probs
 
 
-def tile_size(block_size: int) -> int:
-    """FlexAttention tile for G-token blocks: the next power of two (at least 16), e.g. 64 for G = 56."""
-    return max(16, 1 << (block_size - 1).bit_length())
-
-
 _compiled_flex_attention = None
 
 
@@ -180,7 +181,7 @@ def flex_attention(q, k, v, positions, rel_bias: RelativePositionBias3D, pattern
 
     B, H, N, D = q.shape
     n, G, nb = N - 1, pattern.block_size, pattern.num_blocks
-    P = tile_size(G)
+    P = pattern.tile_size
     L = (nb + 1) * P
     device = q.device
     patch = torch.arange(n, device=device)

@@ -1,8 +1,9 @@
 """The ``triton`` backend: edge-sparse attention with the 3D relative position bias in one fused kernel.
 
-Layout: query tile ``b`` holds the ``G`` patch tokens of block ``b`` (padded to ``BLOCK``, a power of
-two of at least 16: 64 for G = 56, the padding rows masked). It visits the [CLS] key and its key
-blocks, each loaded as one ``BLOCK``-row tile (the tokens past ``G`` or past the last token masked).
+Layout: query tile ``b`` holds the ``G`` patch tokens of block ``b``, padded to
+``BLOCK = BlockPattern.tile_size`` rows (64 for G = 56; the padding rows masked). It visits the
+[CLS] key and its key blocks, each loaded as one ``BLOCK``-row tile (the tokens past ``G`` or past
+the last token masked).
 The bias is looked up inside the kernel from the two tokens' kept positions: each token carries
 one int32, its :meth:`RelativePositionBias3D.offset_code`, and the table row of a pair is the
 difference of their codes plus the table's center row. Scores and the online softmax are fp32
@@ -187,11 +188,6 @@ def _backward_key_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CODES, TABLE, QUERY_BL
     tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=mask)
 
 
-def tile_rows(block_size: int) -> int:
-    """Rows of a tile for G-token blocks: the next power of two, at least 16 (``tl.dot``'s minimum)."""
-    return max(16, 1 << (block_size - 1).bit_length())
-
-
 def kernel_pattern(pattern: BlockPattern) -> tuple[torch.Tensor, ...]:
     """The pattern as the kernels read it, built on the pattern's device without synchronising.
 
@@ -208,9 +204,9 @@ def kernel_pattern(pattern: BlockPattern) -> tuple[torch.Tensor, ...]:
     return key_blocks, key_count, query_blocks, visits.sum(0).int()
 
 
-def _launch_constants(q, block_size: int) -> dict:
+def _launch_constants(q, pattern: BlockPattern) -> dict:
     head_dim = q.shape[-1]
-    return dict(G=block_size, BLOCK=tile_rows(block_size), HEAD_DIM=head_dim,
+    return dict(G=pattern.block_size, BLOCK=pattern.tile_size, HEAD_DIM=head_dim,
                 BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
@@ -228,7 +224,7 @@ class _SparseAttention(torch.autograd.Function):
         table_t = table.detach().float().t().contiguous()  # [H, rows]: one head's rows contiguous
         out = q.new_empty(B, H, n, D)
         lse = torch.empty(B, H, n, device=q.device, dtype=torch.float32)
-        consts = _launch_constants(q, pattern.block_size)
+        consts = _launch_constants(q, pattern)
         rows = table_t.shape[1]
         _forward_kernel[(nb, B * H)](q, k, v, out, lse, codes, table_t, key_blocks, key_count,
                                      *_strides(q, k, v, out), codes.stride(0), n, H, rows, center,
