@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from svitt_ego.nlq.annotations import NLQFormatError, parse_nlq
+from svitt_ego.nlq.annotations import NLQFormatError, NLQQuery, parse_nlq
 
 THRESHOLDS = (0.3, 0.5)
 TOP_K = (1, 5)
@@ -63,27 +63,29 @@ def read_submission(submission, source: str = "submission") -> dict[tuple[str, s
     return predictions
 
 
-def evaluate_nlq(annotations: dict, submission: dict) -> dict:
+def evaluate_nlq(annotations: dict, submission: dict, *, annotations_name: str = "annotations",
+                 submission_name: str = "submission") -> dict:
     """R@1 / R@5 at IoU 0.3 / 0.5 and mIoU, in percent, of ``submission`` on ``annotations``.
 
-    Both are the loaded JSON (an Ego4D NLQ file and an official submission). Every query of the
-    annotations must be predicted once, and nothing else.
+    Both are the loaded JSON (an Ego4D NLQ file and an official submission); errors name them
+    by ``annotations_name`` and ``submission_name``. Every query of the annotations must be
+    predicted once, and nothing else.
     """
-    queries = parse_nlq(annotations, "annotations").queries
-    predictions = read_submission(submission)
+    queries = parse_nlq(annotations, annotations_name).queries
+    predictions = read_submission(submission, submission_name)
     expected = {q.key for q in queries}
     unknown = [key for key in predictions if key not in expected]
     if unknown:
-        raise NLQFormatError(f"submission: names {len(unknown)} queries the annotations do not have, "
+        raise NLQFormatError(f"{submission_name}: names {len(unknown)} queries the annotations do not have, "
                              f"e.g. {unknown[0]}")
     missing = [q.key for q in queries if q.key not in predictions]
     if missing:
-        raise NLQFormatError(f"submission: misses {len(missing)} of {len(queries)} queries, e.g. {missing[0]}")
+        raise NLQFormatError(f"{submission_name}: misses {len(missing)} of {len(queries)} queries, e.g. {missing[0]}")
     unanswered = [q.key for q in queries if q.start is None]
     if unanswered:
-        raise NLQFormatError(f"annotations: query {unanswered[0]} has no answer (clip_start_sec / clip_end_sec)")
+        raise NLQFormatError(f"{annotations_name}: query {unanswered[0]} has no answer (clip_start_sec / clip_end_sec)")
     if not queries:
-        raise NLQFormatError("annotations: no queries to evaluate")
+        raise NLQFormatError(f"{annotations_name}: no queries to evaluate")
     hits = {(k, m): 0 for k in TOP_K for m in THRESHOLDS}
     total_iou = 0.0
     for q in queries:
@@ -99,3 +101,12 @@ def evaluate_nlq(annotations: dict, submission: dict) -> dict:
 def format_nlq(result: dict) -> str:
     keys = [f"R@{k} IoU={m}" for m in THRESHOLDS for k in TOP_K] + ["mIoU"]
     return "  ".join(f"{key} {result[key]:.2f}" for key in keys)
+
+
+def submission_entry(query: NLQQuery, times: list) -> dict:
+    return {"clip_uid": query.clip_uid, "annotation_uid": query.annotation_uid, "query_idx": query.query_idx,
+            "predicted_times": [[round(s, 3), round(e, 3)] for s, e in times]}
+
+
+def make_submission(results: list[dict]) -> dict:
+    return {"version": "1.0", "challenge": CHALLENGE, "results": results}
