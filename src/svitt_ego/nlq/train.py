@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -122,7 +123,7 @@ def _train_epoch(model, optimizer, features, queries, settings, epoch: int, epoc
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         for key in sums:
-            sums[key] += float(losses[key]) / steps
+            sums[key] += float(losses[key].detach()) / steps
     return sums
 
 
@@ -131,7 +132,10 @@ def load_grounding(path: str | Path) -> tuple[GroundingModel, dict]:
     path = Path(path)
     if not path.is_file():
         raise NLQFormatError(f"{path}: no such checkpoint")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise NLQFormatError(f"{path}: not a readable checkpoint: {str(err).splitlines()[0]}") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise NLQFormatError(f"{path}: not a train-nlq checkpoint (no 'model' or 'config')")
     model = GroundingModel(GroundingConfig(**state["config"]))
