@@ -22,11 +22,14 @@ def _annotations(path, start=1.0, end=2.0):
 
 
 def _run(capsys, *argv):
-    """The CLI's exit status and message for a bad input: the exception, or status 2 once it is handled."""
+    """The CLI's exit status and output: for bad input, status 2 and the error's message (raised until
+    the CLI's error handler catches ValueError, printed by it after)."""
     try:
-        return main(list(map(str, argv))), capsys.readouterr()
+        status = main(list(map(str, argv)))
     except NLQFormatError as err:
         return 2, str(err)
+    captured = capsys.readouterr()
+    return status, captured.out + captured.err
 
 
 def test_eval_nlq(tmp_path, capsys):
@@ -34,15 +37,14 @@ def test_eval_nlq(tmp_path, capsys):
     submission = tmp_path / "sub.json"
     submission.write_text(json.dumps({"results": [{"clip_uid": "c", "annotation_uid": "a", "query_idx": 0,
                                                    "predicted_times": [[1.0, 3.0], [1.0, 2.0]]}]}))
-    status, _ = _run(capsys, "eval-nlq", submission, "--annotations", annotations, "--output", tmp_path / "m.json")
+    status, out = _run(capsys, "eval-nlq", submission, "--annotations", annotations, "--output", tmp_path / "m.json")
     assert status == 0
-    assert "R@1 IoU=0.3 100.00  R@5 IoU=0.3 100.00  R@1 IoU=0.5 0.00  R@5 IoU=0.5 100.00  mIoU 50.00" in \
-        capsys.readouterr().out
+    assert "R@1 IoU=0.3 100.00  R@5 IoU=0.3 100.00  R@1 IoU=0.5 0.00  R@5 IoU=0.5 100.00  mIoU 50.00" in out
     assert json.loads((tmp_path / "m.json").read_text())["mIoU"] == 50.0
 
     submission.write_text(json.dumps({"results": []}))
     status, message = _run(capsys, "eval-nlq", submission, "--annotations", annotations)
-    assert status == 2 and f"{submission}: misses 1 of 1 queries" in str(message)
+    assert status == 2 and f"{submission}: misses 1 of 1 queries" in message
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +73,9 @@ def features(tmp_path_factory):
 
 
 def test_search_and_zero_shot_prediction(features, tmp_path, capsys):
-    status, _ = _run(capsys, "search", features / "features", "when did I open the drawer?", "--top-k", "3")
+    status, out = _run(capsys, "search", features / "features", "when did I open the drawer?", "--top-k", "3")
     assert status == 0
-    first = capsys.readouterr().out.splitlines()[1].split()
+    first = out.splitlines()[1].split()
     start, end = window_centre(ANSWER_WINDOW - 0.5, 4, 4, 10.0), window_centre(ANSWER_WINDOW + 0.5, 4, 4, 10.0)
     assert first[0] == "c" and float(first[1]) == pytest.approx(start) and float(first[2]) == pytest.approx(end)
 
@@ -88,4 +90,4 @@ def test_search_and_zero_shot_prediction(features, tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint")
     status, message = _run(capsys, "predict-nlq", features / "features", "--model", bad, "--annotations",
                            annotations, "--output", tmp_path / "x.json")
-    assert status == 2 and f"{bad}: not a readable checkpoint" in str(message)
+    assert status == 2 and f"{bad}: not a readable checkpoint" in message
