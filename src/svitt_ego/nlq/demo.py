@@ -9,7 +9,6 @@ moments. Everything is scored by :func:`svitt_ego.nlq.evaluate_nlq`.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -74,9 +73,9 @@ def demo_nlq(workdir: str | Path = "demo_run", quick: bool = False) -> dict:
     fixed = rows["fixed window"]["R@1 IoU=0.3"]
     ratio = rows["grounding model"]["R@1 IoU=0.3"] / fixed if fixed else float("inf")
     print(f"\n{len(train.queries)} training and {len(val.queries)} held-out queries; "
-          f"{elapsed / 60:.1f} minutes after pretraining ({(extracted - start) / 60:.1f} of them extracting features); R@1 IoU=0.3 "
-          f"is {ratio:.1f}x the fixed window's")
+          f"{elapsed / 60:.1f} minutes after pretraining ({(extracted - start) / 60:.1f} of them extracting "
+          f"features); R@1 IoU=0.3 is {ratio:.1f}x the fixed window's")
     result = {**rows, "minutes": elapsed / 60, "extract_minutes": (extracted - start) / 60,
               "ratio_to_fixed_window": ratio}
-    (workdir / "nlq_results.json").write_text(json.dumps(result, indent=2))
+    atomic_write_json(workdir / "nlq_results.json", result)
     return result

@@ -97,7 +97,8 @@ class GroundingModel(nn.Module):
         super().__init__()
         self.config = cfg
         dim = cfg.hidden
-        self.video_embed = nn.ModuleList([nn.Conv1d(cfg.video_dim, dim, 3, padding=1), nn.Conv1d(dim, dim, 3, padding=1)])
+        self.video_embed = nn.ModuleList([nn.Conv1d(cfg.video_dim, dim, 3, padding=1),
+                                          nn.Conv1d(dim, dim, 3, padding=1)])
         self.text_embed = nn.Linear(cfg.text_dim, dim)
         layer = nn.TransformerEncoderLayer(dim, cfg.num_heads, 4 * dim, cfg.dropout, batch_first=True, norm_first=True)
         self.text_encoder = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)

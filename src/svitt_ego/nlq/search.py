@@ -30,7 +30,8 @@ def query_embedding(model, token_states: torch.Tensor) -> torch.Tensor:
 
 
 def best_moments(scores: torch.Tensor, top_k: int, iou_threshold: float = 0.5) -> list[tuple[int, int, float]]:
-    """The ``top_k`` best runs ``(first, last, mean score)`` of windows, suppressing overlaps above ``iou_threshold``."""
+    """The ``top_k`` best runs ``(first, last, mean score)`` of windows; a run overlapping a better
+    one by more than ``iou_threshold`` is dropped."""
     candidates, values = [], []
     for length in MOMENT_LENGTHS:
         if length > len(scores):
