@@ -78,7 +78,11 @@ def test_extraction_window_contents_resume_and_unreadable(tmp_path, monkeypatch)
     _write_video(tmp_path / "videos" / "v1" / "0.mp4", 20)
     annotations = _annotations(tmp_path / "nlq.json")
     monkeypatch.setattr("svitt_ego.evaluate.load_for_eval", lambda checkpoint: (_BrightnessModel(), None))
-    meta = extract_nlq_features("ckpt", [annotations], tmp_path / "videos", tmp_path / "out", batch_size=3)
+    with pytest.raises(ValueError, match="ckpt: no such checkpoint"):
+        extract_nlq_features(tmp_path / "ckpt", [annotations], tmp_path / "videos", tmp_path / "out")
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.write_bytes(b"")
+    meta = extract_nlq_features(checkpoint, [annotations], tmp_path / "videos", tmp_path / "out", batch_size=3)
 
     # clip c1 is frames 5..18 of v1: 14 frames, 4 windows, the last padded with frame 18
     video = torch.load(tmp_path / "out" / "video" / "c1.pt", weights_only=True)
@@ -97,9 +101,9 @@ def test_extraction_window_contents_resume_and_unreadable(tmp_path, monkeypatch)
     # a second run finds the clip done and writes nothing
     monkeypatch.setattr(nlq_features.WindowFeatureExtractor, "clip_features",
                         lambda *a, **k: pytest.fail("a finished clip was extracted again"))
-    extract_nlq_features("ckpt", [annotations], tmp_path / "videos", tmp_path / "out")
+    extract_nlq_features(checkpoint, [annotations], tmp_path / "videos", tmp_path / "out")
     with pytest.raises(ValueError, match="field 'stride' is 4, this run has 2"):
-        extract_nlq_features("ckpt", [annotations], tmp_path / "videos", tmp_path / "out", stride=2)
+        extract_nlq_features(checkpoint, [annotations], tmp_path / "videos", tmp_path / "out", stride=2)
 
 
 def test_the_features_benchmark_runs():

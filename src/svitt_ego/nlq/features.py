@@ -191,6 +191,8 @@ def extract_nlq_features(checkpoint: str | Path, annotation_files: list, videos:
     meta = {"checkpoint": str(checkpoint), "window": window, "stride": stride, "time_convention": TIME_CONVENTION}
     _check_meta(out, meta)
     clips, queries = _clip_jobs(annotation_files)
+    if not Path(checkpoint).exists():
+        raise NLQFormatError(f"{checkpoint}: no such checkpoint (a .pt file or a save_pretrained folder)")
     model, _ = load_for_eval(checkpoint)
     extractor = WindowFeatureExtractor(model, window, stride, batch_size, device, chunk_seconds)
     failed = {}
