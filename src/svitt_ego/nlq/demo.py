@@ -20,7 +20,7 @@ from svitt_ego.nlq.metric import evaluate_nlq, make_submission
 from svitt_ego.nlq.search import fixed_window_baseline, fixed_window_results, load_dual_encoder, zero_shot_results
 from svitt_ego.nlq.train import Stage, TrainSettings, predict_moments, train_nlq
 
-EPOCHS, QUICK_EPOCHS = 15, 2
+EPOCHS, QUICK_EPOCHS = 20, 2
 # A smaller grounding model than the paper's (hidden 64, 3 levels: the toy moments span at most
 # 5 windows) keeps the demo within minutes on 2 CPU cores.
 TOY_SETTINGS = TrainSettings(lr=2e-3, model={"hidden": 64, "levels": 3})
