@@ -136,3 +136,21 @@ def test_cli_bad_input_is_one_line(toy_video, tmp_path, capsys, missing_video, s
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_demo_figure_puts_before_and_after_side_by_side(toy_video, tmp_path):
+    import json
+
+    from svitt_ego.visualize import GAP, LABEL_HEIGHT, demo_figure
+
+    row = {"video_uid": toy_video.name, "clip_start": 1.0, "clip_end": 3.0, "clip_text": TEXT}
+    question = {"query": row, "choices": {"0": row}, "answer": 0, "types": 1}
+    (tmp_path / "egomcq.json").write_text(json.dumps({"0": question}))
+    cfg = load_config("svitt_ego_kr3", [*SMALL, "model.vision.depth=3", "model.vision.prune_layers=[0,2]",
+                                        "model.vision.image_size=64", "model.vision.block_size=4",
+                                        f"data.egomcq={tmp_path / 'egomcq.json'}", f"data.video_root={toy_video.parent}"])
+    untrained, pretrained = SViTTEgo(cfg.model), SViTTEgo(cfg.model)
+    path = demo_figure(untrained, pretrained, cfg, tmp_path / "figure1.png")
+    width, height = Layout(4, 64).size(1 + 2 + 1)
+    assert Image.open(path).size == (2 * width + GAP, LABEL_HEIGHT + height)
+    assert untrained.training and pretrained.training  # the figure leaves the models' mode as it found it

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from svitt_ego.config import VisionConfig
+from svitt_ego.config import Config, VisionConfig
 from svitt_ego.data.transforms import ClipTransform, center_crop_box
 from svitt_ego.data.video import read_chunk_frames, read_clip_frames, sample_times
 from svitt_ego.models import SViTTEgo
@@ -227,6 +227,18 @@ def visualize(checkpoint: str | Path, video: str | Path, start: float, end: floa
     model, _ = load_for_eval(checkpoint)
     frames = read_video(video, start, end, model.config.vision.num_frames, chunk_seconds)
     return save_png(clip_figure(model, frames, text), out)
+
+
+def demo_figure(untrained: SViTTEgo, pretrained: SViTTEgo, cfg: Config, path: str | Path) -> Path:
+    """``svitt-ego demo``'s Figure 1: the first EgoMCQ question's clip (a held-out video) with its
+    narration, before and after pretraining, side by side."""
+    from svitt_ego.data.egomcq import read_egomcq
+
+    clip = read_egomcq(cfg.data.egomcq)[0].query
+    frames = read_clip_frames(cfg.data.video_root, clip.video_uid, max(clip.start, 0.0), max(clip.end, 0.0),
+                              cfg.model.vision.num_frames, "uniform", cfg.data.chunk_seconds)
+    figures = [clip_figure(model, frames, clip.text) for model in (untrained, pretrained)]
+    return save_png(side_by_side(figures, ["before pretraining", "after pretraining"]), path)
 
 
 # ---------------------------------------------------------------- measuring
