@@ -88,14 +88,18 @@ def main() -> None:
     parser.add_argument("--demo", default="demo_run", help="a `svitt-ego demo` folder (toy_data/ and run/)")
     parser.add_argument("--pretrained", default=None,
                         help="a checkpoint (.pt) or save_pretrained folder (default: DEMO/run/model)")
+    parser.add_argument("--untrained-seeds", type=int, nargs="+", default=None,
+                        help="initialise untrained models with these seeds (default: the demo's train.seed)")
     parser.add_argument("--max-clips", type=int, default=None, help="only the first N held-out clips")
     args = parser.parse_args()
     demo = Path(args.demo)
     clips = held_out_clips(demo / "toy_data")[:args.max_clips]
     cfg = load_config(demo / "run" / "config.yaml")
-    torch.manual_seed(cfg.train.seed)  # as the demo builds its untrained model
-    models = {"untrained": create_model(cfg.model),
-              "pretrained": load_for_eval(args.pretrained or demo / "run" / "model")[0]}
+    models = {}
+    for seed in args.untrained_seeds or [cfg.train.seed]:  # the demo's untrained model has train.seed
+        torch.manual_seed(seed)
+        models[f"untrained (seed {seed})"] = create_model(cfg.model)
+    models["pretrained"] = load_for_eval(args.pretrained or demo / "run" / "model")[0]
     print(f"{len(clips)} held-out clips of {len({c[0].uid for c in clips})} videos, "
           f"{cfg.model.vision.num_frames} frames each")
     for name, model in models.items():

@@ -1,6 +1,7 @@
 """``svitt-ego visualize``: the figure darkens exactly the patches the model prunes; the CLI end to end."""
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -120,6 +121,9 @@ def test_cli_writes_the_figure(toy_video, tmp_path, capsys):
         assert f"wrote {out}" in capsys.readouterr().out
         assert Image.open(out).size == Layout(4, 64).size(1 + 2 + 1)
         assert not list(tmp_path.glob(".*.tmp"))
+        umask = os.umask(0)
+        os.umask(umask)
+        assert out.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 @pytest.mark.parametrize("missing_video, start, end, message", [

@@ -199,6 +199,9 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
             image.save(f, format="PNG")
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
