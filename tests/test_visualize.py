@@ -158,3 +158,19 @@ def test_demo_figure_puts_before_and_after_side_by_side(toy_video, tmp_path):
     width, height = Layout(4, 64).size(1 + 2 + 1)
     assert Image.open(path).size == (2 * width + GAP, LABEL_HEIGHT + height)
     assert untrained.training and pretrained.training  # the figure leaves the models' mode as it found it
+
+
+def test_kept_masks_do_not_depend_on_the_models_mode():
+    """A model in training mode (dropout, fresh random blocks) is measured as in evaluation, and left training."""
+    model = _model("model.vision.depth=3", "model.vision.prune_layers=[0,2]", "model.vision.image_size=64",
+                   "model.vision.block_size=4", "model.text.keep_rate=0.3")
+    assert model.config.text.dropout > 0
+    frames = torch.randn(2, 4, 3, 64, 64)
+    expected = kept_masks(model, frames, [TEXT, "#C C shakes the green box"])
+    model.train()
+    for _ in range(3):
+        got = kept_masks(model, frames, [TEXT, "#C C shakes the green box"])
+        assert model.training
+        assert [row.label for row in got] == [row.label for row in expected]
+        for a, b in zip(got, expected):
+            assert torch.equal(a.mask, b.mask)

@@ -98,7 +98,6 @@ def kept_masks(model: SViTTEgo, frames: torch.Tensor, texts: list[str] | None = 
     was_training = model.training
     model.eval()
     video = model.forward_video(frames)
-    model.train(was_training)
     T, grid = vision.num_frames, vision.grid_size
     total = T * grid * grid
     rows = []
@@ -107,6 +106,7 @@ def kept_masks(model: SViTTEgo, frames: torch.Tensor, texts: list[str] | None = 
                             f"(q_v = {vision.keep_rate:g})", position_mask(positions, T, grid)))
     if texts is not None:
         rows.append(fusion_row(model, video, texts, total))
+    model.train(was_training)
     return rows
 
 
@@ -117,9 +117,9 @@ def fusion_row(model: SViTTEgo, video: VideoOutput, texts: list[str], total: int
                          video.tokens)
     kept = kept_video_tokens(fused)
     B, n = video.tokens.shape[0], video.tokens.shape[1] - 1
-    kept = kept[:, 1:] if kept is not None else torch.arange(1, n + 1).expand(B, -1)
+    kept = kept[:, 1:] if kept is not None else torch.arange(1, n + 1, device=video.tokens.device).expand(B, -1)
     video_layers = kept_positions(video)
-    positions = video_layers[-1] if video_layers else torch.arange(total).expand(B, -1)
+    positions = video_layers[-1] if video_layers else torch.arange(total, device=video.tokens.device).expand(B, -1)
     vision, text = model.config.vision, model.config.text
     label = (f"first fusion layer: {kept.shape[1]} of {n} video tokens kept for the text "
              f"(q_m = {text.keep_rate:g})")
