@@ -30,7 +30,8 @@ def _hf_beit(tmp_path, **kwargs):
 def _our_vision(overrides=()):
     cfg = load_config("dense", ["model.vision.image_size=32", "model.vision.patch_size=8", "model.vision.width=64",
                                 "model.vision.depth=2", "model.vision.num_heads=4", "model.vision.num_frames=1",
-                                "model.vision.prune_layers=[]", "model.vision.drop_path=0.0", *overrides])
+                                "model.vision.prune_layers=[]", "model.vision.drop_path=0.0", "model.vision.pooling=mean",
+                                *overrides])
     return cfg.model.vision
 
 

@@ -62,6 +62,20 @@ def _cmd_eval_mcq(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    from svitt_ego.data.video import VideoReadError
+    from svitt_ego.visualize import visualize
+
+    try:
+        path = visualize(args.checkpoint, args.video, args.start, args.end, text=args.text, out=args.out,
+                         chunk_seconds=args.chunk_seconds)
+    except (VideoReadError, FileNotFoundError, ValueError) as err:
+        print(f"svitt-ego: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     if args.task == "nlq":
         from svitt_ego.nlq.demo import demo_nlq
@@ -155,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.egomcq=...")
     p.add_argument("--output", default=None, help="write the accuracies as JSON here")
     p.set_defaults(func=_cmd_eval_mcq)
+
+    p = sub.add_parser("visualize", help="draw the video patches node sparsity keeps for one clip (PNG)")
+    p.add_argument("checkpoint", help="a training checkpoint (.pt) or a save_pretrained folder")
+    p.add_argument("video", help="a video file PyAV reads, or a prepared chunk folder ROOT/VIDEO_UID")
+    p.add_argument("--start", type=float, required=True, help="clip start (seconds)")
+    p.add_argument("--end", type=float, required=True, help="clip end (seconds)")
+    p.add_argument("--text", default=None, help="also draw what the first fusion layer keeps for this text")
+    p.add_argument("--out", default="figure.png")
+    p.add_argument("--chunk-seconds", type=float, default=600.0, help="chunk length of a chunk folder")
+    p.set_defaults(func=_cmd_visualize)
 
     p = sub.add_parser("demo", help="toy data -> evaluate -> pretrain the tiny model -> evaluate again")
     p.add_argument("--workdir", default="demo_run")

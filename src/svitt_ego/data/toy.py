@@ -348,14 +348,38 @@ def render_frames(plan: VideoPlan, start_frame: int = 0, stop_frame: int | None 
         x, y, sx, sy, angle = object_pose(action, (obj.x, obj.y), t)
         x, y = x + PAD, y + PAD
         canvas = without[action.obj].copy()
-        if VERBS[action.verb][0] == "presses":
-            hx, hy = x + 2, y - OBJECT_RADIUS * 0.8 * sy
-        else:
-            hx, hy = x + OBJECT_RADIUS * 0.75 * sx, y + OBJECT_RADIUS * 0.45 * sy
+        hx, hy = _hand_position(action, x, y, sx, sy)
         _draw_capsule(canvas, (hx + 16, SIZE + 2 * PAD + 6), (hx, hy), 4.5, arm)
         _draw_object(canvas, obj.noun, x, y, sx, sy, angle)
         _draw_ellipse(canvas, hx, hy, 5.5, 4.5, skin)
         yield canvas[oy:oy + SIZE, ox:ox + SIZE]
+
+
+def _hand_position(action: Action, x: float, y: float, sx: float, sy: float) -> tuple[float, float]:
+    """Centre of the hand on an object posed at (x, y) with scale (sx, sy): on top for a press, else at its side."""
+    if VERBS[action.verb][0] == "presses":
+        return x + 2, y - OBJECT_RADIUS * 0.8 * sy
+    return x + OBJECT_RADIUS * 0.75 * sx, y + OBJECT_RADIUS * 0.45 * sy
+
+
+def actor_masks(plan: VideoPlan, frame: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where the acted-upon object and the hand are visible in frame ``frame`` of a video:
+    two bool ``[SIZE, SIZE]`` masks (the hand without the arm), drawn as :func:`render_frames`
+    draws them (the hand in front of the object); both empty between actions."""
+    t = frame / FPS
+    side = SIZE + 2 * PAD
+    layers = np.zeros((2, side, side, 3), np.uint8)  # the object, the hand
+    k = int(np.searchsorted([a.start for a in plan.actions], t, side="right")) - 1
+    if k >= 0 and t < plan.actions[k].end:
+        action = plan.actions[k]
+        obj = plan.objects[action.obj]
+        x, y, sx, sy, angle = object_pose(action, (obj.x, obj.y), t)
+        hx, hy = _hand_position(action, x + PAD, y + PAD, sx, sy)
+        _draw_object(layers[0], obj.noun, x + PAD, y + PAD, sx, sy, angle)
+        _draw_ellipse(layers[1], hx, hy, 5.5, 4.5, np.full(3, 255, np.uint8))
+    ox, oy = _camera_offset(plan, t)
+    obj_mask, hand_mask = layers[:, oy:oy + SIZE, ox:ox + SIZE].any(-1)
+    return obj_mask & ~hand_mask, hand_mask
 
 
 def _write_chunk(path: Path, frames) -> None:
