@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_video import write_chunked_video
+from helpers import write_chunked_video
 
 from svitt_ego.config import Config, TextConfig
 from svitt_ego.data.dataset import EgoClipDataset, collate_egoclip, epoch_indices

@@ -9,59 +9,9 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from helpers import HEIGHT, WIDTH, corrupt_concealed, draw_code, read_code, write_chunked_video, write_video
 
 from svitt_ego.data.video import VideoReadError, read_chunk_frames, read_clip_frames, read_frames, sample_times
-
-WIDTH, HEIGHT, BITS = 64, 48, 8
-
-
-def draw_code(index: int, chunk: int) -> np.ndarray:
-    """A frame whose top half shows ``index`` and bottom half ``chunk`` as 8 black/white bars."""
-    image = np.zeros((HEIGHT, WIDTH, 3), dtype=np.uint8)
-    bar = WIDTH // BITS
-    for row, value in ((0, index), (1, chunk)):
-        for bit in range(BITS):
-            if value >> bit & 1:
-                image[row * HEIGHT // 2:(row + 1) * HEIGHT // 2, bit * bar:(bit + 1) * bar] = 255
-    return image
-
-
-def read_code(image: np.ndarray) -> tuple[int, int]:
-    """Inverse of :func:`draw_code`, robust to compression (looks at the bars' centres)."""
-    bar, half = WIDTH // BITS, HEIGHT // 2
-    values = []
-    for row in range(2):
-        centres = image[row * half + 4:(row + 1) * half - 4].astype(float).mean(axis=(0, 2))
-        bits = [centres[bit * bar + 2:(bit + 1) * bar - 2].mean() > 128 for bit in range(BITS)]
-        values.append(sum(1 << bit for bit, on in enumerate(bits) if on))
-    return values[0], values[1]
-
-
-def write_video(path: Path, frames: list[np.ndarray], fps: Fraction, gop: int = 15) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
-        stream.gop_size = gop
-        stream.options = {"crf": "12", "preset": "veryfast"}
-        for i, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts, frame.time_base = i, 1 / fps
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode())
-    return path
-
-
-def write_chunked_video(root: Path, video_uid: str, seconds: float, fps: Fraction, chunk_seconds: float) -> list[int]:
-    """A video cut into chunks like ``prepare_videos`` does; frame j of chunk k shows (j, k).
-    Returns the number of frames of each chunk."""
-    counts = []
-    for chunk in range(math.ceil(seconds / chunk_seconds)):
-        length = min(chunk_seconds, seconds - chunk * chunk_seconds)
-        count = math.ceil(length * fps)
-        write_video(root / video_uid / f"{chunk}.mp4", [draw_code(j, chunk) for j in range(count)], fps)
-        counts.append(count)
-    return counts
 
 
 def expected_codes(times: np.ndarray, fps: Fraction, chunk_seconds: float, counts: list[int]) -> list[tuple[int, int]]:
@@ -138,23 +88,31 @@ def test_truncated_and_corrupt_files_name_path(tmp_path):
 
 def test_truncated_faststart_file_is_an_error_not_a_black_frame(tmp_path):
     """With the index at the front, a cut file still opens; the missing frames must raise."""
-    fps = Fraction(30)
-    path = tmp_path / "vid" / "0.mp4"
-    path.parent.mkdir(parents=True)
-    with av.open(str(path), "w", options={"movflags": "faststart"}) as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-        stream.options = {"crf": "12", "preset": "veryfast"}
-        for i in range(90):
-            frame = av.VideoFrame.from_ndarray(draw_code(i, 0), format="rgb24")
-            frame.pts, frame.time_base = i, 1 / fps
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode())
+    path = write_video(tmp_path / "vid" / "0.mp4", [draw_code(i, 0) for i in range(90)], Fraction(30), faststart=True)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) * 2 // 3])
     assert read_code(read_frames(tmp_path, "vid", np.array([0.1]))[0].numpy())[0] == 3
     with pytest.raises(VideoReadError, match=str(path)):
         read_frames(tmp_path, "vid", np.array([2.9]))
+
+
+def test_damage_the_decoder_conceals_is_an_error(tmp_path):
+    """Flipped bytes in the frame data decode without an FFmpeg error; the frames the decoder
+    reports as corrupt must raise, naming the file and the time."""
+    path = write_video(tmp_path / "vid" / "0.mp4", [draw_code(i, 0) for i in range(90)], Fraction(30))
+    assert corrupt_concealed(path) > 0
+    with pytest.raises(VideoReadError, match=rf"{path}: the decoder reports frame \d+ \(t=\d+\.\d+ s\) as corrupt"):
+        read_frames(tmp_path, "vid", np.arange(0.0, 3.0, 0.1))
+
+
+@pytest.mark.parametrize("video_uid", ["..", "../outside", "/etc", "", ".", "a/b", "vid/../../outside"])
+def test_video_uid_cannot_leave_the_root(tmp_path, video_uid):
+    root = tmp_path / "root"
+    write_video(root / "vid" / "0.mp4", [draw_code(i, 0) for i in range(30)], Fraction(30))
+    write_video(tmp_path / "outside" / "0.mp4", [draw_code(i, 0) for i in range(30)], Fraction(30))
+    write_video(root / "0.mp4", [draw_code(i, 0) for i in range(30)], Fraction(30))
+    with pytest.raises(ValueError, match="is not a video id"):
+        read_frames(root, video_uid, np.array([0.5]))
 
 
 def test_real_h264_file():
