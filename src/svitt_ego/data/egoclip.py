@@ -1,6 +1,6 @@
 """EgoClip metadata: reading ``egoclip.csv``, EgoNCE's action positives, scene-aware negatives.
 
-The file has 3.8M tab-separated rows (DESIGN 2.1). It is parsed with pyarrow and checked with
+The file has 3.8M tab-separated rows (the format: docs/data-formats.md). It is parsed with pyarrow and checked with
 vectorised compute kernels; a malformed row is reported with its 1-based line number and the
 offending field. A clean file is cached as parquet next to it (keyed on the file's size and
 mtime), so later reads take a second or two.
@@ -27,6 +27,9 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import torch
 
+from svitt_ego.data.errors import MetadataError
+from svitt_ego.data.video import VIDEO_UID_REGEX, VIDEO_UID_RULE
+
 COLUMNS = ("clip_idx", "video_uid", "video_dur", "narration_source", "narration_ind",
            "narration_time", "clip_start", "clip_end", "clip_text", "tag_verb", "tag_noun")
 INT_COLUMNS = ("clip_idx", "narration_ind")
@@ -37,7 +40,7 @@ TAG_COLUMNS = ("tag_verb", "tag_noun")
 CACHE_VERSION = 1
 _CACHE_KEY = b"svitt_ego.egoclip"
 
-_INT_PATTERN = r"^[+-]?\d{1,18}$"
+_INT_PATTERN = r"^-?\d{1,18}$"
 _FLOAT_PATTERN = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
 _TAG_PATTERN = r"^\[\s*(\d{1,9}\s*(,\s*\d{1,9}\s*)*)?\]$"
 
@@ -54,14 +57,15 @@ class _Problem:
 def read_egoclip(path: str | Path, lax: bool = False, cache: bool = True) -> pd.DataFrame:
     """Read ``egoclip.csv`` into a DataFrame with one row per clip, in file order.
 
-    A malformed row (wrong number of fields, a non-numeric number, a bad tag list,
-    ``clip_end < clip_start``) raises ``ValueError`` naming the file, the line and the field.
-    With ``lax=True`` such rows are dropped instead and one warning gives their count and the
-    first of them. Only a file without malformed rows is cached.
+    A missing file or a malformed row (wrong number of fields, bytes that are not UTF-8, a
+    ``video_uid`` that is not a plain folder name, a non-numeric number, a bad tag list,
+    ``clip_end < clip_start``) raises :class:`MetadataError` naming the file, the line and the
+    field. With ``lax=True`` malformed rows are dropped instead and one warning gives their count
+    and the first of them. Only a file without malformed rows is cached.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such EgoClip metadata file")
+        raise MetadataError(f"{path}: no such EgoClip metadata file (see data.egoclip)")
     cache_path = path.with_name(path.name + ".cache.parquet")
     key = _cache_key(path)
     if cache:
@@ -69,11 +73,14 @@ def read_egoclip(path: str | Path, lax: bool = False, cache: bool = True) -> pd.
         if table is not None:
             return _to_pandas(table)
 
-    table, bad_rows, num_bad, first = _parse(path)
+    try:
+        table, bad_rows, num_bad, first = _parse(path)
+    except OSError as err:
+        raise MetadataError(f"{path}: cannot read: {err}") from None
     if num_bad:
         where = f"{path}, line {first.line}, field '{first.field}': {first.message}"
         if not lax:
-            raise ValueError(f"malformed EgoClip row: {where}")
+            raise MetadataError(f"malformed EgoClip row: {where}")
         warnings.warn(f"skipped {num_bad} malformed EgoClip rows; the first: {where}", stacklevel=2)
         table = table.filter(pa.array(~bad_rows))
     elif cache:
@@ -85,43 +92,15 @@ def _parse(path: Path) -> tuple[pa.Table, np.ndarray, int, _Problem | None]:
     """Parse and check every row. Returns the typed table, the mask of its bad rows, the number
     of bad rows (including those with the wrong field count, which are not in the table) and
     the first problem in file order."""
-    with open(path, "rb") as f:
-        header = [name.strip('"') for name in f.readline().decode("utf-8", "replace").rstrip("\r\n").split("\t")]
-    missing = [c for c in COLUMNS if c not in header]
-    if missing:
-        raise ValueError(f"{path}, line 1: missing column(s) {', '.join(missing)} in the header")
-
+    header = _read_header(path)
     table, short_rows = _read_strings(path, use_threads=True)
     if short_rows:
         # A threaded read does not know line numbers; a second, serial read does.
         table, short_rows = _read_strings(path, use_threads=False)
     lines = _table_lines(table.num_rows, [line for line, _ in short_rows])
-
-    def got(name: str, row: int) -> str:
-        return repr(table.column(name)[row].as_py())
-
-    # (field, mask of bad rows, message for a bad row)
-    columns, checks = {}, []
-    for name in COLUMNS:
-        raw = table.column(name)
-        if name in INT_COLUMNS:
-            columns[name], bad = _to_number(raw, pa.int64(), _INT_PATTERN)
-            checks.append((name, bad, lambda row, name=name: f"expected an integer, got {got(name, row)}"))
-        elif name in FLOAT_COLUMNS:
-            columns[name], bad = _to_number(raw, pa.float64(), _FLOAT_PATTERN)
-            checks.append((name, bad, lambda row, name=name: f"expected a finite number, got {got(name, row)}"))
-        elif name in TAG_COLUMNS:
-            columns[name], bad = _to_tags(raw)
-            checks.append((name, bad, lambda row, name=name: f"expected a list of class ids like [12, 7] or [], "
-                                                             f"got {got(name, row)}"))
-        else:
-            columns[name] = raw
-    reversed_times = pc.less(columns["clip_end"], columns["clip_start"]).to_numpy(zero_copy_only=False)
-    checks.append(("clip_end", reversed_times,
-                   lambda row: f"{got('clip_end', row)} is before clip_start {got('clip_start', row)}"))
-    columns["video_uid"] = pc.dictionary_encode(columns["video_uid"])
-    columns["narration_source"] = pc.dictionary_encode(columns["narration_source"])
-    parsed = pa.table(columns)
+    table, checks = _check_utf8(table)
+    parsed, value_checks = _convert(table)
+    checks += value_checks
 
     bad_rows = np.zeros(parsed.num_rows, dtype=bool)
     for _, bad, _ in checks:
@@ -139,26 +118,108 @@ def _parse(path: Path) -> tuple[pa.Table, np.ndarray, int, _Problem | None]:
     return parsed, bad_rows, len(short_rows) + int(bad_rows.sum()), first
 
 
+def _read_header(path: Path) -> list[str]:
+    with open(path, "rb") as f:
+        header = [name.strip('"') for name in f.readline().decode("utf-8", "replace").rstrip("\r\n").split("\t")]
+    missing = [c for c in COLUMNS if c not in header]
+    if missing:
+        raise MetadataError(f"{path}, line 1: missing column(s) {', '.join(missing)} in the header")
+    doubled = sorted({c for c in COLUMNS if header.count(c) > 1})
+    if doubled:
+        raise MetadataError(f"{path}, line 1: column(s) {', '.join(doubled)} appear more than once in the header")
+    return header
+
+
+def _convert(table: pa.Table) -> tuple[pa.Table, list]:
+    """The typed table, and the checks of its rows: ``(field, mask of bad rows, message for a
+    bad row)`` in column order."""
+    def got(name: str, row: int) -> str:
+        return repr(table.column(name)[row].as_py())
+
+    columns, checks = {}, []
+    for name in COLUMNS:
+        raw = table.column(name)
+        if name in INT_COLUMNS:
+            columns[name], bad = _to_number(raw, pa.int64(), _INT_PATTERN)
+            checks.append((name, bad, lambda row, name=name: f"expected an integer, got {got(name, row)}"))
+        elif name in FLOAT_COLUMNS:
+            columns[name], bad = _to_number(raw, pa.float64(), _FLOAT_PATTERN)
+            checks.append((name, bad, lambda row, name=name: f"expected a finite number, got {got(name, row)}"))
+        elif name in TAG_COLUMNS:
+            columns[name], bad = _to_tags(raw)
+            checks.append((name, bad, lambda row, name=name: f"expected a list of class ids like [12, 7] or [], "
+                                                             f"got {got(name, row)}"))
+        else:
+            columns[name] = raw
+        if name == "video_uid":
+            checks.append((name, _bad_video_uids(raw),
+                           lambda row: f"{got('video_uid', row)} is not a video id ({VIDEO_UID_RULE})"))
+    reversed_times = pc.less(columns["clip_end"], columns["clip_start"]).to_numpy(zero_copy_only=False)
+    checks.append(("clip_end", reversed_times,
+                   lambda row: f"{got('clip_end', row)} is before clip_start {got('clip_start', row)}"))
+    columns["video_uid"] = pc.dictionary_encode(columns["video_uid"])
+    columns["narration_source"] = pc.dictionary_encode(columns["narration_source"])
+    return pa.table(columns), checks
+
+
 def _read_strings(path: Path, use_threads: bool) -> tuple[pa.Table, list[tuple[int, int]]]:
-    """All columns as strings; rows with the wrong field count are skipped and returned as
-    ``(line, number of fields)`` (line is only known when ``use_threads=False``)."""
+    """All columns as strings, not yet checked for UTF-8; rows with the wrong field count are
+    skipped and returned as ``(line, number of fields)`` (line is only known when
+    ``use_threads=False``)."""
     short_rows = []
 
     def on_invalid(row) -> str:
         short_rows.append((row.number, row.actual_columns))
         return "skip"
 
-    table = pcsv.read_csv(
-        path,
-        read_options=pcsv.ReadOptions(use_threads=use_threads, block_size=1 << 24),
-        # Empty lines stay rows so that row i of the table is line i + 2 of the file.
-        parse_options=pcsv.ParseOptions(delimiter="\t", invalid_row_handler=on_invalid,
-                                        ignore_empty_lines=False),
-        convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in COLUMNS},
-                                            include_columns=list(COLUMNS), strings_can_be_null=False,
-                                            quoted_strings_can_be_null=False),
-    )
+    try:
+        table = pcsv.read_csv(
+            path,
+            read_options=pcsv.ReadOptions(use_threads=use_threads, block_size=1 << 24),
+            # Empty lines stay rows so that row i of the table is line i + 2 of the file.
+            parse_options=pcsv.ParseOptions(delimiter="\t", invalid_row_handler=on_invalid,
+                                            ignore_empty_lines=False),
+            convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in COLUMNS},
+                                                include_columns=list(COLUMNS), strings_can_be_null=False,
+                                                quoted_strings_can_be_null=False, check_utf8=False),
+        )
+    except pa.ArrowInvalid as err:
+        raise MetadataError(f"{path}: not a tab-separated EgoClip file: {err}") from None
     return table, short_rows
+
+
+def _check_utf8(table: pa.Table) -> tuple[pa.Table, list]:
+    """Find the values that are not UTF-8 (empty them, so that the table is valid) and return
+    their checks. A column is searched value by value only when it holds such bytes."""
+    checks = []
+    for i, name in enumerate(table.column_names):
+        column = table.column(i)
+        try:
+            column.validate(full=True)
+            continue
+        except pa.ArrowInvalid:
+            pass
+        bad = np.array([not _is_utf8(value) for value in pc.cast(column, pa.binary()).to_pylist()], dtype=bool)
+        table = table.set_column(i, name, pc.if_else(pa.array(bad), "", column))
+        checks.append((name, bad, lambda row: "not valid UTF-8 text"))
+    return table, checks
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _bad_video_uids(raw: pa.ChunkedArray) -> np.ndarray:
+    """The rows whose ``video_uid`` is not a plain folder name (checked once per distinct id)."""
+    uids = pc.unique(raw)
+    bad_uids = uids.filter(pc.invert(pc.match_substring_regex(uids, VIDEO_UID_REGEX)))
+    if len(bad_uids) == 0:
+        return np.zeros(len(raw), dtype=bool)
+    return pc.is_in(raw, value_set=bad_uids).to_numpy(zero_copy_only=False)
 
 
 def _table_lines(num_rows: int, skipped_lines: list[int]) -> np.ndarray:
@@ -168,14 +229,20 @@ def _table_lines(num_rows: int, skipped_lines: list[int]) -> np.ndarray:
 
 
 def _to_number(raw: pa.ChunkedArray, type_: pa.DataType, pattern: str) -> tuple[pa.ChunkedArray, np.ndarray]:
-    """Cast strings to numbers; on failure find the bad ones with a regex and cast the rest."""
-    bad = np.zeros(len(raw), dtype=bool)
-    try:
-        values = pc.cast(raw, type_)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        bad = ~pc.match_substring_regex(raw, pattern).to_numpy(zero_copy_only=False)
-        values = pc.cast(pc.if_else(pa.array(bad), "0", raw), type_)
-    if pa.types.is_floating(type_):
+    """Cast strings to numbers; entries that do not match ``pattern`` (or are not finite) are
+    bad and read as 0. Arrow's float cast reads exactly the pattern plus inf and nan, so floats
+    take the regex only when the cast fails; its integer cast also reads hex (``0x10``) and
+    refuses ``+5``, so integers always take it."""
+    floating = pa.types.is_floating(type_)
+    if floating:
+        try:
+            values = pc.cast(raw, type_)
+            return values, ~pc.is_finite(values).to_numpy(zero_copy_only=False)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
+    bad = ~pc.match_substring_regex(raw, pattern).to_numpy(zero_copy_only=False)
+    values = pc.cast(pc.if_else(pa.array(bad), "0", raw), type_)
+    if floating:
         bad |= ~pc.is_finite(values).to_numpy(zero_copy_only=False)
     return values, bad
 
@@ -263,7 +330,7 @@ def _shares_a_class(tags: torch.Tensor) -> torch.Tensor:
 
 
 class SceneNegatives:
-    """Scene-aware hard negatives (DESIGN 2.3): for an anchor row, another clip of the same video
+    """Scene-aware hard negatives: for an anchor row, another clip of the same video
     whose narration falls in the same ``window``-second bin (``floor(narration_time / window)``)
     and whose ``[clip_start, clip_end]`` does not overlap the anchor's (closed intervals, so the
     anchor itself and a second narration of the same moment are never drawn).
