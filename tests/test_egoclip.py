@@ -92,6 +92,25 @@ def test_bytes_that_are_not_utf8_name_line_and_field(tmp_path):
     assert df.clip_idx.tolist() == [0, 2]
 
 
+# pyarrow's report of the row it cannot decode must not reach stderr as a traceback.
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_short_row_with_bytes_that_are_not_utf8_names_its_line_even_in_lax_mode(tmp_path):
+    path = write_egoclip(tmp_path / "egoclip.csv", [ROWS[0], ROWS[1]])
+    path.write_bytes(path.read_bytes() + b"\x80\t1\n")
+    for lax in (False, True):
+        with pytest.raises(MetadataError, match=rf"{path}, line 4, field 'video_dur': the row has 2 tab-separated "
+                                                r"fields, expected 11, and bytes that are not UTF-8"):
+            read_egoclip(path, lax=lax)
+
+
+@pytest.mark.parametrize("end", ["", "\n"])
+def test_header_alone_is_an_empty_table(tmp_path, end):
+    path = tmp_path / "egoclip.csv"
+    path.write_text("\t".join(COLUMNS) + end)
+    df = read_egoclip(path)
+    assert len(df) == 0 and list(df.columns) == list(COLUMNS)
+
+
 def test_missing_file_is_a_metadata_error(tmp_path):
     with pytest.raises(MetadataError, match=rf"{tmp_path / 'nope.csv'}: no such EgoClip metadata file"):
         read_egoclip(tmp_path / "nope.csv")

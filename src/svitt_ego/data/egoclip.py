@@ -13,8 +13,11 @@ buffers hold no Python objects, so forked DataLoader workers share them without 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,13 +95,15 @@ def _parse(path: Path) -> tuple[pa.Table, np.ndarray, int, _Problem | None]:
     """Parse and check every row. Returns the typed table, the mask of its bad rows, the number
     of bad rows (including those with the wrong field count, which are not in the table) and
     the first problem in file order."""
-    header = _read_header(path)
-    table, short_rows = _read_strings(path, use_threads=True)
+    header, has_rows = _read_header(path)
+    # Arrow cannot read a header with no line break after it; such a file has no rows.
+    empty = pa.table({c: pa.array([], pa.string()) for c in COLUMNS})
+    table, short_rows, utf8_checked = _read_strings(path, header, use_threads=True) if has_rows else (empty, [], True)
     if short_rows:
         # A threaded read does not know line numbers; a second, serial read does.
-        table, short_rows = _read_strings(path, use_threads=False)
+        table, short_rows, utf8_checked = _read_strings(path, header, use_threads=False, check_utf8=utf8_checked)
     lines = _table_lines(table.num_rows, [line for line, _ in short_rows])
-    table, checks = _check_utf8(table)
+    table, checks = (table, []) if utf8_checked else _find_bad_utf8(table)
     parsed, value_checks = _convert(table)
     checks += value_checks
 
@@ -118,16 +123,18 @@ def _parse(path: Path) -> tuple[pa.Table, np.ndarray, int, _Problem | None]:
     return parsed, bad_rows, len(short_rows) + int(bad_rows.sum()), first
 
 
-def _read_header(path: Path) -> list[str]:
+def _read_header(path: Path) -> tuple[list[str], bool]:
+    """The column names, and whether anything follows them."""
     with open(path, "rb") as f:
         header = [name.strip('"') for name in f.readline().decode("utf-8", "replace").rstrip("\r\n").split("\t")]
+        has_rows = f.read(1) != b""
     missing = [c for c in COLUMNS if c not in header]
     if missing:
         raise MetadataError(f"{path}, line 1: missing column(s) {', '.join(missing)} in the header")
     doubled = sorted({c for c in COLUMNS if header.count(c) > 1})
     if doubled:
         raise MetadataError(f"{path}, line 1: column(s) {', '.join(doubled)} appear more than once in the header")
-    return header
+    return header, has_rows
 
 
 def _convert(table: pa.Table) -> tuple[pa.Table, list]:
@@ -162,10 +169,16 @@ def _convert(table: pa.Table) -> tuple[pa.Table, list]:
     return pa.table(columns), checks
 
 
-def _read_strings(path: Path, use_threads: bool) -> tuple[pa.Table, list[tuple[int, int]]]:
-    """All columns as strings, not yet checked for UTF-8; rows with the wrong field count are
-    skipped and returned as ``(line, number of fields)`` (line is only known when
-    ``use_threads=False``)."""
+def _read_strings(path: Path, header: list[str], use_threads: bool,
+                  check_utf8: bool = True) -> tuple[pa.Table, list[tuple[int, int]], bool]:
+    """All columns as strings; rows with the wrong field count are skipped and returned as
+    ``(line, number of fields)`` (line is only known when ``use_threads=False``); and whether
+    the strings were checked to be UTF-8. pyarrow's check only says that some value is not, so
+    a file with such a value is read again unchecked, for :func:`_find_bad_utf8`.
+
+    pyarrow decodes a row with the wrong field count as UTF-8 before handing it over, so one
+    that also holds other bytes stops the read, even in lax mode: it raises
+    :class:`MetadataError` with its line."""
     short_rows = []
 
     def on_invalid(row) -> str:
@@ -173,22 +186,54 @@ def _read_strings(path: Path, use_threads: bool) -> tuple[pa.Table, list[tuple[i
         return "skip"
 
     try:
-        table = pcsv.read_csv(
-            path,
-            read_options=pcsv.ReadOptions(use_threads=use_threads, block_size=1 << 24),
-            # Empty lines stay rows so that row i of the table is line i + 2 of the file.
-            parse_options=pcsv.ParseOptions(delimiter="\t", invalid_row_handler=on_invalid,
-                                            ignore_empty_lines=False),
-            convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in COLUMNS},
-                                                include_columns=list(COLUMNS), strings_can_be_null=False,
-                                                quoted_strings_can_be_null=False, check_utf8=False),
-        )
+        with _quiet_undecodable_rows(on_invalid):
+            table = pcsv.read_csv(
+                path,
+                read_options=pcsv.ReadOptions(use_threads=use_threads, block_size=1 << 24),
+                # Empty lines stay rows so that row i of the table is line i + 2 of the file.
+                parse_options=pcsv.ParseOptions(delimiter="\t", invalid_row_handler=on_invalid,
+                                                ignore_empty_lines=False),
+                convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in COLUMNS},
+                                                    include_columns=list(COLUMNS), strings_can_be_null=False,
+                                                    quoted_strings_can_be_null=False, check_utf8=check_utf8),
+            )
     except pa.ArrowInvalid as err:
-        raise MetadataError(f"{path}: not a tab-separated EgoClip file: {err}") from None
-    return table, short_rows
+        if check_utf8 and "invalid UTF8" in str(err):
+            return _read_strings(path, header, use_threads, check_utf8=False)
+        if use_threads:  # only a serial read names the row
+            return _read_strings(path, header, use_threads=False, check_utf8=check_utf8)
+        raise MetadataError(_read_error(path, header, str(err))) from None
+    return table, short_rows, check_utf8
 
 
-def _check_utf8(table: pa.Table) -> tuple[pa.Table, list]:
+@contextlib.contextmanager
+def _quiet_undecodable_rows(handler):
+    """pyarrow reports a row it cannot decode for ``handler`` on stderr, with a traceback, and
+    then stops the read (which becomes a one-line :class:`MetadataError`): keep stderr clean."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if not (unraisable.object is handler and isinstance(unraisable.exc_value, UnicodeDecodeError)):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+
+
+def _read_error(path: Path, header: list[str], message: str) -> str:
+    match = re.search(r"Row #(\d+): Expected (\d+) columns, got (\d+)", message)
+    if match is None:
+        return f"{path}: not a tab-separated EgoClip file: {message}"
+    line, expected, count = map(int, match.groups())
+    field = header[count] if count < len(header) else "(extra)"
+    return (f"malformed EgoClip row: {path}, line {line}, field '{field}': the row has {count} tab-separated "
+            f"fields, expected {expected}, and bytes that are not UTF-8")
+
+
+def _find_bad_utf8(table: pa.Table) -> tuple[pa.Table, list]:
     """Find the values that are not UTF-8 (empty them, so that the table is valid) and return
     their checks. A column is searched value by value only when it holds such bytes."""
     checks = []
