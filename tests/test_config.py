@@ -36,6 +36,7 @@ def test_overrides_are_typed():
     ("model.vision.attention=flash", r"model\.vision\.attention: 'flash' is not one of"),
     ("model.vision.prune_layers=[12]", r"model\.vision\.prune_layers: must be layer indices in \[0, 12\)"),
     ("train.lr", r"not of the form key=value"),
+    ("train\nlr=1", r"^unknown config key 'train\\nlr' \(known"),  # stays on one line
     ("data.crop_scale=[a, b]", r"data\.crop_scale\[0\]: expected float, got 'a'"),
     ("model.vision.mean=[x,1,1]", r"model\.vision\.mean\[0\]: expected float, got 'x'"),
     ("model.vision.std=[1,1,{a: 1}]", r"model\.vision\.std\[2\]: expected float, got \{'a': 1\}"),

@@ -16,7 +16,7 @@ import re
 import warnings
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from svitt_ego.config import Config, ConfigError, load_config
@@ -158,6 +158,7 @@ def mcq_files(draw) -> dict:
 
 
 @given(mcq_files() | json_values)
+@example(data={"'": {"query": {}, "choices": {}, "answer": 0, "types": 1}})  # an id that repr() double-quotes
 def test_egomcq_any_json_parses_or_names_question_and_field(folder, data):
     path = folder / "egomcq.json"
     path.write_text(json.dumps(data))
@@ -167,7 +168,7 @@ def test_egomcq_any_json_parses_or_names_question_and_field(folder, data):
         message = str(err)
         assert message.startswith(f"{path}: ") and "\n" not in message
         if isinstance(data, dict) and data:
-            assert re.match(rf"{re.escape(str(path))}: question '.*'(, field '[\w.]+')?: ", message), message
+            assert re.match(rf"{re.escape(str(path))}: question ('.*'|\".*\")(, field '[\w.]+')?: ", message), message
     else:
         assert len(questions) == len(data)
         for q in questions:
@@ -200,6 +201,7 @@ yaml_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=20) | st
 
 
 @given(st.lists(st.tuples(st.sampled_from(CONFIG_KEYS) | st.text(max_size=12), yaml_text), max_size=3))
+@example(overrides=[("0\n0", "")])  # a key with a line break
 def test_overrides_parse_or_name_the_key(overrides):
     texts = [f"{key}={value}" for key, value in overrides]
     try:
@@ -207,8 +209,10 @@ def test_overrides_parse_or_name_the_key(overrides):
     except ConfigError as err:
         message = str(err)
         assert "\n" not in message
-        assert any(key.strip().split(".")[0] in message for key, _ in overrides) or message.startswith("override "), \
-            message
+        # The first part of some override's key, as written or escaped (repr) to stay on one line.
+        firsts = [text.split("=", 1)[0].strip().split(".")[0] for text in texts]
+        assert any(first in message or repr(first)[1:-1] in message for first in firsts) or \
+            message.startswith("override "), message
 
 
 @given(st.text(st.characters(exclude_categories=("Cs",)), max_size=80) | st.builds(

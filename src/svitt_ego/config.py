@@ -337,7 +337,7 @@ def _set(obj: Any, path: list[str], value: Any, prefix: str = "") -> None:
     key = f"{prefix}{path[0]}"
     fields = {f.name: f for f in dataclasses.fields(obj)}
     if path[0] not in fields:
-        raise ConfigError(f"unknown config key '{key}' (known: {', '.join(fields)})", key)
+        raise ConfigError(f"unknown config key {_short(key)} (known: {', '.join(fields)})", key)
     current = getattr(obj, path[0])
     if dataclasses.is_dataclass(current):
         if len(path) == 1:
@@ -350,7 +350,7 @@ def _set(obj: Any, path: list[str], value: Any, prefix: str = "") -> None:
         return
     if len(path) > 1:
         full_key = f"{key}.{'.'.join(path[1:])}"
-        raise ConfigError(f"unknown config key '{full_key}' ('{key}' is not a section)", full_key)
+        raise ConfigError(f"unknown config key {_short(full_key)} ('{key}' is not a section)", full_key)
     setattr(obj, path[0], _coerce(key, value, fields[path[0]].type))
 
 

@@ -113,7 +113,7 @@ def _parse(path: Path) -> tuple[pa.Table, np.ndarray, int, _Problem | None]:
     candidates = []
     if short_rows:
         line, count = short_rows[0]
-        field = header[count] if count < len(header) else "(extra)"
+        field = _field_name(header, count)
         candidates.append(_Problem(line, field, f"the row has {count} tab-separated fields, expected {len(header)}"))
     if bad_rows.any():
         row = int(np.argmax(bad_rows))
@@ -223,12 +223,17 @@ def _quiet_undecodable_rows(handler):
         sys.unraisablehook = previous
 
 
+def _field_name(header: list[str], index: int) -> str:
+    """The header's name of field ``index``, escaped to stay on one line."""
+    return repr(header[index])[1:-1] if index < len(header) else "(extra)"
+
+
 def _read_error(path: Path, header: list[str], message: str) -> str:
     match = re.search(r"Row #(\d+): Expected (\d+) columns, got (\d+)", message)
     if match is None:
         return f"{path}: not a tab-separated EgoClip file: {message}"
     line, expected, count = map(int, match.groups())
-    field = header[count] if count < len(header) else "(extra)"
+    field = _field_name(header, count)
     return (f"malformed EgoClip row: {path}, line {line}, field '{field}': the row has {count} tab-separated "
             f"fields, expected {expected}, and bytes that are not UTF-8")
 
