@@ -66,9 +66,11 @@ def read_code(image: np.ndarray) -> tuple[int, int]:
     return values[0], values[1]
 
 
-def write_video(path: Path, frames: list[np.ndarray], fps: Fraction, gop: int = 15) -> Path:
+def write_video(path: Path, frames: list[np.ndarray], fps: Fraction, gop: int = 15, faststart: bool = False) -> Path:
+    """An h264 mp4 of ``frames``; with ``faststart`` its index comes before the frames, so that
+    a cut copy still opens."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
+    with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {}) as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
         stream.gop_size = gop
@@ -122,3 +124,30 @@ def mcq_question(answer=2, types=2, choices=5):
     return {"query": row("v1", 0.5, "#C C opens the door"),
             "choices": {str(i): row("v1" if i % 2 else "v2", 0.3 * i) for i in range(choices)},
             "answer": answer, "types": types}
+
+def corrupt_concealed(path: Path) -> int:
+    """Flip bytes spread over the frame data of the mp4 at ``path`` until FFmpeg decodes every
+    frame without an error but reports some as corrupt (it conceals the damage). Returns the
+    number of frames it reports as corrupt."""
+    data = path.read_bytes()
+    start, end = data.find(b"mdat") + 8, data.find(b"moov")
+    end = end if end > start else len(data)
+    num_frames = len(_decode_all(path))
+    for step in range(301, 401, 2):
+        damaged = bytearray(data)
+        for position in range(start + 200, end - 8, step):
+            damaged[position] ^= 0x55
+        path.write_bytes(damaged)
+        try:
+            frames = _decode_all(path)
+        except av.FFmpegError:
+            continue
+        corrupt = sum(frame.is_corrupt for frame in frames)
+        if corrupt and len(frames) == num_frames:
+            return corrupt
+    raise AssertionError(f"found no damage to {path} that FFmpeg conceals")
+
+
+def _decode_all(path: Path) -> list:
+    with av.open(str(path)) as container:
+        return list(container.decode(video=0))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from svitt_ego.data.egoclip import COLUMNS, SceneNegatives, action_positive_mask, pad_tags, read_egoclip
+from svitt_ego.data.errors import MetadataError
 
 ROWS = [
     # clip_idx video_uid video_dur narration_source narration_ind narration_time clip_start clip_end clip_text tag_verb tag_noun
@@ -56,25 +57,68 @@ def test_round_trip_with_empty_tag_lists_and_cache(tmp_path):
     (10, "[192, x]", "tag_noun"),
     (9, "93", "tag_verb"),
     (7, "1.0", "clip_end': '1.0' is before clip_start '5.0"),
+    (0, "+5", "clip_idx': expected an integer, got '\\+5"),
+    (4, "0x10", "narration_ind': expected an integer, got '0x10"),
+    (0, "9" * 19, "clip_idx': expected an integer, got '9999999999999999999"),
+    (1, "../../x", "video_uid': '\\.\\./\\.\\./x"),
+    (1, "/etc", "video_uid': '/etc"),
+    (1, "..", "video_uid': '\\.\\."),
+    (1, "", "video_uid': '"),
 ])
 def test_malformed_row_names_file_line_and_field(tmp_path, index, value, field):
     bad = list(ROWS[1])
     bad[index] = value
     path = write_egoclip(tmp_path / "egoclip.csv", [ROWS[0], ROWS[2], tuple(bad), ROWS[0]])
-    with pytest.raises(ValueError, match=rf"{path}, line 4, field '{field}'"):
+    with pytest.raises(MetadataError, match=rf"{path}, line 4, field '{field}'"):
         read_egoclip(path)
     assert not (tmp_path / "egoclip.csv.cache.parquet").exists()
 
 
 def test_wrong_field_count_names_line(tmp_path):
     path = write_egoclip(tmp_path / "egoclip.csv", [ROWS[0], ROWS[0][:-1], ROWS[1], ROWS[2] + ("extra",)])
-    with pytest.raises(ValueError, match=rf"{path}, line 3, field 'tag_noun': the row has 10 .* expected 11"):
+    with pytest.raises(MetadataError, match=rf"{path}, line 3, field 'tag_noun': the row has 10 .* expected 11"):
         read_egoclip(path)
+
+
+def test_bytes_that_are_not_utf8_name_line_and_field(tmp_path):
+    path = write_egoclip(tmp_path / "egoclip.csv", [ROWS[0], ROWS[1], ROWS[2]])
+    lines = path.read_bytes().split(b"\n")
+    lines[2] = lines[2].replace(b"drops", b"dr\xffps")
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(MetadataError, match=rf"{path}, line 3, field 'clip_text': not valid UTF-8"):
+        read_egoclip(path)
+    with pytest.warns(UserWarning, match="skipped 1 malformed"):
+        df = read_egoclip(path, lax=True)
+    assert df.clip_idx.tolist() == [0, 2]
+
+
+# pyarrow's report of the row it cannot decode must not reach stderr as a traceback.
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_short_row_with_bytes_that_are_not_utf8_names_its_line_even_in_lax_mode(tmp_path):
+    path = write_egoclip(tmp_path / "egoclip.csv", [ROWS[0], ROWS[1]])
+    path.write_bytes(path.read_bytes() + b"\x80\t1\n")
+    for lax in (False, True):
+        with pytest.raises(MetadataError, match=rf"{path}, line 4, field 'video_dur': the row has 2 tab-separated "
+                                                r"fields, expected 11, and bytes that are not UTF-8"):
+            read_egoclip(path, lax=lax)
+
+
+@pytest.mark.parametrize("end", ["", "\n"])
+def test_header_alone_is_an_empty_table(tmp_path, end):
+    path = tmp_path / "egoclip.csv"
+    path.write_text("\t".join(COLUMNS) + end)
+    df = read_egoclip(path)
+    assert len(df) == 0 and list(df.columns) == list(COLUMNS)
+
+
+def test_missing_file_is_a_metadata_error(tmp_path):
+    with pytest.raises(MetadataError, match=rf"{tmp_path / 'nope.csv'}: no such EgoClip metadata file"):
+        read_egoclip(tmp_path / "nope.csv")
 
 
 def test_missing_column_is_an_error(tmp_path):
     path = write_egoclip(tmp_path / "egoclip.csv", [row[:-1] for row in ROWS], header=COLUMNS[:-1])
-    with pytest.raises(ValueError, match="tag_noun"):
+    with pytest.raises(MetadataError, match=rf"{path}, line 1: missing column\(s\) tag_noun"):
         read_egoclip(path)
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from fractions import Fraction
 
 import av
 import numpy as np
 import pytest
-from helpers import HEIGHT, WIDTH, draw_code, read_code, write_video
+from helpers import HEIGHT, WIDTH, corrupt_concealed, draw_code, read_code, write_video
 
 from svitt_ego.data.prepare import MANIFEST, output_size, prepare_videos
 from svitt_ego.data.video import read_frames
@@ -70,3 +71,39 @@ def test_incomplete_video_is_redone(sources, tmp_path):
     summary = prepare_videos(sources, dst, short_side=HEIGHT, chunk_seconds=2.0, workers=1)
     assert (summary.done, summary.skipped) == (1, 1)
     assert (dst / "a" / "2.mp4").is_file()
+
+
+def test_a_source_name_that_is_not_a_video_id_writes_nothing_outside_dst(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "out" / "dst"
+    frames = [upscaled_code(i) for i in range(30)]
+    for name in ("...mp4", "..mp4", "-x.mp4", "ok.mp4"):
+        write_video(src / name, frames, Fraction(30))
+    summary = prepare_videos(src, dst, short_side=HEIGHT, chunk_seconds=2.0, workers=1)
+    assert summary.done == 1
+    assert sorted(path.split("/")[-1] for path, _ in summary.failed) == ["-x.mp4", "...mp4", "..mp4"]
+    assert all("is not a video id" in error for _, error in summary.failed)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "out").rglob("*")) == [
+        "out/dst", "out/dst/ok", "out/dst/ok/0.mp4", f"out/dst/ok/{MANIFEST}"]
+
+
+def test_truncated_source_fails_and_leaves_no_chunks(tmp_path):
+    """A cut download with its index at the front opens and decodes without an error, short of
+    the duration its container declares."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    path = write_video(src / "cut.mp4", [upscaled_code(i) for i in range(150)], Fraction(30), faststart=True)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    summary = prepare_videos(src, dst, short_side=HEIGHT, chunk_seconds=2.0, workers=1)
+    assert summary.done == 0 and len(summary.failed) == 1
+    assert re.search(r"decoded \d\.\d\d s of the 5\.00 s the container declares", summary.failed[0][1])
+    assert list((dst / "cut").iterdir()) == []
+
+
+def test_source_with_concealed_damage_fails(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    path = write_video(src / "damaged.mp4", [upscaled_code(i) for i in range(90)], Fraction(30))
+    corrupt_concealed(path)
+    summary = prepare_videos(src, dst, short_side=HEIGHT, chunk_seconds=2.0, workers=1)
+    assert summary.done == 0 and len(summary.failed) == 1
+    assert re.search(r"the decoder reports \d+ corrupt frame\(s\), the first at \d+\.\d\d s", summary.failed[0][1])
+    assert list((dst / "damaged").iterdir()) == []

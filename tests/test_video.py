@@ -9,8 +9,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-
-from helpers import HEIGHT, WIDTH, draw_code, read_code, write_chunked_video
+from helpers import HEIGHT, WIDTH, corrupt_concealed, draw_code, read_code, write_chunked_video, write_video
 
 from svitt_ego.data.video import VideoReadError, read_chunk_frames, read_clip_frames, read_frames, sample_times
 
@@ -89,23 +88,31 @@ def test_truncated_and_corrupt_files_name_path(tmp_path):
 
 def test_truncated_faststart_file_is_an_error_not_a_black_frame(tmp_path):
     """With the index at the front, a cut file still opens; the missing frames must raise."""
-    fps = Fraction(30)
-    path = tmp_path / "vid" / "0.mp4"
-    path.parent.mkdir(parents=True)
-    with av.open(str(path), "w", options={"movflags": "faststart"}) as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-        stream.options = {"crf": "12", "preset": "veryfast"}
-        for i in range(90):
-            frame = av.VideoFrame.from_ndarray(draw_code(i, 0), format="rgb24")
-            frame.pts, frame.time_base = i, 1 / fps
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode())
+    path = write_video(tmp_path / "vid" / "0.mp4", [draw_code(i, 0) for i in range(90)], Fraction(30), faststart=True)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) * 2 // 3])
     assert read_code(read_frames(tmp_path, "vid", np.array([0.1]))[0].numpy())[0] == 3
     with pytest.raises(VideoReadError, match=str(path)):
         read_frames(tmp_path, "vid", np.array([2.9]))
+
+
+def test_damage_the_decoder_conceals_is_an_error(tmp_path):
+    """Flipped bytes in the frame data decode without an FFmpeg error; the frames the decoder
+    reports as corrupt must raise, naming the file and the time."""
+    path = write_video(tmp_path / "vid" / "0.mp4", [draw_code(i, 0) for i in range(90)], Fraction(30))
+    assert corrupt_concealed(path) > 0
+    with pytest.raises(VideoReadError, match=rf"{path}: the decoder reports frame \d+ \(t=\d+\.\d+ s\) as corrupt"):
+        read_frames(tmp_path, "vid", np.arange(0.0, 3.0, 0.1))
+
+
+@pytest.mark.parametrize("video_uid", ["..", "../outside", "/etc", "", ".", "a/b", "vid/../../outside"])
+def test_video_uid_cannot_leave_the_root(tmp_path, video_uid):
+    root = tmp_path / "root"
+    write_video(root / "vid" / "0.mp4", [draw_code(i, 0) for i in range(30)], Fraction(30))
+    write_video(tmp_path / "outside" / "0.mp4", [draw_code(i, 0) for i in range(30)], Fraction(30))
+    write_video(root / "0.mp4", [draw_code(i, 0) for i in range(30)], Fraction(30))
+    with pytest.raises(ValueError, match="is not a video id"):
+        read_frames(root, video_uid, np.array([0.5]))
 
 
 def test_real_h264_file():

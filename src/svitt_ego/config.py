@@ -24,7 +24,12 @@ PRESETS = importlib.resources.files("svitt_ego") / "configs"  # shipped in the p
 
 
 class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type or out of range."""
+    """A configuration value is unknown, of the wrong type or out of range, or a config file is
+    not valid YAML. ``key`` is the dotted key at fault, when there is one."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass
@@ -50,11 +55,11 @@ class VisionConfig:
     eval_seed: int = 0
     # Node sparsity. keep_rate=1.0 turns it off.
     keep_rate: float = 0.7
-    prune_layers: list = field(default_factory=lambda: [3, 6, 9])
+    prune_layers: list[int] = field(default_factory=lambda: [3, 6, 9])
     pooling: str = "mean"
     grad_checkpointing: bool = False
-    mean: list = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     # A local Hugging Face BEiT folder (image or video) to initialise from.
     pretrained: Optional[str] = None
 
@@ -119,7 +124,7 @@ class DataConfig:
     # Scene-aware hard negatives: another clip of the same video within this window.
     hard_negatives: bool = True
     negative_window: float = 60.0
-    crop_scale: list = field(default_factory=lambda: [0.5, 1.0])
+    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
     # What a missing, short or corrupt video does: raise, or skip to another clip.
     on_error: str = "raise"
     # Skip malformed egoclip.csv rows (counted, with a warning) instead of raising.
@@ -144,7 +149,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 8
     lr: float = 3e-5
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.02
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
@@ -184,65 +189,114 @@ class Config:
 
 def _choice(key: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}", key)
 
 
 def _check(key: str, ok: bool, what: str, value: Any) -> None:
     if not ok:
-        raise ConfigError(f"{key}: must be {what}, got {value!r}")
+        raise ConfigError(f"{key}: must be {what}, got {value!r}", key)
+
+
+def _positive_ints(prefix: str, section: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(section, name)
+        _check(f"{prefix}.{name}", value >= 1, ">= 1", value)
+
+
+def _probability(key: str, value: float) -> None:
+    """A dropout-like rate: 1 would drop everything."""
+    _check(key, 0 <= value < 1, "in [0, 1)", value)
 
 
 def validate(cfg: Config) -> Config:
     """Raise :class:`ConfigError` naming the first key whose value is out of range."""
-    v, t = cfg.model.vision, cfg.model.text
-    for key, value in [
-        ("model.vision.image_size", v.image_size), ("model.vision.patch_size", v.patch_size),
-        ("model.vision.num_frames", v.num_frames), ("model.vision.width", v.width),
-        ("model.vision.depth", v.depth), ("model.vision.num_heads", v.num_heads),
-        ("model.vision.block_size", v.block_size), ("model.text.width", t.width),
-        ("model.text.depth", t.depth), ("model.text.num_heads", t.num_heads),
-        ("model.text.max_length", t.max_length), ("model.embed_dim", cfg.model.embed_dim),
-        ("train.batch_size", cfg.train.batch_size), ("train.grad_accum", cfg.train.grad_accum),
-        ("train.epochs", cfg.train.epochs), ("eval.batch_size", cfg.eval.batch_size),
-    ]:
-        _check(key, value >= 1, ">= 1", value)
-    _check("model.vision.image_size", v.image_size % v.patch_size == 0,
-           "a multiple of model.vision.patch_size", v.image_size)
-    _check("model.vision.width", v.width % v.num_heads == 0,
-           "a multiple of model.vision.num_heads", v.width)
-    _check("model.text.width", t.width % t.num_heads == 0, "a multiple of model.text.num_heads", t.width)
-    _check("model.vision.k_local", v.k_local >= 1 and v.k_local % 2 == 1, "odd and >= 1", v.k_local)
-    _check("model.vision.k_random", v.k_random >= 0, ">= 0", v.k_random)
-    _choice("model.vision.attention", v.attention, ("sparse", "dense"))
-    _choice("model.vision.backend", v.backend, ("auto", "reference", "blocked", "triton", "flex"))
-    _choice("model.vision.pooling", v.pooling, ("mean", "cls"))
-    _choice("model.text.pooling", t.pooling, ("cls", "mean"))
-    for key, rate in [("model.vision.keep_rate", v.keep_rate), ("model.text.keep_rate", t.keep_rate),
-                      ("data.fraction_per_epoch", cfg.data.fraction_per_epoch)]:
-        _check(key, 0 < rate <= 1, "in (0, 1]", rate)
-    _check("model.vision.prune_layers", all(isinstance(i, int) and 0 <= i < v.depth for i in v.prune_layers),
-           f"layer indices in [0, {v.depth})", v.prune_layers)
-    _check("model.vision.mean", len(v.mean) == 3, "3 numbers", v.mean)
-    _check("model.vision.std", len(v.std) == 3 and all(s > 0 for s in v.std), "3 positive numbers", v.std)
-    _check("model.text.num_fusion_layers", 1 <= t.num_fusion_layers < t.depth,
-           "in [1, model.text.depth)", t.num_fusion_layers)
-    _check("model.text.max_length", t.max_length <= t.max_position_embeddings,
-           "<= model.text.max_position_embeddings", t.max_length)
+    _validate_vision(cfg.model.vision)
+    _validate_text(cfg.model.text)
+    _positive_ints("model", cfg.model, ("embed_dim",))
     _check("model.temperature", 0 < cfg.model.temperature, "> 0", cfg.model.temperature)
-    _choice("data.on_error", cfg.data.on_error, ("raise", "skip"))
-    _check("data.crop_scale", len(cfg.data.crop_scale) == 2 and 0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1,
-           "[low, high] with 0 < low <= high <= 1", cfg.data.crop_scale)
-    _check("data.negative_window", cfg.data.negative_window > 0, "> 0", cfg.data.negative_window)
-    _choice("loss.contrastive", cfg.loss.contrastive, ("egonce", "infonce"))
-    _check("loss.mlm_probability", 0 < cfg.loss.mlm_probability < 1, "in (0, 1)", cfg.loss.mlm_probability)
-    _choice("train.precision", cfg.train.precision, ("fp16", "bf16", "fp32"))
-    _check("train.lr", cfg.train.lr > 0, "> 0", cfg.train.lr)
-    _check("train.keep_checkpoints", cfg.train.keep_checkpoints >= 1, ">= 1", cfg.train.keep_checkpoints)
+    _validate_data(cfg.data)
+    _validate_loss(cfg.loss)
+    _validate_train(cfg.train)
+    _positive_ints("eval", cfg.eval, ("batch_size",))
     return cfg
 
 
+def _validate_vision(v: VisionConfig) -> None:
+    _positive_ints("model.vision", v, ("image_size", "patch_size", "num_frames", "width", "depth", "num_heads",
+                                       "block_size"))
+    _check("model.vision.image_size", v.image_size % v.patch_size == 0,
+           "a multiple of model.vision.patch_size", v.image_size)
+    _check("model.vision.width", v.width % v.num_heads == 0, "a multiple of model.vision.num_heads", v.width)
+    _check("model.vision.mlp_ratio", int(v.width * v.mlp_ratio) >= 1,
+           "> 0 (at least one hidden unit per layer)", v.mlp_ratio)
+    _check("model.vision.layer_scale_init", v.layer_scale_init >= 0, ">= 0", v.layer_scale_init)
+    _check("model.vision.layer_norm_eps", v.layer_norm_eps > 0, "> 0", v.layer_norm_eps)
+    _probability("model.vision.drop_path", v.drop_path)
+    _choice("model.vision.attention", v.attention, ("sparse", "dense"))
+    _check("model.vision.k_local", v.k_local >= 1 and v.k_local % 2 == 1, "odd and >= 1", v.k_local)
+    _check("model.vision.k_random", v.k_random >= 0, ">= 0", v.k_random)
+    _choice("model.vision.backend", v.backend, ("auto", "reference", "blocked", "triton", "flex"))
+    _check("model.vision.eval_seed", 0 <= v.eval_seed < 2**31, "in [0, 2**31)", v.eval_seed)
+    _check("model.vision.keep_rate", 0 < v.keep_rate <= 1, "in (0, 1]", v.keep_rate)
+    _check("model.vision.prune_layers", all(0 <= i < v.depth for i in v.prune_layers),
+           f"layer indices in [0, {v.depth})", v.prune_layers)
+    _choice("model.vision.pooling", v.pooling, ("mean", "cls"))
+    _check("model.vision.mean", len(v.mean) == 3, "3 numbers", v.mean)
+    _check("model.vision.std", len(v.std) == 3 and all(s > 0 for s in v.std), "3 positive numbers", v.std)
+
+
+def _validate_text(t: TextConfig) -> None:
+    _positive_ints("model.text", t, ("vocab_size", "width", "depth", "num_heads", "intermediate_size",
+                                     "max_position_embeddings", "type_vocab_size", "max_length"))
+    _check("model.text.width", t.width % t.num_heads == 0, "a multiple of model.text.num_heads", t.width)
+    _check("model.text.num_fusion_layers", 1 <= t.num_fusion_layers < t.depth,
+           "in [1, model.text.depth)", t.num_fusion_layers)
+    _check("model.text.layer_norm_eps", t.layer_norm_eps > 0, "> 0", t.layer_norm_eps)
+    _probability("model.text.dropout", t.dropout)
+    _check("model.text.keep_rate", 0 < t.keep_rate <= 1, "in (0, 1]", t.keep_rate)
+    _check("model.text.max_length", t.max_length <= t.max_position_embeddings,
+           "<= model.text.max_position_embeddings", t.max_length)
+    _choice("model.text.pooling", t.pooling, ("cls", "mean"))
+
+
+def _validate_data(d: DataConfig) -> None:
+    _check("data.chunk_seconds", d.chunk_seconds > 0, "> 0", d.chunk_seconds)
+    _check("data.negative_window", d.negative_window > 0, "> 0", d.negative_window)
+    _check("data.crop_scale", len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
+           "[low, high] with 0 < low <= high <= 1", d.crop_scale)
+    _choice("data.on_error", d.on_error, ("raise", "skip"))
+    _check("data.num_workers", d.num_workers >= 0, ">= 0", d.num_workers)
+    _check("data.fraction_per_epoch", 0 < d.fraction_per_epoch <= 1, "in (0, 1]", d.fraction_per_epoch)
+
+
+def _validate_loss(loss: LossConfig) -> None:
+    _choice("loss.contrastive", loss.contrastive, ("egonce", "infonce"))
+    weights = ("contrastive_weight", "vtm_weight", "mlm_weight")
+    for name in weights:
+        _check(f"loss.{name}", getattr(loss, name) >= 0, ">= 0", getattr(loss, name))
+    _check("loss.mlm_weight", any(getattr(loss, name) > 0 for name in weights),
+           "> 0 when the other loss weights are 0 (nothing would be trained)", loss.mlm_weight)
+    _check("loss.mlm_probability", 0 < loss.mlm_probability < 1, "in (0, 1)", loss.mlm_probability)
+
+
+def _validate_train(t: TrainConfig) -> None:
+    _positive_ints("train", t, ("epochs", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints",
+                                "log_every"))
+    _check("train.lr", t.lr > 0, "> 0", t.lr)
+    _check("train.betas", len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "2 numbers in [0, 1)", t.betas)
+    _check("train.weight_decay", t.weight_decay >= 0, ">= 0", t.weight_decay)
+    _check("train.warmup_epochs", t.warmup_epochs >= 0, ">= 0", t.warmup_epochs)
+    _check("train.min_lr_ratio", 0 <= t.min_lr_ratio <= 1, "in [0, 1]", t.min_lr_ratio)
+    _choice("train.precision", t.precision, ("fp16", "bf16", "fp32"))
+    _check("train.grad_clip", t.grad_clip is None or t.grad_clip > 0, "> 0 (or null: no clipping)", t.grad_clip)
+    _check("train.max_steps", t.max_steps is None or t.max_steps >= 1, ">= 1 (or null: all epochs)", t.max_steps)
+    _check("train.max_nonfinite", t.max_nonfinite >= 0, ">= 0", t.max_nonfinite)
+    # Each rank seeds NumPy with seed + rank, which must stay below 2**32.
+    _check("train.seed", 0 <= t.seed < 2**31, "in [0, 2**31)", t.seed)
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check ``value`` against a field annotation (int, float, bool, str, list, Optional[...])."""
+    """Check ``value`` against a field annotation (int, float, bool, str, list[...], Optional[...])."""
     if isinstance(annotation, str):
         annotation = eval(annotation, vars(typing) | {"Optional": Optional})  # noqa: S307 - our own annotations
     origin = typing.get_origin(annotation)
@@ -251,6 +305,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if value is None and type(None) in args:
             return None
         (annotation,) = [a for a in args if a is not type(None)]
+        origin = typing.get_origin(annotation)
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -258,45 +313,61 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif annotation is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
+        number = _finite_float(value)
+        if number is not None:
+            return number
     elif annotation is str:
         if isinstance(value, str):
             return value
-    elif annotation is list:
+    elif origin is list:
         if isinstance(value, (list, tuple)):
-            return list(value)
+            (item,) = typing.get_args(annotation)
+            return [_coerce(f"{key}[{i}]", x, item) for i, x in enumerate(value)]
     name = getattr(annotation, "__name__", str(annotation))
-    raise ConfigError(f"{key}: expected {name}, got {value!r}")
+    raise ConfigError(f"{key}: expected {name}, got {_short(value)}", key)
+
+
+def _finite_float(value: Any) -> float | None:
+    """``value`` as a finite float, or None. YAML 1.1 reads "1e-4" (no dot) as a string."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _set(obj: Any, path: list[str], value: Any, prefix: str = "") -> None:
     key = f"{prefix}{path[0]}"
     fields = {f.name: f for f in dataclasses.fields(obj)}
     if path[0] not in fields:
-        raise ConfigError(f"unknown config key '{key}' (known: {', '.join(fields)})")
+        raise ConfigError(f"unknown config key {_short(key)} (known: {', '.join(fields)})", key)
     current = getattr(obj, path[0])
     if dataclasses.is_dataclass(current):
         if len(path) == 1:
             if not isinstance(value, dict):
-                raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+                raise ConfigError(f"{key}: expected a mapping, got {_short(value)}", key)
             for sub, subvalue in value.items():
                 _set(current, [str(sub)], subvalue, key + ".")
         else:
             _set(current, path[1:], value, key + ".")
         return
     if len(path) > 1:
-        raise ConfigError(f"unknown config key '{key}.{'.'.join(path[1:])}' ('{key}' is not a section)")
+        full_key = f"{key}.{'.'.join(path[1:])}"
+        raise ConfigError(f"unknown config key {_short(full_key)} ('{key}' is not a section)", full_key)
     setattr(obj, path[0], _coerce(key, value, fields[path[0]].type))
 
 
 def apply(cfg: Config, updates: dict, prefix: str = "") -> Config:
     """Merge a nested mapping (as read from YAML) into ``cfg``."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {_short(updates)}")
     for key, value in updates.items():
         _set(cfg, [str(key)], value, prefix)
     return cfg
@@ -307,7 +378,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    key = key.strip()
+    if not raw.strip():
+        return key, None
+    try:
+        return key, yaml.safe_load(raw)
+    except (yaml.YAMLError, RecursionError, ValueError) as err:  # ValueError: an integer too long to convert
+        raise ConfigError(f"override {_short(text)}: the value is not valid YAML ({_yaml_problem(err)})", key) from None
 
 
 def preset_names() -> list[str]:
@@ -315,35 +392,77 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-len(".yaml")] for p in PRESETS.iterdir() if p.name.endswith(".yaml"))
 
 
-def read_preset(name: str) -> tuple[str, str]:
-    """``(where, text)`` of a YAML file path or of a preset shipped with the package."""
+def resolve_preset(name: str):
+    """A YAML file path, or the file of a preset shipped with the package (a ``Traversable``)."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml") and path.is_file():
-        return str(path), path.read_text()
+        return path
     preset = PRESETS / f"{name}.yaml"
     if preset.is_file():
-        return f"preset {name}", preset.read_text()
+        return preset
     raise ConfigError(f"no config file or preset named {name!r} (presets: {', '.join(preset_names())})")
 
 
 def load_config(preset: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
     """Defaults, then the preset (a name from :func:`preset_names` or a YAML path), then ``key=value`` overrides."""
-    cfg = Config()
+    cfg, lines = Config(), {}
     if preset is not None:
-        where, text = read_preset(str(preset))
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            line = f", line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{where}{line}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where}: expected a mapping at the top level")
+        path = resolve_preset(str(preset))
+        data, lines = _read_yaml(path)
         try:
             apply(cfg, data)
         except ConfigError as err:
-            raise ConfigError(f"{where}: {err}") from None
-    return override(cfg, overrides)
+            raise ConfigError(f"{_where(path, lines, err.key)}: {err}", err.key) from None
+    try:
+        return override(cfg, overrides)
+    except ConfigError as err:
+        # A value out of range that came from the preset (and no override): name its line.
+        overridden = {text.split("=", 1)[0].strip() for text in overrides}
+        if preset is None or err.key not in lines or err.key in overridden:
+            raise
+        raise ConfigError(f"{_where(path, lines, err.key)}: {err}", err.key) from None
+
+
+def _read_yaml(path) -> tuple[dict, dict[str, int]]:
+    """A YAML config file's mapping, and the line of each dotted key in it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except (yaml.YAMLError, RecursionError, ValueError) as err:  # ValueError: an integer too long to convert
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {_yaml_problem(err)}") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data, _key_lines(node)
+
+
+def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
+    lines = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            lines[key] = key_node.start_mark.line + 1
+            lines |= _key_lines(value_node, key + ".")
+    return lines
+
+
+def _where(path, lines: dict[str, int], key: str | None) -> str:
+    return f"{path}, line {lines[key]}" if key in lines else str(path)
+
+
+def _yaml_problem(err: Exception) -> str:
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    parts = [str(part) for part in (getattr(err, "context", None), getattr(err, "problem", None)) if part]
+    return " ".join(parts) or (str(err).splitlines() or [type(err).__name__])[0]
 
 
 def override(cfg: Config, overrides: list[str] | tuple = ()) -> Config:

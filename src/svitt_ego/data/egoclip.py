@@ -1,6 +1,6 @@
 """EgoClip metadata: reading ``egoclip.csv``, EgoNCE's action positives, scene-aware negatives.
 
-The file has 3.8M tab-separated rows. It is parsed with pyarrow and checked with
+The file has 3.8M tab-separated rows (the format: docs/data-formats.md). It is parsed with pyarrow and checked with
 vectorised compute kernels; a malformed row is reported with its 1-based line number and the
 offending field. A clean file is cached as parquet next to it (keyed on the file's size and
 mtime), so later reads take a second or two.
@@ -13,8 +13,11 @@ buffers hold no Python objects, so forked DataLoader workers share them without 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,9 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import torch
 
+from svitt_ego.data.errors import MetadataError
+from svitt_ego.data.video import VIDEO_UID_REGEX, VIDEO_UID_RULE
+
 COLUMNS = ("clip_idx", "video_uid", "video_dur", "narration_source", "narration_ind",
            "narration_time", "clip_start", "clip_end", "clip_text", "tag_verb", "tag_noun")
 INT_COLUMNS = ("clip_idx", "narration_ind")
@@ -37,7 +43,7 @@ TAG_COLUMNS = ("tag_verb", "tag_noun")
 CACHE_VERSION = 1
 _CACHE_KEY = b"svitt_ego.egoclip"
 
-_INT_PATTERN = r"^[+-]?\d{1,18}$"
+_INT_PATTERN = r"^-?\d{1,18}$"
 _FLOAT_PATTERN = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
 _TAG_PATTERN = r"^\[\s*(\d{1,9}\s*(,\s*\d{1,9}\s*)*)?\]$"
 
@@ -54,14 +60,15 @@ class _Problem:
 def read_egoclip(path: str | Path, lax: bool = False, cache: bool = True) -> pd.DataFrame:
     """Read ``egoclip.csv`` into a DataFrame with one row per clip, in file order.
 
-    A malformed row (wrong number of fields, a non-numeric number, a bad tag list,
-    ``clip_end < clip_start``) raises ``ValueError`` naming the file, the line and the field.
-    With ``lax=True`` such rows are dropped instead and one warning gives their count and the
-    first of them. Only a file without malformed rows is cached.
+    A missing file or a malformed row (wrong number of fields, bytes that are not UTF-8, a
+    ``video_uid`` that is not a plain folder name, a non-numeric number, a bad tag list,
+    ``clip_end < clip_start``) raises :class:`MetadataError` naming the file, the line and the
+    field. With ``lax=True`` malformed rows are dropped instead and one warning gives their count
+    and the first of them. Only a file without malformed rows is cached.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such EgoClip metadata file")
+        raise MetadataError(f"{path}: no such EgoClip metadata file (see data.egoclip)")
     cache_path = path.with_name(path.name + ".cache.parquet")
     key = _cache_key(path)
     if cache:
@@ -69,11 +76,14 @@ def read_egoclip(path: str | Path, lax: bool = False, cache: bool = True) -> pd.
         if table is not None:
             return _to_pandas(table)
 
-    table, bad_rows, num_bad, first = _parse(path)
+    try:
+        table, bad_rows, num_bad, first = _parse(path)
+    except OSError as err:
+        raise MetadataError(f"{path}: cannot read: {err}") from None
     if num_bad:
         where = f"{path}, line {first.line}, field '{first.field}': {first.message}"
         if not lax:
-            raise ValueError(f"malformed EgoClip row: {where}")
+            raise MetadataError(f"malformed EgoClip row: {where}")
         warnings.warn(f"skipped {num_bad} malformed EgoClip rows; the first: {where}", stacklevel=2)
         table = table.filter(pa.array(~bad_rows))
     elif cache:
@@ -85,22 +95,54 @@ def _parse(path: Path) -> tuple[pa.Table, np.ndarray, int, _Problem | None]:
     """Parse and check every row. Returns the typed table, the mask of its bad rows, the number
     of bad rows (including those with the wrong field count, which are not in the table) and
     the first problem in file order."""
-    with open(path, "rb") as f:
-        header = [name.strip('"') for name in f.readline().decode("utf-8", "replace").rstrip("\r\n").split("\t")]
-    missing = [c for c in COLUMNS if c not in header]
-    if missing:
-        raise ValueError(f"{path}, line 1: missing column(s) {', '.join(missing)} in the header")
-
-    table, short_rows = _read_strings(path, use_threads=True)
+    header, has_rows = _read_header(path)
+    # Arrow cannot read a header with no line break after it; such a file has no rows.
+    empty = pa.table({c: pa.array([], pa.string()) for c in COLUMNS})
+    table, short_rows, utf8_checked = _read_strings(path, header, use_threads=True) if has_rows else (empty, [], True)
     if short_rows:
         # A threaded read does not know line numbers; a second, serial read does.
-        table, short_rows = _read_strings(path, use_threads=False)
+        table, short_rows, utf8_checked = _read_strings(path, header, use_threads=False, check_utf8=utf8_checked)
     lines = _table_lines(table.num_rows, [line for line, _ in short_rows])
+    table, checks = (table, []) if utf8_checked else _find_bad_utf8(table)
+    parsed, value_checks = _convert(table)
+    checks += value_checks
 
+    bad_rows = np.zeros(parsed.num_rows, dtype=bool)
+    for _, bad, _ in checks:
+        bad_rows |= bad
+    candidates = []
+    if short_rows:
+        line, count = short_rows[0]
+        field = _field_name(header, count)
+        candidates.append(_Problem(line, field, f"the row has {count} tab-separated fields, expected {len(header)}"))
+    if bad_rows.any():
+        row = int(np.argmax(bad_rows))
+        name, describe = next((name, describe) for name, bad, describe in checks if bad[row])
+        candidates.append(_Problem(int(lines[row]), name, describe(row)))
+    first = min(candidates, key=lambda p: p.line, default=None)
+    return parsed, bad_rows, len(short_rows) + int(bad_rows.sum()), first
+
+
+def _read_header(path: Path) -> tuple[list[str], bool]:
+    """The column names, and whether anything follows them."""
+    with open(path, "rb") as f:
+        header = [name.strip('"') for name in f.readline().decode("utf-8", "replace").rstrip("\r\n").split("\t")]
+        has_rows = f.read(1) != b""
+    missing = [c for c in COLUMNS if c not in header]
+    if missing:
+        raise MetadataError(f"{path}, line 1: missing column(s) {', '.join(missing)} in the header")
+    doubled = sorted({c for c in COLUMNS if header.count(c) > 1})
+    if doubled:
+        raise MetadataError(f"{path}, line 1: column(s) {', '.join(doubled)} appear more than once in the header")
+    return header, has_rows
+
+
+def _convert(table: pa.Table) -> tuple[pa.Table, list]:
+    """The typed table, and the checks of its rows: ``(field, mask of bad rows, message for a
+    bad row)`` in column order."""
     def got(name: str, row: int) -> str:
         return repr(table.column(name)[row].as_py())
 
-    # (field, mask of bad rows, message for a bad row)
     columns, checks = {}, []
     for name in COLUMNS:
         raw = table.column(name)
@@ -116,49 +158,118 @@ def _parse(path: Path) -> tuple[pa.Table, np.ndarray, int, _Problem | None]:
                                                              f"got {got(name, row)}"))
         else:
             columns[name] = raw
+        if name == "video_uid":
+            checks.append((name, _bad_video_uids(raw),
+                           lambda row: f"{got('video_uid', row)} is not a video id ({VIDEO_UID_RULE})"))
     reversed_times = pc.less(columns["clip_end"], columns["clip_start"]).to_numpy(zero_copy_only=False)
     checks.append(("clip_end", reversed_times,
                    lambda row: f"{got('clip_end', row)} is before clip_start {got('clip_start', row)}"))
     columns["video_uid"] = pc.dictionary_encode(columns["video_uid"])
     columns["narration_source"] = pc.dictionary_encode(columns["narration_source"])
-    parsed = pa.table(columns)
-
-    bad_rows = np.zeros(parsed.num_rows, dtype=bool)
-    for _, bad, _ in checks:
-        bad_rows |= bad
-    candidates = []
-    if short_rows:
-        line, count = short_rows[0]
-        field = header[count] if count < len(header) else "(extra)"
-        candidates.append(_Problem(line, field, f"the row has {count} tab-separated fields, expected {len(header)}"))
-    if bad_rows.any():
-        row = int(np.argmax(bad_rows))
-        name, describe = next((name, describe) for name, bad, describe in checks if bad[row])
-        candidates.append(_Problem(int(lines[row]), name, describe(row)))
-    first = min(candidates, key=lambda p: p.line, default=None)
-    return parsed, bad_rows, len(short_rows) + int(bad_rows.sum()), first
+    return pa.table(columns), checks
 
 
-def _read_strings(path: Path, use_threads: bool) -> tuple[pa.Table, list[tuple[int, int]]]:
+def _read_strings(path: Path, header: list[str], use_threads: bool,
+                  check_utf8: bool = True) -> tuple[pa.Table, list[tuple[int, int]], bool]:
     """All columns as strings; rows with the wrong field count are skipped and returned as
-    ``(line, number of fields)`` (line is only known when ``use_threads=False``)."""
+    ``(line, number of fields)`` (line is only known when ``use_threads=False``); and whether
+    the strings were checked to be UTF-8. pyarrow's check only says that some value is not, so
+    a file with such a value is read again unchecked, for :func:`_find_bad_utf8`.
+
+    pyarrow decodes a row with the wrong field count as UTF-8 before handing it over, so one
+    that also holds other bytes stops the read, even in lax mode: it raises
+    :class:`MetadataError` with its line."""
     short_rows = []
 
     def on_invalid(row) -> str:
         short_rows.append((row.number, row.actual_columns))
         return "skip"
 
-    table = pcsv.read_csv(
-        path,
-        read_options=pcsv.ReadOptions(use_threads=use_threads, block_size=1 << 24),
-        # Empty lines stay rows so that row i of the table is line i + 2 of the file.
-        parse_options=pcsv.ParseOptions(delimiter="\t", invalid_row_handler=on_invalid,
-                                        ignore_empty_lines=False),
-        convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in COLUMNS},
-                                            include_columns=list(COLUMNS), strings_can_be_null=False,
-                                            quoted_strings_can_be_null=False),
-    )
-    return table, short_rows
+    try:
+        with _quiet_undecodable_rows(on_invalid):
+            table = pcsv.read_csv(
+                path,
+                read_options=pcsv.ReadOptions(use_threads=use_threads, block_size=1 << 24),
+                # Empty lines stay rows so that row i of the table is line i + 2 of the file.
+                parse_options=pcsv.ParseOptions(delimiter="\t", invalid_row_handler=on_invalid,
+                                                ignore_empty_lines=False),
+                convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in COLUMNS},
+                                                    include_columns=list(COLUMNS), strings_can_be_null=False,
+                                                    quoted_strings_can_be_null=False, check_utf8=check_utf8),
+            )
+    except pa.ArrowInvalid as err:
+        if check_utf8 and "invalid UTF8" in str(err):
+            return _read_strings(path, header, use_threads, check_utf8=False)
+        if use_threads:  # only a serial read names the row
+            return _read_strings(path, header, use_threads=False, check_utf8=check_utf8)
+        raise MetadataError(_read_error(path, header, str(err))) from None
+    return table, short_rows, check_utf8
+
+
+@contextlib.contextmanager
+def _quiet_undecodable_rows(handler):
+    """pyarrow reports a row it cannot decode for ``handler`` on stderr, with a traceback, and
+    then stops the read (which becomes a one-line :class:`MetadataError`): keep stderr clean."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if not (unraisable.object is handler and isinstance(unraisable.exc_value, UnicodeDecodeError)):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+
+
+def _field_name(header: list[str], index: int) -> str:
+    """The header's name of field ``index``, escaped to stay on one line."""
+    return repr(header[index])[1:-1] if index < len(header) else "(extra)"
+
+
+def _read_error(path: Path, header: list[str], message: str) -> str:
+    match = re.search(r"Row #(\d+): Expected (\d+) columns, got (\d+)", message)
+    if match is None:
+        return f"{path}: not a tab-separated EgoClip file: {message}"
+    line, expected, count = map(int, match.groups())
+    field = _field_name(header, count)
+    return (f"malformed EgoClip row: {path}, line {line}, field '{field}': the row has {count} tab-separated "
+            f"fields, expected {expected}, and bytes that are not UTF-8")
+
+
+def _find_bad_utf8(table: pa.Table) -> tuple[pa.Table, list]:
+    """Find the values that are not UTF-8 (empty them, so that the table is valid) and return
+    their checks. A column is searched value by value only when it holds such bytes."""
+    checks = []
+    for i, name in enumerate(table.column_names):
+        column = table.column(i)
+        try:
+            column.validate(full=True)
+            continue
+        except pa.ArrowInvalid:
+            pass
+        bad = np.array([not _is_utf8(value) for value in pc.cast(column, pa.binary()).to_pylist()], dtype=bool)
+        table = table.set_column(i, name, pc.if_else(pa.array(bad), "", column))
+        checks.append((name, bad, lambda row: "not valid UTF-8 text"))
+    return table, checks
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _bad_video_uids(raw: pa.ChunkedArray) -> np.ndarray:
+    """The rows whose ``video_uid`` is not a plain folder name (checked once per distinct id)."""
+    uids = pc.unique(raw)
+    bad_uids = uids.filter(pc.invert(pc.match_substring_regex(uids, VIDEO_UID_REGEX)))
+    if len(bad_uids) == 0:
+        return np.zeros(len(raw), dtype=bool)
+    return pc.is_in(raw, value_set=bad_uids).to_numpy(zero_copy_only=False)
 
 
 def _table_lines(num_rows: int, skipped_lines: list[int]) -> np.ndarray:
@@ -168,14 +279,20 @@ def _table_lines(num_rows: int, skipped_lines: list[int]) -> np.ndarray:
 
 
 def _to_number(raw: pa.ChunkedArray, type_: pa.DataType, pattern: str) -> tuple[pa.ChunkedArray, np.ndarray]:
-    """Cast strings to numbers; on failure find the bad ones with a regex and cast the rest."""
-    bad = np.zeros(len(raw), dtype=bool)
-    try:
-        values = pc.cast(raw, type_)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        bad = ~pc.match_substring_regex(raw, pattern).to_numpy(zero_copy_only=False)
-        values = pc.cast(pc.if_else(pa.array(bad), "0", raw), type_)
-    if pa.types.is_floating(type_):
+    """Cast strings to numbers; entries that do not match ``pattern`` (or are not finite) are
+    bad and read as 0. Arrow's float cast reads exactly the pattern plus inf and nan, so floats
+    take the regex only when the cast fails; its integer cast also reads hex (``0x10``) and
+    refuses ``+5``, so integers always take it."""
+    floating = pa.types.is_floating(type_)
+    if floating:
+        try:
+            values = pc.cast(raw, type_)
+            return values, ~pc.is_finite(values).to_numpy(zero_copy_only=False)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
+    bad = ~pc.match_substring_regex(raw, pattern).to_numpy(zero_copy_only=False)
+    values = pc.cast(pc.if_else(pa.array(bad), "0", raw), type_)
+    if floating:
         bad |= ~pc.is_finite(values).to_numpy(zero_copy_only=False)
     return values, bad
 

@@ -1,10 +1,11 @@
-"""EgoMCQ: pick the clip, out of five, that a narration describes."""
+"""EgoMCQ: pick the clip, out of five, that a narration describes (docs/data-formats.md)."""
 
 from __future__ import annotations
 
 import functools
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,9 +13,10 @@ import torch
 from torch.utils.data import Dataset
 
 from svitt_ego.config import Config
+from svitt_ego.data.errors import MetadataError
 from svitt_ego.data.tokenizer import tokenize
 from svitt_ego.data.transforms import ClipTransform
-from svitt_ego.data.video import read_clip_frames
+from svitt_ego.data.video import VIDEO_UID_RULE, is_video_uid, read_clip_frames
 
 INTER_VIDEO, INTRA_VIDEO = 1, 2
 
@@ -39,66 +41,87 @@ class MCQQuestion:
 
 
 def read_egomcq(path: str | Path) -> list[MCQQuestion]:
-    """Read ``egomcq.json``. Malformed input raises ``ValueError`` naming the question and field."""
+    """Read ``egomcq.json``. A missing or malformed file raises :class:`MetadataError` naming the
+    file, the question and the field."""
     path = Path(path)
+    if not path.is_file():
+        raise MetadataError(f"{path}: no such EgoMCQ file (see data.egomcq)")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from None
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise MetadataError(f"{path}: cannot read: {err}") from None
+    except UnicodeDecodeError as err:
+        raise MetadataError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except ValueError as err:  # also an integer too long to convert
+        raise MetadataError(f"{path}: not valid JSON: {err}") from None
+    except RecursionError:
+        raise MetadataError(f"{path}: not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected an object of questions keyed by id, got {type(data).__name__}")
-    return [_question(str(qid), entry, f"{path}: question {qid!r}") for qid, entry in data.items()]
+        raise MetadataError(f"{path}: expected an object of questions keyed by id, got {type(data).__name__}")
+    return [_question(qid, entry, f"{path}: question {_short(qid)}") for qid, entry in data.items()]
 
 
 def _question(qid: str, entry, where: str) -> MCQQuestion:
     if not isinstance(entry, dict):
-        raise ValueError(f"{where}: expected an object, got {type(entry).__name__}")
+        raise MetadataError(f"{where}: expected an object, got {type(entry).__name__}")
     for key in ("query", "choices", "answer", "types"):
         if key not in entry:
-            raise ValueError(f"{where}, field '{key}': missing")
+            raise MetadataError(f"{where}, field '{key}': missing")
     query = _clip(entry["query"], where, "query", need_text=True)
     choices = entry["choices"]
     if not isinstance(choices, dict) or not choices or set(choices) != {str(i) for i in range(len(choices))}:
-        raise ValueError(f"{where}, field 'choices': expected an object with keys '0'..'n-1', got {choices!r:.200}")
+        raise MetadataError(f"{where}, field 'choices': expected an object with keys '0'..'n-1', "
+                            f"got {_short(choices)}")
     choices = [_clip(choices[str(i)], where, f"choices.{i}", need_text=False) for i in range(len(choices))]
     answer = _integer(entry["answer"], f"{where}, field 'answer'")
     if not 0 <= answer < len(choices):
-        raise ValueError(f"{where}, field 'answer': {answer} is not a choice (0..{len(choices) - 1})")
+        raise MetadataError(f"{where}, field 'answer': {_short(answer)} is not a choice (0..{len(choices) - 1})")
     kind = _integer(entry["types"], f"{where}, field 'types'")
     if kind not in (INTER_VIDEO, INTRA_VIDEO):
-        raise ValueError(f"{where}, field 'types': expected 1 (inter-video) or 2 (intra-video), got {kind}")
+        raise MetadataError(f"{where}, field 'types': expected 1 (inter-video) or 2 (intra-video), got {_short(kind)}")
     return MCQQuestion(qid, query, choices, answer, kind)
 
 
 def _clip(row, where: str, name: str, need_text: bool) -> Clip:
     if not isinstance(row, dict):
-        raise ValueError(f"{where}, field '{name}': expected an EgoClip row (an object), got {type(row).__name__}")
+        raise MetadataError(f"{where}, field '{name}': expected an EgoClip row (an object), got {type(row).__name__}")
     uid = row.get("video_uid")
-    if not isinstance(uid, str) or not uid:
-        raise ValueError(f"{where}, field '{name}.video_uid': expected a video id, got {uid!r}")
+    if not is_video_uid(uid):
+        raise MetadataError(f"{where}, field '{name}.video_uid': expected a video id ({VIDEO_UID_RULE}), "
+                            f"got {_short(uid)}")
     start, end = (_number(row.get(key), f"{where}, field '{name}.{key}'") for key in ("clip_start", "clip_end"))
     if end < start:
-        raise ValueError(f"{where}, field '{name}.clip_end': {end} is before clip_start {start}")
+        raise MetadataError(f"{where}, field '{name}.clip_end': {end} is before clip_start {start}")
     text = row.get("clip_text")
     if need_text and not isinstance(text, str):
-        raise ValueError(f"{where}, field '{name}.clip_text': expected a string, got {text!r}")
+        raise MetadataError(f"{where}, field '{name}.clip_text': expected a string, got {_short(text)}")
     return Clip(uid, start, end, text if isinstance(text, str) else None)
 
 
 def _number(value, where: str) -> float:
+    """A finite number, given as a JSON number or a string holding one."""
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         number = math.nan
     if isinstance(value, bool) or not math.isfinite(number):
-        raise ValueError(f"{where}: expected a number, got {value!r}")
+        raise MetadataError(f"{where}: expected a number, got {_short(value)}")
     return number
 
 
 def _integer(value, where: str) -> int:
-    if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, str) and value.strip().isdigit()):
-        raise ValueError(f"{where}: expected an integer, got {value!r}")
-    return int(value)
+    """A small non-negative integer, given as a JSON integer or a string of ASCII digits."""
+    if isinstance(value, str) and re.fullmatch(r"\s*[0-9]{1,9}\s*", value):
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MetadataError(f"{where}: expected an integer, got {_short(value)}")
+    return value
+
+
+def _short(value) -> str:
+    """``repr(value)``, cut to 200 characters (a field may hold a whole JSON document)."""
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 class EgoMCQDataset(Dataset):

@@ -7,6 +7,10 @@ source's ``j``-th frame in ``[k * chunk_seconds, (k + 1) * chunk_seconds)``. Onl
 Resumable: every chunk is written under a temporary name and renamed when complete, and
 ``DST/<video_uid>/chunks.json`` is written last, listing the chunks and the settings; a video
 whose manifest matches the settings and whose chunks all exist is skipped.
+
+Nothing is written outside ``DST``: a source whose name is not a video id (``...mp4`` would
+name ``DST/..``) is reported as failed. So is a source that decodes short of its declared
+duration or with corrupt frames; see :func:`prepare_video`.
 """
 
 from __future__ import annotations
@@ -23,10 +27,15 @@ import av
 from av.video.reformatter import VideoReformatter
 from tqdm import tqdm
 
+from svitt_ego.data.video import VIDEO_UID_RULE, is_video_uid
+
 MANIFEST = "chunks.json"
 # A keyframe every second: a clip's frames are then at most a second of decoding away.
 KEYFRAME_SECONDS = 1.0
 ENCODER_OPTIONS = {"crf": "23", "preset": "veryfast"}
+# A source whose frames end more than this before the duration its container declares is
+# truncated (a cut download still opens when its index is at the front).
+SHORT_TOLERANCE_SECONDS = 0.5
 
 
 @dataclass
@@ -76,6 +85,8 @@ def _record(summary: Summary, result: tuple[str, str, str | None], progress: tqd
 
 def _run_job(job: tuple[Path, Path, int, float]) -> tuple[str, str, str | None]:
     source, out_dir, short_side, chunk_seconds = job
+    if not is_video_uid(source.stem):
+        return "failed", str(source), f"{source.stem!r} is not a video id ({VIDEO_UID_RULE})"
     if is_prepared(out_dir, short_side, chunk_seconds):
         return "skipped", str(source), None
     try:
@@ -102,10 +113,14 @@ def output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
 
 
 def prepare_video(source: Path, out_dir: Path, short_side: int = 256, chunk_seconds: float = 600.0) -> list[int]:
-    """Write the chunks of one video and then its manifest; return the chunk numbers."""
+    """Write the chunks of one video and then its manifest; return the chunk numbers.
+
+    A source that decodes short of the duration its container declares (a truncated download),
+    or with frames the decoder reports as corrupt (it conceals damaged data instead of failing),
+    raises ``ValueError``; the chunks written for it are then removed.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    chunks: list[int] = []
-    writer = None
+    written: list[Path] = []
     try:
         with av.open(str(source)) as container:
             if not container.streams.video:
@@ -115,32 +130,89 @@ def prepare_video(source: Path, out_dir: Path, short_side: int = 256, chunk_seco
             rate = Fraction(stream.average_rate or stream.guessed_rate or 0)
             if not rate:
                 raise ValueError("unknown frame rate")
-            width, height = output_size(stream.codec_context.width, stream.codec_context.height, short_side)
-            start = stream.start_time or 0
-            resize = VideoReformatter()
-            for index, frame in enumerate(container.decode(stream)):
-                # Without timestamps, assume a constant rate.
-                time = (frame.pts - start) * stream.time_base if frame.pts is not None else index / rate
-                chunk = math.floor(time / Fraction(chunk_seconds))
-                if writer is None or chunk != writer.chunk:
-                    if writer is not None:
-                        writer.close()
-                    writer = _ChunkWriter(out_dir, chunk, width, height, rate, first_time=time)
-                    chunks.append(chunk)
-                writer.write(resize.reformat(frame, width, height, "yuv420p", interpolation="AREA", threads=1), time)
+            size = output_size(stream.codec_context.width, stream.codec_context.height, short_side)
+            chunks, decoded, corrupt = _write_chunks(container, stream, out_dir, size, rate, chunk_seconds, written)
+            _check_decoded(container, stream, decoded, corrupt)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    manifest = {"chunks": chunks, "fps": str(rate), "width": size[0], "height": size[1],
+                "short_side": short_side, "chunk_seconds": chunk_seconds}
+    _write_atomic(out_dir / MANIFEST, json.dumps(manifest).encode())
+    return chunks
+
+
+def _write_chunks(container, stream, out_dir: Path, size: tuple[int, int], rate: Fraction, chunk_seconds: float,
+                  written: list[Path]) -> tuple[list[int], Fraction, list[Fraction]]:
+    """Decode, resize and write every frame; ``written`` collects the finished chunk files.
+    Returns the chunk numbers, the decoded duration and the times of corrupt frames."""
+    chunks: list[int] = []
+    corrupt: list[Fraction] = []
+    writer, end = None, Fraction(0)
+    start = stream.start_time or 0
+    resize = VideoReformatter()
+    try:
+        for index, frame in enumerate(container.decode(stream)):
+            # Without timestamps, assume a constant rate.
+            time = (frame.pts - start) * stream.time_base if frame.pts is not None else index / rate
+            if frame.is_corrupt:
+                corrupt.append(time)
+            chunk = math.floor(time / Fraction(chunk_seconds))
+            if writer is None or chunk != writer.chunk:
+                if writer is not None:
+                    written.append(writer.close())
+                writer = _ChunkWriter(out_dir, chunk, *size, rate, first_time=time)
+                chunks.append(chunk)
+            writer.write(resize.reformat(frame, *size, "yuv420p", interpolation="AREA", threads=1), time)
+            end = max(end, time + 1 / rate)
         if writer is None:
             raise ValueError("no frames decoded")
-        writer.close()
+        written.append(writer.close())
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
-    manifest = {"chunks": chunks, "fps": str(rate), "width": width, "height": height,
-                "short_side": short_side, "chunk_seconds": chunk_seconds}
-    tmp = out_dir / f".{MANIFEST}.part"
-    tmp.write_text(json.dumps(manifest))
-    os.replace(tmp, out_dir / MANIFEST)
-    return chunks
+    return chunks, end, corrupt
+
+
+def _check_decoded(container, stream, decoded: Fraction, corrupt: list[Fraction]) -> None:
+    if corrupt:
+        raise ValueError(f"the decoder reports {len(corrupt)} corrupt frame(s), the first at "
+                         f"{float(corrupt[0]):.2f} s (damaged file?)")
+    if stream.duration is not None:
+        declared = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        declared = container.duration / av.time_base
+    else:
+        return
+    if float(decoded) < declared - SHORT_TOLERANCE_SECONDS:
+        raise ValueError(f"decoded {float(decoded):.2f} s of the {declared:.2f} s the container declares "
+                         "(truncated file?)")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` under a unique temporary name, flush it to disk and rename it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _ChunkWriter:
@@ -152,7 +224,7 @@ class _ChunkWriter:
     def __init__(self, out_dir: Path, chunk: int, width: int, height: int, rate: Fraction, first_time: Fraction):
         self.chunk, self.rate, self.first_time = chunk, rate, first_time
         self.path = out_dir / f"{chunk}.mp4"
-        self.tmp = out_dir / f".{chunk}.mp4.part"
+        self.tmp = out_dir / f".{chunk}.mp4.{os.getpid()}.part"
         self.container = av.open(str(self.tmp), "w", format="mp4")
         self.stream = self.container.add_stream("libx264", rate=rate)
         self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
@@ -165,10 +237,15 @@ class _ChunkWriter:
         frame.pts, frame.time_base = self.last_pts, 1 / self.rate
         self.container.mux(self.stream.encode(frame))
 
-    def close(self) -> None:
+    def close(self) -> Path:
+        """Finish the file, flush it to disk and rename it; returns its final path."""
         self.container.mux(self.stream.encode())
         self.container.close()
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(self.tmp, self.path)
+        _fsync_dir(self.path.parent)
+        return self.path
 
     def abort(self) -> None:
         try:

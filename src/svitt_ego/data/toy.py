@@ -7,7 +7,7 @@ object moves (rises, falls, shrinks away, grows nearer, shakes, turns, slides,
 is squashed) with a skin-coloured hand and arm coming from the bottom of the
 frame. Everything else stays still apart from a slight camera jitter.
 
-Outputs under ``root`` (the layout of the real data):
+Outputs under ``root``, in the layout of the real data (docs/data-formats.md):
 
 - ``videos/<video_uid>/<k>.mp4``: h264 chunks of 600 s, ``k = floor(t / 600)``
 - ``egoclip.csv``: the training narrations (tab-separated, EgoClip's columns)

@@ -1,4 +1,5 @@
-"""Reading clip frames from the chunked video layout ``<root>/<video_uid>/<k>.mp4``.
+"""Reading clip frames from the chunked video layout ``<root>/<video_uid>/<k>.mp4``
+(docs/data-formats.md).
 
 Chunk ``k`` holds times ``[k * chunk_seconds, (k + 1) * chunk_seconds)`` of the video, with its
 own clock starting at 0. The frame shown at time ``t`` is frame
@@ -6,6 +7,9 @@ own clock starting at 0. The frame shown at time ``t`` is frame
 file's real frame rate, clamped to the chunk's last frame. A frame's index is read from its
 presentation timestamp, so the exact frame is found after any seek; if a variable-rate file
 has no frame with that index, the first one after it is used.
+
+A decoder conceals damaged data (bit flips in a stream) instead of failing; a frame it reports
+as corrupt anywhere between the keyframe and the frame asked for is a :class:`VideoReadError`.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import re
 import threading
 from fractions import Fraction
 from pathlib import Path
@@ -36,6 +41,17 @@ _EPS = 1e-6
 # parent's context.
 _local = threading.local()
 
+# A video id is one plain folder name under the video root: ASCII letters, digits, '_', '-' and
+# '.', not starting with '.' or '-' (so never '', '.', '..', a hidden name or a path), at most 128
+# characters. The same rule, as an RE2 pattern, checks whole metadata columns.
+VIDEO_UID_REGEX = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
+VIDEO_UID_RULE = "letters, digits, '_', '-' and '.', not starting with '.' or '-', at most 128 characters"
+
+
+def is_video_uid(value) -> bool:
+    """Whether ``value`` may name a video folder under the video root (see ``VIDEO_UID_REGEX``)."""
+    return isinstance(value, str) and re.fullmatch(VIDEO_UID_REGEX, value) is not None
+
 
 class VideoReadError(RuntimeError):
     """A video file is missing, truncated or cannot be decoded. The message names the path."""
@@ -58,6 +74,11 @@ def sample_times(start: float, end: float, num_frames: int, sampling: str,
 
 
 def chunk_path(root: str | Path, video_uid: str, chunk: int) -> Path:
+    """``<root>/<video_uid>/<chunk>.mp4``. An id that is not one plain folder name (``..``,
+    ``a/b``, ``/etc``) is refused, so that reading never leaves ``root``."""
+    if not is_video_uid(video_uid):
+        raise ValueError(f"video_uid {video_uid!r} is not a video id ({VIDEO_UID_RULE}); "
+                         f"refusing to read outside {root}")
     return Path(root) / video_uid / f"{chunk}.mp4"
 
 
@@ -132,6 +153,8 @@ def _decode_at(container, times: np.ndarray) -> list[np.ndarray]:
         frame = last if last is not None and current >= target else None
         while frame is None and (candidate := next(decoder, None)) is not None:
             last, current = candidate, clock.index(candidate)
+            if candidate.is_corrupt:
+                raise VideoReadError(f"the decoder reports frame {current} (t={float(current / fps):.3f} s) as corrupt")
             if current >= target:
                 frame = candidate
         if frame is None:

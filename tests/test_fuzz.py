@@ -1,0 +1,229 @@
+"""Property-based tests of the readers of user input: ``read_egoclip``, ``read_egomcq`` and the
+config (overrides and YAML files). Any input either parses or raises the project's own error
+(:class:`MetadataError`, :class:`ConfigError`) naming the file, the line (or the question, or
+the key) and the field; never another exception.
+
+The default run is bounded (the ``bounded`` profile in conftest.py); for a long one:
+
+    SVITT_EGO_HYPOTHESIS=long python -m pytest -q tests/test_fuzz.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from svitt_ego.config import Config, ConfigError, load_config
+from svitt_ego.data.egoclip import COLUMNS, read_egoclip
+from svitt_ego.data.egomcq import read_egomcq
+from svitt_ego.data.errors import MetadataError
+from svitt_ego.data.video import VIDEO_UID_REGEX
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz")
+
+
+# ---------------------------------------------------------------- egoclip.csv
+
+# Text that stays inside one tab-separated field: no tab, line break or quote.
+field_text = st.text(st.characters(exclude_characters="\t\r\n\"", exclude_categories=("Cs",)), max_size=12)
+uids = st.from_regex(VIDEO_UID_REGEX, fullmatch=True)
+ints = st.integers(-10**18 + 1, 10**18 - 1)
+times = st.floats(-1e6, 1e6, allow_nan=False)
+tags = st.lists(st.integers(0, 10**9 - 1), max_size=4)
+
+
+@st.composite
+def egoclip_rows(draw) -> dict:
+    start = draw(times)
+    return {"clip_idx": draw(ints), "video_uid": draw(uids), "video_dur": draw(times),
+            "narration_source": draw(field_text), "narration_ind": draw(ints), "narration_time": draw(times),
+            "clip_start": start, "clip_end": start + draw(st.floats(0, 1e3)), "clip_text": draw(field_text),
+            "tag_verb": draw(tags), "tag_noun": draw(tags)}
+
+
+def csv_field(value) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def write_rows(path, rows: list[dict]) -> None:
+    lines = ["\t".join(COLUMNS)] + ["\t".join(csv_field(row[c]) for c in COLUMNS) for row in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@given(st.lists(egoclip_rows(), max_size=6))
+def test_egoclip_valid_rows_round_trip(folder, rows):
+    path = folder / "valid.csv"
+    write_rows(path, rows)
+    df = read_egoclip(path, cache=False)
+    assert len(df) == len(rows)
+    for i, row in enumerate(rows):
+        for name in COLUMNS:
+            got = df[name].iloc[i]
+            if isinstance(row[name], list):
+                got = list(got)
+            assert got == row[name], (name, got, row[name])
+
+
+@given(st.lists(egoclip_rows(), min_size=1, max_size=4), st.data())
+def test_egoclip_one_bad_field_names_its_line_and_field(folder, rows, data):
+    row = data.draw(st.integers(0, len(rows) - 1))
+    name = data.draw(st.sampled_from(COLUMNS))
+    value = data.draw(field_text | st.sampled_from(["+5", "0x10", "1e999", "nan", "..", "/etc", "[1,", "[-1]",
+                                                    "9" * 19, "١", "²", " 1", "1 "]))
+    path = folder / "one_bad.csv"
+    write_rows(path, rows[:row] + [rows[row] | {name: value}] + rows[row + 1:])
+    try:
+        df = read_egoclip(path, cache=False)
+    except MetadataError as err:
+        fields = {name, "clip_end"} if name in ("clip_start", "clip_end") else {name}
+        assert re.fullmatch(rf"malformed EgoClip row: {re.escape(str(path))}, line {row + 2}, "
+                            rf"field '({'|'.join(fields)})': .+", str(err)), str(err)
+    else:
+        assert len(df) == len(rows)
+
+
+# Whole lines of anything, bytes that are not UTF-8 included.
+raw_lines = st.lists(st.binary(max_size=40) | st.lists(st.sampled_from(
+    [b"\t", b"\"", b"\r", b"[", b"]", b",", b"1", b"-", b".", b"e", b"x", b"\xff", b" "]), max_size=30).map(b"".join),
+    max_size=5)
+
+
+@given(st.booleans(), raw_lines)
+def test_egoclip_any_bytes_parse_or_name_file_and_line(folder, with_header, lines):
+    path = folder / "bytes.csv"
+    header = ["\t".join(COLUMNS).encode()] if with_header else []
+    path.write_bytes(b"\n".join(header + lines))
+    _parses_or_names_the_line(path)
+
+
+@given(st.lists(egoclip_rows(), min_size=1, max_size=3), st.integers(0, 10**6), st.binary(min_size=1, max_size=8))
+def test_egoclip_bytes_spliced_into_a_valid_file(folder, rows, where, junk):
+    path = folder / "spliced.csv"
+    write_rows(path, rows)
+    data = path.read_bytes()
+    where = len("\t".join(COLUMNS)) + 1 + where % (len(data) - len("\t".join(COLUMNS)))
+    path.write_bytes(data[:where] + junk + data[where:])
+    _parses_or_names_the_line(path)
+
+
+def _parses_or_names_the_line(path) -> None:
+    where = rf"{re.escape(str(path))}, line \d+(, field '[^']+': |: missing column|: column)"
+    for lax in (False, True):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # lax mode's count of skipped rows
+                read_egoclip(path, lax=lax, cache=False)
+        except MetadataError as err:
+            assert "\n" not in str(err) and re.search(where, str(err)), str(err)
+
+
+# ---------------------------------------------------------------- egomcq.json
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                                       max_size=3),
+                           max_leaves=12)
+clip_keys = st.sampled_from(["video_uid", "clip_start", "clip_end", "clip_text"])
+
+
+@st.composite
+def mcq_files(draw) -> dict:
+    """Questions close to valid ones, with some fields replaced by anything."""
+    def clip():
+        row = {"video_uid": draw(uids | json_values), "clip_start": draw(st.floats(0, 100) | json_values),
+               "clip_end": draw(st.floats(100, 200) | json_values),
+               "clip_text": draw(st.text(max_size=8) | json_values)}
+        return {k: v for k, v in row.items() if draw(st.integers(0, 9)) > 0}
+
+    def question():
+        count = draw(st.integers(0, 6))
+        entry = {"query": clip(), "choices": {str(i): clip() for i in range(count)},
+                 "answer": draw(st.integers(-1, 6) | st.text("0123456789 ²١", max_size=3) | json_values),
+                 "types": draw(st.sampled_from([1, 2, "1", "2"]) | json_values)}
+        return {k: v for k, v in entry.items() if draw(st.integers(0, 9)) > 0}
+
+    entries = draw(st.lists(st.tuples(st.text(max_size=4), st.booleans()), max_size=3))
+    return {qid: question() if near_valid else draw(json_values) for qid, near_valid in entries}
+
+
+@given(mcq_files() | json_values)
+@example(data={"'": {"query": {}, "choices": {}, "answer": 0, "types": 1}})  # an id that repr() double-quotes
+def test_egomcq_any_json_parses_or_names_question_and_field(folder, data):
+    path = folder / "egomcq.json"
+    path.write_text(json.dumps(data))
+    try:
+        questions = read_egomcq(path)
+    except MetadataError as err:
+        message = str(err)
+        assert message.startswith(f"{path}: ") and "\n" not in message
+        if isinstance(data, dict) and data:
+            assert re.match(rf"{re.escape(str(path))}: question ('.*'|\".*\")(, field '[\w.]+')?: ", message), message
+    else:
+        assert len(questions) == len(data)
+        for q in questions:
+            assert 0 <= q.answer < len(q.choices) and q.type in (1, 2) and isinstance(q.query.text, str)
+            assert all(math.isfinite(c.start) and c.start <= c.end for c in [q.query, *q.choices])
+
+
+@given(st.binary(max_size=60))
+def test_egomcq_any_bytes_parse_or_name_the_file(folder, data):
+    path = folder / "bytes.json"
+    path.write_bytes(data)
+    try:
+        read_egomcq(path)
+    except MetadataError as err:
+        assert str(err).startswith(f"{path}: ")
+
+
+# ---------------------------------------------------------------- config
+
+def _keys(prefix: str, value) -> list[str]:
+    if isinstance(value, dict):
+        return [key for name, sub in value.items() for key in _keys(f"{prefix}{name}.", sub)]
+    return [prefix[:-1]]
+
+
+CONFIG_KEYS = _keys("", Config().to_dict())
+yaml_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=20) | st.sampled_from(
+    ["[a, b]", "[x,1,1]", "[1,", "{a: 1}", "0", "-1", "1e999", "9" * 5000, ".inf", "null", "true", "[0.5, 2]",
+     "'", "&a [*a]", "!!python/object:os.system", "2024-01-01"])
+
+
+@given(st.lists(st.tuples(st.sampled_from(CONFIG_KEYS) | st.text(max_size=12), yaml_text), max_size=3))
+@example(overrides=[("0\n0", "")])  # a key with a line break
+def test_overrides_parse_or_name_the_key(overrides):
+    texts = [f"{key}={value}" for key, value in overrides]
+    try:
+        load_config(None, texts)
+    except ConfigError as err:
+        message = str(err)
+        assert "\n" not in message
+        # The first part of some override's key, as written or escaped (repr) to stay on one line.
+        firsts = [text.split("=", 1)[0].strip().split(".")[0] for text in texts]
+        assert any(first in message or repr(first)[1:-1] in message for first in firsts) or \
+            message.startswith("override "), message
+
+
+@given(st.text(st.characters(exclude_categories=("Cs",)), max_size=80) | st.builds(
+    lambda key, value: "\n".join(f"{'  ' * i}{part}:" for i, part in enumerate(key.split("."))) + f" {value}\n",
+    st.sampled_from(CONFIG_KEYS), yaml_text))
+def test_yaml_files_parse_or_name_the_file(folder, text):
+    path = folder / "run.yaml"
+    path.write_text(text, encoding="utf-8")
+    try:
+        load_config(str(path))
+    except ConfigError as err:
+        message = str(err)
+        assert "\n" not in message
+        assert message.startswith(str(path)) or re.match(r"[\w.]+(\[\d+\])?: ", message), message
