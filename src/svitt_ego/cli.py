@@ -241,9 +241,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """The errors that mean bad input (a file, a value, a checkpoint), not a bug: one line, exit 2."""
     from svitt_ego.checkpoint import CheckpointError
     from svitt_ego.config import ConfigError
+    from svitt_ego.data.errors import MetadataError
     from svitt_ego.data.video import VideoReadError
+    from svitt_ego.nlq.annotations import NLQFormatError
 
-    return ConfigError, CheckpointError, VideoReadError, FileNotFoundError, FileExistsError
+    return (ConfigError, CheckpointError, MetadataError, NLQFormatError, VideoReadError, FileNotFoundError,
+            FileExistsError)
 
 
 def main(argv: list[str] | None = None) -> int:
