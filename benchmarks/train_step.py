@@ -9,8 +9,9 @@ Runs:
   PRESET:FRAMES[:ckpt]          the whole step (``ckpt``: activation checkpointing). The real step:
                                 8 clips + 8 scene-aware hard negatives per GPU at 224 x 224, text
                                 length 32, EgoNCE + VTM + MLM through
-                                :class:`svitt_ego.train.PretrainingObjective`, AdamW, FP16 autocast
-                                with a gradient scaler.
+                                :class:`svitt_ego.objective.PretrainingObjective` and the
+                                trainer's own ``optimizer_step`` (fused AdamW, FP16 autocast
+                                with a gradient scaler, gradient clipping).
   encoder:PRESET:FRAMES[:ckpt]  the preset's video encoder alone: forward, backward and AdamW step.
   vit_b:FRAMES                  the anchor: a plain dense ViT-B/16 (12 layers, width 768, 12 heads,
                                 pre-norm, ``F.scaled_dot_product_attention``, no bias) on the same
@@ -34,7 +35,8 @@ from torch import nn
 from svitt_ego.config import load_config
 from svitt_ego.data.tokenizer import load_tokenizer
 from svitt_ego.models import SViTTEgo, VideoEncoder
-from svitt_ego.train import PretrainingObjective, parameter_groups
+from svitt_ego.objective import PretrainingObjective
+from svitt_ego.train import build_optimizer, optimizer_step
 
 DEFAULT_RUNS = ["vit_b:4", "svitt_ego_kr3:4", "svitt_ego_kr5:4", "dense:4", "svitt_ego_kr3:4:ckpt",
                 "svitt_ego_kr5:4:ckpt", "encoder:svitt_ego_kr3:4", "encoder:dense:4",
@@ -73,10 +75,10 @@ class DenseViT(nn.Module):
         return self.norm(self.blocks(x))[:, 0]
 
 
-def random_batch(cfg, clips: int, text_length: int, device) -> dict:
+def random_batch(cfg, tokenizer, clips: int, text_length: int, device) -> dict:
     v, n = cfg.model.vision, 2 * clips
     ids = torch.randint(1000, 29000, (n, text_length), device=device)
-    ids[:, 0], ids[:, -1] = 101, 102
+    ids[:, 0], ids[:, -1] = tokenizer.cls_token_id, tokenizer.sep_token_id
     return {"frames": torch.randn(n, v.num_frames, 3, v.image_size, v.image_size, device=device),
             "input_ids": ids, "attention_mask": torch.ones_like(ids),
             "nouns": torch.randint(0, 582, (n, 2), device=device), "verbs": torch.randint(0, 118, (n, 1), device=device),
@@ -84,24 +86,20 @@ def random_batch(cfg, clips: int, text_length: int, device) -> dict:
 
 
 def run(spec: str, clips: int, steps: int, device) -> tuple[float, float]:
+    """One of the presets' whole training steps, through the trainer's own :func:`optimizer_step`."""
     preset, frames, *flags = spec.split(":")
     overrides = [f"model.vision.num_frames={frames}", "model.text.tokenizer=minilm",
-                 f"model.vision.grad_checkpointing={'ckpt' in flags}"]
+                 f"model.vision.grad_checkpointing={'ckpt' in flags}",
+                 f"train.precision={'fp16' if device.type == 'cuda' else 'fp32'}"]
     cfg = load_config(preset, overrides)
+    tokenizer = load_tokenizer(cfg.model.text)
     model = SViTTEgo(cfg.model).to(device).train()
-    objective = PretrainingObjective(model, cfg, load_tokenizer(cfg.model.text))
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
-    cuda = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
-    batch = random_batch(cfg, clips, cfg.model.text.max_length, device)
+    objective = PretrainingObjective(model, cfg, tokenizer).to(device)
+    optimizer, scheduler, scaler = build_optimizer(model, cfg, device, total_steps=steps + 2, steps_per_epoch=1)
+    batch = random_batch(cfg, tokenizer, clips, cfg.model.text.max_length, device)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
-            loss = objective(batch)["loss"]
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(objective, optimizer, scaler, scheduler, batch, cfg)
 
     return measure(step, 2 * clips, steps, device)
 

@@ -43,7 +43,7 @@ from svitt_ego.evaluate import egomcq_score, evaluate_egomcq
 from svitt_ego.models import SViTTEgo, create_model
 from svitt_ego.objective import PretrainingObjective
 
-__all__ = ["MetricsLogger", "NonFiniteStep", "PretrainingObjective", "Run", "TrainState",
+__all__ = ["MetricsLogger", "NonFiniteStep", "Run", "TrainState", "build_optimizer",
            "cosine_schedule", "optimizer_step", "parameter_groups", "pretrain", "train_one_epoch"]
 
 log = logging.getLogger(__name__)
@@ -234,6 +234,19 @@ def seed_everything(seed: int) -> None:
         set_seed(seed + rank())
 
 
+def build_optimizer(model: SViTTEgo, cfg: Config, device: torch.device, total_steps: int, steps_per_epoch: int):
+    """AdamW (fused on CUDA) over :func:`parameter_groups`, its warm-up + cosine schedule by step, and
+    the gradient scaler (enabled for fp16 on CUDA)."""
+    t = cfg.train
+    optimizer = torch.optim.AdamW(parameter_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
+                                  fused=True if device.type == "cuda" else None)
+    warmup = round(t.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_schedule(s, total_steps, warmup, t.min_lr_ratio))
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and t.precision == "fp16")
+    return optimizer, scheduler, scaler
+
+
 def build_run(cfg: Config, device: torch.device) -> Run:
     seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.text)
@@ -248,12 +261,7 @@ def build_run(cfg: Config, device: torch.device) -> Run:
                           f"{t.batch_size} per process, fewer than train.grad_accum={t.grad_accum}")
     steps_per_epoch = sampler.batches_per_epoch // t.grad_accum
     total_steps = min(t.epochs * steps_per_epoch, t.max_steps if t.max_steps is not None else math.inf)
-    optimizer = torch.optim.AdamW(parameter_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
-                                  fused=True if device.type == "cuda" else None)
-    warmup = round(t.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_schedule(s, total_steps, warmup, t.min_lr_ratio))
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and t.precision == "fp16")
+    optimizer, scheduler, scaler = build_optimizer(model, cfg, device, total_steps, steps_per_epoch)
     checkpointer = Checkpointer(t.output_dir, t.keep_checkpoints, {
         "model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler})
     return Run(cfg, device, model, wrapped, tokenizer, optimizer, scheduler, scaler, dataset, sampler,
