@@ -9,7 +9,8 @@ import pytest
 import torch
 from helpers import SMALL_MODEL
 
-from svitt_ego.checkpoint import (CheckpointError, Checkpointer, RunLock, atomic_write_text, check_resume,
+from svitt_ego.atomic import atomic_write_text
+from svitt_ego.checkpoint import (CheckpointError, Checkpointer, RunLock, check_resume,
                                   load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from svitt_ego.config import ConfigError, load_config
 
@@ -106,7 +107,7 @@ def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path):
         tmp.write_text("partial")
         raise OSError("disk full")
 
-    from svitt_ego.checkpoint import atomic_write
+    from svitt_ego.atomic import atomic_write
 
     with pytest.raises(OSError, match="disk full"):
         atomic_write(path, fail)
@@ -147,6 +148,7 @@ def test_checkpointer_keeps_the_newest_and_reports_a_failed_write(tmp_path):
     with torch.no_grad():
         layer.weight.zero_()
     assert checkpointer.resume(cfg)["step"] == 3 and layer.weight.abs().sum() > 0
-    broken = Checkpointer(tmp_path / "missing" / "run", keep=2, objects={"model": layer})
+    (tmp_path / "not-a-folder").write_text("a file where the run folder's parent should be")
+    broken = Checkpointer(tmp_path / "not-a-folder" / "run", keep=2, objects={"model": layer})
     with pytest.raises(CheckpointError, match=r"step-4\.pt: could not write the checkpoint"):
         broken.save("step-4.pt", {"step": 4}, cfg)

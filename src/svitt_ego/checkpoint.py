@@ -15,16 +15,14 @@ import logging
 import os
 import pickle
 import random
-import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
+from svitt_ego.atomic import atomic_copy, atomic_write
 from svitt_ego.config import Config, ConfigError
 from svitt_ego.distributed import decide_on_main, gather_objects, is_main, rank, world_size
 
@@ -48,49 +46,6 @@ class CheckpointError(ValueError):
 _NUMPY_CORE = getattr(np, "_core", None) or np.core
 # What an array of numbers needs to unpickle: its class, its dtype and NumPy's array constructor.
 NUMPY_ARRAY_GLOBALS = [_NUMPY_CORE.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
-# --------------------------------------------------------------------------- atomic files
-
-
-def fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Have ``write`` fill a uniquely named temporary file next to ``path``, fsync it, rename it onto
-    ``path`` and fsync the folder: readers see the old file or the new one, never a partial one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; the file gets the usual permissions
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_folder(path.parent)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def atomic_copy(source: Path, path: Path) -> None:
-    atomic_write(path, lambda tmp: shutil.copyfile(source, tmp))
 
 
 # --------------------------------------------------------------------------- RNG states as plain values

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from svitt_ego.checkpoint import atomic_write_text
+from svitt_ego.atomic import atomic_write_text
 from svitt_ego.config import Config, load_config
 from svitt_ego.data.toy import make_toy_data, toy_data_overrides
 from svitt_ego.evaluate import CHANCE, evaluate_egomcq, format_egomcq

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from svitt_ego.checkpoint import CheckpointError, atomic_write_text, load_checkpoint
+from svitt_ego.atomic import atomic_write_text
+from svitt_ego.checkpoint import CheckpointError, load_checkpoint
 from svitt_ego.config import Config, ConfigError, config_from_dict, load_config, override, parse_override
 from svitt_ego.data.egomcq import INTER_VIDEO, INTRA_VIDEO, EgoMCQDataset, MCQQuestion, collate_egomcq, read_egomcq
 from svitt_ego.data.tokenizer import load_tokenizer

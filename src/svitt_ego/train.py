@@ -32,7 +32,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from svitt_ego.checkpoint import Checkpointer, atomic_write, locked_run_folder
+from svitt_ego.atomic import atomic_write
+from svitt_ego.checkpoint import Checkpointer, locked_run_folder
 from svitt_ego.config import Config, ConfigError
 from svitt_ego.data.dataset import EgoClipDataset, EpochSampler, collate_egoclip
 from svitt_ego.data.tokenizer import load_tokenizer

@@ -10,8 +10,6 @@ patches darkened; ``svitt-ego visualize`` does both for a checkpoint and a video
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from svitt_ego.atomic import atomic_write
 from svitt_ego.config import Config, VisionConfig
 from svitt_ego.data.transforms import ClipTransform, center_crop_box
 from svitt_ego.data.video import read_chunk_frames, read_clip_frames, sample_times
@@ -180,23 +179,8 @@ def side_by_side(images: list[Image.Image], titles: list[str]) -> Image.Image:
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Write ``image`` to ``path`` atomically (a fsynced temporary file in the same folder, renamed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``image`` to ``path`` as a PNG, atomically."""
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 # ---------------------------------------------------------------- one clip, end to end

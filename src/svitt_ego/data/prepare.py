@@ -27,6 +27,7 @@ import av
 from av.video.reformatter import VideoReformatter
 from tqdm import tqdm
 
+from svitt_ego.atomic import atomic_write_bytes, fsync_folder
 from svitt_ego.data.video import VIDEO_UID_RULE, is_video_uid
 
 MANIFEST = "chunks.json"
@@ -139,7 +140,7 @@ def prepare_video(source: Path, out_dir: Path, short_side: int = 256, chunk_seco
         raise
     manifest = {"chunks": chunks, "fps": str(rate), "width": size[0], "height": size[1],
                 "short_side": short_side, "chunk_seconds": chunk_seconds}
-    _write_atomic(out_dir / MANIFEST, json.dumps(manifest).encode())
+    atomic_write_bytes(out_dir / MANIFEST, json.dumps(manifest).encode())
     return chunks
 
 
@@ -191,30 +192,6 @@ def _check_decoded(container, stream, decoded: Fraction, corrupt: list[Fraction]
                          "(truncated file?)")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``path`` under a unique temporary name, flush it to disk and rename it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _ChunkWriter:
     """One output chunk, written to a temporary name and renamed by :meth:`close`.
 
@@ -244,7 +221,7 @@ class _ChunkWriter:
         with open(self.tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(self.tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_folder(self.path.parent)
         return self.path
 
     def abort(self) -> None:

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from svitt_ego.checkpoint import CheckpointError, fsync_folder
+from svitt_ego.atomic import fsync_folder
+from svitt_ego.checkpoint import CheckpointError
 from svitt_ego.config import Config, ConfigError, ModelConfig, apply, validate
 from svitt_ego.data.tokenizer import load_tokenizer, tokenize, vocab_file
 from svitt_ego.device import to_device

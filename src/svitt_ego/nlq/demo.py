@@ -15,7 +15,7 @@ from pathlib import Path
 
 from svitt_ego.nlq.annotations import load_json, read_nlq
 from svitt_ego.nlq.features import NLQFeatures, extract_nlq_features
-from svitt_ego.nlq.io import atomic_write_json
+from svitt_ego.atomic import atomic_write_json
 from svitt_ego.nlq.metric import evaluate_nlq, make_submission
 from svitt_ego.nlq.search import fixed_window_baseline, fixed_window_results, load_dual_encoder, zero_shot_results
 from svitt_ego.nlq.train import Stage, TrainSettings, predict_moments, train_nlq

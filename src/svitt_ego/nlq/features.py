@@ -26,7 +26,7 @@ from tqdm import tqdm
 from svitt_ego.data.transforms import ClipTransform
 from svitt_ego.data.video import VideoReadError, chunk_path, read_frames
 from svitt_ego.nlq.annotations import NLQClip, NLQFormatError, NLQQuery, load_json, read_nlq
-from svitt_ego.nlq.io import atomic_torch_save, atomic_write_json
+from svitt_ego.atomic import atomic_torch_save, atomic_write_json
 
 log = logging.getLogger(__name__)
 

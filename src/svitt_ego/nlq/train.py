@@ -22,7 +22,7 @@ from torch.nn.utils.rnn import pad_sequence
 from svitt_ego.nlq.annotations import NLQFormatError, NLQQuery, read_nlq
 from svitt_ego.nlq.detection import decode, grounding_loss
 from svitt_ego.nlq.features import NLQFeatures
-from svitt_ego.nlq.io import atomic_torch_save
+from svitt_ego.atomic import atomic_torch_save
 from svitt_ego.nlq.metric import make_submission, submission_entry
 from svitt_ego.nlq.model import GroundingConfig, GroundingModel
 
@@ -200,7 +200,7 @@ def predict_moments(model: GroundingModel, features: NLQFeatures, queries: list[
 def predict_nlq(features_dir: str | Path, checkpoint: str | Path, annotations: str | Path, output: str | Path,
                 top_k: int = 5, batch_size: int = 8) -> dict:
     """``svitt-ego predict-nlq``: write the official submission for every query of ``annotations``."""
-    from svitt_ego.nlq.io import atomic_write_json
+    from svitt_ego.atomic import atomic_write_json
 
     model, _ = load_grounding(checkpoint)
     parsed = read_nlq(annotations)

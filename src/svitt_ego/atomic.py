@@ -1,0 +1,76 @@
+"""Atomic, durable writes: a uniquely named temporary file in the target's folder, fsynced, renamed
+onto the target, then the folder fsynced.
+
+A reader (or a resumed run) sees the old file or the whole new one, never a part of one, also
+after a crash; writers in several processes never share a temporary file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def fsync_folder(folder: str | Path) -> None:
+    """Make the renames in ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Have ``write`` fill a temporary file next to ``path`` (its folder is made if missing), then
+    fsync it, rename it onto ``path`` and fsync the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; the file gets the usual permissions
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_folder(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_json(path: str | Path, data) -> Path:
+    """``data`` as indented JSON; NaN and infinity are refused (they are not JSON)."""
+    return atomic_write_text(path, json.dumps(data, indent=1, allow_nan=False) + "\n")
+
+
+def atomic_torch_save(obj, path: str | Path) -> Path:
+    import torch  # here, so that the writers that need no torch load none
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def atomic_copy(source: str | Path, path: str | Path) -> Path:
+    return atomic_write(path, lambda tmp: shutil.copyfile(source, tmp))
