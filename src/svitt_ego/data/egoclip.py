@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import sys
 import warnings
@@ -30,6 +29,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import torch
 
+from svitt_ego.atomic import atomic_write
 from svitt_ego.data.errors import MetadataError
 from svitt_ego.data.video import VIDEO_UID_REGEX, VIDEO_UID_RULE
 
@@ -344,12 +344,9 @@ def _load_cache(cache_path: Path, key: bytes) -> pa.Table | None:
 
 def _save_cache(cache_path: Path, table: pa.Table, key: bytes) -> None:
     """Write atomically (several ranks may build it at once); a read-only folder only warns."""
-    tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.tmp")
     try:
-        pq.write_table(table.replace_schema_metadata({_CACHE_KEY: key}), tmp)
-        os.replace(tmp, cache_path)
+        atomic_write(cache_path, lambda tmp: pq.write_table(table.replace_schema_metadata({_CACHE_KEY: key}), tmp))
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         warnings.warn(f"could not cache EgoClip metadata at {cache_path}: {err}", stacklevel=3)
 
 
