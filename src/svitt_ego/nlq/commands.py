@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from svitt_ego.atomic import atomic_write_json
 from svitt_ego.nlq.annotations import load_json, read_nlq
 from svitt_ego.nlq.features import NLQFeatures
-from svitt_ego.atomic import atomic_write_json
 from svitt_ego.nlq.metric import evaluate_nlq, format_nlq, make_submission
 
 

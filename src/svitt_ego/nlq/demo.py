@@ -9,13 +9,13 @@ moments. Everything is scored by :func:`svitt_ego.nlq.evaluate_nlq`.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
+from svitt_ego.atomic import atomic_write_json
+from svitt_ego.demo import demo, fresh_run_folder
 from svitt_ego.nlq.annotations import load_json, read_nlq
 from svitt_ego.nlq.features import NLQFeatures, extract_nlq_features
-from svitt_ego.atomic import atomic_write_json
 from svitt_ego.nlq.metric import evaluate_nlq, make_submission
 from svitt_ego.nlq.search import fixed_window_baseline, fixed_window_results, load_dual_encoder, zero_shot_results
 from svitt_ego.nlq.train import Stage, TrainSettings, predict_moments, train_nlq
@@ -30,8 +30,6 @@ METRICS = ("R@1 IoU=0.3", "R@5 IoU=0.3", "R@1 IoU=0.5", "R@5 IoU=0.5", "mIoU")
 def _pretrained(workdir: Path, quick: bool) -> Path:
     model = workdir / "run" / "model"
     if not (model.is_dir() and (workdir / "toy_data" / "manifest.json").exists()):
-        from svitt_ego.demo import demo
-
         print("no pretrained demo model yet: running the pretraining demo first")
         demo(workdir, quick=quick)
     return model
@@ -61,7 +59,7 @@ def demo_nlq(workdir: str | Path = "demo_run", quick: bool = False) -> dict:
         zero_shot_results(load_dual_encoder(features), features, val)))
     epochs = QUICK_EPOCHS if quick else EPOCHS
     print(f"2/3 training the grounding model ({epochs} epochs) into {out / 'run'}")
-    shutil.rmtree(out / "run", ignore_errors=True)  # the demo starts afresh every time
+    fresh_run_folder(out / "run")  # the demo starts afresh every time, in a folder it made
     model = train_nlq(out / "features", [Stage([str(train_file)], epochs)], out / "run", TOY_SETTINGS)
     print("3/3 predicting the held-out queries")
     submission = make_submission(predict_moments(model, features, val.queries, val.clips))

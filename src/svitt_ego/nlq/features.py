@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from svitt_ego.atomic import atomic_torch_save, atomic_write_json
 from svitt_ego.data.transforms import ClipTransform
 from svitt_ego.data.video import VideoReadError, chunk_path, read_frames
 from svitt_ego.nlq.annotations import NLQClip, NLQFormatError, NLQQuery, load_json, read_nlq
-from svitt_ego.atomic import atomic_torch_save, atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from svitt_ego.atomic import atomic_torch_save
 from svitt_ego.nlq.annotations import NLQFormatError, NLQQuery, read_nlq
 from svitt_ego.nlq.detection import decode, grounding_loss
 from svitt_ego.nlq.features import NLQFeatures
-from svitt_ego.atomic import atomic_torch_save
 from svitt_ego.nlq.metric import make_submission, submission_entry
 from svitt_ego.nlq.model import GroundingConfig, GroundingModel
 
