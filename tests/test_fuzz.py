@@ -1,5 +1,5 @@
-"""Property-based tests of the readers of user input: ``read_egoclip``, ``read_egomcq`` and the
-config (overrides and YAML files). Any input either parses or raises the project's own error
+"""Property-based tests of the readers of user input: ``read_egoclip``, ``read_egomcq``,
+``read_nlq`` and the config (overrides and YAML files). Any input either parses or raises the project's own error
 (:class:`MetadataError`, :class:`ConfigError`) naming the file, the line (or the question, or
 the key) and the field; never another exception.
 
@@ -24,6 +24,7 @@ from svitt_ego.data.egoclip import COLUMNS, read_egoclip
 from svitt_ego.data.egomcq import read_egomcq
 from svitt_ego.data.errors import MetadataError
 from svitt_ego.data.video import VIDEO_UID_REGEX
+from svitt_ego.nlq.annotations import NLQFormatError, read_nlq
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +185,49 @@ def test_egomcq_any_bytes_parse_or_name_the_file(folder, data):
         read_egomcq(path)
     except MetadataError as err:
         assert str(err).startswith(f"{path}: ")
+
+
+# ---------------------------------------------------------------- nlq_*.json
+
+
+@st.composite
+def nlq_files(draw) -> dict:
+    """NLQ annotations close to valid ones, with some fields replaced by anything."""
+    def maybe(value):
+        return draw(st.just(value) | json_values) if draw(st.integers(0, 5)) == 0 else value
+
+    def query():
+        start = draw(st.floats(-1e-6, 50))
+        return {k: maybe(v) for k, v in {"query": draw(st.text(max_size=8) | st.none()), "clip_start_sec": start,
+                                         "clip_end_sec": start + draw(st.floats(0, 20))}.items()}
+
+    def clip():
+        annotations = [{"annotation_uid": maybe(draw(uids | st.text(max_size=6))),
+                        "language_queries": maybe([query() for _ in range(draw(st.integers(0, 3)))])}
+                       for _ in range(draw(st.integers(0, 2)))]
+        return {"clip_uid": maybe(draw(uids | st.sampled_from(["../x", "/etc", "..", ""]))),
+                "video_start_sec": maybe(0.0), "video_end_sec": maybe(60.0), "annotations": maybe(annotations)}
+
+    videos = [{"video_uid": maybe(draw(uids)), "clips": maybe([clip() for _ in range(draw(st.integers(0, 2)))])}
+              for _ in range(draw(st.integers(0, 2)))]
+    return {"videos": maybe(videos)}
+
+
+@given(nlq_files() | json_values)
+def test_nlq_any_json_parses_or_names_the_file(folder, data):
+    path = folder / "nlq.json"
+    path.write_text(json.dumps(data))
+    try:
+        annotations = read_nlq(path)
+    except NLQFormatError as err:
+        message = str(err)
+        assert message.startswith(f"{path}") and "\n" not in message
+    else:
+        for q in annotations.queries:
+            clip = annotations.clips[q.clip_uid]
+            assert re.fullmatch(VIDEO_UID_REGEX, q.clip_uid) and re.fullmatch(VIDEO_UID_REGEX, q.annotation_uid)
+            if q.start is not None:
+                assert 0 <= q.start <= q.end <= clip.duration
 
 
 # ---------------------------------------------------------------- config

@@ -1,9 +1,13 @@
+import json
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from svitt_ego.nlq import NLQFormatError, evaluate_nlq
+from svitt_ego.nlq.annotations import read_nlq
 from svitt_ego.nlq.metric import interval_iou
 
 
@@ -123,3 +127,17 @@ def test_bad_annotations_name_the_field():
     annotations["videos"][0]["clips"][0]["video_end_sec"] = "20"
     with pytest.raises(NLQFormatError, match="clip c1: field 'video_end_sec' must be a finite number"):
         evaluate_nlq(annotations, _submission(PREDICTIONS))
+
+
+@pytest.mark.parametrize("field, value", [("clip_uid", "../../outside"), ("clip_uid", "/etc/passwd"),
+                                          ("annotation_uid", ".."), ("annotation_uid", "a/b")])
+def test_ids_that_would_name_paths_are_refused(tmp_path, field, value):
+    """clip_uid and annotation_uid name feature files: an id that is a path never reaches the disk."""
+    clip = {"clip_uid": "c1", "video_start_sec": 0.0, "video_end_sec": 8.0,
+            "annotations": [{"annotation_uid": "a1", "language_queries": [
+                {"query": "where?", "clip_start_sec": 1.0, "clip_end_sec": 2.0}]}]}
+    (clip if field == "clip_uid" else clip["annotations"][0])[field] = value
+    path = tmp_path / "nlq.json"
+    path.write_text(json.dumps({"videos": [{"video_uid": "v1", "clips": [clip]}]}))
+    with pytest.raises(NLQFormatError, match=rf"field '{field}' must be an id .*got '{re.escape(value)}'"):
+        read_nlq(path)

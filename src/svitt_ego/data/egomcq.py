@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from svitt_ego.config import Config
-from svitt_ego.data.errors import MetadataError
+from svitt_ego.data.errors import MetadataError, load_json
 from svitt_ego.data.tokenizer import tokenize
 from svitt_ego.data.transforms import ClipTransform
 from svitt_ego.data.video import VIDEO_UID_RULE, is_video_uid, read_clip_frames
@@ -44,18 +43,7 @@ def read_egomcq(path: str | Path) -> list[MCQQuestion]:
     """Read ``egomcq.json``. A missing or malformed file raises :class:`MetadataError` naming the
     file, the question and the field."""
     path = Path(path)
-    if not path.is_file():
-        raise MetadataError(f"{path}: no such EgoMCQ file (see data.egomcq)")
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as err:
-        raise MetadataError(f"{path}: cannot read: {err}") from None
-    except UnicodeDecodeError as err:
-        raise MetadataError(f"{path}: not UTF-8 text (byte {err.start})") from None
-    except ValueError as err:  # also an integer too long to convert
-        raise MetadataError(f"{path}: not valid JSON: {err}") from None
-    except RecursionError:
-        raise MetadataError(f"{path}: not valid JSON: nested too deeply") from None
+    data = load_json(path, what="EgoMCQ file (see data.egomcq)")
     if not isinstance(data, dict):
         raise MetadataError(f"{path}: expected an object of questions keyed by id, got {type(data).__name__}")
     return [_question(qid, entry, f"{path}: question {_short(qid)}") for qid, entry in data.items()]

@@ -9,17 +9,20 @@ the real files) are clamped to the clip.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from svitt_ego.data.errors import MetadataError
+from svitt_ego.data.errors import load_json as _load_json
+from svitt_ego.data.video import VIDEO_UID_RULE, is_video_uid
+
 # The real annotations sometimes carry the annotation tool's label in the text.
 _PREFIX = re.compile(r"^\s*query\s*text\s*:\s*", re.IGNORECASE)
 
 
-class NLQFormatError(ValueError):
+class NLQFormatError(MetadataError):
     """Malformed NLQ annotations or submission; the message names the file, the query and the field."""
 
 
@@ -84,9 +87,10 @@ def _items(obj: dict, key: str, where: str) -> list:
 
 
 def _uid(obj: dict, key: str, where: str) -> str:
+    """An id that names files of its own (features, checkpoints): never a path."""
     value = obj.get(key)
-    if not isinstance(value, str) or not value:
-        raise NLQFormatError(f"{where}: field '{key}' must be a non-empty string, got {value!r}")
+    if not is_video_uid(value):
+        raise NLQFormatError(f"{where}: field '{key}' must be an id ({VIDEO_UID_RULE}), got {_short(value)}")
     return value
 
 
@@ -141,14 +145,15 @@ def parse_nlq(data, source: str) -> NLQAnnotations:
 
 
 def load_json(path: str | Path):
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise NLQFormatError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise NLQFormatError(f"{path}: not valid JSON: {err}") from None
+    """An NLQ JSON file (annotations, a submission, a features folder's meta.json); a missing or
+    malformed one raises :class:`NLQFormatError` naming it."""
+    return _load_json(path, NLQFormatError)
 
 
 def read_nlq(path: str | Path) -> NLQAnnotations:
     return parse_nlq(load_json(path), str(path))
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:80] + "..."
