@@ -135,7 +135,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svitt-ego", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_pretraining_commands(sub)
+    _add_nlq_commands(sub)
+    return parser
 
+
+def _add_pretraining_commands(sub) -> None:
+    """Data, pretraining, EgoMCQ, the figure and the demo."""
     p = sub.add_parser("info", help="build a model from a config and print its size")
     _add_config_args(p, "svitt_ego_kr3")
     p.add_argument("--list", action="store_true", help="print the names of the presets shipped with svitt-ego")
@@ -187,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nlq: ground queries with the pretrained demo model (pretraining it first if missing)")
     p.set_defaults(func=_cmd_demo)
 
+
+def _add_nlq_commands(sub) -> None:
+    """Ego4D NLQ: features, the grounding model, submissions and their metric, zero-shot search."""
     p = sub.add_parser("extract-nlq-features", help="window features of Ego4D NLQ clips and their queries")
     p.add_argument("checkpoint", help="a training checkpoint (.pt) or a save_pretrained folder")
     p.add_argument("--annotations", nargs="+", required=True, help="nlq_*.json files (clips of all of them)")
@@ -234,7 +243,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query")
     p.add_argument("--top-k", type=int, default=10)
     p.set_defaults(func=_cmd_search)
-    return parser
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
