@@ -4,13 +4,16 @@
     python benchmarks/attention.py --device cpu --frames 1 --batch 2 --methods blocked dense_bias
 
 Methods, all in one run and on the same inputs:
+  triton      our fused Triton kernel (edge sparsity, bias looked up in the kernel; CUDA only)
   flex        our FlexAttention backend (edge sparsity, bias computed in the kernel; CUDA only)
   blocked     our pure-PyTorch backend (edge sparsity, gathered key blocks)
   dense_bias  dense SDPA with the 3D relative position bias materialised (no sparsity)
-  flash       dense SDPA without any bias: the lower bound for dense attention
+  flash       dense SDPA without any bias (FlashAttention on CUDA): the anchor, one attention
+              layer of a plain dense ViT-B on the same tokens; every row prints its ratio to it
 Edge sparsity: K_l = 1, K_r = 3, G = 56 (the paper's). Batch 16 = 8 clips + 8 hard negatives.
 Time is the median of ``--repeats`` timed iterations after warm-up; memory is the peak
-allocated during one iteration beyond the inputs (CUDA only).
+allocated during one iteration beyond the inputs (CUDA only). A method that fails (does not
+compile, out of memory) prints its error and the others go on.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from svitt_ego.models.attention import blocked_attention, dense_attention, flex_attention, sample_block_pattern
+from svitt_ego.models.attention import (blocked_attention, dense_attention, flex_attention, sample_block_pattern,
+                                        triton_attention)
 from svitt_ego.models.position_bias import RelativePositionBias3D
 
 GRID, HEADS, DIM = 14, 12, 64
@@ -32,7 +36,7 @@ def flash(q, k, v, positions, rel_bias, pattern):
     return F.scaled_dot_product_attention(q, k, v), None
 
 
-METHODS = {"flex": flex_attention, "blocked": blocked_attention,
+METHODS = {"triton": triton_attention, "flex": flex_attention, "blocked": blocked_attention,
            "dense_bias": lambda q, k, v, pos, bias, pattern: dense_attention(q, k, v, pos, bias),
            "flash": flash}
 
@@ -88,14 +92,23 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    if device.type != "cuda" and "flex" in args.methods:
-        raise SystemExit("flex needs CUDA (FlexAttention has no CPU backward); pick --methods without it")
+    cuda_only = {"flex", "triton"} & set(args.methods)
+    if device.type != "cuda" and cuda_only:
+        raise SystemExit(f"{', '.join(sorted(cuda_only))} needs CUDA (FlexAttention has no CPU backward, Triton "
+                         "runs on the CPU only in its slow interpreter); pick --methods without it")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{name}, torch {torch.__version__}, {args.dtype}, batch {args.batch}, {HEADS} heads x {DIM}, "
           f"K_l=1 K_r=3 G=56, forward + backward")
     print(f"{'frames':>6} {'tokens':>6} {'method':>10} {'ms':>8} {'GiB':>7} {'x flash ms':>10} {'x flash GiB':>11}")
     for frames in args.frames:
-        rows = {m: measure(METHODS[m], frames, args.batch, dtype, device, args.repeats) for m in args.methods}
+        rows = {}
+        for m in args.methods:
+            try:
+                rows[m] = measure(METHODS[m], frames, args.batch, dtype, device, args.repeats)
+            except Exception as error:  # noqa: BLE001 - report any failure (compilation, memory) and go on
+                print(f"{frames:>6} {m:>10} failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         ref = rows.get("flash")
         for m, (ms, gib) in rows.items():
             ratio_ms = f"{ms / ref[0]:.2f}" if ref else "-"

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from attention_helpers import attention_inputs, max_relative_error, outputs_and_grads
 
 from svitt_ego.models.attention import (blocked_attention, dense_attention, dense_mask, flex_attention,
                                         reference_attention, sample_block_pattern)
@@ -47,30 +48,6 @@ def test_dense_mask_by_hand():
     assert torch.equal(m, expected)
 
 
-def _inputs(batch, heads, num_patches, dim, frames, grid, per_sample, total_patches=None):
-    """q, k, v for [CLS] + num_patches tokens whose positions are a (per-sample) subset of the grid."""
-    total = total_patches or frames * grid * grid
-    if per_sample:
-        pos = torch.stack([torch.randperm(total)[:num_patches].sort().values for _ in range(batch)])
-    else:
-        pos = torch.arange(num_patches)[None]
-    positions = torch.cat([torch.full((pos.shape[0], 1), -1), pos], dim=1)
-    q, k, v = (torch.randn(batch, heads, num_patches + 1, dim, dtype=torch.float64, requires_grad=True)
-               for _ in range(3))
-    bias = RelativePositionBias3D(frames, grid, heads).double()
-    torch.nn.init.normal_(bias.table, std=1.0)
-    return q, k, v, positions, bias
-
-
-def _outputs_and_grads(fn, q, k, v, positions, bias, pattern):
-    for t in (q, k, v, bias.table):
-        t.grad = None
-    out, cls_probs = fn(q, k, v, positions, bias, pattern)
-    weights = torch.randn_like(out, generator=torch.Generator().manual_seed(5))
-    ((out * weights).sum() + cls_probs.square().sum()).backward()
-    return out.detach(), cls_probs.detach(), [t.grad.clone() for t in (q, k, v, bias.table)]
-
-
 @pytest.mark.parametrize("num_patches,block_size,k_local,k_random,per_sample", [
     (48, 8, 1, 2, False),   # whole blocks
     (45, 8, 1, 2, True),    # partial last block, pruned token sets that differ per sample
@@ -78,11 +55,11 @@ def _outputs_and_grads(fn, q, k, v, positions, bias, pattern):
     (20, 4, 1, 0, False),   # local only
 ])
 def test_blocked_equals_reference(num_patches, block_size, k_local, k_random, per_sample):
-    q, k, v, positions, bias = _inputs(3, 2, num_patches, 8, frames=4, grid=4, per_sample=per_sample)
+    q, k, v, positions, bias = attention_inputs(3, 2, num_patches, 8, frames=4, grid=4, per_sample=per_sample)
     pattern = sample_block_pattern(num_patches, block_size, k_local, k_random,
                                    generator=torch.Generator().manual_seed(0))
-    ref = _outputs_and_grads(reference_attention, q, k, v, positions, bias, pattern)
-    got = _outputs_and_grads(blocked_attention, q, k, v, positions, bias, pattern)
+    ref = outputs_and_grads(reference_attention, q, k, v, positions, bias, pattern)
+    got = outputs_and_grads(blocked_attention, q, k, v, positions, bias, pattern)
     assert (got[0] - ref[0]).abs().max() <= 1e-5
     assert (got[1] - ref[1]).abs().max() <= 1e-5
     for g_got, g_ref in zip(got[2], ref[2]):
@@ -91,7 +68,7 @@ def test_blocked_equals_reference(num_patches, block_size, k_local, k_random, pe
 
 def test_reference_is_sparse_attention_written_out():
     """One query by hand: softmax over exactly the allowed keys, with the bias of their offsets."""
-    q, k, v, positions, bias = _inputs(1, 1, 12, 4, frames=1, grid=4, per_sample=False)
+    q, k, v, positions, bias = attention_inputs(1, 1, 12, 4, frames=1, grid=4, per_sample=False)
     pattern = sample_block_pattern(12, 4, k_local=1, k_random=1, generator=torch.Generator().manual_seed(3))
     out, _ = reference_attention(q, k, v, positions, bias, pattern)
     i = 6  # patch token 5, in block 1
@@ -103,7 +80,7 @@ def test_reference_is_sparse_attention_written_out():
 
 
 def test_dense_backend_equals_reference_without_pattern():
-    q, k, v, positions, bias = _inputs(2, 2, 16, 8, frames=1, grid=4, per_sample=True)
+    q, k, v, positions, bias = attention_inputs(2, 2, 16, 8, frames=1, grid=4, per_sample=True)
     out, cls_probs = dense_attention(q, k, v, positions, bias)
     ref_out, ref_cls = reference_attention(q, k, v, positions, bias, None)
     assert (out - ref_out).abs().max() <= 1e-6 and (cls_probs - ref_cls).abs().max() <= 1e-6
@@ -111,7 +88,7 @@ def test_dense_backend_equals_reference_without_pattern():
 
 def test_flex_forward_equals_reference_on_cpu():
     """FlexAttention has no CPU backward; its forward (compiled for CPU) is checked here, the rest on CUDA."""
-    q, k, v, positions, bias = _inputs(2, 2, 45, 16, frames=4, grid=4, per_sample=True)
+    q, k, v, positions, bias = attention_inputs(2, 2, 45, 16, frames=4, grid=4, per_sample=True)
     q, k, v, bias = q.detach().float(), k.detach().float(), v.detach().float(), bias.float()
     pattern = sample_block_pattern(45, 8, 1, 2, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -126,12 +103,21 @@ def test_flex_forward_equals_reference_on_cpu():
 @pytest.mark.parametrize("num_patches,block_size,k_local,k_random", [(784, 56, 1, 3), (549, 56, 1, 5), (45, 8, 3, 9)])
 def test_flex_equals_reference_on_cuda(dtype, tol, num_patches, block_size, k_local, k_random):
     torch.backends.cuda.matmul.allow_tf32 = False
-    q, k, v, positions, bias = _inputs(2, 4, num_patches, 64, frames=4, grid=14, per_sample=True)
-    q, k, v = (t.detach().to("cuda", dtype).requires_grad_() for t in (q, k, v))
-    positions, bias = positions.cuda(), bias.float().cuda()
+    q, k, v, positions, bias = attention_inputs(2, 4, num_patches, 64, frames=4, grid=14, per_sample=True, dtype=dtype,
+                                       device="cuda")
     pattern = sample_block_pattern(num_patches, block_size, k_local, k_random,
                                    generator=torch.Generator().manual_seed(0), device="cuda")
-    ref = _outputs_and_grads(reference_attention, q, k, v, positions, bias, pattern)
-    got = _outputs_and_grads(flex_attention, q, k, v, positions, bias, pattern)
-    for a, b in zip((*got[:2], *got[2]), (*ref[:2], *ref[2])):
-        assert (a.float() - b.float()).abs().max() <= tol * max(1.0, b.float().abs().max().item())
+    ref = outputs_and_grads(reference_attention, q, k, v, positions, bias, pattern)
+    got = outputs_and_grads(flex_attention, q, k, v, positions, bias, pattern)
+    assert max_relative_error(got, ref) <= tol
+
+
+def test_offset_codes_give_the_table_rows_by_hand():
+    """Every pair of patches on a 3 x 4 x 4 grid: the fused kernel's row (code difference + center row)
+    is ``index``'s; worked out by hand for one pair."""
+    bias = RelativePositionBias3D(num_frames=3, grid_size=4, num_heads=1)
+    pos = torch.arange(3 * 16)
+    codes = bias.offset_code(pos)
+    assert torch.equal(codes[:, None] - codes[None, :] + bias.center_row, bias.index(pos[:, None], pos[None, :]))
+    # (t, h, w) = (2, 1, 3) against (0, 3, 0): offset (2, -2, 3) -> ((2 + 2) * 7 + (-2 + 3)) * 7 + (3 + 3) = 209
+    assert bias.index(torch.tensor(2 * 16 + 1 * 4 + 3), torch.tensor(3 * 4)).item() == 209

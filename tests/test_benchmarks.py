@@ -20,5 +20,10 @@ def test_attention_benchmark_runs():
 
 
 def test_train_step_benchmark_runs():
-    out = _run("benchmarks/train_step.py", "--device", "cpu", "--runs", "tiny:4", "--clips", "2", "--steps", "1")
-    assert "tiny:4" in out
+    out = _run("benchmarks/train_step.py", "--device", "cpu", "--runs", "tiny:4", "encoder:tiny:4", "vit_b:4",
+               "--clips", "1", "--steps", "1", "--image-size", "64", "--anchor-width", "64", "--anchor-depth", "2",
+               "--anchor-heads", "2")
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:]}
+    assert set(rows) == {"tiny:4", "encoder:tiny:4", "vit_b:4"}
+    assert rows["vit_b:4"][2] == "1.00"  # the anchor against itself; the other rows carry their ratio to it
+    assert all(float(rows[r][2]) > 0 for r in ("tiny:4", "encoder:tiny:4"))

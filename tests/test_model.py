@@ -29,13 +29,13 @@ def test_pruning_counts_at_paper_setting():
     frames = torch.randn(2, 4, 3, 224, 224)
     with torch.no_grad():
         video = model.forward_video(frames)
-        assert [k.shape[1] for k in video.kept] == [549, 385, 270]
+        assert [k.shape[1] for k in video.kept_positions] == [549, 385, 270]
         assert video.tokens.shape[1] == 271
         ids, mask = _text(2)
         fused = model.fusion(model.forward_text(ids, mask), mask, video.tokens)
-    assert fused.kept.shape == (2, 28) and (fused.kept[:, 0] == 0).all()
+    assert fused.kept_video_tokens.shape == (2, 28) and (fused.kept_video_tokens[:, 0] == 0).all()
     # Kept tokens keep their original indices, in order, and later sets are subsets of earlier ones.
-    for earlier, later in zip(video.kept, video.kept[1:]):
+    for earlier, later in zip(video.kept_positions, video.kept_positions[1:]):
         assert (later.diff(dim=1) > 0).all()
         for b in range(2):
             assert set(later[b].tolist()) <= set(earlier[b].tolist())
@@ -52,7 +52,7 @@ def test_pruned_tokens_keep_their_position_bias():
         x = visual.embed(frames)
         positions = torch.arange(-1, x.shape[1] - 1)[None]
         x, _ = visual.blocks[0](x, positions, visual.block_pattern(0, x.shape[1] - 1, x.device))
-        keep = torch.cat([torch.zeros(2, 1, dtype=torch.long), out.kept[0] + 1], dim=1)
+        keep = torch.cat([torch.zeros(2, 1, dtype=torch.long), out.kept_positions[0] + 1], dim=1)
         x = x.gather(1, keep[:, :, None].expand(-1, -1, x.shape[-1]))
         x, _ = visual.blocks[1](x, keep - 1, visual.block_pattern(1, x.shape[1] - 1, x.device))
     assert (x - out.last_hidden_state).abs().max() <= 1e-5
@@ -72,6 +72,24 @@ def test_eval_is_deterministic_and_training_resamples():
     assert not torch.equal(*patterns)
     with torch.no_grad():
         assert not torch.equal(model.encode_video(frames), model.encode_video(frames))
+
+
+def test_block_patterns_follow_the_pruned_token_counts():
+    """64 patches in blocks of 8, q_v = 0.7 after layer 1: 8 blocks, then ceil(0.7 * 64) = 45 tokens in 6."""
+    visual = _model("model.vision.depth=4", "model.vision.prune_layers=[1]", "model.vision.image_size=64",
+                    "model.vision.block_size=8").visual
+    assert visual.tokens_per_layer(64) == [64, 64, 45, 45]
+    visual.train()
+    patterns = visual.block_patterns(64, torch.device("cpu"))
+    assert [p.num_blocks for p in patterns] == [8, 8, 6, 6]
+    assert not torch.equal(patterns[0].key_blocks, patterns[1].key_blocks)  # each layer draws its own
+    visual.eval()
+    patterns = visual.block_patterns(64, torch.device("cpu"))
+    fresh = _model("model.vision.depth=4", "model.vision.prune_layers=[1]", "model.vision.image_size=64",
+                   "model.vision.block_size=8").visual.eval()
+    for layer, (pattern, n) in enumerate(zip(patterns, [64, 64, 45, 45])):
+        assert pattern is visual.block_pattern(layer, n, "cpu")  # cached
+        assert torch.equal(pattern.key_blocks, fresh.block_pattern(layer, n, "cpu").key_blocks)  # seeded
 
 
 def test_save_and_load_reproduce_outputs(tmp_path):

@@ -214,7 +214,7 @@ def validate(cfg: Config) -> Config:
     _check("model.vision.k_local", v.k_local >= 1 and v.k_local % 2 == 1, "odd and >= 1", v.k_local)
     _check("model.vision.k_random", v.k_random >= 0, ">= 0", v.k_random)
     _choice("model.vision.attention", v.attention, ("sparse", "dense"))
-    _choice("model.vision.backend", v.backend, ("auto", "reference", "blocked", "flex"))
+    _choice("model.vision.backend", v.backend, ("auto", "reference", "blocked", "triton", "flex"))
     _choice("model.vision.pooling", v.pooling, ("mean", "cls"))
     _choice("model.text.pooling", t.pooling, ("cls", "mean"))
     for key, rate in [("model.vision.keep_rate", v.keep_rate), ("model.text.keep_rate", t.keep_rate),

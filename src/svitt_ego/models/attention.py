@@ -13,6 +13,9 @@ Backends compute the same function:
 - ``reference``: dense attention with the equivalent N x N mask (for tests).
 - ``blocked``: gathers each query block's key blocks; never builds an N x N
   matrix, runs anywhere.
+- ``triton``: one fused Triton kernel (forward and backward) over G-token
+  tiles, the bias looked up inside it; see
+  :mod:`svitt_ego.models.sparse_attention_triton`. What ``auto`` picks on CUDA.
 - ``flex``: PyTorch FlexAttention (compiled). Each G-token block is padded to
   a tile of ``tile_size(G)`` tokens, [CLS] gets a tile of its own, the block
   pattern becomes the tile-level block mask and the bias is computed inside
@@ -22,11 +25,13 @@ Backends compute the same function:
   the bias materialised.
 
 Every backend also returns the [CLS] query's attention probabilities, the
-score node sparsity prunes by.
+score node sparsity prunes by. Scores are formed in fp32 whatever the input
+dtype (fp16 scores can overflow before the softmax).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -53,17 +58,31 @@ class BlockPattern:
 def sample_block_pattern(num_tokens: int, block_size: int, k_local: int, k_random: int,
                          generator: torch.Generator | None = None,
                          device: torch.device | str = "cpu") -> BlockPattern:
-    """Draw the random blocks for ``num_tokens`` patch tokens (the [CLS] token excluded)."""
+    """Draw the random blocks for ``num_tokens`` patch tokens (the [CLS] token excluded).
+
+    Without a generator the draw happens on ``device`` (no host-device copy); with one, on the
+    generator's device, and the pattern is moved to ``device``.
+    """
     nb = math.ceil(num_tokens / block_size)
-    blocks = torch.arange(nb)
+    if generator is None:
+        noise = torch.rand(nb, nb, device=device)
+    else:
+        noise = torch.rand(nb, nb, generator=generator, device=generator.device).to(device)
+    return block_pattern_from_noise(noise, block_size, k_local, k_random)
+
+
+def block_pattern_from_noise(noise: torch.Tensor, block_size: int, k_local: int, k_random: int) -> BlockPattern:
+    """The pattern that ``noise`` [nb, nb] (uniform in [0, 1)) ranks: per query block, the local blocks
+    first, then the ``k_random`` other blocks with the lowest noise. Runs on ``noise``'s device."""
+    nb, device = noise.shape[0], noise.device
+    blocks = torch.arange(nb, device=device)
     local = (blocks[:, None] - blocks[None, :]).abs() <= (k_local - 1) // 2
-    # Local blocks sort first, then the others in random order.
-    keys = torch.rand(nb, nb, generator=generator).masked_fill(local, -1.0)
+    keys = noise.masked_fill(local, -1.0)  # local blocks sort first
     width = min(k_local + k_random, nb)
     key_blocks = keys.argsort(dim=1)[:, :width]
     count = (local.sum(1) + k_random).clamp(max=nb)
-    valid = torch.arange(width)[None, :] < count[:, None]
-    return BlockPattern(key_blocks.to(device), valid.to(device), block_size)
+    valid = torch.arange(width, device=device)[None, :] < count[:, None]
+    return BlockPattern(key_blocks, valid, block_size)
 
 
 def dense_mask(pattern: BlockPattern, num_tokens: int) -> torch.Tensor:
@@ -92,11 +111,12 @@ def dense_attention(q, k, v, positions, rel_bias: RelativePositionBias3D, patter
 def reference_attention(q, k, v, positions, rel_bias: RelativePositionBias3D, pattern: BlockPattern | None):
     """Materialise scores, bias and the dense mask: simple, O(N^2) memory."""
     scale = q.shape[-1] ** -0.5
-    scores = (q @ k.transpose(-2, -1)) * scale
+    acc = _score_dtype(q)
+    scores = (q.to(acc) @ k.to(acc).transpose(-2, -1)) * scale
     scores = scores + rel_bias(positions, positions)
     if pattern is not None:
         scores = scores.masked_fill(~dense_mask(pattern, q.shape[-2] - 1), float("-inf"))
-    probs = scores.float().softmax(-1).to(q.dtype)
+    probs = scores.softmax(-1).to(q.dtype)
     return probs @ v, probs[:, :, 0]
 
 
@@ -108,11 +128,7 @@ def blocked_attention(q, k, v, positions, rel_bias: RelativePositionBias3D, patt
     scale = D**-0.5
     W = pattern.key_blocks.shape[1]
 
-    # [CLS] query: dense over all keys.
-    cls_bias = rel_bias(positions[:, :1], positions)
-    cls_scores = (q[:, :, :1] @ k.transpose(-2, -1)) * scale + cls_bias
-    cls_probs = cls_scores.float().softmax(-1).to(q.dtype)
-    cls_out = cls_probs @ v
+    cls_out, cls_probs = _cls_row(q, k, v, positions, rel_bias)
 
     def blocks(x):  # [B, H, n, D] -> [B, H, nb, G, D]
         return F.pad(x, (0, 0, 0, pad)).view(B, H, nb, G, D)
@@ -133,11 +149,12 @@ def blocked_attention(q, k, v, positions, rel_bias: RelativePositionBias3D, patt
     key_ok = (token_ok[idx] & pattern.valid[:, :, None]).reshape(nb, W * G)
     key_ok = torch.cat([key_ok.new_ones(nb, 1), key_ok], dim=1)
 
-    scores = (qb @ kg.transpose(-2, -1)) * scale + bias
+    acc = _score_dtype(q)
+    scores = (qb.to(acc) @ kg.to(acc).transpose(-2, -1)) * scale + bias
     scores = scores.masked_fill(~key_ok[:, None, :], float("-inf"))
-    out = scores.float().softmax(-1).to(q.dtype) @ vg
+    out = scores.softmax(-1).to(q.dtype) @ vg
     out = out.reshape(B, H, nb * G, D)[:, :, :n]
-    return torch.cat([cls_out, out], dim=2), cls_probs[:, :, 0]
+    return torch.cat([cls_out, out], dim=2), cls_probs
 
 
 def tile_size(block_size: int) -> int:
@@ -196,17 +213,39 @@ def flex_attention(q, k, v, positions, rel_bias: RelativePositionBias3D, pattern
     return out[:, :, slot], cls_probs
 
 
+def triton_attention(q, k, v, positions, rel_bias: RelativePositionBias3D, pattern: BlockPattern):
+    """The patch rows from the fused Triton kernel, the dense [CLS] row from PyTorch."""
+    from svitt_ego.models.sparse_attention_triton import sparse_attention  # imports triton: only when used
+
+    cls_out, cls_probs = _cls_row(q, k, v, positions, rel_bias)
+    return torch.cat([cls_out, sparse_attention(q, k, v, positions, rel_bias, pattern)], dim=2), cls_probs
+
+
 def _cls_probs(q, k, cls_bias):
-    scores = (q[:, :, :1] @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5 + cls_bias
-    return scores.float().softmax(-1).to(q.dtype)[:, :, 0]
+    """The [CLS] query's probabilities over all keys [B, H, N] (scores in at least fp32, cast back to q's dtype)."""
+    acc = _score_dtype(q)
+    scores = (q[:, :, :1].to(acc) @ k.to(acc).transpose(-2, -1)) * q.shape[-1] ** -0.5 + cls_bias
+    return scores.softmax(-1).to(q.dtype)[:, :, 0]
+
+
+def _score_dtype(q: torch.Tensor) -> torch.dtype:
+    """fp32 for half-precision inputs (fp16 scores overflow), the input's own dtype from fp32 up."""
+    return torch.promote_types(q.dtype, torch.float32)
+
+
+def _cls_row(q, k, v, positions, rel_bias: RelativePositionBias3D):
+    """The dense [CLS] query row: its output [B, H, 1, D] and its probabilities [B, H, N]."""
+    cls_probs = _cls_probs(q, k, rel_bias(positions[:, :1], positions))
+    return cls_probs[:, :, None] @ v, cls_probs
 
 
 BACKENDS: dict[str, Backend] = {"reference": reference_attention, "blocked": blocked_attention,
-                                 "flex": flex_attention}
+                                 "triton": triton_attention, "flex": flex_attention}
 
 
 def resolve_backend(name: str, device: torch.device) -> Backend:
-    """``auto``: the blocked backend, on every device, until ``flex`` is verified on a GPU."""
+    """``auto``: the fused ``triton`` kernel on CUDA (when Triton is installed), ``blocked`` elsewhere."""
     if name == "auto":
-        name = "blocked"
+        cuda = torch.device(device).type == "cuda"
+        name = "triton" if cuda and importlib.util.find_spec("triton") is not None else "blocked"
     return BACKENDS[name]

@@ -78,7 +78,7 @@ class SViTTEgo(nn.Module):
 
     # Video ----------------------------------------------------------------
     def forward_video(self, frames: torch.Tensor) -> VideoOutput:
-        """Normalised frames [B, T, 3, H, W] -> tokens, pooled vector and the kept token indices."""
+        """Normalised frames [B, T, 3, H, W] -> tokens, pooled vector and the kept patch positions."""
         return self.visual(frames)
 
     def video_embedding(self, video: VideoOutput) -> torch.Tensor:

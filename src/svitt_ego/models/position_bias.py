@@ -19,28 +19,48 @@ import torch.nn.functional as F
 from torch import nn
 
 CLS_POSITION = -1
+# BEiT's three special rows, counted from the end of the table.
+CLS_TO_PATCH_ROW = -3  # [CLS] query -> patch key
+PATCH_TO_CLS_ROW = -2  # patch query -> [CLS] key
+CLS_TO_CLS_ROW = -1  # [CLS] query -> [CLS] key
+NUM_SPECIAL_ROWS = 3
 
 
 class RelativePositionBias3D(nn.Module):
+    """One learned bias per head and relative (t, h, w) offset, plus BEiT's three [CLS] rows.
+
+    ``table`` is ``[(2T-1) * (2H-1) * (2W-1) + 3, heads]``; :meth:`index` maps two encoded positions
+    (see the module docstring) to a row, :meth:`forward` looks the bias up for every pair.
+    """
+
     def __init__(self, num_frames: int, grid_size: int, num_heads: int):
         super().__init__()
         self.num_frames = num_frames
         self.grid_size = grid_size
-        self.num_relative = (2 * num_frames - 1) * (2 * grid_size - 1) ** 2 + 3
+        self.num_relative = (2 * num_frames - 1) * (2 * grid_size - 1) ** 2 + NUM_SPECIAL_ROWS
         self.table = nn.Parameter(torch.zeros(self.num_relative, num_heads))
+
+    @property
+    def center_row(self) -> int:
+        """The table row of the zero offset (t, h, w) = (0, 0, 0)."""
+        span = 2 * self.grid_size - 1
+        return ((self.num_frames - 1) * span + self.grid_size - 1) * span + self.grid_size - 1
+
+    def offset_code(self, pos: torch.Tensor) -> torch.Tensor:
+        """``(t * span + h) * span + w`` with ``span = 2 * grid - 1``: between two patches the table row
+        is ``offset_code(query) - offset_code(key) + center_row`` (what the fused kernel relies on)."""
+        t, h, w = _split(pos, self.grid_size)
+        span = 2 * self.grid_size - 1
+        return (t * span + h) * span + w
 
     def index(self, query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
         """Table rows for every (query, key) pair; the inputs broadcast against each other."""
-        g, t = self.grid_size, self.num_frames
-        qt, qh, qw = _split(query_pos, g)
-        kt, kh, kw = _split(key_pos, g)
-        span = 2 * g - 1
-        idx = ((qt - kt + t - 1) * span + (qh - kh + g - 1)) * span + (qw - kw + g - 1)
+        idx = self.offset_code(query_pos) - self.offset_code(key_pos) + self.center_row
         q_cls, k_cls = query_pos == CLS_POSITION, key_pos == CLS_POSITION
         r = self.num_relative
-        idx = torch.where(q_cls, r - 3, idx)
-        idx = torch.where(k_cls, r - 2, idx)
-        return torch.where(q_cls & k_cls, r - 1, idx)
+        idx = torch.where(q_cls, r + CLS_TO_PATCH_ROW, idx)
+        idx = torch.where(k_cls, r + PATCH_TO_CLS_ROW, idx)
+        return torch.where(q_cls & k_cls, r + CLS_TO_CLS_ROW, idx)
 
     def forward(self, query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
         """Bias ``[..., heads, Nq, Nk]`` between positions ``[..., Nq]`` and ``[..., Nk]``."""
@@ -60,14 +80,14 @@ def resize_bias_table(table: torch.Tensor, frames_from: int, frames_to: int, gri
     the temporal offset axis, keeping offset 0 and the extremes aligned.
     """
     spatial = (2 * grid_size - 1) ** 2
-    expected = (2 * frames_from - 1) * spatial + 3
+    expected = (2 * frames_from - 1) * spatial + NUM_SPECIAL_ROWS
     if table.shape[0] != expected:
         raise ValueError(f"relative position bias table has {table.shape[0]} rows; expected {expected} "
                          f"for {frames_from} frame(s) on a {grid_size}x{grid_size} grid")
     if frames_from == frames_to:
         return table
     heads = table.shape[1]
-    patch, special = table[:-3].reshape(2 * frames_from - 1, spatial, heads), table[-3:]
+    patch, special = table[:-NUM_SPECIAL_ROWS].reshape(2 * frames_from - 1, spatial, heads), table[-NUM_SPECIAL_ROWS:]
     if frames_from == 1:
         patch = patch.expand(2 * frames_to - 1, spatial, heads)
     else:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from svitt_ego.config import TextConfig
-from svitt_ego.models.video import kept_indices
+from svitt_ego.models.pruning import gather_tokens, kept_indices
 
 
 class BertEmbeddings(nn.Module):
@@ -146,7 +146,9 @@ class TextEncoder(nn.Module):
 @dataclass
 class FusionOutput:
     hidden: torch.Tensor  # [B, L, C] text tokens after the fusion layers
-    kept: torch.Tensor | None  # [B, 1 + m] indices of the video tokens the later layers saw
+    # [B, 1 + m] indices into the video token sequence (0 = [CLS]) of the tokens the later layers saw;
+    # None without multimodal pruning.
+    kept_video_tokens: torch.Tensor | None
 
 
 class FusionEncoder(nn.Module):
@@ -166,8 +168,8 @@ class FusionEncoder(nn.Module):
             text, cls_probs = layer(text, mask, video, return_cls_probs=prune)
             if prune:
                 kept = kept_indices(cls_probs.mean(1)[:, 1:], self.keep_rate)  # by text [CLS] -> video patches
-                video = video.gather(1, kept[:, :, None].expand(-1, -1, video.shape[-1]))
-        return FusionOutput(hidden=text, kept=kept)
+                video = gather_tokens(video, kept)
+        return FusionOutput(hidden=text, kept_video_tokens=kept)
 
 
 class MLMHead(nn.Module):

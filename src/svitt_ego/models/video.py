@@ -20,9 +20,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from svitt_ego.config import VisionConfig
-from svitt_ego.models.attention import (BlockPattern, dense_attention, reference_attention,
-                                        resolve_backend, sample_block_pattern)
-from svitt_ego.models.position_bias import RelativePositionBias3D
+from svitt_ego.models.attention import (BlockPattern, block_pattern_from_noise, dense_attention,
+                                        reference_attention, resolve_backend, sample_block_pattern)
+from svitt_ego.models.position_bias import CLS_POSITION, RelativePositionBias3D
+from svitt_ego.models.pruning import num_kept, prune_tokens
+
+# Eval mode fixes layer l's pattern with the seed ``eval_seed * EVAL_SEED_STRIDE + l``: distinct per
+# layer, and distinct per eval_seed for up to this many layers.
+EVAL_SEED_STRIDE = 1009
 
 
 class DropPath(nn.Module):
@@ -91,13 +96,22 @@ class VideoOutput:
     tokens: torch.Tensor  # [B, 1 + n, C] after the final LayerNorm: what the fusion layers see
     pooled: torch.Tensor  # [B, C]
     last_hidden_state: torch.Tensor  # [B, 1 + n, C] before the final LayerNorm
-    kept: list[torch.Tensor] = field(default_factory=list)  # per pruning layer: [B, n_l] patch indices kept
+    # Per pruning layer: [B, n_l] original patch positions (frame-major (t h w) order) of the kept tokens.
+    kept_positions: list[torch.Tensor] = field(default_factory=list)
 
 
 class VideoEncoder(nn.Module):
+    """BEiT over ``num_frames`` frames with edge sparsity (block-local + random attention, one block
+    pattern per layer) and node sparsity (token pruning by [CLS] attention after ``prune_layers``).
+
+    In training the patterns of all layers are drawn on the input's device at every forward, without
+    host-device synchronisation; in eval mode they are fixed by ``eval_seed`` and cached.
+    """
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
+        self._eval_patterns: dict[tuple[int, int, str], BlockPattern] = {}
         self.patch_embed = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
@@ -121,13 +135,39 @@ class VideoEncoder(nn.Module):
     def sparse(self) -> bool:
         return self.cfg.attention == "sparse"
 
-    def block_pattern(self, layer: int, num_tokens: int, device: torch.device) -> BlockPattern | None:
+    def block_pattern(self, layer: int, num_tokens: int, device: torch.device | str) -> BlockPattern | None:
         """Random blocks for one layer: freshly drawn in training, fixed by ``eval_seed`` in eval mode."""
         if not self.sparse:
             return None
         cfg = self.cfg
-        generator = None if self.training else torch.Generator().manual_seed(cfg.eval_seed * 1009 + layer)
-        return sample_block_pattern(num_tokens, cfg.block_size, cfg.k_local, cfg.k_random, generator, device)
+        if self.training:
+            return sample_block_pattern(num_tokens, cfg.block_size, cfg.k_local, cfg.k_random, device=device)
+        key = (layer, num_tokens, str(torch.device(device)))
+        if key not in self._eval_patterns:
+            generator = torch.Generator().manual_seed(cfg.eval_seed * EVAL_SEED_STRIDE + layer)
+            self._eval_patterns[key] = sample_block_pattern(num_tokens, cfg.block_size, cfg.k_local,
+                                                            cfg.k_random, generator, device)
+        return self._eval_patterns[key]
+
+    def block_patterns(self, num_tokens: int, device: torch.device) -> list[BlockPattern | None]:
+        """Every layer's pattern for ``num_tokens`` input patch tokens; in training one draw for all layers."""
+        counts = self.tokens_per_layer(num_tokens)
+        if not self.sparse or not self.training:
+            return [self.block_pattern(layer, n, device) for layer, n in enumerate(counts)]
+        cfg = self.cfg
+        blocks = [math.ceil(n / cfg.block_size) for n in counts]
+        noise = torch.rand(len(counts), blocks[0], blocks[0], device=device)
+        return [block_pattern_from_noise(noise[layer, :nb, :nb], cfg.block_size, cfg.k_local, cfg.k_random)
+                for layer, nb in enumerate(blocks)]
+
+    def tokens_per_layer(self, num_tokens: int) -> list[int]:
+        """Patch tokens each layer sees, given node sparsity."""
+        counts = []
+        for layer in range(self.cfg.depth):
+            counts.append(num_tokens)
+            if layer in self.cfg.prune_layers and self.cfg.keep_rate < 1.0:
+                num_tokens = num_kept(self.cfg.keep_rate, num_tokens)
+        return counts
 
     def embed(self, frames: torch.Tensor) -> torch.Tensor:
         """[B, T, 3, H, W] -> [B, 1 + T*h*w, C] with [CLS] in front."""
@@ -142,10 +182,10 @@ class VideoEncoder(nn.Module):
     def forward(self, frames: torch.Tensor) -> VideoOutput:
         x = self.embed(frames)
         B, N, _ = x.shape
-        positions = torch.arange(-1, N - 1, device=x.device)[None]  # [1, N]; -1 is [CLS]
+        positions = torch.arange(CLS_POSITION, N - 1, device=x.device)[None]  # [1, N]: [CLS], then 0 .. n-1
         kept = []
-        for layer, block in enumerate(self.blocks):
-            pattern = self.block_pattern(layer, x.shape[1] - 1, x.device)
+        patterns = self.block_patterns(N - 1, x.device)
+        for layer, (block, pattern) in enumerate(zip(self.blocks, patterns)):
             if self.cfg.grad_checkpointing and self.training:
                 x, cls_probs = checkpoint(block, x, positions, pattern, use_reentrant=False)
             else:
@@ -158,27 +198,5 @@ class VideoEncoder(nn.Module):
             pooled = self.fc_norm(x[:, 1:].mean(1))
         else:
             pooled = tokens[:, 0]
-        return VideoOutput(tokens=tokens, pooled=pooled, last_hidden_state=x, kept=kept)
+        return VideoOutput(tokens=tokens, pooled=pooled, last_hidden_state=x, kept_positions=kept)
 
-
-def prune_tokens(x: torch.Tensor, positions: torch.Tensor, scores: torch.Tensor,
-                 keep_rate: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep [CLS] and the ``ceil(keep_rate * n)`` highest-scoring patch tokens, in their original order.
-
-    ``x`` [B, 1 + n, C], ``positions`` [1 or B, 1 + n], ``scores`` [B, n].
-    """
-    idx = kept_indices(scores, keep_rate)
-    x = x.gather(1, idx[:, :, None].expand(-1, -1, x.shape[-1]))
-    return x, positions.expand(x.shape[0], -1).gather(1, idx)
-
-
-def kept_indices(scores: torch.Tensor, keep_rate: float) -> torch.Tensor:
-    """[B, 1 + k]: 0 for [CLS], then the indices (counting [CLS]) of the top ``k = ceil(keep_rate * n)``
-    of the ``n`` patch scores, in increasing order."""
-    idx = scores.topk(num_kept(keep_rate, scores.shape[1]), dim=1).indices.sort(dim=1).values + 1
-    return torch.cat([idx.new_zeros(idx.shape[0], 1), idx], dim=1)
-
-
-def num_kept(keep_rate: float, n: int) -> int:
-    """``ceil(keep_rate * n)``, immune to float error (0.1 * 270 is 27.000000000000004)."""
-    return max(1, math.ceil(round(keep_rate * n, 6)))

@@ -1,0 +1,70 @@
+"""The ``triton`` backend against ``reference_attention``, run by the Triton interpreter on the CPU.
+
+Not collected by default (its name does not start with ``test_``): ``test_sparse_attention_triton.py``
+runs it in a subprocess with ``TRITON_INTERPRET=1``, which must be set before Triton is imported.
+The interpreter's ``tl.dot`` gives wrong results on bfloat16, so bf16 is checked on CUDA only.
+"""
+
+import os
+
+import pytest
+import torch
+from attention_helpers import attention_inputs, max_relative_error, outputs_and_grads
+
+from svitt_ego.models.attention import BlockPattern, reference_attention, sample_block_pattern, triton_attention
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+
+
+@pytest.mark.parametrize("num_patches,block_size,k_local,k_random,dim,per_sample", [
+    (45, 8, 1, 2, 16, True),    # partial last block, pruned positions that differ per sample
+    (30, 7, 3, 9, 32, True),    # K_r larger than the free blocks; G not a power of two
+    (48, 16, 1, 1, 64, False),  # whole blocks, one set of positions for the batch
+    (20, 4, 1, 0, 24, True),    # local only; head dim not a power of two
+])
+def test_triton_equals_reference_fp32(num_patches, block_size, k_local, k_random, dim, per_sample):
+    q, k, v, positions, bias = attention_inputs(2, 2, num_patches, dim, frames=4, grid=4, per_sample=per_sample,
+                                                dtype=torch.float32)
+    pattern = sample_block_pattern(num_patches, block_size, k_local, k_random,
+                                   generator=torch.Generator().manual_seed(0))
+    ref = outputs_and_grads(reference_attention, q, k, v, positions, bias, pattern)
+    got = outputs_and_grads(triton_attention, q, k, v, positions, bias, pattern)
+    assert max_relative_error(got, ref) <= 1e-5
+
+
+def test_triton_equals_reference_fp16():
+    q, k, v, positions, bias = attention_inputs(2, 2, 45, 16, frames=4, grid=4, per_sample=True,
+                                                dtype=torch.float16)
+    pattern = sample_block_pattern(45, 8, 1, 2, generator=torch.Generator().manual_seed(0))
+    ref = outputs_and_grads(reference_attention, q, k, v, positions, bias, pattern)
+    got = outputs_and_grads(triton_attention, q, k, v, positions, bias, pattern)
+    assert max_relative_error(got, ref) <= 2e-2
+
+
+def test_triton_handles_invalid_slots_anywhere_in_a_row():
+    """A hand-made pattern whose invalid entries are not at the end of their row (5 tokens, G = 2)."""
+    q, k, v, positions, bias = attention_inputs(1, 2, 5, 16, frames=1, grid=4, per_sample=True,
+                                                dtype=torch.float32)
+    pattern = BlockPattern(key_blocks=torch.tensor([[2, 0], [1, 0], [0, 2]]),
+                           valid=torch.tensor([[False, True], [True, True], [True, False]]), block_size=2)
+    ref = outputs_and_grads(reference_attention, q, k, v, positions, bias, pattern)
+    got = outputs_and_grads(triton_attention, q, k, v, positions, bias, pattern)
+    assert max_relative_error(got, ref) <= 1e-5
+
+
+def test_triton_reads_strided_views_like_the_model():
+    """q, k, v as the model makes them: views of one [B, N, 3, H, D] projection; gradients reach it."""
+    B, H, n, D = 2, 2, 21, 16
+    qkv = torch.randn(B, n + 1, 3, H, D, requires_grad=True)
+    _, _, _, positions, bias = attention_inputs(B, H, n, D, frames=2, grid=4, per_sample=True,
+                                                dtype=torch.float32)
+    pattern = sample_block_pattern(n, 8, 1, 1, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for fn in (reference_attention, triton_attention):
+        qkv.grad = None
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        out, cls_probs = fn(q, k, v, positions, bias, pattern)
+        (out.square().sum() + cls_probs.sum()).backward()
+        grads.append((out.detach(), qkv.grad.clone()))
+    assert (grads[0][0] - grads[1][0]).abs().max() <= 1e-5
+    assert (grads[0][1] - grads[1][1]).abs().max() <= 1e-5
