@@ -63,9 +63,58 @@ def _cmd_eval_mcq(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.task == "nlq":
+        from svitt_ego.nlq.demo import demo_nlq
+
+        demo_nlq(args.workdir, quick=args.quick)
+        return 0
     from svitt_ego.demo import demo
 
     demo(args.workdir, quick=args.quick)
+    return 0
+
+
+def _cmd_extract_nlq_features(args: argparse.Namespace) -> int:
+    from svitt_ego.nlq.features import extract_nlq_features
+
+    meta = extract_nlq_features(args.checkpoint, args.annotations, args.videos, args.out, window=args.window,
+                                stride=args.stride, batch_size=args.batch_size, chunk_seconds=args.chunk_seconds)
+    return 1 if meta["failed"] else 0
+
+
+def _cmd_train_nlq(args: argparse.Namespace) -> int:
+    from svitt_ego.nlq.train import Stage, TrainSettings, train_nlq
+
+    stages = [Stage(args.pretrain, args.pretrain_epochs)] if args.pretrain else []
+    settings = TrainSettings(batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    train_nlq(args.features, [*stages, Stage(args.annotations, args.epochs)], args.out, settings,
+              resume=args.resume, device=args.device)
+    return 0
+
+
+def _cmd_predict_nlq(args: argparse.Namespace) -> int:
+    if args.zero_shot:
+        from svitt_ego.nlq.commands import predict_zero_shot
+
+        predict_zero_shot(args.features, args.annotations, args.output, args.top_k)
+    else:
+        from svitt_ego.nlq.train import predict_nlq
+
+        predict_nlq(args.features, args.model, args.annotations, args.output, args.top_k)
+    return 0
+
+
+def _cmd_eval_nlq(args: argparse.Namespace) -> int:
+    from svitt_ego.nlq.commands import eval_nlq
+
+    eval_nlq(args.submission, args.annotations, args.output)
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from svitt_ego.nlq.commands import search_moments
+
+    search_moments(args.features, args.query, args.top_k)
     return 0
 
 
@@ -110,7 +159,57 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="toy data -> evaluate -> pretrain the tiny model -> evaluate again")
     p.add_argument("--workdir", default="demo_run")
     p.add_argument("--quick", action="store_true", help="a short run (for tests)")
+    p.add_argument("--task", choices=["pretrain", "nlq"], default="pretrain",
+                   help="nlq: ground queries with the pretrained demo model (pretraining it first if missing)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("extract-nlq-features", help="window features of Ego4D NLQ clips and their queries")
+    p.add_argument("checkpoint", help="a training checkpoint (.pt) or a save_pretrained folder")
+    p.add_argument("--annotations", nargs="+", required=True, help="nlq_*.json files (clips of all of them)")
+    p.add_argument("--videos", required=True, help="videos as prepare-videos writes them")
+    p.add_argument("--out", required=True)
+    p.add_argument("--window", type=int, default=4, help="frames per window (the model's num_frames)")
+    p.add_argument("--stride", type=int, default=4, help="frames between window starts")
+    p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
+    p.add_argument("--chunk-seconds", type=float, default=600.0)
+    p.set_defaults(func=_cmd_extract_nlq_features)
+
+    p = sub.add_parser("train-nlq", help="train the NLQ grounding model on extracted features")
+    p.add_argument("features")
+    p.add_argument("--annotations", nargs="+", required=True, help="NLQ-format training files")
+    p.add_argument("--out", required=True)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--pretrain", nargs="+", default=None,
+                   help="NLQ-format files (e.g. Moment Queries as queries) to train on first")
+    p.add_argument("--pretrain-epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.set_defaults(func=_cmd_train_nlq)
+
+    p = sub.add_parser("predict-nlq", help="write an official NLQ submission")
+    p.add_argument("features")
+    p.add_argument("--annotations", required=True)
+    p.add_argument("--output", required=True)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="a train-nlq checkpoint (OUT/last.pt)")
+    which.add_argument("--zero-shot", action="store_true", help="score windows with the dual encoder instead")
+    p.add_argument("--top-k", type=int, default=5)
+    p.set_defaults(func=_cmd_predict_nlq)
+
+    p = sub.add_parser("eval-nlq", help="Recall@{1,5} at IoU {0.3,0.5} and mIoU of an NLQ submission")
+    p.add_argument("submission")
+    p.add_argument("--annotations", required=True)
+    p.add_argument("--output", default=None, help="write the metrics as JSON here")
+    p.set_defaults(func=_cmd_eval_nlq)
+
+    p = sub.add_parser("search", help="zero-shot: the moments of extracted clips that best match a query")
+    p.add_argument("features")
+    p.add_argument("query")
+    p.add_argument("--top-k", type=int, default=10)
+    p.set_defaults(func=_cmd_search)
     return parser
 
 

@@ -1,0 +1,91 @@
+import json
+
+import pytest
+import torch
+
+from svitt_ego.cli import main
+from svitt_ego.config import load_config
+from svitt_ego.models import create_model
+from svitt_ego.nlq import NLQFormatError
+from svitt_ego.nlq.features import window_centre
+from svitt_ego.nlq.search import query_embedding
+
+ANSWER_WINDOW = 5
+
+
+def _annotations(path, start=1.0, end=2.0):
+    query = {"query": "when did I open the drawer?", "clip_start_sec": start, "clip_end_sec": end}
+    path.write_text(json.dumps({"videos": [{"video_uid": "v", "clips": [{
+        "clip_uid": "c", "video_start_sec": 0.0, "video_end_sec": 4.0,
+        "annotations": [{"annotation_uid": "a", "language_queries": [query]}]}]}]}))
+    return path
+
+
+def _run(capsys, *argv):
+    """The CLI's exit status and message for a bad input: the exception, or status 2 once it is handled."""
+    try:
+        return main(list(map(str, argv))), capsys.readouterr()
+    except NLQFormatError as err:
+        return 2, str(err)
+
+
+def test_eval_nlq(tmp_path, capsys):
+    annotations = _annotations(tmp_path / "nlq.json")
+    submission = tmp_path / "sub.json"
+    submission.write_text(json.dumps({"results": [{"clip_uid": "c", "annotation_uid": "a", "query_idx": 0,
+                                                   "predicted_times": [[1.0, 3.0], [1.0, 2.0]]}]}))
+    status, _ = _run(capsys, "eval-nlq", submission, "--annotations", annotations, "--output", tmp_path / "m.json")
+    assert status == 0
+    assert "R@1 IoU=0.3 100.00  R@5 IoU=0.3 100.00  R@1 IoU=0.5 0.00  R@5 IoU=0.5 100.00  mIoU 50.00" in \
+        capsys.readouterr().out
+    assert json.loads((tmp_path / "m.json").read_text())["mIoU"] == 50.0
+
+    submission.write_text(json.dumps({"results": []}))
+    status, message = _run(capsys, "eval-nlq", submission, "--annotations", annotations)
+    assert status == 2 and f"{submission}: misses 1 of 1 queries" in str(message)
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory):
+    """A random tiny SViTT-Ego and features in which window 5 is the query's best match."""
+    root = tmp_path_factory.mktemp("nlq")
+    torch.manual_seed(0)
+    model = create_model(load_config("tiny").model, load_pretrained=False).eval()
+    model.save_pretrained(root / "model")
+    with torch.no_grad():
+        enc = model.tokenize(["when did I open the drawer?"])
+        tokens = model.forward_text(enc["input_ids"], enc["attention_mask"])[0].half()
+        target = query_embedding(model, tokens)
+        weight, bias = model.vision_proj.weight, model.vision_proj.bias
+        best = torch.linalg.lstsq(weight, (3 * target - bias)[:, None]).solution[:, 0]
+    video = 0.01 * torch.randn(10, weight.shape[1])
+    video[ANSWER_WINDOW] = best
+    (root / "features" / "video").mkdir(parents=True)
+    (root / "features" / "text").mkdir()
+    torch.save(video.half(), root / "features" / "video" / "c.pt")
+    torch.save(tokens, root / "features" / "text" / "a_0.pt")
+    meta = {"checkpoint": str(root / "model"), "window": 4, "stride": 4, "dimension": weight.shape[1],
+            "text_dimension": tokens.shape[1], "clips": {"c": {"fps": 10.0, "frames": 40, "windows": 10}}}
+    (root / "features" / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_search_and_zero_shot_prediction(features, tmp_path, capsys):
+    status, _ = _run(capsys, "search", features / "features", "when did I open the drawer?", "--top-k", "3")
+    assert status == 0
+    first = capsys.readouterr().out.splitlines()[1].split()
+    start, end = window_centre(ANSWER_WINDOW - 0.5, 4, 4, 10.0), window_centre(ANSWER_WINDOW + 0.5, 4, 4, 10.0)
+    assert first[0] == "c" and float(first[1]) == pytest.approx(start) and float(first[2]) == pytest.approx(end)
+
+    annotations = _annotations(tmp_path / "nlq.json", start, end)
+    status, _ = _run(capsys, "predict-nlq", features / "features", "--zero-shot", "--annotations", annotations,
+                     "--output", tmp_path / "zs.json")
+    assert status == 0
+    results = json.loads((tmp_path / "zs.json").read_text())["results"]
+    assert results[0]["predicted_times"][0] == pytest.approx([start, end])
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    status, message = _run(capsys, "predict-nlq", features / "features", "--model", bad, "--annotations",
+                           annotations, "--output", tmp_path / "x.json")
+    assert status == 2 and f"{bad}: not a readable checkpoint" in str(message)
