@@ -87,6 +87,10 @@ class TextConfig:
     # The text embedding: the [CLS] state (BERT, SViTT) or the mean over tokens (what
     # sentence-transformers' MiniLM was trained for; its [CLS] is nearly constant).
     pooling: str = "cls"
+    # What the VTM head reads after the fusion layers, and which text queries' cross-attention ranks the
+    # video tokens for multimodal pruning (q_m): the [CLS] state (BERT, SViTT) or the mean over the text
+    # tokens (a model whose [CLS] is nearly the same for every sentence cannot match with its [CLS]).
+    fusion_pooling: str = "cls"
     # Keep the word embeddings (and so the tied MLM decoder) fixed: on a CPU their
     # dense gradient and optimizer state are a large share of a small model's step.
     freeze_word_embeddings: bool = False
@@ -217,6 +221,7 @@ def validate(cfg: Config) -> Config:
     _choice("model.vision.backend", v.backend, ("auto", "reference", "blocked", "triton", "flex"))
     _choice("model.vision.pooling", v.pooling, ("mean", "cls"))
     _choice("model.text.pooling", t.pooling, ("cls", "mean"))
+    _choice("model.text.fusion_pooling", t.fusion_pooling, ("cls", "mean"))
     for key, rate in [("model.vision.keep_rate", v.keep_rate), ("model.text.keep_rate", t.keep_rate),
                       ("data.fraction_per_epoch", cfg.data.fraction_per_epoch)]:
         _check(key, 0 < rate <= 1, "in (0, 1]", rate)
