@@ -232,3 +232,19 @@ def test_multimodal_pruning_ranks_by_the_pooled_text_queries(pooling):
         scores = probs[b, 0] if pooling == "cls" else probs[b, :n_real].mean(0)
         expected = scores[1:].topk(kept.shape[1] - 1).indices.sort().values + 1
         assert torch.equal(kept[b, 1:], expected)
+
+
+def test_multimodal_pruning_changes_only_the_fusion_layers_after_the_first():
+    """q_m prunes what the later fusion layers see: with one fusion layer (``tiny``) it changes nothing."""
+    common = ["model.vision.depth=1", "model.vision.prune_layers=[]", "model.vision.image_size=64",
+              "model.vision.block_size=8", "model.text.fusion_pooling=mean"]
+    ids, mask = _text(2)
+    video = torch.randn(2, 33, 48)
+    for layers, same in ((1, True), (2, False)):
+        pruned = _model(*common, f"model.text.num_fusion_layers={layers}", "model.text.keep_rate=0.25").eval()
+        full = _model(*common, f"model.text.num_fusion_layers={layers}", "model.text.keep_rate=1.0").eval()
+        full.load_state_dict(pruned.state_dict())
+        with torch.no_grad():
+            text = pruned.forward_text(ids, mask)
+            a, b = pruned.vtm_logits(text, mask, video), full.vtm_logits(text, mask, video)
+        assert torch.equal(a, b) == same
