@@ -37,6 +37,7 @@ def test_overrides_are_typed():
     ("model.vision.k_random=three", r"model\.vision\.k_random: expected int, got 'three'"),
     ("model.vision.attention=flash", r"model\.vision\.attention: 'flash' is not one of"),
     ("model.text.fusion_pooling=max", r"model\.text\.fusion_pooling: 'max' is not one of 'cls', 'mean'"),
+    ("loss.vtm_negatives=easy", r"loss\.vtm_negatives: 'easy' is not one of 'hard', 'random'"),
     ("model.vision.prune_layers=[12]", r"model\.vision\.prune_layers: must be layer indices in \[0, 12\)"),
     ("train.lr", r"not of the form key=value"),
 ])

@@ -140,6 +140,9 @@ class LossConfig:
     vtm_weight: float = 1.0
     mlm_weight: float = 1.0
     mlm_probability: float = 0.5
+    # VTM negatives: "hard" draws each from the softmax of the similarities (SViTT, ALBEF); "random"
+    # draws uniformly among the non-positives of the batch.
+    vtm_negatives: str = "hard"
 
 
 @dataclass
@@ -239,6 +242,7 @@ def validate(cfg: Config) -> Config:
            "[low, high] with 0 < low <= high <= 1", cfg.data.crop_scale)
     _check("data.negative_window", cfg.data.negative_window > 0, "> 0", cfg.data.negative_window)
     _choice("loss.contrastive", cfg.loss.contrastive, ("egonce", "infonce"))
+    _choice("loss.vtm_negatives", cfg.loss.vtm_negatives, ("hard", "random"))
     _check("loss.mlm_probability", 0 < cfg.loss.mlm_probability < 1, "in (0, 1)", cfg.loss.mlm_probability)
     _choice("train.precision", cfg.train.precision, ("fp16", "bf16", "fp32"))
     _check("train.lr", cfg.train.lr > 0, "> 0", cfg.train.lr)
