@@ -15,6 +15,7 @@ def test_presets_load_and_differ_where_they_should():
     assert tiny.model.text.pretrained == "minilm" and tiny.train.precision == "fp32"
     # MiniLM's [CLS] is nearly constant: tiny's VTM head reads the fused tokens' mean; BERT keeps its [CLS].
     assert tiny.model.text.fusion_pooling == "mean" and kr3.model.text.fusion_pooling == "cls"
+    assert tiny.loss.vtm_negatives == "random" and kr3.loss.vtm_negatives == "hard"
 
 
 def test_overrides_are_typed():
