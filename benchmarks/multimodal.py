@@ -73,7 +73,7 @@ def pick_weight(model, cfg, device, num_questions: int) -> float:
         print(f"  w = {weight:<5g} {means[weight]:5.1f}%")
     vtm_only = egomcq_score(egomcq_accuracy(scores["vtm"], answers, types))
     print(f"  vtm only  {vtm_only:5.1f}%")
-    return max(WEIGHTS, key=lambda w: (round(means[w], 6), -w))
+    return max(WEIGHTS, key=lambda w: (round(means[w], 6), w))  # ties: the largest, VTM breaking near-ties
 
 
 def pruning(model, cfg, device) -> None:
