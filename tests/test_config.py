@@ -13,6 +13,9 @@ def test_presets_load_and_differ_where_they_should():
     assert dense.model.vision.attention == "dense" and dense.model.vision.keep_rate == 1.0
     assert dense.model.text.keep_rate == 1.0
     assert tiny.model.text.pretrained == "minilm" and tiny.train.precision == "fp32"
+    # MiniLM's [CLS] is nearly constant: tiny's VTM head reads the fused tokens' mean; BERT keeps its [CLS].
+    assert tiny.model.text.fusion_pooling == "mean" and kr3.model.text.fusion_pooling == "cls"
+    assert tiny.loss.vtm_negatives == "random" and kr3.loss.vtm_negatives == "hard"
 
 
 def test_overrides_are_typed():
@@ -34,6 +37,8 @@ def test_overrides_are_typed():
     ("model.visoin.k_random=3", r"unknown config key 'model\.visoin'"),
     ("model.vision.k_random=three", r"model\.vision\.k_random: expected int, got 'three'"),
     ("model.vision.attention=flash", r"model\.vision\.attention: 'flash' is not one of"),
+    ("model.text.fusion_pooling=max", r"model\.text\.fusion_pooling: 'max' is not one of 'cls', 'mean'"),
+    ("loss.vtm_negatives=easy", r"loss\.vtm_negatives: 'easy' is not one of 'hard', 'random'"),
     ("model.vision.prune_layers=[12]", r"model\.vision\.prune_layers: must be layer indices in \[0, 12\)"),
     ("train.lr", r"not of the form key=value"),
     ("train\nlr=1", r"^unknown config key 'train\\nlr' \(known"),  # stays on one line

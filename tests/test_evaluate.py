@@ -9,7 +9,8 @@ from helpers import FRAMES, SIZE, SMALL_MODEL, mcq_question, write_egomcq
 
 from svitt_ego.checkpoint import save_checkpoint
 from svitt_ego.config import ConfigError, load_config
-from svitt_ego.evaluate import egomcq_accuracy, evaluate_egomcq, load_for_eval
+from svitt_ego.evaluate import (combine_scores, egomcq_accuracy, egomcq_scores, evaluate_egomcq,
+                                evaluate_egomcq_scores, load_for_eval)
 from svitt_ego.models import SViTTEgo
 
 
@@ -114,3 +115,54 @@ def test_missing_checkpoint_is_named_in_one_line(tmp_path, capsys):
     assert main(["eval-mcq", str(tmp_path / "nothing.pt")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nothing.pt: no such checkpoint" in err
+
+
+# --------------------------------------------------------------------------- scoring by the VTM head
+
+
+@pytest.mark.parametrize("fusion_pooling", ["cls", "mean"])
+def test_vtm_scores_are_the_vtm_head_applied_by_hand(video_root, fusion_pooling):
+    cfg = _eval_config(video_root, "unused.json", f"model.text.fusion_pooling={fusion_pooling}")
+    model = SViTTEgo(cfg.model).eval()
+    frames = torch.randn(2, 3, FRAMES, 3, SIZE, SIZE)
+    enc = model.tokenize(["#C C opens the door", "#C C picks up the blue ball"])
+    scores = egomcq_scores(model, {"frames": frames, **enc}, with_vtm=True)
+    assert set(scores) == {"dual", "vtm"} and scores["vtm"].shape == (2, 3)
+    with torch.no_grad():
+        for b in range(2):
+            ids, mask = enc["input_ids"][b:b + 1], enc["attention_mask"][b:b + 1]
+            for c in range(3):
+                video = model.forward_video(frames[b, c:c + 1])
+                logits = model.vtm_logits(model.forward_text(ids, mask), mask, video.tokens)[0]
+                torch.testing.assert_close(scores["vtm"][b, c], logits[1] - logits[0])
+                cosine = model.video_embedding(video)[0] @ model.encode_text(ids, mask)[0]
+                torch.testing.assert_close(scores["dual"][b, c], cosine)
+
+
+def test_both_is_dual_plus_weighted_vtm():
+    scores = {"dual": torch.tensor([[0.2, 0.1]]), "vtm": torch.tensor([[-1.0, 3.0]])}
+    assert torch.equal(combine_scores(scores, "both", 0.0), scores["dual"])
+    torch.testing.assert_close(combine_scores(scores, "both", 0.1), torch.tensor([[0.1, 0.4]]))
+    assert combine_scores(scores, "vtm") is scores["vtm"]
+    with pytest.raises(ValueError, match="score must be one of dual, vtm, both"):
+        combine_scores(scores, "cosine")
+
+
+def test_both_with_weight_0_equals_dual_on_questions(tmp_path, video_root):
+    questions = {str(k): mcq_question(k % 5, 1 + k % 2) for k in range(4)}
+    cfg = _eval_config(video_root, write_egomcq(tmp_path / "egomcq.json", questions))
+    model = SViTTEgo(cfg.model)
+    results = evaluate_egomcq_scores(model, cfg, torch.device("cpu"), vtm_weight=0.0)
+    assert results["both"] == results["dual"] == evaluate_egomcq(model, cfg, torch.device("cpu"))
+    assert results["vtm"] == evaluate_egomcq(model, cfg, torch.device("cpu"), score="vtm")
+
+
+def test_eval_mcq_score_option_writes_the_score_and_weight(tmp_path, video_root):
+    from svitt_ego.cli import main
+
+    _saved_model(tmp_path, video_root)
+    out = tmp_path / "result.json"
+    assert main(["eval-mcq", str(tmp_path / "model"), "--config", str(tmp_path / "config.yaml"),
+                 "--score", "both", "--vtm-weight", "0.5", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["score"] == "both" and result["vtm_weight"] == 0.5 and result["num_inter"] == 1

@@ -193,3 +193,58 @@ def test_text_pooling_cls_or_masked_mean():
                 [hidden[b, mask[b].bool()].mean(0) for b in range(2)])
             expected = torch.nn.functional.normalize(model.text_proj(pooled), dim=-1)
             assert torch.allclose(model.encode_text(ids, mask), expected, atol=1e-6)
+
+
+def test_fusion_pooling_mean_reads_the_masked_mean_and_ignores_padding():
+    ids, mask = _text(2)
+    model = _model("model.vision.depth=1", "model.vision.prune_layers=[]", "model.vision.image_size=64",
+                   "model.vision.block_size=8", "model.text.keep_rate=0.5", "model.text.fusion_pooling=mean").eval()
+    with torch.no_grad():
+        video = model.forward_video(torch.randn(2, 4, 3, 64, 64)).tokens
+        text = model.forward_text(ids, mask)
+        fused = model.fusion(text, mask, video).hidden
+        pooled = torch.stack([fused[0, :6].mean(0), fused[1].mean(0)])
+        torch.testing.assert_close(model.vtm_logits(text, mask, video), model.vtm_head(pooled))
+        # Row 0 without its padding gives the same logits.
+        short = model.vtm_logits(model.forward_text(ids[:1, :6], mask[:1, :6]), mask[:1, :6], video[:1])
+        torch.testing.assert_close(short, model.vtm_logits(text, mask, video)[:1])
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_multimodal_pruning_ranks_by_the_pooled_text_queries(pooling):
+    """q_m keeps the video tokens of highest cross-attention, averaged over heads and over the text
+    queries that ``fusion_pooling`` pools ([CLS], or every real token)."""
+    model = _model("model.vision.depth=1", "model.vision.prune_layers=[]", "model.vision.image_size=64",
+                   "model.vision.block_size=8", "model.text.keep_rate=0.25",
+                   f"model.text.fusion_pooling={pooling}").eval()
+    ids, mask = _text(2)
+    with torch.no_grad():
+        video = model.forward_video(torch.randn(2, 4, 3, 64, 64)).tokens
+        text = model.forward_text(ids, mask)
+        kept = model.fusion(text, mask, video).kept_video_tokens
+        layer = model.fusion.layers[0]
+        x, _ = layer.attention(text, text, mask.bool())
+        cross = layer.crossattention.self
+        q, k = cross._heads(cross.query(x)), cross._heads(cross.key(video))
+        probs = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1).mean(1)  # [B, L, N]
+    for b in range(2):
+        n_real = int(mask[b].sum())
+        scores = probs[b, 0] if pooling == "cls" else probs[b, :n_real].mean(0)
+        expected = scores[1:].topk(kept.shape[1] - 1).indices.sort().values + 1
+        assert torch.equal(kept[b, 1:], expected)
+
+
+def test_multimodal_pruning_changes_only_the_fusion_layers_after_the_first():
+    """q_m prunes what the later fusion layers see: with one fusion layer (``tiny``) it changes nothing."""
+    common = ["model.vision.depth=1", "model.vision.prune_layers=[]", "model.vision.image_size=64",
+              "model.vision.block_size=8", "model.text.fusion_pooling=mean"]
+    ids, mask = _text(2)
+    video = torch.randn(2, 33, 48)
+    for layers, same in ((1, True), (2, False)):
+        pruned = _model(*common, f"model.text.num_fusion_layers={layers}", "model.text.keep_rate=0.25").eval()
+        full = _model(*common, f"model.text.num_fusion_layers={layers}", "model.text.keep_rate=1.0").eval()
+        full.load_state_dict(pruned.state_dict())
+        with torch.no_grad():
+            text = pruned.forward_text(ids, mask)
+            a, b = pruned.vtm_logits(text, mask, video), full.vtm_logits(text, mask, video)
+        assert torch.equal(a, b) == same

@@ -53,6 +53,23 @@ def _objective(overrides=()):
     return PretrainingObjective(model, cfg, load_tokenizer(cfg.model.text))
 
 
+@pytest.mark.parametrize("negatives", ["hard", "random"])
+def test_vtm_negatives_are_drawn_from_the_similarities_or_uniformly(negatives, monkeypatch):
+    import svitt_ego.objective as objective_module
+
+    seen = []
+    sample = objective_module.sample_vtm_negatives
+    monkeypatch.setattr(objective_module, "sample_vtm_negatives", lambda sim, pos: seen.append(sim) or sample(sim, pos))
+    objective = _objective([f"loss.vtm_negatives={negatives}"])
+    batch = _batch(6, 0)
+    objective(batch)
+    m = objective.model
+    with torch.no_grad():
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        sim = (m.encode_video(batch["frames"]) @ m.encode_text(ids, mask).T / m.temperature)
+    torch.testing.assert_close(seen[0], sim if negatives == "hard" else torch.zeros_like(sim))
+
+
 def test_objective_gives_finite_losses_and_gradients_everywhere():
     objective = _objective()
     losses = objective(_batch(6, 0))

@@ -58,7 +58,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 def _cmd_eval_mcq(args: argparse.Namespace) -> int:
     from svitt_ego.evaluate import run_egomcq
 
-    run_egomcq(args.checkpoint, args.config, args.overrides, output=args.output)
+    run_egomcq(args.checkpoint, args.config, args.overrides, output=args.output, score=args.score,
+               vtm_weight=args.vtm_weight)
     return 0
 
 
@@ -174,6 +175,12 @@ def _add_pretraining_commands(sub) -> None:
                    help="a preset or YAML file for the data settings (default: the checkpoint's own)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.egomcq=...")
     p.add_argument("--output", default=None, help="write the accuracies as JSON here")
+    p.add_argument("--score", choices=["dual", "vtm", "both"], default="dual",
+                   help="dual: cosine of the two encoders; vtm: the VTM head's log-odds of a match; "
+                        "both: dual + VTM_WEIGHT * vtm")
+    p.add_argument("--vtm-weight", type=float, default=None, metavar="VTM_WEIGHT",
+                   help="the weight of the VTM log-odds in --score both (default: the one picked on the "
+                        "training split, svitt_ego.evaluate.VTM_WEIGHT)")
     p.set_defaults(func=_cmd_eval_mcq)
 
     p = sub.add_parser("visualize", help="draw the video patches node sparsity keeps for one clip (PNG)")

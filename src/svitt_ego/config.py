@@ -92,6 +92,10 @@ class TextConfig:
     # The text embedding: the [CLS] state (BERT, SViTT) or the mean over tokens (what
     # sentence-transformers' MiniLM was trained for; its [CLS] is nearly constant).
     pooling: str = "cls"
+    # What the VTM head reads after the fusion layers, and which text queries' cross-attention ranks the
+    # video tokens for multimodal pruning (q_m): the [CLS] state (BERT, SViTT) or the mean over the text
+    # tokens (a model whose [CLS] is nearly the same for every sentence cannot match with its [CLS]).
+    fusion_pooling: str = "cls"
     # Keep the word embeddings (and so the tied MLM decoder) fixed: on a CPU their
     # dense gradient and optimizer state are a large share of a small model's step.
     freeze_word_embeddings: bool = False
@@ -141,6 +145,9 @@ class LossConfig:
     vtm_weight: float = 1.0
     mlm_weight: float = 1.0
     mlm_probability: float = 0.5
+    # VTM negatives: "hard" draws each from the softmax of the similarities (SViTT, ALBEF); "random"
+    # draws uniformly among the non-positives of the batch.
+    vtm_negatives: str = "hard"
 
 
 @dataclass
@@ -257,6 +264,7 @@ def _validate_text(t: TextConfig) -> None:
     _check("model.text.max_length", t.max_length <= t.max_position_embeddings,
            "<= model.text.max_position_embeddings", t.max_length)
     _choice("model.text.pooling", t.pooling, ("cls", "mean"))
+    _choice("model.text.fusion_pooling", t.fusion_pooling, ("cls", "mean"))
 
 
 def _validate_data(d: DataConfig) -> None:
@@ -271,6 +279,7 @@ def _validate_data(d: DataConfig) -> None:
 
 def _validate_loss(loss: LossConfig) -> None:
     _choice("loss.contrastive", loss.contrastive, ("egonce", "infonce"))
+    _choice("loss.vtm_negatives", loss.vtm_negatives, ("hard", "random"))
     weights = ("contrastive_weight", "vtm_weight", "mlm_weight")
     for name in weights:
         _check(f"loss.{name}", getattr(loss, name) >= 0, ">= 0", getattr(loss, name))

@@ -1,9 +1,14 @@
 """EgoMCQ evaluation.
 
-Each question's narration is scored against its candidate clips by the cosine
-of the dual-encoder embeddings; a question is right when the best choice is the
-answer. Under torchrun every process takes every ``world_size``-th question, so
-none is counted twice.
+Each question's narration is scored against its candidate clips (``score``):
+
+- ``dual``: the cosine of the dual-encoder embeddings;
+- ``vtm``: the VTM head's log-odds of "match" (logit 1 - logit 0) of the narration with each clip,
+  through the multimodal encoder;
+- ``both``: ``dual + vtm_weight * vtm``, SViTT's re-ranking of the dual encoder by the matching head.
+
+A question is right when the best choice is the answer. Under torchrun every process takes every
+``world_size``-th question, so none is counted twice.
 """
 
 from __future__ import annotations
@@ -27,6 +32,11 @@ from svitt_ego.distributed import gather_objects, is_main, rank, setup_distribut
 from svitt_ego.models import SViTTEgo
 
 CHANCE = {"inter": 20.0, "intra": 20.0}  # five choices per question
+SCORES = ("dual", "vtm", "both")
+# The weight of the VTM log-odds in ``both``, picked on pseudo-questions of the demo's training split
+# (benchmarks/multimodal.py), never on the evaluation questions: 0 and 0.01 tied there, larger weights
+# lost; the largest of the best lets VTM break near-ties of the cosine.
+VTM_WEIGHT = 0.01
 
 
 def egomcq_accuracy(scores, answers, types) -> dict:
@@ -79,13 +89,28 @@ def egomcq_score(result: dict) -> float:
 
 
 @torch.no_grad()
-def egomcq_scores(model: SViTTEgo, batch: dict) -> torch.Tensor:
-    """Cosine scores [B, C] of each question's text against its C candidate clips."""
-    frames = batch["frames"]
+def egomcq_scores(model: SViTTEgo, batch: dict, with_vtm: bool = False) -> dict[str, torch.Tensor]:
+    """Scores [B, C] of each question's text against its C candidate clips: ``dual`` (the cosine) and,
+    ``with_vtm``, ``vtm`` (the VTM head's log-odds of "match")."""
+    frames, ids, mask = batch["frames"], batch["input_ids"], batch["attention_mask"]
     B, C = frames.shape[:2]
-    video = model.encode_video(frames.flatten(0, 1)).view(B, C, -1)
-    text = model.encode_text(batch["input_ids"], batch["attention_mask"])
-    return torch.einsum("bcd,bd->bc", video.float(), text.float())
+    video = model.forward_video(frames.flatten(0, 1))
+    text = model.forward_text(ids, mask)
+    video_emb = model.video_embedding(video).view(B, C, -1)
+    scores = {"dual": torch.einsum("bcd,bd->bc", video_emb.float(), model.text_embedding(text, mask).float())}
+    if with_vtm:
+        logits = model.vtm_logits(text.repeat_interleave(C, 0), mask.repeat_interleave(C, 0), video.tokens).float()
+        scores["vtm"] = (logits[:, 1] - logits[:, 0]).view(B, C)
+    return scores
+
+
+def combine_scores(scores: dict[str, torch.Tensor], score: str, vtm_weight: float = VTM_WEIGHT) -> torch.Tensor:
+    """The ``score`` (one of :data:`SCORES`) of :func:`egomcq_scores`' output."""
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+    if score == "both":
+        return scores["dual"] + vtm_weight * scores["vtm"]
+    return scores[score]
 
 
 def batches_by_choices(questions: list[MCQQuestion], batch_size: int) -> list[list[int]]:
@@ -98,8 +123,25 @@ def batches_by_choices(questions: list[MCQQuestion], batch_size: int) -> list[li
 
 
 @torch.no_grad()
-def evaluate_egomcq(model: SViTTEgo, cfg: Config, device: torch.device, tokenizer=None) -> dict:
-    """EgoMCQ accuracy of ``model`` on ``cfg.data.egomcq``; every process returns the global result."""
+def evaluate_egomcq(model: SViTTEgo, cfg: Config, device: torch.device, tokenizer=None, score: str = "dual",
+                    vtm_weight: float = VTM_WEIGHT) -> dict:
+    """EgoMCQ accuracy of ``model`` on ``cfg.data.egomcq`` by ``score``; every process returns the global result."""
+    return evaluate_egomcq_scores(model, cfg, device, (score,), vtm_weight, tokenizer)[score]
+
+
+@torch.no_grad()
+def evaluate_egomcq_scores(model: SViTTEgo, cfg: Config, device: torch.device, scores=SCORES,
+                           vtm_weight: float = VTM_WEIGHT, tokenizer=None) -> dict[str, dict]:
+    """EgoMCQ accuracy by each of ``scores`` (from one pass over the clips), keyed by score."""
+    raw, answers, types = egomcq_choice_scores(model, cfg, device, tokenizer, with_vtm=set(scores) != {"dual"})
+    return {score: egomcq_accuracy(combine_scores(raw, score, vtm_weight), answers, types) for score in scores}
+
+
+@torch.no_grad()
+def egomcq_choice_scores(model: SViTTEgo, cfg: Config, device: torch.device, tokenizer=None,
+                         with_vtm: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """:func:`egomcq_scores` of every question of ``cfg.data.egomcq`` ([Q, C], rows of fewer choices padded
+    with -inf), their answers and types [Q]; every process returns all questions."""
     questions = read_egomcq(cfg.data.egomcq)
     if not questions:
         raise ConfigError(f"data.egomcq: {cfg.data.egomcq} holds no questions")
@@ -111,18 +153,21 @@ def evaluate_egomcq(model: SViTTEgo, cfg: Config, device: torch.device, tokenize
                         num_workers=cfg.data.num_workers)
     was_training = model.training
     model.eval()
-    scores, answers, types = [torch.empty(0, width, dtype=torch.float64)], [torch.empty(0, dtype=torch.long)], \
-        [torch.empty(0, dtype=torch.long)]
+    names = ("dual", "vtm") if with_vtm else ("dual",)
+    scores = {name: [torch.empty(0, width, dtype=torch.float64)] for name in names}
+    answers, types = [torch.empty(0, dtype=torch.long)], [torch.empty(0, dtype=torch.long)]
     for batch in tqdm(loader, desc="EgoMCQ", disable=not is_main(), dynamic_ncols=True):
         batch = to_device(batch, device)
         with autocast(cfg, device):
-            score = egomcq_scores(model, batch).double().cpu()
-        scores.append(F.pad(score, (0, width - score.shape[1]), value=-math.inf))
+            batch_scores = egomcq_scores(model, batch, with_vtm)
+        for name, score in batch_scores.items():
+            scores[name].append(F.pad(score.double().cpu(), (0, width - score.shape[1]), value=-math.inf))
         answers.append(batch["answer"].cpu())
         types.append(batch["type"].cpu())
     model.train(was_training)
-    parts = gather_objects((torch.cat(scores), torch.cat(answers), torch.cat(types)))
-    return egomcq_accuracy(*(torch.cat([p[i] for p in parts]) for i in range(3)))
+    parts = gather_objects(({name: torch.cat(s) for name, s in scores.items()}, torch.cat(answers), torch.cat(types)))
+    gathered = {name: torch.cat([p[0][name] for p in parts]) for name in names}
+    return gathered, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
 
 
 def format_egomcq(rows: dict[str, dict]) -> str:
@@ -180,14 +225,16 @@ def load_for_eval(checkpoint: str | Path, config: str | None = None,
 
 
 def run_egomcq(checkpoint: str | Path, config: str | None = None, overrides: list[str] | tuple = (),
-               output: str | Path | None = None) -> dict:
-    """``svitt-ego eval-mcq``: evaluate, print the table, optionally write JSON."""
+               output: str | Path | None = None, score: str = "dual", vtm_weight: float | None = None) -> dict:
+    """``svitt-ego eval-mcq``: evaluate by ``score``, print the table, optionally write JSON."""
+    vtm_weight = VTM_WEIGHT if vtm_weight is None else vtm_weight
     _, _, device = setup_distributed()
     model, cfg = load_for_eval(checkpoint, config, overrides)
-    result = evaluate_egomcq(model.to(device), cfg, device)
+    result = evaluate_egomcq(model.to(device), cfg, device, score=score, vtm_weight=vtm_weight)
     if is_main():
-        print(format_egomcq({"accuracy (%)": result}))
+        print(format_egomcq({f"{score} (%)": result}))
         if output is not None:
-            atomic_write_text(output, json.dumps({"checkpoint": str(checkpoint), **result}, indent=2,
+            scoring = {"score": score, **({"vtm_weight": vtm_weight} if score == "both" else {})}
+            atomic_write_text(output, json.dumps({"checkpoint": str(checkpoint), **scoring, **result}, indent=2,
                                                  allow_nan=False))
     return result

@@ -53,6 +53,8 @@ class PretrainingObjective(nn.Module):
         local_positives = positives[first:first + n, first:first + n] if positives is not None else None
         with torch.no_grad():
             sim = video_emb @ text_emb.T / m.temperature
+        if cfg.vtm_negatives == "random":
+            sim = torch.zeros_like(sim)  # a uniform draw among the non-positives
         neg_text, neg_video = sample_vtm_negatives(sim, local_positives)
         vtm = vtm_loss(m.vtm_logits(*vtm_pairs(text_hidden, mask, video.tokens, neg_text, neg_video)), n)
 

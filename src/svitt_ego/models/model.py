@@ -25,7 +25,7 @@ from svitt_ego.config import Config, ConfigError, ModelConfig, apply, validate
 from svitt_ego.data.tokenizer import load_tokenizer, tokenize, vocab_file
 from svitt_ego.device import to_device
 from svitt_ego.models.position_bias import RelativePositionBias3D
-from svitt_ego.models.text import FusionEncoder, MLMHead, TextEncoder, init_bert_weights
+from svitt_ego.models.text import FusionEncoder, MLMHead, TextEncoder, init_bert_weights, text_query_weights
 from svitt_ego.models.video import VideoEncoder, VideoOutput
 from svitt_ego.models.weights import load_checked, read_state_dict, resize_video_bias_tables
 
@@ -125,9 +125,11 @@ class SViTTEgo(nn.Module):
     # Multimodal -----------------------------------------------------------
     def vtm_logits(self, text_hidden: torch.Tensor, attention_mask: torch.Tensor,
                    video_tokens: torch.Tensor) -> torch.Tensor:
-        """Video-text matching logits [B, 2] (index 1 = match) for aligned text and video rows."""
-        fused = self.fusion(text_hidden, attention_mask, video_tokens)
-        return self.vtm_head(fused.hidden[:, 0])
+        """Video-text matching logits [B, 2] (index 1 = match) for aligned text and video rows, from the
+        fused [CLS] state or the masked mean of the fused text states (``model.text.fusion_pooling``)."""
+        fused = self.fusion(text_hidden, attention_mask, video_tokens).hidden
+        weights = text_query_weights(attention_mask, self.config.text.fusion_pooling).to(fused.dtype)
+        return self.vtm_head(torch.einsum("bl,blc->bc", weights, fused))
 
     def mlm_logits(self, masked_ids: torch.Tensor, attention_mask: torch.Tensor,
                    video_tokens: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,7 +5,8 @@ cross-attention to the video tokens).
 Module names follow Hugging Face's ``BertModel`` below the layer level
 (``attention.self.query``, ``intermediate.dense``, ...) so that its weights map
 one to one. Multimodal node sparsity: in the first fusion layer the video
-tokens most attended by the text [CLS] (mean over heads) are kept,
+tokens most attended by the text [CLS] (or, with ``fusion_pooling: mean``, by
+the text tokens on average; mean over heads) are kept,
 ``ceil(keep_rate * n)`` patch tokens plus the video [CLS]; the later fusion
 layers see only those.
 """
@@ -50,19 +51,23 @@ class BertSelfAttention(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], x.shape[1], self.num_heads, -1).transpose(1, 2)
 
-    def forward(self, x, context, context_mask, return_cls_probs: bool = False):
-        """``context_mask`` is boolean [B, Nk] (True = attend) or None."""
+    def forward(self, x, context, context_mask, query_weights: torch.Tensor | None = None):
+        """``context_mask`` is boolean [B, Nk] (True = attend) or None.
+
+        With ``query_weights`` [B, Lq] (rows summing to 1) also returns the attention probabilities
+        [B, Nk] averaged over heads and weighted over the queries (else None)."""
         q, k, v = self._heads(self.query(x)), self._heads(self.key(context)), self._heads(self.value(context))
         mask = None if context_mask is None else context_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.dropout if self.training else 0.0)
-        cls_probs = None
-        if return_cls_probs:
-            scores = (q[:, :, :1] @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        probs = None
+        if query_weights is not None:
+            scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
-            cls_probs = scores.float().softmax(-1)[:, :, 0]  # [B, H, Nk]
-        return out.transpose(1, 2).flatten(2), cls_probs
+            per_query = scores.float().softmax(-1).mean(1)  # [B, Lq, Nk]
+            probs = (query_weights[:, :, None].float() * per_query).sum(1)
+        return out.transpose(1, 2).flatten(2), probs
 
 
 class BertResidual(nn.Module):
@@ -84,9 +89,9 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(cfg, kv_width)
         self.output = BertResidual(cfg.width, cfg)
 
-    def forward(self, x, context, context_mask, return_cls_probs=False):
-        out, cls_probs = self.self(x, context, context_mask, return_cls_probs)
-        return self.output(out, x), cls_probs
+    def forward(self, x, context, context_mask, query_weights=None):
+        out, probs = self.self(x, context, context_mask, query_weights)
+        return self.output(out, x), probs
 
 
 class BertIntermediate(nn.Module):
@@ -106,12 +111,12 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(cfg)
         self.output = BertResidual(cfg.intermediate_size, cfg)
 
-    def forward(self, x, mask, video=None, return_cls_probs=False):
+    def forward(self, x, mask, video=None, query_weights=None):
         x, _ = self.attention(x, x, mask)
-        cls_probs = None
+        probs = None
         if self.crossattention is not None:
-            x, cls_probs = self.crossattention(x, video, None, return_cls_probs)
-        return self.output(self.intermediate(x), x), cls_probs
+            x, probs = self.crossattention(x, video, None, query_weights)
+        return self.output(self.intermediate(x), x), probs
 
 
 def init_bert_weights(module: nn.Module) -> None:
@@ -151,12 +156,26 @@ class FusionOutput:
     kept_video_tokens: torch.Tensor | None
 
 
+def text_query_weights(attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """[B, L] weights of the text positions, each row summing to 1: all on [CLS] (``"cls"``) or
+    spread evenly over the real tokens (``"mean"``). They pool the fused text states for the VTM head
+    and the text queries' cross-attention that ranks the video tokens for multimodal pruning."""
+    if pooling == "cls":
+        weights = torch.zeros(attention_mask.shape, dtype=torch.float32, device=attention_mask.device)
+        weights[:, 0] = 1.0
+        return weights
+    weights = attention_mask.float()
+    return weights / weights.sum(1, keepdim=True).clamp(min=1)
+
+
 class FusionEncoder(nn.Module):
-    """The last BERT layers, each with cross-attention to the video tokens, and multimodal pruning."""
+    """The last BERT layers, each with cross-attention to the video tokens, and multimodal pruning:
+    the first layer keeps the video tokens most attended by the text queries of ``cfg.fusion_pooling``."""
 
     def __init__(self, cfg: TextConfig, video_width: int):
         super().__init__()
         self.keep_rate = cfg.keep_rate
+        self.pooling = cfg.fusion_pooling
         self.layers = nn.ModuleList(BertLayer(cfg, video_width) for _ in range(cfg.num_fusion_layers))
         init_bert_weights(self)
 
@@ -165,9 +184,10 @@ class FusionEncoder(nn.Module):
         kept = None
         for i, layer in enumerate(self.layers):
             prune = i == 0 and self.keep_rate < 1.0
-            text, cls_probs = layer(text, mask, video, return_cls_probs=prune)
+            weights = text_query_weights(attention_mask, self.pooling) if prune else None
+            text, probs = layer(text, mask, video, query_weights=weights)
             if prune:
-                kept = kept_indices(cls_probs.mean(1)[:, 1:], self.keep_rate)  # by text [CLS] -> video patches
+                kept = kept_indices(probs[:, 1:], self.keep_rate)  # text queries -> video patches
                 video = gather_tokens(video, kept)
         return FusionOutput(hidden=text, kept_video_tokens=kept)
 
