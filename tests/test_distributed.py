@@ -78,9 +78,10 @@ def _decision_worker(rank, world_size, init_file, folder):
         folder = Path(folder)
         # Only rank 0 "sees" the file; every rank must take rank 0's branch.
         seen = decide_on_main(lambda: rank == 0)
-        # Rank 0 cannot write (no such folder): every rank learns it instead of waiting in the next collective.
+        # Rank 0 cannot write (a file stands where the run folder's parent should be): every rank learns it
+        # instead of waiting in the next collective.
         try:
-            Checkpointer(folder / "missing", 2, {"model": torch.nn.Linear(1, 1)}).save("step-1.pt", {}, Config())
+            Checkpointer(folder / "not-a-folder" / "run", 2, {"model": torch.nn.Linear(1, 1)}).save("step-1.pt", {}, Config())
             outcome = "saved"
         except CheckpointError as err:
             outcome = str(err)
@@ -91,6 +92,7 @@ def _decision_worker(rank, world_size, init_file, folder):
 
 
 def test_rank_0_decides_and_a_failed_checkpoint_stops_every_rank(tmp_path):
+    (tmp_path / "not-a-folder").write_text("a file, so that no checkpoint can be written below it")
     context = mp.spawn(_decision_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
     deadline = time.monotonic() + 120
     while not context.join(timeout=5):  # True once both ranks have ended
