@@ -232,7 +232,7 @@ def run_egomcq(checkpoint: str | Path, config: str | None = None, overrides: lis
     model, cfg = load_for_eval(checkpoint, config, overrides)
     result = evaluate_egomcq(model.to(device), cfg, device, score=score, vtm_weight=vtm_weight)
     if is_main():
-        print(format_egomcq({f"{score} (%)": result}))
+        print(format_egomcq({"accuracy (%)" if score == "dual" else f"{score} (%)": result}))
         if output is not None:
             scoring = {"score": score, **({"vtm_weight": vtm_weight} if score == "both" else {})}
             atomic_write_text(output, json.dumps({"checkpoint": str(checkpoint), **scoring, **result}, indent=2,
