@@ -115,7 +115,7 @@ def test_eval_mcq_command_prints_and_writes_accuracy(toy, tmp_path, capsys):
     result = json.loads(out.read_text())
     questions = json.loads((toy / "egomcq.json").read_text())
     assert result["num_inter"] + result["num_intra"] == len(questions)
-    assert f"{result['inter']:.1f}" in printed and "dual (%)" in printed  # the row names the score
+    assert f"{result['inter']:.1f}" in printed and "accuracy (%)" in printed
     # The same accuracies from the save_pretrained folder of the same run.
     assert main(["eval-mcq", str(tmp_path / "run" / "model"), "--config", str(tmp_path / "run" / "config.yaml"),
                  "--output", str(tmp_path / "again.json")]) == 0
