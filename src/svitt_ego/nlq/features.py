@@ -249,8 +249,8 @@ class NLQFeatures:
     def video(self, clip_uid: str) -> torch.Tensor:
         if clip_uid not in self._video:
             self.clip(clip_uid)
-            self._video[clip_uid] = torch.load(video_file(self.folder, clip_uid), map_location="cpu",
-                                               weights_only=True)
+            path = video_file(self.folder, clip_uid)
+            self._video[clip_uid] = torch.load(path, map_location="cpu", weights_only=True)
         return self._video[clip_uid]
 
     def text(self, query: NLQQuery) -> torch.Tensor:
