@@ -11,7 +11,8 @@ from PIL import Image
 from svitt_ego.config import Config, load_config
 from svitt_ego.data.toy import plan_world, render_video
 from svitt_ego.models import SViTTEgo
-from svitt_ego.visualize import (DARKEN, Layout, as_seen, clip_figure, eval_transform, kept_masks,
+from svitt_ego.data.transforms import eval_transform
+from svitt_ego.visualize import (DARKEN, Layout, as_seen, clip_figure, kept_masks,
                                  read_video)
 
 SMALL = ["model.vision.width=32", "model.vision.num_heads=2", "model.vision.drop_path=0.0",

@@ -20,9 +20,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from svitt_ego.config import Config
-from svitt_ego.data.egomcq import Clip, read_egomcq
-from svitt_ego.data.transforms import ClipTransform
-from svitt_ego.data.video import read_clip_frames
+from svitt_ego.data.egomcq import Clip, read_egomcq, read_eval_clip
+from svitt_ego.data.transforms import eval_transform
 from svitt_ego.evaluate import evaluate_egomcq_scores, format_egomcq
 from svitt_ego.models import SViTTEgo
 
@@ -69,18 +68,14 @@ class ClipFrames(Dataset):
     """The evaluation frames ``[T, 3, S, S]`` of each clip (middle of each segment, centre crop)."""
 
     def __init__(self, cfg: Config, clips: list[Clip]):
-        vision = cfg.model.vision
         self.clips, self.cfg = clips, cfg
-        self.transform = ClipTransform(vision.image_size, False, vision.mean, vision.std)
+        self.transform = eval_transform(cfg.model.vision)
 
     def __len__(self) -> int:
         return len(self.clips)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        clip, data = self.clips[index], self.cfg.data
-        return self.transform(read_clip_frames(data.video_root, clip.video_uid, max(clip.start, 0.0),
-                                               max(clip.end, 0.0), self.cfg.model.vision.num_frames, "uniform",
-                                               data.chunk_seconds))
+        return self.transform(read_eval_clip(self.cfg, self.clips[index]))
 
 
 @torch.no_grad()

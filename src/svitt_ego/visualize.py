@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from svitt_ego.atomic import atomic_write
 from svitt_ego.config import Config, VisionConfig
-from svitt_ego.data.transforms import ClipTransform, center_crop_box
+from svitt_ego.data.transforms import center_crop_box, eval_transform
 from svitt_ego.data.video import read_chunk_frames, read_clip_frames, sample_times
 from svitt_ego.models import SViTTEgo
 from svitt_ego.models.video import VideoOutput
@@ -46,10 +46,6 @@ def read_video(video: str | Path, start: float, end: float, num_frames: int,
         return read_clip_frames(path.parent, path.name, start, end, num_frames, "uniform", chunk_seconds)
     times = sample_times(start, end, num_frames, "uniform")
     return torch.from_numpy(np.stack(read_chunk_frames(path, times)))
-
-
-def eval_transform(vision: VisionConfig) -> ClipTransform:
-    return ClipTransform(vision.image_size, False, vision.mean, vision.std)
 
 
 def as_seen(frames: torch.Tensor, vision: VisionConfig) -> np.ndarray:
@@ -209,11 +205,10 @@ def visualize(checkpoint: str | Path, video: str | Path, start: float, end: floa
 def demo_figure(untrained: SViTTEgo, pretrained: SViTTEgo, cfg: Config, path: str | Path) -> Path:
     """``svitt-ego demo``'s Figure 1: the first EgoMCQ question's clip (a held-out video) with its
     narration, before and after pretraining, side by side."""
-    from svitt_ego.data.egomcq import read_egomcq
+    from svitt_ego.data.egomcq import read_egomcq, read_eval_clip
 
     clip = read_egomcq(cfg.data.egomcq)[0].query
-    frames = read_clip_frames(cfg.data.video_root, clip.video_uid, max(clip.start, 0.0), max(clip.end, 0.0),
-                              cfg.model.vision.num_frames, "uniform", cfg.data.chunk_seconds)
+    frames = read_eval_clip(cfg, clip)
     figures = [clip_figure(model, frames, clip.text) for model in (untrained, pretrained)]
     return save_png(side_by_side(figures, ["before pretraining", "after pretraining"]), path)
 

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from svitt_ego.config import Config
 from svitt_ego.data.errors import MetadataError, load_json
 from svitt_ego.data.tokenizer import tokenize
-from svitt_ego.data.transforms import ClipTransform
+from svitt_ego.data.transforms import eval_transform
 from svitt_ego.data.video import VIDEO_UID_RULE, is_video_uid, read_clip_frames
 
 INTER_VIDEO, INTRA_VIDEO = 1, 2
@@ -112,6 +112,13 @@ def _short(value) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
+def read_eval_clip(cfg: Config, clip: Clip) -> torch.Tensor:
+    """A narrated clip's uint8 frames ``[T, H, W, 3]`` as evaluation samples them (the middle of each
+    of ``T`` segments; times before the video's start read from 0)."""
+    return read_clip_frames(cfg.data.video_root, clip.video_uid, max(clip.start, 0.0), max(clip.end, 0.0),
+                            cfg.model.vision.num_frames, "uniform", cfg.data.chunk_seconds)
+
+
 class EgoMCQDataset(Dataset):
     """One question per item: ``question_id``, ``text`` (the query's narration), ``frames``
     (float ``[num_choices, T, 3, S, S]``, middle-of-segment frames, evaluation transform),
@@ -122,21 +129,15 @@ class EgoMCQDataset(Dataset):
     """
 
     def __init__(self, cfg: Config, items: list[MCQQuestion]):
-        vision = cfg.model.vision
-        self.items = items
-        self.video_root, self.chunk_seconds = cfg.data.video_root, cfg.data.chunk_seconds
-        self.num_frames = vision.num_frames
-        self.transform = ClipTransform(vision.image_size, False, vision.mean, vision.std)
+        self.cfg, self.items = cfg, items
+        self.transform = eval_transform(cfg.model.vision)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
         question = self.items[index]
-        frames = torch.stack([
-            self.transform(read_clip_frames(self.video_root, clip.video_uid, max(clip.start, 0.0), max(clip.end, 0.0),
-                                            self.num_frames, "uniform", self.chunk_seconds))
-            for clip in question.choices])
+        frames = torch.stack([self.transform(read_eval_clip(self.cfg, clip)) for clip in question.choices])
         return {"question_id": question.question_id, "text": question.query.text, "frames": frames,
                 "answer": question.answer, "type": question.type}
 

@@ -75,3 +75,8 @@ class ClipTransform:
         if flip:
             out = out.flip(-1)
         return out.float().mul_(self.multiplier).add_(self.offset).contiguous()
+
+
+def eval_transform(vision) -> ClipTransform:
+    """The evaluation transform of a model's ``VisionConfig``: resize, centre crop, normalise."""
+    return ClipTransform(vision.image_size, False, vision.mean, vision.std)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from svitt_ego.atomic import atomic_torch_save, atomic_write_json
-from svitt_ego.data.transforms import ClipTransform
+from svitt_ego.data.transforms import eval_transform
 from svitt_ego.data.video import VideoReadError, chunk_path, read_frames
 from svitt_ego.nlq.annotations import NLQClip, NLQFormatError, NLQQuery, load_json, read_nlq
 
@@ -103,7 +103,7 @@ class WindowFeatureExtractor:
         self.model = model.to(device).eval()
         self.window, self.stride, self.batch_size = window, stride, batch_size
         self.device, self.chunk_seconds = device, chunk_seconds
-        self.transform = ClipTransform(vision.image_size, False, vision.mean, vision.std)
+        self.transform = eval_transform(vision)
         self.amp = device.type == "cuda"
 
     @torch.no_grad()
