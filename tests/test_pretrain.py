@@ -167,3 +167,20 @@ def test_demo_deletes_only_a_run_folder_it_made(tmp_path):
     (ours / "last.pt").write_text("old demo")
     fresh_run_folder(ours)
     assert not (ours / "last.pt").exists() and ours.is_dir()
+
+
+def test_demo_epochs_are_checked_before_any_data_is_made(tmp_path, capsys):
+    from svitt_ego.cli import main
+
+    assert main(["demo", "--workdir", str(tmp_path / "run"), "--epochs", "0"]) == 2
+    assert "train.epochs: must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert main(["demo", "--workdir", str(tmp_path / "run"), "--task", "nlq", "--epochs", "10"]) == 2
+    assert "--epochs sets the pretraining's length" in capsys.readouterr().err
+
+
+def test_demo_epochs_set_the_pretraining_length(tmp_path):
+    from svitt_ego.demo import demo_config
+
+    assert demo_config(tmp_path, quick=True).train.epochs == 2
+    assert demo_config(tmp_path, quick=True, epochs=7).train.epochs == 7

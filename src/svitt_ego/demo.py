@@ -42,17 +42,22 @@ def fresh_run_folder(folder: Path) -> None:
     (folder / DEMO_MARKER).touch()
 
 
-def demo_config(workdir: Path, quick: bool) -> Config:
-    data = make_toy_data(workdir / "toy_data", seed=0, num_videos=QUICK_VIDEOS if quick else None)
+def demo_config(workdir: Path, quick: bool, epochs: int | None = None) -> Config:
+    """The ``tiny`` preset on the toy world under ``workdir`` (checked before the world is generated)."""
+    data = workdir / "toy_data"
     # EgoMCQ runs once before and once after pretraining, not after every epoch.
-    return load_config("tiny", [*toy_data_overrides(data), f"train.output_dir={workdir / 'run'}",
-                                "train.eval_every_epoch=false", *(QUICK_OVERRIDES if quick else [])])
+    cfg = load_config("tiny", [*toy_data_overrides(data), f"train.output_dir={workdir / 'run'}",
+                               "train.eval_every_epoch=false", *(QUICK_OVERRIDES if quick else []),
+                               *([f"train.epochs={epochs}"] if epochs is not None else [])])
+    make_toy_data(data, seed=0, num_videos=QUICK_VIDEOS if quick else None)
+    return cfg
 
 
-def demo(workdir: str | Path = "demo_run", quick: bool = False) -> dict:
+def demo(workdir: str | Path = "demo_run", quick: bool = False, epochs: int | None = None) -> dict:
+    """The whole pipeline; ``epochs`` overrides the preset's pretraining length (5 epochs)."""
     workdir = Path(workdir)
     start = time.perf_counter()
-    cfg = demo_config(workdir, quick)
+    cfg = demo_config(workdir, quick, epochs)
     run = Path(cfg.train.output_dir)
     fresh_run_folder(run)
     torch.manual_seed(cfg.train.seed)
