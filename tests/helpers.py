@@ -7,7 +7,6 @@ import math
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 
@@ -69,6 +68,8 @@ def read_code(image: np.ndarray) -> tuple[int, int]:
 def write_video(path: Path, frames: list[np.ndarray], fps: Fraction, gop: int = 15, faststart: bool = False) -> Path:
     """An h264 mp4 of ``frames``; with ``faststart`` its index comes before the frames, so that
     a cut copy still opens."""
+    import av
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {}) as out:
         stream = out.add_stream("libx264", rate=fps)
@@ -129,6 +130,8 @@ def corrupt_concealed(path: Path) -> int:
     """Flip bytes spread over the frame data of the mp4 at ``path`` until FFmpeg decodes every
     frame without an error but reports some as corrupt (it conceals the damage). Returns the
     number of frames it reports as corrupt."""
+    import av
+
     data = path.read_bytes()
     start, end = data.find(b"mdat") + 8, data.find(b"moov")
     end = end if end > start else len(data)
@@ -149,5 +152,7 @@ def corrupt_concealed(path: Path) -> int:
 
 
 def _decode_all(path: Path) -> list:
+    import av
+
     with av.open(str(path)) as container:
         return list(container.decode(video=0))

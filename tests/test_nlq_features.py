@@ -1,7 +1,6 @@
 import json
 from types import SimpleNamespace
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -10,6 +9,8 @@ from svitt_ego.nlq import features as nlq_features
 from svitt_ego.nlq.annotations import NLQClip
 from svitt_ego.nlq.features import (ClipFrames, NLQFeatures, extract_nlq_features, window_centre,
                                     window_frame_indices, window_index)
+
+av = pytest.importorskip("av")  # these tests write and read videos (PyAV)
 
 FPS = 10
 

@@ -7,13 +7,14 @@ import math
 import re
 from fractions import Fraction
 
-import av
 import numpy as np
 import pytest
 from helpers import HEIGHT, WIDTH, corrupt_concealed, draw_code, read_code, write_video
 
-from svitt_ego.data.prepare import MANIFEST, output_size, prepare_videos
-from svitt_ego.data.video import read_frames
+av = pytest.importorskip("av")  # prepare-videos writes videos with PyAV
+
+from svitt_ego.data.prepare import MANIFEST, output_size, prepare_videos  # noqa: E402
+from svitt_ego.data.video import read_frames  # noqa: E402
 
 
 def upscaled_code(index: int) -> np.ndarray:

@@ -7,12 +7,13 @@ import json
 import math
 import time
 
-import av
 import numpy as np
 import pandas as pd
 import pytest
 
 from svitt_ego.data import toy
+
+av = pytest.importorskip("av")  # these tests write and read videos (PyAV)
 
 NUM_VIDEOS = 6
 FILES = ["egoclip.csv", "egomcq.json", "taxonomy_verbs.json", "taxonomy_nouns.json",

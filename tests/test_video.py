@@ -6,12 +6,13 @@ import math
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 from helpers import HEIGHT, WIDTH, corrupt_concealed, draw_code, read_code, write_chunked_video, write_video
 
 from svitt_ego.data.video import VideoReadError, read_chunk_frames, read_clip_frames, read_frames, sample_times
+
+av = pytest.importorskip("av")  # these tests write and read videos (PyAV)
 
 
 def expected_codes(times: np.ndarray, fps: Fraction, chunk_seconds: float, counts: list[int]) -> list[tuple[int, int]]:

@@ -22,10 +22,8 @@ import threading
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
-from av.video.reformatter import VideoReformatter
 
 # Decode forward rather than seek when the next frame is at most this far ahead. In the chunks
 # written by ``prepare_videos`` (a keyframe every second) a seek lands on average half a second
@@ -114,6 +112,8 @@ def read_frames(root: str | Path, video_uid: str, times: np.ndarray, chunk_secon
 def read_chunk_frames(path: Path, times: np.ndarray) -> list[np.ndarray]:
     """The frames of one file shown at ``times`` (seconds from the file's start), as
     ``[H, W, 3]`` uint8 arrays in the order of ``times``."""
+    import av  # PyAV only where a video is read: the model and the GPU tests run without it
+
     asked = ", ".join(f"{t:.3f}" for t in times)
     if not path.is_file():
         raise VideoReadError(f"{path}: no such video file (asked for t={asked} s in it)")
@@ -167,8 +167,10 @@ def _decode_at(container, times: np.ndarray) -> list[np.ndarray]:
     return [found[int(t)] for t in wanted]
 
 
-def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
+def _to_rgb(frame) -> np.ndarray:
     if getattr(_local, "pid", None) != os.getpid():
+        from av.video.reformatter import VideoReformatter
+
         _local.pid, _local.reformatter = os.getpid(), VideoReformatter()
     return _local.reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
 

@@ -18,7 +18,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -63,6 +62,8 @@ def text_file(out: Path, query: NLQQuery) -> Path:
 
 
 def video_fps(root: str | Path, video_uid: str) -> float:
+    import av  # PyAV only where a video is read
+
     path = chunk_path(root, video_uid, 0)
     try:
         with av.open(str(path)) as container:
