@@ -10,8 +10,7 @@ import torch
 from attention_helpers import attention_inputs, max_relative_error, outputs_and_grads
 
 from svitt_ego.config import VisionConfig
-from svitt_ego.models.attention import (BlockPattern, blocked_attention, reference_attention, resolve_backend,
-                                        sample_block_pattern, triton_attention)
+from svitt_ego.models.attention import BlockPattern, reference_attention, sample_block_pattern, triton_attention
 from svitt_ego.models.video import VideoEncoder
 
 pytest.importorskip("triton")
@@ -40,12 +39,6 @@ def test_kernel_pattern_by_hand():
     assert [key_blocks[b, :c].tolist() for b, c in enumerate(key_count.tolist())] == [[0], [1, 0], [0]]
     assert query_count.tolist() == [3, 1, 0]  # key tile 0: query tiles 0, 1, 2; tile 1: 1; tile 2: none
     assert sorted(query_blocks[0].tolist()) == [0, 1, 2] and query_blocks[1, 0].item() == 1
-
-
-def test_auto_picks_triton_on_cuda_and_blocked_elsewhere():
-    assert resolve_backend("auto", torch.device("cuda")) is triton_attention
-    assert resolve_backend("auto", torch.device("cpu")) is blocked_attention
-    assert resolve_backend("triton", torch.device("cpu")) is triton_attention
 
 
 @pytest.mark.gpu

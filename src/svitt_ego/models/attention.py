@@ -15,7 +15,9 @@ Backends compute the same function:
   matrix, runs anywhere.
 - ``triton``: one fused Triton kernel (forward and backward) over G-token
   tiles, the bias looked up inside it; see
-  :mod:`svitt_ego.models.sparse_attention_triton`. What ``auto`` picks on CUDA.
+  :mod:`svitt_ego.models.sparse_attention_triton`. What ``auto`` picks on CUDA
+  where the kernel is meant to run and has passed a self-check
+  (:func:`resolve_backend`).
 - ``flex``: PyTorch FlexAttention (compiled). Each G-token block is padded to
   a tile of ``BlockPattern.tile_size`` tokens, [CLS] gets a tile of its own, the block
   pattern becomes the tile-level block mask and the bias is computed inside
@@ -32,6 +34,7 @@ dtype (fp16 scores can overflow before the softmax).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -39,6 +42,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from svitt_ego.config import ConfigError
+from svitt_ego.distributed import decide_on_main, is_main
 from svitt_ego.models.position_bias import CLS_POSITION, RelativePositionBias3D
 
 
@@ -244,9 +249,102 @@ BACKENDS: dict[str, Backend] = {"reference": reference_attention, "blocked": blo
                                  "triton": triton_attention, "flex": flex_attention}
 
 
-def resolve_backend(name: str, device: torch.device) -> Backend:
-    """``auto``: the fused ``triton`` kernel on CUDA (when Triton is installed), ``blocked`` elsewhere."""
-    if name == "auto":
-        cuda = torch.device(device).type == "cuda"
-        name = "triton" if cuda and importlib.util.find_spec("triton") is not None else "blocked"
-    return BACKENDS[name]
+# Where the fused kernel is meant to run: Ampere or newer, half-precision activations (in fp32 its
+# kernels spill registers), head dims up to 128 (its tiles hold a whole head).
+FUSED_MIN_CAPABILITY = (8, 0)
+FUSED_DTYPES = (torch.float16, torch.bfloat16)
+FUSED_MAX_HEAD_DIM = 128
+# The self-check's largest error, relative to max(1, max |reference|) (the GPU tests' tolerances).
+SELF_CHECK_TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+log = logging.getLogger(__name__)
+_fused_problems: dict[tuple, str | None] = {}  # (dtype, head dim, block size) -> why not fused; once a process
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int) -> Backend:
+    """The backend ``name`` for ``dtype`` activations of ``head_dim`` in blocks of ``block_size`` on ``device``.
+
+    ``auto``: ``blocked`` off CUDA; on CUDA the fused ``triton`` kernel where
+    :func:`fused_kernel_problem` finds nothing against it, else ``blocked`` with one warning naming
+    the reason. ``triton`` raises :class:`ConfigError` naming the reason instead. The finding is made
+    once a process per (dtype, head dim, block size), on rank 0, and shared by every rank, so that
+    all ranks run the same backend.
+    """
+    device = torch.device(device)
+    if name not in ("auto", "triton"):
+        return BACKENDS[name]
+    if name == "auto" and device.type != "cuda":
+        return BACKENDS["blocked"]
+    key = (dtype, head_dim, block_size)
+    first = key not in _fused_problems
+    if first:
+        _fused_problems[key] = decide_on_main(lambda: fused_kernel_problem(device, dtype, head_dim, block_size))
+    problem = _fused_problems[key]
+    if problem is None:
+        return BACKENDS["triton"]
+    if name == "triton":
+        raise ConfigError(f"model.vision.backend=triton: {problem}; use auto or blocked", key="model.vision.backend")
+    if first and is_main():
+        log.warning("model.vision.backend=auto: %s; using the blocked backend", problem)
+    return BACKENDS["blocked"]
+
+
+def fused_kernel_problem(device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int) -> str | None:
+    """Why the fused kernel must not run on ``device`` for these activations, or None when it may:
+    CUDA, Triton installed, compute capability, dtype and head dim, then :func:`self_check`."""
+    if device.type != "cuda":
+        return f"the fused Triton kernel needs a CUDA device, not {device.type}"
+    if importlib.util.find_spec("triton") is None:
+        return "the fused Triton kernel needs Triton, which is not installed"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FUSED_MIN_CAPABILITY:
+        return (f"the fused Triton kernel needs compute capability >= {'.'.join(map(str, FUSED_MIN_CAPABILITY))}, "
+                f"this GPU has {'.'.join(map(str, capability))}")
+    if dtype not in FUSED_DTYPES:
+        return (f"the fused Triton kernel runs fp16 / bf16 activations, not {str(dtype).removeprefix('torch.')} "
+                "(train.precision=fp16 or bf16)")
+    if head_dim > FUSED_MAX_HEAD_DIM:
+        return f"the fused Triton kernel takes head dims up to {FUSED_MAX_HEAD_DIM}, not {head_dim}"
+    return self_check(BACKENDS["triton"], device, dtype, head_dim, block_size)
+
+
+def self_check(backend: Backend, device: torch.device, dtype: torch.dtype, head_dim: int,
+               block_size: int) -> str | None:
+    """Run ``backend`` forward and backward on a small input (2 samples, 2 heads, per-sample positions,
+    3 blocks with a partial last one) and compare its output, [CLS] probabilities and gradients with
+    :func:`reference_attention`'s in fp32. None when within :data:`SELF_CHECK_TOLERANCE`, else the
+    reason (the exception it raised, or the error). Draws from its own generator, not the global one."""
+    g = torch.Generator().manual_seed(0)
+    heads, n = 2, 3 * block_size - block_size // 2
+    grid = math.isqrt(n - 1) + 1
+    positions = torch.stack([torch.randperm(2 * grid * grid, generator=g)[:n].sort().values for _ in range(2)])
+    positions = F.pad(positions, (1, 0), value=CLS_POSITION).to(device)
+    q, k, v = (torch.randn(2, heads, 1 + n, head_dim, generator=g).to(device) for _ in range(3))
+    table = torch.randn(RelativePositionBias3D(2, grid, heads).table.shape, generator=g).to(device)
+    pattern = sample_block_pattern(n, block_size, 1, 1, generator=g, device=device)
+    weights = torch.randn(2, heads, 1 + n, head_dim, generator=g).to(device)
+
+    def outputs_and_grads(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        bias = RelativePositionBias3D(2, grid, heads).to(device)
+        bias.table.data.copy_(table)
+        out, cls_probs = fn(*leaves, positions, bias, pattern)
+        ((out.float() * weights).sum() + cls_probs.float().square().sum()).backward()
+        return [out, cls_probs, *(t.grad for t in leaves), bias.table.grad]
+
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        try:
+            got = outputs_and_grads(backend, dtype)
+        except Exception as error:  # noqa: BLE001 - a kernel that does not compile or launch, whatever it raises
+            return f"the fused Triton kernel failed its self-check: {type(error).__name__}: {_first_line(error)}"
+        ref = outputs_and_grads(reference_attention, torch.float32)
+    error = max(((a.float() - b).abs().max() / b.abs().max().clamp(min=1.0)).item() for a, b in zip(got, ref))
+    tolerance = SELF_CHECK_TOLERANCE.get(dtype, 1e-5)
+    if not error <= tolerance:  # NaN fails too
+        return (f"the fused Triton kernel's self-check differs from the reference by {error:.3g} "
+                f"(tolerance {tolerance:g}) in {str(dtype).removeprefix('torch.')}, head dim {head_dim}")
+    return None
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:200]

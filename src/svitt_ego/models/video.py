@@ -67,7 +67,7 @@ class VideoAttention(nn.Module):
         elif pattern is None:
             attend = dense_attention
         else:
-            attend = resolve_backend(self.backend, x.device)
+            attend = resolve_backend(self.backend, q.device, q.dtype, q.shape[-1], pattern.block_size)
         out, cls_probs = attend(q, k, v, positions, self.rel_pos_bias, pattern)
         return self.proj(out.transpose(1, 2).reshape(B, N, C)), cls_probs
 
