@@ -12,8 +12,10 @@ Methods, all in one run and on the same inputs:
               layer of a plain dense ViT-B on the same tokens; every row prints its ratio to it
 Edge sparsity: K_l = 1, K_r = 3, G = 56 (the paper's). Batch 16 = 8 clips + 8 hard negatives.
 Time is the median of ``--repeats`` timed iterations after warm-up; memory is the peak
-allocated during one iteration beyond the inputs (CUDA only). A method that fails (does not
-compile, out of memory) prints its error and the others go on.
+allocated during one iteration beyond the inputs (CUDA only). Each row is printed as soon as it
+is measured (``flash`` first, so that every row carries its ratio) and, with ``--results FILE``,
+appended to FILE as one JSON line. A method that fails (does not compile, out of memory, any
+exception) prints its error as its row and the others go on.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from svitt_ego.atomic import append_jsonl
 from svitt_ego.models.attention import (blocked_attention, dense_attention, flex_attention, sample_block_pattern,
                                         triton_attention)
 from svitt_ego.models.position_bias import RelativePositionBias3D
@@ -90,6 +93,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--results", help="append every row to this file as one JSON line")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     cuda_only = {"flex", "triton"} & set(args.methods)
@@ -100,22 +104,32 @@ def main() -> None:
     print(f"{name}, torch {torch.__version__}, {args.dtype}, batch {args.batch}, {HEADS} heads x {DIM}, "
           f"K_l=1 K_r=3 G=56, forward + backward")
     print(f"{'frames':>6} {'tokens':>6} {'method':>10} {'ms':>8} {'GiB':>7} {'x flash ms':>10} {'x flash GiB':>11}")
+    methods = sorted(args.methods, key=lambda m: m != "flash")  # the anchor first
     for frames in args.frames:
-        rows = {}
-        for m in args.methods:
+        tokens, flash_row = 1 + frames * GRID * GRID, None
+        for m in methods:
+            row = {"part": "attention", "device": name, "dtype": args.dtype, "batch": args.batch, "frames": frames,
+                   "tokens": tokens, "method": m}
             try:
-                rows[m] = measure(METHODS[m], frames, args.batch, dtype, device, args.repeats)
+                ms, gib = measure(METHODS[m], frames, args.batch, dtype, device, args.repeats)
             except Exception as error:  # noqa: BLE001 - report any failure (compilation, memory) and go on
-                print(f"{frames:>6} {m:>10} failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
+                row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}"
+                print(f"{frames:>6} {tokens:>6} {m:>10} failed: {row['error']}")
+            else:
+                flash_row = (ms, gib) if m == "flash" else flash_row
+                ratio_ms = ms / flash_row[0] if flash_row else None
+                ratio_gib = gib / flash_row[1] if flash_row and flash_row[1] > 0 else None  # NaN > 0 is False
+                row.update(ms=ms, gib=gib if gib == gib else None, x_flash_ms=ratio_ms, x_flash_gib=ratio_gib)
+                print(f"{frames:>6} {tokens:>6} {m:>10} {ms:>8.2f} {gib:>7.2f} {_cell(ratio_ms):>10} "
+                      f"{_cell(ratio_gib):>11}")
+            if args.results:
+                append_jsonl(args.results, row)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        ref = rows.get("flash")
-        for m, (ms, gib) in rows.items():
-            ratio_ms = f"{ms / ref[0]:.2f}" if ref else "-"
-            ratio_gib = f"{gib / ref[1]:.2f}" if ref and ref[1] == ref[1] and ref[1] > 0 else "-"
-            print(f"{frames:>6} {1 + frames * GRID * GRID:>6} {m:>10} {ms:>8.2f} {gib:>7.2f} {ratio_ms:>10} "
-                  f"{ratio_gib:>11}")
 
+
+def _cell(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}"
 
 if __name__ == "__main__":
     main()

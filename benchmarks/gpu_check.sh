@@ -1,23 +1,53 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call on a machine with one CUDA GPU (about 8 minutes on one H100):
-# the GPU tests, then the attention and the training-step benchmarks, each beside its dense anchor.
+# Everything that needs a GPU, in one call on a machine with one CUDA GPU, within 7 minutes whatever
+# fails (the limits below add up to 6 min 45 s, with 5 s of kill grace each):
 #
-#     bash benchmarks/gpu_check.sh 2>&1 | tee gpu_check.log
+#     bash benchmarks/gpu_check.sh [RESULTS] 2>&1 | tee gpu_check.log
 #
-# Each part has its own time limit, so a hang in one still leaves the others' figures.
+#  1. benchmarks/gpu_check.py: the environment, what `auto` picks, and the fused kernel against the
+#     reference (outputs and gradients of q, k, v and the bias table) at batch 16, 12 heads of 64,
+#     G = 56, 4 frames, with shared and per-sample pruned positions, fp16 and bf16;
+#  2. the GPU tests (`pytest -m gpu`; FlexAttention's left out: compiling them takes minutes), one row
+#     per test;
+#  3. the attention benchmark (one BEiT-B layer, batch 16, fp16, beside flash attention);
+#  4. the training-step benchmark (beside a dense ViT-B/16 and the `dense` preset).
+#
+# Each part runs in its own process under its own time limit; every figure is printed as soon as it
+# is measured and appended, one JSON line each, to RESULTS (default: gpu_results.jsonl here), with a
+# row for each part that exits non-zero or runs out of time. Needs only python3, torch and Triton:
+# no PyAV, no MiniLM package, no package index.
 set -u
+results=$(realpath -m "${1:-gpu_results.jsonl}")
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-git rev-parse --short HEAD 2>/dev/null || echo "(no git metadata)"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+echo "commit $commit, results in $results"
+printf '{"part": "start", "commit": "%s", "date": "%s"}\n' "$commit" "$(date -u +%FT%TZ)" >> "$results"
+timeout 10 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
-echo "== GPU tests: the Triton backend against the reference (fp32 / fp16 / bf16), the no-sync encoder step"
-timeout 240 python -m pytest -q -m gpu -k "not flex" -p no:cacheprovider tests/ || echo "GPU tests: exit $?"
+# part NAME SECONDS COMMAND...: run COMMAND under its limit (then 5 s to exit before it is killed).
+part() {
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit} s)"
+    timeout -k 5 "$limit" "$@"
+    local rc=$? timed_out=false
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then timed_out=true; fi
+    if [ "$rc" -ne 0 ]; then
+        echo "== $name: exit $rc (time limit reached: $timed_out)"
+        printf '{"part": "%s", "exit": %d, "timed_out": %s}\n' "$name" "$rc" "$timed_out" >> "$results"
+    fi
+}
 
-echo "== One attention layer of BEiT-B, batch 16, fp16, forward + backward (anchor: flash)"
-timeout 150 python benchmarks/attention.py --frames 4 8 16 --repeats 20 --methods flash triton blocked dense_bias \
-    || echo "attention benchmark: exit $?"
-
-echo "== Training steps and encoders (anchor: dense ViT-B/16 in the same run)"
-timeout 330 python benchmarks/train_step.py --steps 5 || echo "train-step benchmark: exit $?"
+part correctness 80 python3 benchmarks/gpu_check.py --results "$results"
+log=$(mktemp)
+part gpu_tests 100 bash -c 'python3 -m pytest -v -rfE -m gpu -k "not flex" -p no:cacheprovider tests/ 2>&1 | tee "$0"
+                            exit "${PIPESTATUS[0]}"' "$log"
+part gpu_test_rows 10 python3 benchmarks/pytest_rows.py "$log" --results "$results"
+part attention 60 python3 benchmarks/attention.py --frames 4 16 --repeats 10 --methods flash triton blocked \
+    dense_bias --results "$results"
+part train_step 120 python3 benchmarks/train_step.py --steps 3 --results "$results" --runs vit_b:4 dense:4 \
+    svitt_ego_kr3:4 encoder:svitt_ego_kr3:4 vit_b:16 dense:16 svitt_ego_kr3:16 encoder:svitt_ego_kr3:16 \
+    svitt_ego_kr5:4 svitt_ego_kr3:4:ckpt
+rm -f "$log"
+echo "== done: $results"

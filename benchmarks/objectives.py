@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import statistics
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from svitt_ego.atomic import append_jsonl
 from svitt_ego.config import load_config
 from svitt_ego.data.toy import make_toy_data, toy_data_overrides
 from svitt_ego.evaluate import evaluate_egomcq
@@ -59,13 +59,6 @@ def run_arm(arm: str, seed: int, data: Path, workdir: Path, overrides: list[str]
     result = evaluate_egomcq(model, cfg, torch.device("cpu"))
     return {"arm": arm, "seed": seed, "inter": result["inter"], "intra": result["intra"],
             "minutes": (time.perf_counter() - tic) / 60, "overrides": overrides}
-
-
-def append_result(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def mean_and_se(values: list[float]) -> tuple[float, float]:
@@ -117,7 +110,7 @@ def main() -> None:
             if any(r["arm"] == arm and r["seed"] == seed for r in rows):
                 continue
             rows.append(run_arm(arm, seed, data, workdir, overrides))
-            append_result(results, rows[-1])
+            append_jsonl(results, rows[-1])
     print(f"\n{'arm':>32} {'seed':>5} {'inter %':>8} {'intra %':>8} {'minutes':>8}")
     for r in sorted(rows, key=lambda r: (list(ARMS).index(r["arm"]), r["seed"])):
         print(f"{ARMS[r['arm']][0]:>32} {r['seed']:>5} {r['inter']:>8.1f} {r['intra']:>8.1f} {r['minutes']:>8.1f}")

@@ -74,3 +74,13 @@ def atomic_torch_save(obj, path: str | Path) -> Path:
 
 def atomic_copy(source: str | Path, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def append_jsonl(path: str | Path, row: dict) -> None:
+    """Append ``row`` to ``path`` as one JSON line, flushed and fsynced: a crash loses at most the line
+    being written, never an earlier one. NaN and infinity are refused, as by :func:`atomic_write_json`."""
+    line = json.dumps(row, allow_nan=False) + "\n"
+    with open(path, "a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())

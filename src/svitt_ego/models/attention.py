@@ -33,6 +33,7 @@ dtype (fp16 scores can overflow before the softmax).
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import math
@@ -254,8 +255,8 @@ BACKENDS: dict[str, Backend] = {"reference": reference_attention, "blocked": blo
 FUSED_MIN_CAPABILITY = (8, 0)
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
 FUSED_MAX_HEAD_DIM = 128
-# The self-check's largest error, relative to max(1, max |reference|) (the GPU tests' tolerances).
-SELF_CHECK_TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 5e-2}
+# The largest error against the reference, relative to max(1, max |reference|), per dtype (the GPU tests').
+SELF_CHECK_TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float32: 1e-5}
 
 log = logging.getLogger(__name__)
 _fused_problems: dict[tuple, str | None] = {}  # (dtype, head dim, block size) -> why not fused; once a process
@@ -310,40 +311,50 @@ def fused_kernel_problem(device: torch.device, dtype: torch.dtype, head_dim: int
 
 def self_check(backend: Backend, device: torch.device, dtype: torch.dtype, head_dim: int,
                block_size: int) -> str | None:
-    """Run ``backend`` forward and backward on a small input (2 samples, 2 heads, per-sample positions,
-    3 blocks with a partial last one) and compare its output, [CLS] probabilities and gradients with
-    :func:`reference_attention`'s in fp32. None when within :data:`SELF_CHECK_TOLERANCE`, else the
-    reason (the exception it raised, or the error). Draws from its own generator, not the global one."""
+    """Run ``backend`` on a small input (2 samples, 2 heads, per-sample positions, 3 blocks with a
+    partial last one) through :func:`errors_against_reference`. None when every error is within
+    :data:`SELF_CHECK_TOLERANCE`, else the reason (what it raised, or its largest error). Draws from
+    its own generator, not the global one."""
     g = torch.Generator().manual_seed(0)
     heads, n = 2, 3 * block_size - block_size // 2
     grid = math.isqrt(n - 1) + 1
     positions = torch.stack([torch.randperm(2 * grid * grid, generator=g)[:n].sort().values for _ in range(2)])
     positions = F.pad(positions, (1, 0), value=CLS_POSITION).to(device)
     q, k, v = (torch.randn(2, heads, 1 + n, head_dim, generator=g).to(device) for _ in range(3))
-    table = torch.randn(RelativePositionBias3D(2, grid, heads).table.shape, generator=g).to(device)
+    rel_bias = RelativePositionBias3D(2, grid, heads).to(device)
+    rel_bias.table.data.copy_(torch.randn(rel_bias.table.shape, generator=g))
     pattern = sample_block_pattern(n, block_size, 1, 1, generator=g, device=device)
-    weights = torch.randn(2, heads, 1 + n, head_dim, generator=g).to(device)
-
-    def outputs_and_grads(fn, dtype):
-        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-        bias = RelativePositionBias3D(2, grid, heads).to(device)
-        bias.table.data.copy_(table)
-        out, cls_probs = fn(*leaves, positions, bias, pattern)
-        ((out.float() * weights).sum() + cls_probs.float().square().sum()).backward()
-        return [out, cls_probs, *(t.grad for t in leaves), bias.table.grad]
-
-    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-        try:
-            got = outputs_and_grads(backend, dtype)
-        except Exception as error:  # noqa: BLE001 - a kernel that does not compile or launch, whatever it raises
-            return f"the fused Triton kernel failed its self-check: {type(error).__name__}: {_first_line(error)}"
-        ref = outputs_and_grads(reference_attention, torch.float32)
-    error = max(((a.float() - b).abs().max() / b.abs().max().clamp(min=1.0)).item() for a, b in zip(got, ref))
-    tolerance = SELF_CHECK_TOLERANCE.get(dtype, 1e-5)
+    try:
+        errors = errors_against_reference(backend, q, k, v, positions, rel_bias, pattern, dtype)
+    except Exception as error:  # noqa: BLE001 - a kernel that does not compile or launch, whatever it raises
+        return f"the fused Triton kernel failed its self-check: {type(error).__name__}: {_first_line(error)}"
+    error, tolerance = max(errors.values()), SELF_CHECK_TOLERANCE[dtype]
     if not error <= tolerance:  # NaN fails too
         return (f"the fused Triton kernel's self-check differs from the reference by {error:.3g} "
                 f"(tolerance {tolerance:g}) in {str(dtype).removeprefix('torch.')}, head dim {head_dim}")
     return None
+
+
+def errors_against_reference(backend: Backend, q, k, v, positions, rel_bias: RelativePositionBias3D,
+                             pattern: BlockPattern, dtype: torch.dtype) -> dict[str, float]:
+    """``backend`` on ``q``, ``k``, ``v`` cast to ``dtype`` against :func:`reference_attention` in fp32,
+    forward and backward of a fixed random loss: for the output, the [CLS] probabilities and the
+    gradients of q, k, v and the bias table, the largest error relative to max(1, max |reference|).
+    Runs outside autocast and with gradients on; raises what ``backend`` raises."""
+    weights = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q.device)
+
+    def outputs_and_grads(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        bias = copy.deepcopy(rel_bias).float()
+        out, cls_probs = fn(*leaves, positions, bias, pattern)
+        ((out.float() * weights).sum() + cls_probs.float().square().sum()).backward()
+        return [out, cls_probs, *(t.grad for t in leaves), bias.table.grad]
+
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(q.device.type, enabled=False):
+        got = outputs_and_grads(backend, dtype)
+        ref = outputs_and_grads(reference_attention, torch.float32)
+    return {name: ((a.float() - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
+            for name, a, b in zip(("out", "cls_probs", "dq", "dk", "dv", "dtable"), got, ref)}
 
 
 def _first_line(error: Exception) -> str:
