@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils.checkpoint import checkpoint
 
 from svitt_ego.config import ConfigError, VisionConfig
 from svitt_ego.models import attention
@@ -133,6 +134,21 @@ def test_self_check_passes_the_real_kernel_in_the_interpreter():
     result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "None", result.stdout + result.stderr[-2000:]
+
+
+def test_the_self_check_runs_inside_an_activation_checkpointed_forward():
+    """The first forward decides, and may be a checkpointed block's: the check's own backward must
+    neither trigger the recomputation nor add to the tensors the block saves."""
+    problems = []
+
+    def block(x):
+        if not problems:
+            problems.append(attention.self_check(blocked_attention, torch.device("cpu"), HALF, 16, 4))
+        return x.sin()
+
+    x = torch.randn(3, requires_grad=True)
+    checkpoint(block, x, use_reentrant=False).sum().backward()
+    assert problems == [None] and torch.allclose(x.grad, x.detach().cos())
 
 
 def test_the_encoder_resolves_with_the_dtype_it_runs_in(monkeypatch):

@@ -340,7 +340,8 @@ def errors_against_reference(backend: Backend, q, k, v, positions, rel_bias: Rel
     """``backend`` on ``q``, ``k``, ``v`` cast to ``dtype`` against :func:`reference_attention` in fp32,
     forward and backward of a fixed random loss: for the output, the [CLS] probabilities and the
     gradients of q, k, v and the bias table, the largest error relative to max(1, max |reference|).
-    Runs outside autocast and with gradients on; raises what ``backend`` raises."""
+    Runs outside autocast, with gradients on and its own saved tensors (also inside an activation-
+    checkpointed forward, whose hooks would count them as the block's); raises what ``backend`` raises."""
     weights = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q.device)
 
     def outputs_and_grads(fn, dtype):
@@ -348,13 +349,18 @@ def errors_against_reference(backend: Backend, q, k, v, positions, rel_bias: Rel
         bias = copy.deepcopy(rel_bias).float()
         out, cls_probs = fn(*leaves, positions, bias, pattern)
         ((out.float() * weights).sum() + cls_probs.float().square().sum()).backward()
-        return [out, cls_probs, *(t.grad for t in leaves), bias.table.grad]
+        return [out.detach(), cls_probs.detach(), *(t.grad for t in leaves), bias.table.grad]
 
-    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(q.device.type, enabled=False):
+    with (torch.inference_mode(False), torch.enable_grad(), torch.autocast(q.device.type, enabled=False),
+          torch.autograd.graph.saved_tensors_hooks(_same, _same)):
         got = outputs_and_grads(backend, dtype)
         ref = outputs_and_grads(reference_attention, torch.float32)
     return {name: ((a.float() - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
             for name, a, b in zip(("out", "cls_probs", "dq", "dk", "dv", "dtable"), got, ref)}
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def _first_line(error: Exception) -> str:
