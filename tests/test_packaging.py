@@ -46,4 +46,5 @@ def test_ci_runs_the_readme_set_up_lines():
     assert line("demo").startswith("pip install torch==2.13.0 && ") and line("demo").endswith(" && svitt-ego demo")
     assert line("test").endswith(" && python -m pytest -q") and '".[test]"' in line("test")
     ci = (ROOT / ".ci" / "run").read_text()
-    assert 'eval "$test_line"' in ci and "readme-command test" in ci and "readme-command demo" in ci
+    assert "apt-get install -y chromium" in line("system")
+    assert 'eval "$test_line"' in ci and all(f"readme-command {name}" in ci for name in ("system", "demo", "test"))
