@@ -105,16 +105,3 @@ def test_extraction_window_contents_resume_and_unreadable(tmp_path, monkeypatch)
     extract_nlq_features(checkpoint, [annotations], tmp_path / "videos", tmp_path / "out")
     with pytest.raises(ValueError, match="field 'stride' is 4, this run has 2"):
         extract_nlq_features(checkpoint, [annotations], tmp_path / "videos", tmp_path / "out", stride=2)
-
-
-def test_the_features_benchmark_runs():
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "benchmarks/nlq_features.py", "--preset", "tiny", "--seconds", "1",
-                             "--device", "cpu", "--batch-size", "4"], cwd=root, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "extraction (read + encode)" in result.stdout and "anchor: encoder alone" in result.stdout

@@ -76,6 +76,11 @@ def atomic_copy(source: str | Path, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: shutil.copyfile(source, tmp))
 
 
+def atomic_save_png(image, path: str | Path) -> Path:
+    """Write a PIL image to ``path`` as a PNG, atomically."""
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
 def append_jsonl(path: str | Path, row: dict) -> None:
     """Append ``row`` to ``path`` as one JSON line, flushed and fsynced: a crash loses at most the line
     being written, never an earlier one. NaN and infinity are refused, as by :func:`atomic_write_json`."""
