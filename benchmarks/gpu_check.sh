@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call on a machine with one CUDA GPU, within 7 minutes whatever
-# fails (the limits below add up to 6 min 45 s, with 5 s of kill grace each):
+# fails (the limits below add up to 6 min 40 s, with 5 s of kill grace each, and 10 s for nvidia-smi):
 #
 #     bash benchmarks/gpu_check.sh [RESULTS] 2>&1 | tee gpu_check.log
 #
@@ -8,7 +8,7 @@
 #     reference (outputs and gradients of q, k, v and the bias table) at batch 16, 12 heads of 64,
 #     G = 56, 4 frames, with shared and per-sample pruned positions, fp16 and bf16;
 #  2. the GPU tests (`pytest -m gpu`; FlexAttention's left out: compiling them takes minutes), one row
-#     per test;
+#     per test as it ends (tests/results_rows.py);
 #  3. the attention benchmark (one BEiT-B layer, batch 16, fp16, beside flash attention);
 #  4. the training-step benchmark (beside a dense ViT-B/16 and the `dense` preset).
 #
@@ -40,14 +40,11 @@ part() {
 }
 
 part correctness 80 python3 benchmarks/gpu_check.py --results "$results"
-log=$(mktemp)
-part gpu_tests 100 bash -c 'python3 -m pytest -v -rfE -m gpu -k "not flex" -p no:cacheprovider tests/ 2>&1 | tee "$0"
-                            exit "${PIPESTATUS[0]}"' "$log"
-part gpu_test_rows 10 python3 benchmarks/pytest_rows.py "$log" --results "$results"
+part gpu_tests 100 env SVITT_EGO_TEST_RESULTS="$results" python3 -m pytest -q -m gpu -k "not flex" \
+    -p no:cacheprovider tests/
 part attention 60 python3 benchmarks/attention.py --frames 4 16 --repeats 10 --methods flash triton blocked \
     dense_bias --results "$results"
-part train_step 120 python3 benchmarks/train_step.py --steps 3 --results "$results" --runs vit_b:4 dense:4 \
+part train_step 130 python3 benchmarks/train_step.py --steps 3 --results "$results" --runs vit_b:4 dense:4 \
     svitt_ego_kr3:4 encoder:svitt_ego_kr3:4 vit_b:16 dense:16 svitt_ego_kr3:16 encoder:svitt_ego_kr3:16 \
     svitt_ego_kr5:4 svitt_ego_kr3:4:ckpt
-rm -f "$log"
 echo "== done: $results"

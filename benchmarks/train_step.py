@@ -211,7 +211,7 @@ def main() -> None:
             ratios = _ratio(speed, vit and vit[1]), _ratio(peak, vit and vit[0]), _ratio(speed, dense and dense[1])
             row.update(peak_gb=peak if peak == peak else None, clips_per_s=speed, x_vit_b=ratios[0],
                        gb_x_vit_b=ratios[1], x_dense=ratios[2])
-            print(f"{spec:>28} {peak:>8.2f} {speed:>8.1f} {_cell(ratios[0]):>8} {_cell(ratios[1]):>10} "
+            print(f"{spec:>28} {peak:>8.2f} {speed:>8.4g} {_cell(ratios[0]):>8} {_cell(ratios[1]):>10} "
                   f"{_cell(ratios[2]):>8}")
         if args.results:
             append_jsonl(args.results, row)

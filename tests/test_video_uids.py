@@ -10,13 +10,15 @@ import pandas as pd
 import pytest
 from helpers import draw_code, mcq_question, write_egomcq, write_video
 
-from svitt_ego.cli import main
-from svitt_ego.config import load_config
-from svitt_ego.data.dataset import EgoClipDataset
-from svitt_ego.data.errors import MetadataError
-from svitt_ego.data.prepare import prepare_videos
-from svitt_ego.data.toy import make_toy_data, toy_data_overrides
-from svitt_ego.data.video_uids import collect_videos, read_uid_list, read_videos, warn_shared_eval_videos
+pytest.importorskip("av")  # prepare-videos writes videos with PyAV
+
+from svitt_ego.cli import main  # noqa: E402
+from svitt_ego.config import load_config  # noqa: E402
+from svitt_ego.data.dataset import EgoClipDataset  # noqa: E402
+from svitt_ego.data.errors import MetadataError  # noqa: E402
+from svitt_ego.data.prepare import prepare_videos  # noqa: E402
+from svitt_ego.data.toy import make_toy_data, toy_data_overrides  # noqa: E402
+from svitt_ego.data.video_uids import collect_videos, read_uid_list, read_videos, warn_shared_eval_videos  # noqa: E402
 
 EGOCLIP_HEADER = ("clip_idx\tvideo_uid\tvideo_dur\tnarration_source\tnarration_ind\tnarration_time\tclip_start\t"
                   "clip_end\tclip_text\ttag_verb\ttag_noun\n")
