@@ -31,6 +31,7 @@ fused on CUDA for the encoder and anchor runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -111,8 +112,8 @@ def run(spec: str, clips: int, steps: int, device, image_size: int, extra: list[
                  f"train.precision={'fp16' if device.type == 'cuda' else 'fp32'}", *extra]
     cfg = load_config(preset, overrides)
     with tempfile.TemporaryDirectory() as folder:
-        cfg.model.text.tokenizer = str(write_vocab(Path(folder), cfg.model.text.vocab_size))
-        tokenizer = load_tokenizer(cfg.model.text)
+        vocab = write_vocab(Path(folder), cfg.model.text.vocab_size)
+        tokenizer = load_tokenizer(dataclasses.replace(cfg.model.text, tokenizer=str(vocab)))
     model = SViTTEgo(cfg.model).to(device).train()
     objective = PretrainingObjective(model, cfg, tokenizer).to(device)
     optimizer, scheduler, scaler = build_optimizer(model, cfg, device, total_steps=steps + 2, steps_per_epoch=1)

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # ``import helpers`` under any -
 
 from helpers import WORDS, write_chunked_video  # noqa: E402
 
-pytest_plugins = ["ci_skips", "pytester", "results_rows"]  # ci_skips: under CI=true only a gpu test may skip;
-# results_rows: SVITT_EGO_TEST_RESULTS=FILE gets one JSON line a test
+# ci_skips: under CI=true only a gpu test may skip; results_rows: SVITT_EGO_TEST_RESULTS=FILE gets a line a test
+pytest_plugins = ["ci_skips", "pytester", "results_rows"]
 
 from svitt_ego.config import TextConfig  # noqa: E402
 from svitt_ego.data.tokenizer import load_tokenizer  # noqa: E402
