@@ -32,15 +32,12 @@ from av.video.reformatter import VideoReformatter
 from tqdm import tqdm
 
 from svitt_ego.atomic import atomic_write_bytes, fsync_folder
-from svitt_ego.data.video import VIDEO_UID_RULE, is_video_uid
+from svitt_ego.data.video import END_TOLERANCE_SECONDS, VIDEO_UID_RULE, is_video_uid
 
 MANIFEST = "chunks.json"
 # A keyframe every second: a clip's frames are then at most a second of decoding away.
 KEYFRAME_SECONDS = 1.0
 ENCODER_OPTIONS = {"crf": "23", "preset": "veryfast"}
-# A source whose frames end more than this before the duration its container declares is
-# truncated (a cut download still opens when its index is at the front).
-SHORT_TOLERANCE_SECONDS = 0.5
 
 
 @dataclass
@@ -213,7 +210,8 @@ def _check_decoded(container, stream, decoded: Fraction, corrupt: list[Fraction]
         declared = container.duration / av.time_base
     else:
         return
-    if float(decoded) < declared - SHORT_TOLERANCE_SECONDS:
+    # A cut download still opens when its index is at the front: it decodes short of its duration.
+    if float(decoded) < declared - END_TOLERANCE_SECONDS:
         raise ValueError(f"decoded {float(decoded):.2f} s of the {declared:.2f} s the container declares "
                          "(truncated file?)")
 
