@@ -22,9 +22,9 @@ from typing import Any, Optional
 import yaml
 
 PRESETS = importlib.resources.files("svitt_ego") / "configs"  # shipped in the package (package data)
-# The largest size (width, depth, batch size, ...) a config may hold: a tensor dimension torch
-# and the kernels index with 32-bit integers. A model folder's sizes are also checked against its
-# weights (svitt_ego.models.model), so that an untrusted one cannot ask for more than it holds.
+# The largest size (width, depth, batch size, ...) a config may hold, so that no size overflows
+# the 32-bit integers of the libraries it reaches. A model folder's sizes are also checked against
+# its weights (svitt_ego.models.model), so that an untrusted one cannot ask for more than it holds.
 MAX_SIZE = 2**31 - 1
 
 

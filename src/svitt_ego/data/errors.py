@@ -39,9 +39,9 @@ def load_json(path: str | Path, error: type[Exception] = MetadataError, what: st
 
 def _refuse_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
     """A JSON object as a dict; a key that appears twice would silently drop a value."""
-    result = dict(pairs)
-    if len(result) < len(pairs):
-        seen = set()
-        repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
-        raise ValueError(f"the key {repeated[:100]!r} appears more than once in an object")
-    return result
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"the key {key[:100]!r} appears more than once in an object")
+        seen.add(key)
+    return dict(pairs)

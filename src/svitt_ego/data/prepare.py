@@ -107,11 +107,13 @@ def is_prepared(out_dir: Path, short_side: int, chunk_seconds: float) -> bool:
         manifest = json.loads((out_dir / MANIFEST).read_text())
     except (OSError, ValueError):
         return False
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("sizes"), dict) or not manifest["sizes"]:
+    if not isinstance(manifest, dict):
+        return False
+    chunks, sizes = manifest.get("chunks"), manifest.get("sizes")
+    if not (isinstance(chunks, list) and chunks and isinstance(sizes, dict) and list(sizes) == list(map(str, chunks))):
         return False
     return (manifest.get("short_side") == short_side and manifest.get("chunk_seconds") == chunk_seconds
-            and [str(k) for k in manifest.get("chunks", [])] == list(manifest["sizes"])
-            and all(_size(out_dir / f"{k}.mp4") == size for k, size in manifest["sizes"].items()))
+            and all(_size(out_dir / f"{k}.mp4") == size for k, size in sizes.items()))
 
 
 def _size(path: Path) -> int | None:

@@ -150,8 +150,10 @@ class SViTTEgo(nn.Module):
         """Write ``svitt_ego_config.json``, ``model.safetensors`` and the tokenizer's ``vocab.txt``.
 
         The files go into a fresh folder beside ``folder`` (fsynced), which then takes its place:
-        ``folder`` never holds a mix of two models or a partial one. A ``folder`` holding anything
-        else is refused rather than replaced.
+        ``folder`` never holds a mix of two models or a partial one. The old folder is moved aside
+        only once the new one is complete beside it, and a save killed in between is finished by
+        :func:`recover_pretrained` at the next save or load. A ``folder`` holding anything else is
+        refused rather than replaced.
         """
         folder = Path(folder)
         recover_pretrained(folder)
