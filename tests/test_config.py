@@ -1,5 +1,7 @@
 """Configs: presets, dotted overrides, and errors that name the key."""
 
+import time
+
 import pytest
 
 from svitt_ego.config import ConfigError, load_config
@@ -162,3 +164,50 @@ def test_cli_reports_a_malformed_yaml_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{path}, line 2, column 1: not valid YAML" in err and "<unicode string>" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def _alias_bomb(levels: int) -> str:
+    """An anchor list nested ``levels`` deep: 9 ** levels items once the aliases are expanded."""
+    lines = ["train:", "  lr:", '    - &a0 ["x","x","x","x","x","x","x","x","x"]']
+    lines += [f"    - &a{i} [{','.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_aliases_are_refused_naming_the_file_and_line(tmp_path, capsys):
+    from svitt_ego.cli import main
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_alias_bomb(6))
+    start = time.perf_counter()
+    assert main(["info", "--config", str(path)]) == 2
+    assert time.perf_counter() - start < 5
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bomb.yaml, line 4, column" in err and "aliases (*name) are not allowed" in err
+    with pytest.raises(ConfigError, match="aliases"):
+        load_config("tiny", ["train.betas=[&b 0.9, *b]"])
+
+
+def test_a_message_never_holds_a_whole_untrusted_value():
+    """A checkpoint's config can repeat one list through shared references (pickle's memo): its
+    repr would have 4 ** 12 items."""
+    from svitt_ego.config import config_from_dict
+
+    bomb, key = [0.5] * 4, (0.5,) * 4
+    for level in range(12):
+        bomb, key = [bomb] * 4, (key,) * 4 if level < 8 else key
+    start = time.perf_counter()
+    for data in ({"train": {"lr": bomb}}, {"model": {"vision": {"mean": bomb}}}, {"train": {key: 1}}):
+        with pytest.raises(ConfigError) as caught:
+            config_from_dict(data)
+        assert len(str(caught.value)) < 400
+    assert time.perf_counter() - start < 1
+
+
+@pytest.mark.parametrize("override, key", [("model.vision.mlp_ratio=1e308", "model.vision.mlp_ratio"),
+                                           ("model.text.vocab_size=99999999999999", "model.text.vocab_size")])
+def test_sizes_that_overflow_are_refused(capsys, override, key):
+    from svitt_ego.cli import main
+
+    assert main(["info", "--config", "tiny", override]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{key}: " in err

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -132,6 +136,54 @@ def test_lax_mode_skips_and_counts(tmp_path):
     assert df.clip_idx.tolist() == [0, 1, 2]
     assert [list(n) for n in df.tag_noun] == [[192, 115, 12], [], [7]]
     assert not (tmp_path / "egoclip.csv.cache.parquet").exists()
+
+
+def _rewrite_cache(path, change) -> None:
+    """Replace the cached table of ``path`` by ``change(table)``, keeping the cache's key."""
+    cache = path.with_name(path.name + ".cache.parquet")
+    table = pq.read_table(cache)
+    pq.write_table(change(table).replace_schema_metadata(table.schema.metadata), cache)
+
+
+@pytest.mark.parametrize("column, values", [
+    ("clip_start", [float("nan"), 5.0, 9.5]),
+    ("clip_end", [-3.0, 6.0, 10.5]),
+    ("video_uid", ["../../etc", "001e3e4e-2743", "002a"]),
+    ("tag_noun", [[-1], [], [7]]),
+])
+def test_a_rewritten_cache_is_checked_like_the_file_and_rebuilt(tmp_path, column, values):
+    path = write_egoclip(tmp_path / "egoclip.csv")
+    expected = read_egoclip(path)
+
+    def change(table):
+        array = pa.array(values, type=table.schema.field(column).type.value_type
+                         if column == "video_uid" else table.schema.field(column).type)
+        return table.set_column(table.column_names.index(column), column,
+                                pc.dictionary_encode(array) if column == "video_uid" else array)
+
+    _rewrite_cache(path, change)
+    with pytest.warns(UserWarning, match=rf"egoclip\.csv\.cache\.parquet: .*{column}.*; rebuilding it from"):
+        df = read_egoclip(path)
+    pd.testing.assert_frame_equal(df, expected, check_dtype=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pd.testing.assert_frame_equal(read_egoclip(path), expected, check_dtype=False)  # the rebuilt cache
+
+
+def test_a_change_that_keeps_size_and_mtime_is_not_served_from_the_cache(tmp_path):
+    path = write_egoclip(tmp_path / "egoclip.csv")
+    assert read_egoclip(path).clip_text.iloc[1] == "#C C drops the bag"
+    stat = path.stat()
+    path.write_text(path.read_text().replace("drops the bag", "drops the box"))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert read_egoclip(path).clip_text.iloc[1] == "#C C drops the box"
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    path = write_egoclip(tmp_path / "egoclip.csv")
+    plain = read_egoclip(path, cache=False)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    pd.testing.assert_frame_equal(read_egoclip(path, cache=False), plain)
 
 
 def test_action_positive_mask_hand_made():

@@ -100,3 +100,11 @@ def test_bad_files_name_the_file(tmp_path, text, message):
 def test_missing_file_is_a_metadata_error(tmp_path):
     with pytest.raises(MetadataError, match=rf"{tmp_path / 'egomcq.json'}: no such EgoMCQ file"):
         read_egomcq(tmp_path / "egomcq.json")
+
+
+def test_a_question_id_given_twice_is_refused_naming_it(tmp_path):
+    question = json.dumps(mcq_question())
+    path = tmp_path / "egomcq.json"
+    path.write_text(f'{{"0": {question}, "17": {question}, "0": {question}}}')
+    with pytest.raises(MetadataError, match=r"egomcq\.json: not valid JSON: the key '0' appears more than once"):
+        read_egomcq(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from fractions import Fraction
 
@@ -13,6 +14,7 @@ from helpers import HEIGHT, WIDTH, corrupt_concealed, draw_code, read_code, writ
 
 av = pytest.importorskip("av")  # prepare-videos writes videos with PyAV
 
+from svitt_ego.data import prepare  # noqa: E402
 from svitt_ego.data.prepare import MANIFEST, output_size, prepare_videos  # noqa: E402
 from svitt_ego.data.video import read_frames  # noqa: E402
 
@@ -108,3 +110,54 @@ def test_source_with_concealed_damage_fails(tmp_path):
     assert summary.done == 0 and len(summary.failed) == 1
     assert re.search(r"the decoder reports \d+ corrupt frame\(s\), the first at \d+\.\d\d s", summary.failed[0][1])
     assert list((dst / "damaged").iterdir()) == []
+
+
+def _killed_after_first_chunk(source, out_dir, short_side: int, chunk_seconds: float) -> None:
+    """Run prepare_video in a child process that dies (no cleanup runs) once a chunk is written."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            original = prepare._ChunkWriter.close
+            prepare._ChunkWriter.close = lambda self: (original(self), os._exit(0))
+            prepare.prepare_video(source, out_dir, short_side, chunk_seconds)
+        finally:
+            os._exit(1)
+    os.waitpid(pid, 0)
+
+
+def _heights(folder) -> list[int]:
+    heights = []
+    for path in sorted(folder.glob("*.mp4")):
+        with av.open(str(path)) as container:
+            heights.append(container.streams.video[0].height)
+    return heights
+
+
+def test_a_killed_re_prepare_is_redone_never_mixed(sources, tmp_path):
+    dst = tmp_path / "dst"
+    src = tmp_path / "one"
+    src.mkdir()
+    (src / "a.mp4").symlink_to(sources / "a.mp4")
+    assert prepare_videos(src, dst, short_side=HEIGHT, chunk_seconds=2.0, workers=1).done == 1
+    _killed_after_first_chunk(src / "a.mp4", dst / "a", HEIGHT // 2, 2.0)
+    assert _heights(dst / "a") == [HEIGHT // 2, HEIGHT, HEIGHT]  # the kill left old and new chunks
+    summary = prepare_videos(src, dst, short_side=HEIGHT, chunk_seconds=2.0, workers=1)
+    assert (summary.done, summary.skipped) == (1, 0)
+    assert _heights(dst / "a") == [HEIGHT] * 3
+
+
+def test_a_chunk_of_another_size_or_left_from_other_settings_is_not_done(sources, tmp_path):
+    dst = tmp_path / "dst"
+    prepare_videos(sources, dst, short_side=HEIGHT, chunk_seconds=2.0, workers=1)
+    (dst / "a" / "1.mp4").write_bytes((dst / "a" / "1.mp4").read_bytes()[:-10])
+    assert prepare_videos(sources, dst, short_side=HEIGHT, chunk_seconds=2.0, workers=1).done == 1
+    prepare_videos(sources, dst, short_side=HEIGHT, chunk_seconds=10.0, workers=1)
+    assert sorted(p.name for p in (dst / "a").glob("*.mp4")) == ["0.mp4"]  # 1.mp4 and 2.mp4 were stale
+
+
+def test_a_source_that_is_not_a_regular_file_fails_without_opening_it(sources, tmp_path):
+    os.mkfifo(sources / "fifo.mp4")
+    summary = prepare_videos(sources, tmp_path / "dst", short_side=HEIGHT, chunk_seconds=2.0, workers=1)
+    assert summary.done == 2
+    assert [(path.split("/")[-1], error) for path, error in summary.failed if "fifo" in path] == [
+        ("fifo.mp4", "not a regular file")]

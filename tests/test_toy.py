@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import shutil
 import time
 
 import numpy as np
@@ -185,3 +186,44 @@ def test_each_video_has_its_own_scene():
     assert all(f.shape == (toy.SIZE, toy.SIZE, 3) and f.dtype == np.uint8 for f in first)
     means = np.array([f.reshape(-1, 3).mean(0) for f in first])
     assert np.abs(means[:, None] - means[None]).sum(-1)[~np.eye(len(plans), dtype=bool)].min() > 1.0
+
+
+def test_refuses_a_folder_it_did_not_make(tmp_path, capsys):
+    from svitt_ego.cli import main
+
+    real = tmp_path / "realdata"
+    (real / "videos" / "v").mkdir(parents=True)
+    (real / "videos" / "v" / "0.mp4").write_text("x")
+    (real / "manifest.json").write_text('{"dataset": "mine"}')
+    assert main(["make-toy-data", str(real), "--num-videos", str(NUM_VIDEOS)]) == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and "not made by svitt-ego make-toy-data" in message
+    assert "manifest.json" in message and "videos" in message
+    assert (real / "videos" / "v" / "0.mp4").read_text() == "x"
+    assert (real / "manifest.json").read_text() == '{"dataset": "mine"}'
+    assert sorted(p.name for p in real.iterdir()) == ["manifest.json", "videos"]
+
+
+def test_regenerating_deletes_only_what_the_manifest_lists(root, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(root, old)
+    (old / "notes.txt").write_text("mine")
+    (old / "videos" / "mine").mkdir()
+    (old / "videos" / "mine" / "0.mp4").write_text("mine")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.mp4").write_text("keep")
+    manifest = json.loads((old / "manifest.json").read_text())
+    old_uids = [p.uid for p in toy.plan_world(seed=0, num_videos=NUM_VIDEOS)]
+    # A crafted manifest cannot widen what is deleted; a listed link is removed, not followed.
+    manifest["outputs"] = manifest.get("outputs", []) + ["notes.txt", "../elsewhere", "videos/../../elsewhere", "videos/link"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    (old / "videos" / "link").symlink_to(elsewhere)
+
+    toy.make_toy_data(old, seed=1, num_videos=NUM_VIDEOS - 1)
+    new_uids = {p.uid for p in toy.plan_world(seed=1, num_videos=NUM_VIDEOS - 1)}
+    assert {p.name for p in (old / "videos").iterdir()} == new_uids | {"mine"}
+    assert not set(old_uids) & new_uids
+    assert (old / "notes.txt").read_text() == "mine" and (old / "videos" / "mine" / "0.mp4").read_text() == "mine"
+    assert (elsewhere / "keep.mp4").read_text() == "keep"
+    assert json.loads((old / "manifest.json").read_text())["seed"] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -130,3 +131,21 @@ def test_real_h264_file():
     assert max(wanted) == count - 1
     for t, array in zip(times, read_chunk_frames(source, times)):
         np.testing.assert_array_equal(array, expected[math.floor(t * fps)])
+
+
+def test_reading_past_the_end_is_an_error_not_the_last_frame(tmp_path):
+    write_chunked_video(tmp_path, "vid", seconds=5.0, fps=Fraction(30), chunk_seconds=600.0)
+    within = read_frames(tmp_path, "vid", np.array([4.99, 5.45]))  # the 0.5-s tolerance: the last frame
+    assert [read_code(f.numpy())[0] for f in within] == [149, 149]
+    with pytest.raises(VideoReadError, match=r"vid/0\.mp4: t=300\.000 s is past the end of the file \(5\.000 s.*"
+                                             r"asked for t=1\.000, 300\.000 s"):
+        read_frames(tmp_path, "vid", np.array([1.0, 300.0]))
+    with pytest.raises(VideoReadError, match="past the end"):
+        read_clip_frames(tmp_path, "vid", 5.0, 5.8, num_frames=2)
+
+
+def test_a_chunk_that_is_not_a_regular_file_is_not_opened(tmp_path):
+    (tmp_path / "vid").mkdir()
+    os.mkfifo(tmp_path / "vid" / "0.mp4")
+    with pytest.raises(VideoReadError, match=r"vid/0\.mp4: not a regular file"):
+        read_frames(tmp_path, "vid", np.array([0.5]))

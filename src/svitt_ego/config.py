@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,10 @@ from typing import Any, Optional
 import yaml
 
 PRESETS = importlib.resources.files("svitt_ego") / "configs"  # shipped in the package (package data)
+# The largest size (width, depth, batch size, ...) a config may hold, so that no size overflows
+# the 32-bit integers of the libraries it reaches. A model folder's sizes are also checked against
+# its weights (svitt_ego.models.model), so that an untrusted one cannot ask for more than it holds.
+MAX_SIZE = 2**31 - 1
 
 
 class ConfigError(ValueError):
@@ -204,13 +209,14 @@ def _choice(key: str, value: Any, choices: tuple) -> None:
 
 def _check(key: str, ok: bool, what: str, value: Any) -> None:
     if not ok:
-        raise ConfigError(f"{key}: must be {what}, got {value!r}", key)
+        raise ConfigError(f"{key}: must be {what}, got {_short(value)}", key)
 
 
 def _positive_ints(prefix: str, section: Any, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(section, name)
         _check(f"{prefix}.{name}", value >= 1, ">= 1", value)
+        _check(f"{prefix}.{name}", value <= MAX_SIZE, f"<= {MAX_SIZE}", value)
 
 
 def _probability(key: str, value: float) -> None:
@@ -237,8 +243,8 @@ def _validate_vision(v: VisionConfig) -> None:
     _check("model.vision.image_size", v.image_size % v.patch_size == 0,
            "a multiple of model.vision.patch_size", v.image_size)
     _check("model.vision.width", v.width % v.num_heads == 0, "a multiple of model.vision.num_heads", v.width)
-    _check("model.vision.mlp_ratio", int(v.width * v.mlp_ratio) >= 1,
-           "> 0 (at least one hidden unit per layer)", v.mlp_ratio)
+    _check("model.vision.mlp_ratio", 1 <= v.width * v.mlp_ratio <= MAX_SIZE,
+           f"> 0 (at least one hidden unit per layer, at most {MAX_SIZE})", v.mlp_ratio)
     _check("model.vision.layer_scale_init", v.layer_scale_init >= 0, ">= 0", v.layer_scale_init)
     _check("model.vision.layer_norm_eps", v.layer_norm_eps > 0, "> 0", v.layer_norm_eps)
     _probability("model.vision.drop_path", v.drop_path)
@@ -350,9 +356,28 @@ def _finite_float(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+# Bounds the repr of a value in a message: a few items per level, a few levels, and so a few
+# hundred characters, however large the value (one a YAML alias or a pickle's shared reference
+# makes exponentially large).
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 80, 80, 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 6
+
+
 def _short(value: Any) -> str:
-    text = repr(value)
+    text = _REPR.repr(value)
     return text if len(text) <= 200 else text[:200] + "..."
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases: ``*name`` can repeat a value exponentially often in a
+    few hundred bytes (an "alias bomb"), and a config needs none."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a config", mark)
+        return super().compose_node(parent, index)
 
 
 def _set(obj: Any, path: list[str], value: Any, prefix: str = "") -> None:
@@ -381,7 +406,9 @@ def apply(cfg: Config, updates: dict, prefix: str = "") -> Config:
     if not isinstance(updates, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {_short(updates)}")
     for key, value in updates.items():
-        _set(cfg, [str(key)], value, prefix)
+        if not isinstance(key, str):
+            raise ConfigError(f"{prefix.rstrip('.') or 'config'}: keys must be strings, got {_short(key)}")
+        _set(cfg, [key], value, prefix)
     return cfg
 
 
@@ -394,7 +421,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not raw.strip():
         return key, None
     try:
-        return key, yaml.safe_load(raw)
+        return key, yaml.load(raw, Loader=_ConfigLoader)  # noqa: S506 - a safe loader
     except (yaml.YAMLError, RecursionError, ValueError) as err:  # ValueError: an integer too long to convert
         raise ConfigError(f"override {_short(text)}: the value is not valid YAML ({_yaml_problem(err)})", key) from None
 
@@ -439,8 +466,8 @@ def _read_yaml(path) -> tuple[dict, dict[str, int]]:
     """A YAML config file's mapping, and the line of each dotted key in it."""
     try:
         text = path.read_text(encoding="utf-8")
-        data = yaml.safe_load(text)
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a safe loader
+        node = yaml.compose(text, Loader=_ConfigLoader)
     except OSError as err:
         raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
     except UnicodeDecodeError as err:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -215,7 +216,12 @@ def load_for_eval(checkpoint: str | Path, config: str | None = None,
         cfg = load_config(config) if config else Config()
     elif path.is_file():
         state = load_checkpoint(path)
-        saved = config_from_dict(state["config"])
+        if not isinstance(state, dict) or not {"config", "model"} <= state.keys():
+            raise CheckpointError(f"{path}: not a training checkpoint (a mapping with 'config' and 'model')")
+        try:
+            saved = config_from_dict(state["config"])
+        except ConfigError as err:
+            raise ConfigError(f"{path}: its config: {err}", err.key) from None
         cfg = load_config(config) if config else saved
         model = SViTTEgo.from_state_dict(saved.model, state["model"], str(path), changes)
     else:
@@ -228,6 +234,10 @@ def run_egomcq(checkpoint: str | Path, config: str | None = None, overrides: lis
                output: str | Path | None = None, score: str = "dual", vtm_weight: float | None = None) -> dict:
     """``svitt-ego eval-mcq``: evaluate by ``score``, print the table, optionally write JSON."""
     vtm_weight = VTM_WEIGHT if vtm_weight is None else vtm_weight
+    if not math.isfinite(vtm_weight):
+        raise ConfigError(f"--vtm-weight: must be a finite number, got {vtm_weight}", "--vtm-weight")
+    if output is not None and os.path.lexists(output) and not Path(output).is_file():
+        raise ConfigError(f"--output {output}: exists and is not a regular file; give a file name", "--output")
     _, _, device = setup_distributed()
     model, cfg = load_for_eval(checkpoint, config, overrides)
     result = evaluate_egomcq(model.to(device), cfg, device, score=score, vtm_weight=vtm_weight)

@@ -2,8 +2,11 @@
 
 The file has 3.8M tab-separated rows (the format: docs/data-formats.md). It is parsed with pyarrow and checked with
 vectorised compute kernels; a malformed row is reported with its 1-based line number and the
-offending field. A clean file is cached as parquet next to it (keyed on the file's size and
-mtime), so later reads take a second or two.
+offending field. A clean file is cached as parquet next to it, so later reads take a second or
+two. The cache is keyed on the file's size, mtime and a digest of its first and last MiB (a full
+digest would read the whole file again on every cached read), and it is trusted no more than
+the file: a cached table of another layout, or with a value the row checks refuse, is rebuilt
+from the file (with a one-line warning).
 
 The returned DataFrame keeps the big columns in Arrow memory: ``video_uid`` and
 ``narration_source`` are categoricals, ``clip_text`` an Arrow string column, ``tag_verb`` and
@@ -14,6 +17,7 @@ buffers hold no Python objects, so forked DataLoader workers share them without 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 import sys
@@ -40,8 +44,14 @@ FLOAT_COLUMNS = ("video_dur", "narration_time", "clip_start", "clip_end")
 TAG_COLUMNS = ("tag_verb", "tag_noun")
 
 # Bump when the cached table's layout changes.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _CACHE_KEY = b"svitt_ego.egoclip"
+_DIGEST_BYTES = 1 << 20  # the cache key hashes this much of the file's start and of its end
+_CACHE_SCHEMA = pa.schema(
+    [(name, pa.int64()) if name in INT_COLUMNS else (name, pa.float64()) if name in FLOAT_COLUMNS
+     else (name, pa.list_(pa.int32())) if name in TAG_COLUMNS
+     else (name, pa.dictionary(pa.int32(), pa.string())) if name in ("video_uid", "narration_source")
+     else (name, pa.string()) for name in COLUMNS])
 
 _INT_PATTERN = r"^-?\d{1,18}$"
 _FLOAT_PATTERN = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
@@ -74,7 +84,10 @@ def read_egoclip(path: str | Path, lax: bool = False, cache: bool = True) -> pd.
     if cache:
         table = _load_cache(cache_path, key)
         if table is not None:
-            return _to_pandas(table)
+            problem = _cache_problem(table)
+            if problem is None:
+                return _to_pandas(table)
+            warnings.warn(f"{cache_path}: {problem}; rebuilding it from {path}", stacklevel=2)
 
     try:
         table, bad_rows, num_bad, first = _parse(path)
@@ -126,7 +139,8 @@ def _parse(path: Path) -> tuple[pa.Table, np.ndarray, int, _Problem | None]:
 def _read_header(path: Path) -> tuple[list[str], bool]:
     """The column names, and whether anything follows them."""
     with open(path, "rb") as f:
-        header = [name.strip('"') for name in f.readline().decode("utf-8", "replace").rstrip("\r\n").split("\t")]
+        first = f.readline().decode("utf-8", "replace").removeprefix("\ufeff")  # a byte-order mark
+        header = [name.strip('"') for name in first.rstrip("\r\n").split("\t")]
         has_rows = f.read(1) != b""
     missing = [c for c in COLUMNS if c not in header]
     if missing:
@@ -329,7 +343,35 @@ def _to_pandas(table: pa.Table) -> pd.DataFrame:
 
 def _cache_key(path: Path) -> bytes:
     stat = path.stat()
-    return json.dumps({"version": CACHE_VERSION, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}).encode()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(_DIGEST_BYTES))
+        f.seek(max(_DIGEST_BYTES, stat.st_size - _DIGEST_BYTES))
+        digest.update(f.read(_DIGEST_BYTES))
+    return json.dumps({"version": CACHE_VERSION, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                       "sha256_ends": digest.hexdigest()}).encode()
+
+
+def _cache_problem(table: pa.Table) -> str | None:
+    """What makes a cached table unfit to return, or None: the layout of a parsed file and the
+    checks its rows passed (finite times, ``clip_end >= clip_start``, video ids, class ids)."""
+    if table.schema.remove_metadata() != _CACHE_SCHEMA:
+        return "not the layout of a cached EgoClip table"
+    for name in COLUMNS:
+        column = table.column(name)
+        if column.null_count or (name in TAG_COLUMNS and pc.list_flatten(column).null_count):
+            return f"missing values in column {name}"
+    for name in FLOAT_COLUMNS:
+        if not pc.all(pc.is_finite(table.column(name))).as_py():
+            return f"a value of column {name} that is not a finite number"
+    if pc.any(pc.less(table.column("clip_end"), table.column("clip_start"))).as_py():
+        return "a clip_end before its clip_start"
+    if any(_bad_video_uids(chunk.dictionary).any() for chunk in table.column("video_uid").chunks):
+        return f"a video_uid that is not a video id ({VIDEO_UID_RULE})"
+    for name in TAG_COLUMNS:
+        if (pc.min(pc.list_flatten(table.column(name))).as_py() or 0) < 0:
+            return f"a negative class id in column {name}"
+    return None
 
 
 def _load_cache(cache_path: Path, key: bytes) -> pa.Table | None:

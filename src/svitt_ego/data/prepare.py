@@ -5,8 +5,11 @@
 source's ``j``-th frame in ``[k * chunk_seconds, (k + 1) * chunk_seconds)``. Only PyAV is used.
 
 Resumable: every chunk is written under a temporary name and renamed when complete, and
-``DST/<video_uid>/chunks.json`` is written last, listing the chunks and the settings; a video
-whose manifest matches the settings and whose chunks all exist is skipped.
+``DST/<video_uid>/chunks.json`` is written last, listing the settings and each chunk with its
+size in bytes; a video whose manifest matches the settings and whose chunks all exist with those
+sizes is skipped. The manifest is deleted before the first chunk of a video is replaced, so a
+run killed midway leaves a video that is redone, never old and new chunks counted as done;
+chunks of an earlier preparation that the new one does not write are deleted.
 
 Nothing is written outside ``DST``: a source whose name is not a video id (``...mp4`` would
 name ``DST/..``) is reported as failed. So is a source that decodes short of its declared
@@ -19,6 +22,7 @@ import json
 import math
 import multiprocessing
 import os
+import stat
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -28,15 +32,12 @@ from av.video.reformatter import VideoReformatter
 from tqdm import tqdm
 
 from svitt_ego.atomic import atomic_write_bytes, fsync_folder
-from svitt_ego.data.video import VIDEO_UID_RULE, is_video_uid
+from svitt_ego.data.video import END_TOLERANCE_SECONDS, VIDEO_UID_RULE, is_video_uid
 
 MANIFEST = "chunks.json"
 # A keyframe every second: a clip's frames are then at most a second of decoding away.
 KEYFRAME_SECONDS = 1.0
 ENCODER_OPTIONS = {"crf": "23", "preset": "veryfast"}
-# A source whose frames end more than this before the duration its container declares is
-# truncated (a cut download still opens when its index is at the front).
-SHORT_TOLERANCE_SECONDS = 0.5
 
 
 @dataclass
@@ -95,6 +96,8 @@ def _run_job(job: tuple[Path, Path, int, float]) -> tuple[str, str, str | None]:
     source, out_dir, short_side, chunk_seconds = job
     if not is_video_uid(source.stem):
         return "failed", str(source), f"{source.stem!r} is not a video id ({VIDEO_UID_RULE})"
+    if not source.is_file():  # a FIFO would block the open
+        return "failed", str(source), "not a regular file"
     if is_prepared(out_dir, short_side, chunk_seconds):
         return "skipped", str(source), None
     try:
@@ -105,12 +108,28 @@ def _run_job(job: tuple[Path, Path, int, float]) -> tuple[str, str, str | None]:
 
 
 def is_prepared(out_dir: Path, short_side: int, chunk_seconds: float) -> bool:
+    """Whether ``out_dir`` holds a complete preparation at these settings: its manifest says so
+    and lists each chunk with the size the file has."""
     try:
         manifest = json.loads((out_dir / MANIFEST).read_text())
     except (OSError, ValueError):
         return False
+    if not isinstance(manifest, dict):
+        return False
+    chunks, sizes = manifest.get("chunks"), manifest.get("sizes")
+    if not (isinstance(chunks, list) and chunks and isinstance(sizes, dict) and list(sizes) == list(map(str, chunks))):
+        return False
     return (manifest.get("short_side") == short_side and manifest.get("chunk_seconds") == chunk_seconds
-            and all((out_dir / f"{k}.mp4").is_file() for k in manifest.get("chunks", [None])))
+            and all(_size(out_dir / f"{k}.mp4") == size for k, size in sizes.items()))
+
+
+def _size(path: Path) -> int | None:
+    """The size of a regular file (not a link), or None."""
+    try:
+        info = path.lstat()
+    except OSError:
+        return None
+    return info.st_size if stat.S_ISREG(info.st_mode) else None
 
 
 def output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -128,6 +147,8 @@ def prepare_video(source: Path, out_dir: Path, short_side: int = 256, chunk_seco
     raises ``ValueError``; the chunks written for it are then removed.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # from here on the folder is not counted as done
+    fsync_folder(out_dir)
     written: list[Path] = []
     try:
         with av.open(str(source)) as container:
@@ -145,8 +166,12 @@ def prepare_video(source: Path, out_dir: Path, short_side: int = 256, chunk_seco
         for path in written:
             path.unlink(missing_ok=True)
         raise
-    manifest = {"chunks": chunks, "fps": str(rate), "width": size[0], "height": size[1],
-                "short_side": short_side, "chunk_seconds": chunk_seconds}
+    for stale in out_dir.glob("*.mp4"):
+        if stale not in written:
+            stale.unlink()
+    manifest = {"chunks": chunks, "sizes": {str(k): (out_dir / f"{k}.mp4").stat().st_size for k in chunks},
+                "fps": str(rate), "width": size[0], "height": size[1], "short_side": short_side,
+                "chunk_seconds": chunk_seconds}
     atomic_write_bytes(out_dir / MANIFEST, json.dumps(manifest).encode())
     return chunks
 
@@ -194,7 +219,8 @@ def _check_decoded(container, stream, decoded: Fraction, corrupt: list[Fraction]
         declared = container.duration / av.time_base
     else:
         return
-    if float(decoded) < declared - SHORT_TOLERANCE_SECONDS:
+    # A cut download still opens when its index is at the front: it decodes short of its duration.
+    if float(decoded) < declared - END_TOLERANCE_SECONDS:
         raise ValueError(f"decoded {float(decoded):.2f} s of the {declared:.2f} s the container declares "
                          "(truncated file?)")
 

@@ -7,6 +7,10 @@ from pathlib import Path
 import torch
 
 from svitt_ego.config import TextConfig
+from svitt_ego.data.errors import MetadataError, regular_file
+
+# The tokens BERT's tokenizer and the MLM objective need in every vocabulary.
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
 def minilm_path() -> Path:
@@ -41,7 +45,34 @@ def load_tokenizer(text: TextConfig):
     if vocab is None:
         raise FileNotFoundError(f"no tokenizer: model.text.tokenizer={text.tokenizer!r}, model.text.pretrained="
                                 f"{text.pretrained!r}; one must be a folder with vocab.txt")
+    read_vocab(vocab, text.vocab_size)
     return BertTokenizerFast(str(vocab), do_lower_case=True)
+
+
+def read_vocab(path: str | Path, vocab_size: int) -> list[str]:
+    """The tokens of a WordPiece ``vocab.txt``, one a line (a token's id is its line's index).
+
+    A file that is not a regular file (a folder, a FIFO), not UTF-8 text, empty or binary, that
+    lacks one of :data:`SPECIAL_TOKENS`, or that has more tokens than ``vocab_size`` (its ids
+    would index past the word embeddings) raises :class:`MetadataError` naming it."""
+    path = regular_file(path, MetadataError, "vocabulary file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise MetadataError(f"{path}: cannot read: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise MetadataError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    if "\0" in text:
+        raise MetadataError(f"{path}: a NUL byte at {text.index(chr(0))}: not a vocabulary (binary file?)")
+    tokens = [line.rstrip("\r") for line in text.removesuffix("\n").split("\n")] if text else []
+    missing = [token for token in SPECIAL_TOKENS if token not in tokens]
+    if missing:
+        raise MetadataError(f"{path}: not a BERT vocabulary: it lacks {', '.join(missing)} "
+                            f"({len(tokens)} tokens)")
+    if len(tokens) > vocab_size:
+        raise MetadataError(f"{path}: {len(tokens)} tokens, more than the model's model.text.vocab_size "
+                            f"{vocab_size}: their ids would index past the word embeddings")
+    return tokens
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:

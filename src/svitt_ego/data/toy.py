@@ -14,7 +14,8 @@ Outputs under ``root``, in the layout of the real data (docs/data-formats.md):
 - ``egomcq.json``: five-way questions on held-out videos (types 1 and 2)
 - ``taxonomy_verbs.json`` / ``taxonomy_nouns.json``: class id -> name
 - ``nlq_train.json`` / ``nlq_val.json``: Ego4D NLQ-style annotations
-- ``README.md`` and ``manifest.json`` (written last; marks a complete dataset)
+- ``README.md`` and ``manifest.json`` (written first with the list of outputs, and again last:
+  marks a complete dataset), and the marker :data:`MARKER`
 
 The metadata is a pure function of ``(seed, num_videos)`` and the video
 content is deterministic too.
@@ -32,6 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from svitt_ego.atomic import atomic_write_json, atomic_write_text
+from svitt_ego.data.video import is_video_uid
 
 VERSION = 2  # 2: 240 short videos instead of 60 long ones
 FPS = 10
@@ -71,6 +75,12 @@ NOUNS = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
 SKIN_TONES = [(224, 172, 130), (198, 140, 100), (160, 110, 75), (240, 195, 160), (141, 96, 66)]
 # Rest positions (centre x, centre y) on the table, in frame pixels.
 SLOTS = [(20.0, 50.0), (48.0, 50.0), (76.0, 50.0), (20.0, 78.0), (48.0, 78.0), (76.0, 78.0)]
+
+# Marks a folder make_toy_data made, and so may write to again (as the demo marks its run folder).
+MARKER = ".made-by-svitt-ego-make-toy-data"
+# The files written at the top of the folder (besides the marker); the videos go in videos/<video_uid>/.
+OUTPUT_FILES = ("egoclip.csv", "egomcq.json", "taxonomy_verbs.json", "taxonomy_nouns.json", "nlq_train.json",
+                "nlq_val.json", "README.md", "manifest.json")
 
 CSV_COLUMNS = ["clip_idx", "video_uid", "video_dur", "narration_source", "narration_ind",
                "narration_time", "clip_start", "clip_end", "clip_text", "tag_verb", "tag_noun"]
@@ -447,7 +457,7 @@ def _write_egoclip(path: Path, rows: list[dict]) -> None:
                   str(r["narration_ind"]), _fmt(r["narration_time"]), _fmt(r["clip_start"]),
                   _fmt(r["clip_end"]), r["clip_text"], r["tag_verb"], r["tag_noun"]]
         lines.append("\t".join(values))
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _action_key(row: dict) -> tuple:
@@ -581,22 +591,24 @@ def make_toy_data(root: str | Path, seed: int = 0, num_videos: int | None = None
     ``num_videos`` (default 240) counts training plus validation videos; a fifth
     of them (at least two) are held out for EgoMCQ. A folder that already
     holds a complete dataset with the same parameters is left as it is.
+
+    Only an empty or missing folder, or one this function made (it holds :data:`MARKER`), is
+    written to; any other is refused with :class:`FileExistsError`. Regenerating a folder it
+    made deletes only what its manifest lists it wrote.
     """
     root = Path(root)
     num_videos = DEFAULT_NUM_VIDEOS if num_videos is None else int(num_videos)
-    manifest = {"generator": "svitt_ego.data.toy", "version": VERSION, "seed": seed, "num_videos": num_videos}
-    manifest_path = root / "manifest.json"
-    if manifest_path.exists():
-        try:
-            if json.loads(manifest_path.read_text()) == manifest:
-                return root
-        except json.JSONDecodeError:
-            pass
-        manifest_path.unlink()
-        shutil.rmtree(root / "videos", ignore_errors=True)  # an older toy dataset's videos
-    root.mkdir(parents=True, exist_ok=True)
-
     plans = plan_world(seed, num_videos)
+    manifest = {"generator": "svitt_ego.data.toy", "version": VERSION, "seed": seed, "num_videos": num_videos,
+                "outputs": [*OUTPUT_FILES, *(f"videos/{p.uid}" for p in plans)], "complete": True}
+    if (root / MARKER).is_file() and _read_manifest(root) == manifest:
+        return root
+    _clear(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).touch()
+    # The outputs are listed before any is written, so that a killed run is cleared next time.
+    atomic_write_json(root / "manifest.json", {**manifest, "complete": False})
+
     rng = np.random.default_rng([seed, 1])
     train_rows = _clip_rows(plans, "train")
     val_rows = _clip_rows(plans, "val", first_idx=len(train_rows))
@@ -614,14 +626,57 @@ def make_toy_data(root: str | Path, seed: int = 0, num_videos: int | None = None
             render_video(p, video_root)
 
     _write_egoclip(root / "egoclip.csv", train_rows)
-    (root / "egomcq.json").write_text(json.dumps(questions))
-    (root / "taxonomy_verbs.json").write_text(json.dumps({str(i): v[1] for i, v in enumerate(VERBS)}, indent=1))
-    (root / "taxonomy_nouns.json").write_text(json.dumps({str(i): n for i, n in enumerate(NOUNS)}, indent=1))
+    atomic_write_text(root / "egomcq.json", json.dumps(questions))
+    atomic_write_json(root / "taxonomy_verbs.json", {str(i): v[1] for i, v in enumerate(VERBS)})
+    atomic_write_json(root / "taxonomy_nouns.json", {str(i): n for i, n in enumerate(NOUNS)})
     for split in ("train", "val"):
-        (root / f"nlq_{split}.json").write_text(json.dumps(_make_nlq(plans, split, rng), indent=1))
-    (root / "README.md").write_text(_readme(plans, len(train_rows), len(questions), seed))
-    manifest_path.write_text(json.dumps(manifest, indent=1))
+        atomic_write_json(root / f"nlq_{split}.json", _make_nlq(plans, split, rng))
+    atomic_write_text(root / "README.md", _readme(plans, len(train_rows), len(questions), seed))
+    atomic_write_json(root / "manifest.json", manifest)
     return root
+
+
+def _read_manifest(root: Path):
+    try:
+        return json.loads((root / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _clear(root: Path) -> None:
+    """Make ``root`` ready for a new dataset: refuse a folder this module did not make, and
+    delete what the manifest of one it made lists (nothing else)."""
+    if not root.is_dir() or not any(root.iterdir()):
+        return
+    if not (root / MARKER).is_file():
+        clashes = [name for name in (*OUTPUT_FILES, "videos") if os.path.lexists(root / name)]
+        would = f"; it would overwrite {', '.join(clashes)}" if clashes else ""
+        raise FileExistsError(f"{root} is not empty and was not made by svitt-ego make-toy-data (no {MARKER})"
+                              f"{would}: move it away or choose an empty folder")
+    manifest = _read_manifest(root)
+    listed = manifest.get("outputs") if isinstance(manifest, dict) else None
+    for name in listed if isinstance(listed, list) else []:
+        if _is_output_name(name):
+            _remove(root / name)
+    if (root / "videos").is_dir() and not (root / "videos").is_symlink() and not any((root / "videos").iterdir()):
+        (root / "videos").rmdir()
+
+
+def _is_output_name(name) -> bool:
+    """A name the generator writes: one of :data:`OUTPUT_FILES` or ``videos/<video id>``; a
+    manifest cannot make it delete anything else."""
+    if not isinstance(name, str):
+        return False
+    folder, _, uid = name.partition("/")
+    return name in OUTPUT_FILES or (folder == "videos" and is_video_uid(uid))
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or folder; a symbolic link is removed, never followed."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def toy_data_overrides(root: str | Path) -> list[str]:

@@ -4,7 +4,9 @@
 Chunk ``k`` holds times ``[k * chunk_seconds, (k + 1) * chunk_seconds)`` of the video, with its
 own clock starting at 0. The frame shown at time ``t`` is frame
 ``floor((t - k * chunk_seconds) * fps)`` of chunk ``k = floor(t / chunk_seconds)``, with the
-file's real frame rate, clamped to the chunk's last frame. A frame's index is read from its
+file's real frame rate, clamped to the chunk's last frame; a time more than
+``END_TOLERANCE_SECONDS`` past the file's decoded length is a :class:`VideoReadError`, not a copy
+of its last frame. A frame's index is read from its
 presentation timestamp, so the exact frame is found after any seek; if a variable-rate file
 has no frame with that index, the first one after it is used.
 
@@ -29,6 +31,10 @@ import torch
 # written by ``prepare_videos`` (a keyframe every second) a seek lands on average half a second
 # before its target, and costs about a tenth of a second of decoding by itself.
 SEEK_AHEAD_SECONDS = 0.6
+
+# How far past its decoded length a file may be read (its last frame is then shown); also how
+# far short of its declared duration a source may decode in ``prepare_videos``.
+END_TOLERANCE_SECONDS = 0.5
 
 # Guards floor(t * fps) against float error for times that sit exactly on a frame boundary.
 _EPS = 1e-6
@@ -116,7 +122,8 @@ def read_chunk_frames(path: Path, times: np.ndarray) -> list[np.ndarray]:
 
     asked = ", ".join(f"{t:.3f}" for t in times)
     if not path.is_file():
-        raise VideoReadError(f"{path}: no such video file (asked for t={asked} s in it)")
+        missing = "not a regular file" if path.exists() else "no such video file"
+        raise VideoReadError(f"{path}: {missing} (asked for t={asked} s in it)")
     try:
         with av.open(str(path)) as container:
             return _decode_at(container, times)
@@ -139,6 +146,10 @@ def _decode_at(container, times: np.ndarray) -> list[np.ndarray]:
     num_frames = stream.frames or (round(float(stream.duration * stream.time_base * fps)) if stream.duration else 0)
     if num_frames <= 0:
         raise VideoReadError("no frame count or duration in the file")
+    length = num_frames / float(fps)
+    if times.max(initial=0.0) > length + END_TOLERANCE_SECONDS:
+        raise VideoReadError(f"t={times.max():.3f} s is past the end of the file ({length:.3f} s of frames, "
+                             f"read up to {END_TOLERANCE_SECONDS} s beyond)")
     clock = _FrameClock(stream, Fraction(fps))
 
     wanted = np.minimum(np.floor(times * float(fps) + _EPS).astype(np.int64), num_frames - 1)

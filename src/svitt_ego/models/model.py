@@ -9,8 +9,8 @@
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from svitt_ego.atomic import fsync_folder
+from svitt_ego.atomic import atomic_copy, atomic_write, atomic_write_json, fsync_folder
 from svitt_ego.checkpoint import CheckpointError
 from svitt_ego.config import Config, ConfigError, ModelConfig, apply, validate
-from svitt_ego.data.tokenizer import load_tokenizer, tokenize, vocab_file
+from svitt_ego.data.errors import load_json
+from svitt_ego.data.tokenizer import load_tokenizer, read_vocab, tokenize, vocab_file
 from svitt_ego.device import to_device
 from svitt_ego.models.position_bias import RelativePositionBias3D
 from svitt_ego.models.text import FusionEncoder, MLMHead, TextEncoder, init_bert_weights, text_query_weights
@@ -149,26 +150,30 @@ class SViTTEgo(nn.Module):
         """Write ``svitt_ego_config.json``, ``model.safetensors`` and the tokenizer's ``vocab.txt``.
 
         The files go into a fresh folder beside ``folder`` (fsynced), which then takes its place:
-        ``folder`` never holds a mix of two models or a partial one. A ``folder`` holding anything
-        else is refused rather than replaced.
+        ``folder`` never holds a mix of two models or a partial one. The old folder is moved aside
+        only once the new one is complete beside it, and a save killed in between is finished by
+        :func:`recover_pretrained` at the next save or load. A ``folder`` holding anything else is
+        refused rather than replaced.
         """
         folder = Path(folder)
+        recover_pretrained(folder)
         others = sorted(p.name for p in folder.iterdir() if p.name not in SAVED_FILES) if folder.is_dir() else []
         if others:
             raise FileExistsError(f"{folder} holds other files ({', '.join(others[:5])}); save_pretrained replaces "
                                   "the whole folder, so give it a new or empty one")
         folder.parent.mkdir(parents=True, exist_ok=True)
+        ready, retired = _swap_names(folder)
         staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
         staging.chmod(0o755)  # mkdtemp makes it private
         try:
             self._write_pretrained(staging)
+            shutil.rmtree(ready, ignore_errors=True)
+            os.replace(staging, ready)  # a complete new model: recover_pretrained puts it in place after a kill
             if folder.exists():
-                retired = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old."))
-                os.replace(folder, retired / folder.name)
-                os.replace(staging, folder)
-                shutil.rmtree(retired)
-            else:
-                os.replace(staging, folder)
+                shutil.rmtree(retired, ignore_errors=True)
+                os.replace(folder, retired)
+            os.replace(ready, folder)
+            shutil.rmtree(retired, ignore_errors=True)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         fsync_folder(folder.parent)
@@ -178,16 +183,11 @@ class SViTTEgo(nn.Module):
         from safetensors.torch import save_file
 
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, folder / WEIGHTS_NAME)
+        atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, tmp))
         vocab = vocab_file(self.config.text)
         if vocab is not None:
-            shutil.copyfile(vocab, folder / "vocab.txt")
-        cfg = Config(model=self.config).to_dict()["model"]
-        (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
-        for path in folder.iterdir():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        fsync_folder(folder)
+            atomic_copy(vocab, folder / "vocab.txt")
+        atomic_write_json(folder / CONFIG_NAME, Config(model=self.config).to_dict()["model"])
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, overrides: dict | None = None) -> "SViTTEgo":
@@ -197,20 +197,29 @@ class SViTTEgo(nn.Module):
         ``{"vision": {"num_frames": 8}}`` re-inflates a 4-frame checkpoint to 8
         frames (the bias tables are interpolated along time) or
         ``{"vision": {"k_random": 5}}`` changes the sparsity.
+
+        A config, weights file or vocabulary that is missing, not a regular file or malformed,
+        or a config whose sizes do not fit the weights (checked before the model is built), is a
+        one-line error naming the file.
         """
         folder = Path(folder)
-        if not (folder / CONFIG_NAME).is_file():
+        recover_pretrained(folder)
+        if not (folder / CONFIG_NAME).exists():
             raise CheckpointError(f"{folder}: not a saved model (no {CONFIG_NAME})")
-        cfg = model_config_from_dict(json.loads((folder / CONFIG_NAME).read_text()), str(folder / CONFIG_NAME))
+        cfg = model_config_from_dict(load_json(folder / CONFIG_NAME, CheckpointError, "model config"),
+                                     str(folder / CONFIG_NAME))
         if (folder / "vocab.txt").exists():
             cfg.text.tokenizer = str(folder)
+            read_vocab(folder / "vocab.txt", cfg.text.vocab_size)
         return cls.from_state_dict(cfg, read_state_dict(folder), str(folder), overrides)
 
     @classmethod
     def from_state_dict(cls, cfg: ModelConfig, state: dict[str, torch.Tensor], source: str,
                         overrides: dict | None = None) -> "SViTTEgo":
         """A model of config ``cfg`` (changed by ``overrides``, as in :meth:`from_pretrained`) holding
-        ``state``, the weights of a model of config ``cfg``."""
+        ``state``, the weights of a model of config ``cfg`` (checked by :func:`check_fits` before
+        the model is built)."""
+        check_fits(cfg, state, source)
         if overrides:
             cfg = model_config_from_dict(_merge(cfg, overrides), "overrides")
         cfg.text.tokenizer = cfg.text.tokenizer or cfg.text.pretrained  # the weights come from ``state``
@@ -234,6 +243,54 @@ class SViTTEgo(nn.Module):
         if trainable < _count(self):
             lines.append(f"{'trainable':20s} {trainable / 1e6:8.1f} M")
         return "\n".join(lines)
+
+
+def _swap_names(folder: Path) -> tuple[Path, Path]:
+    """Beside ``folder``: where a complete new model waits to take its place, and where the old one
+    goes meanwhile."""
+    return folder.with_name(f".{folder.name}.ready"), folder.with_name(f".{folder.name}.retired")
+
+
+def recover_pretrained(folder: str | Path) -> None:
+    """Finish a :meth:`SViTTEgo.save_pretrained` killed between moving the old model away and
+    moving the new one in: put the new one (complete) in place, else the old one."""
+    folder = Path(folder)
+    if os.path.lexists(folder):
+        return
+    for candidate in _swap_names(folder):
+        if candidate.is_dir() and not candidate.is_symlink():
+            os.replace(candidate, folder)
+            fsync_folder(folder.parent)
+            return
+
+
+def check_fits(cfg: ModelConfig, state: dict, source: str) -> None:
+    """Refuse ``cfg`` unless a model of it holds tensors of exactly the names and shapes of
+    ``state``, without allocating one: the layer counts are read from the names first (a
+    depth of millions would take long to build even empty), then the model is built on the meta
+    device and compared tensor by tensor. So sizes from an untrusted file (widths, frames, the
+    vocabulary) can ask for no more memory than its weights already take."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise CheckpointError(f"{source}: the weights are not a mapping of names to tensors")
+    layers = {"model.vision.depth": (cfg.vision.depth, r"visual\.blocks\.(\d+)\."),
+              "model.text.depth - model.text.num_fusion_layers": (cfg.text.num_text_layers, r"text\.layers\.(\d+)\."),
+              "model.text.num_fusion_layers": (cfg.text.num_fusion_layers, r"fusion\.layers\.(\d+)\.")}
+    for key, (wanted, pattern) in layers.items():
+        found = len({m.group(1) for name in state if (m := re.match(pattern, name))})
+        if found != wanted:
+            raise CheckpointError(f"{source}: the config does not fit the weights: {key} is {wanted}, the weights "
+                                  f"have {found} such layers")
+    with torch.device("meta"):
+        needed = {k: tuple(v.shape) for k, v in SViTTEgo(cfg).state_dict().items()}
+    missing, unexpected = [k for k in needed if k not in state], [k for k in state if k not in needed]
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: the config does not fit the weights: missing {missing[:5]}, unexpected "
+                              f"{unexpected[:5]}")
+    wrong = [k for k, shape in needed.items() if tuple(state[k].shape) != shape]
+    if wrong:
+        raise CheckpointError(f"{source}: the config does not fit the weights: '{wrong[0]}' is "
+                              f"{tuple(state[wrong[0]].shape)} in the weights, {needed[wrong[0]]} in a model of the "
+                              f"config ({len(wrong)} tensors differ)")
 
 
 def _count(module: nn.Module) -> int:

@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from svitt_ego.checkpoint import CheckpointError
 from svitt_ego.config import TextConfig, VisionConfig
+from svitt_ego.data.errors import regular_file
 from svitt_ego.models.position_bias import resize_bias_table
 
 log = logging.getLogger(__name__)
@@ -32,12 +34,19 @@ class LoadReport:
 
 
 def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
-    """``model.safetensors`` or ``pytorch_model.bin`` from a Hugging Face style folder."""
+    """``model.safetensors`` or ``pytorch_model.bin`` from a Hugging Face style folder. A
+    safetensors file that is not a regular file, or is truncated or malformed, is a
+    :class:`CheckpointError` naming it."""
     folder = Path(folder)
     if (folder / "model.safetensors").exists():
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(folder / "model.safetensors")
+        path = regular_file(folder / "model.safetensors", CheckpointError, "safetensors file")
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
     if (folder / "pytorch_model.bin").exists():
         return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin")
@@ -47,6 +56,10 @@ def read_json(path: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found")
     return json.loads(path.read_text())
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:200]
 
 
 def load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str,
@@ -61,7 +74,7 @@ def load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str,
     own = module.state_dict()
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
-            raise ValueError(f"{source}: parameter '{key}' does not fit: checkpoint shape "
+            raise CheckpointError(f"{source}: parameter '{key}' does not fit: checkpoint shape "
                              f"{tuple(value.shape)}, model shape {tuple(own[key].shape)}")
     report = LoadReport(source=source,
                         loaded=[k for k in state if k in own],
@@ -92,7 +105,7 @@ def resize_video_bias_tables(state: dict[str, torch.Tensor], cfg: VisionConfig, 
         rows = state[key].shape[0] - 3
         if rows % spatial or (rows // spatial) % 2 == 0:
             wanted = ((2 * cfg.num_frames - 1) * spatial + 3, state[key].shape[1])
-            raise ValueError(f"parameter '{key}' does not fit: checkpoint shape {tuple(state[key].shape)}, "
+            raise CheckpointError(f"parameter '{key}' does not fit: checkpoint shape {tuple(state[key].shape)}, "
                              f"model shape {wanted} (no number of frames on a {cfg.grid_size}x{cfg.grid_size} "
                              "grid gives the checkpoint's rows)")
         frames = (rows // spatial + 1) // 2
