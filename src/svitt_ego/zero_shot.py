@@ -124,13 +124,13 @@ def embed_clips(model: SViTTEgo, items: Sequence, read: Callable, cfg: Config, d
     model.eval()
     indices, embeddings, errors = [], [], {}
     for batch in tqdm(loader, desc=desc, disable=not is_main(), dynamic_ncols=True):
-        errors.update({mine[i]: message for i, message in batch["errors"].items()})
+        errors.update(batch["errors"])
         if on_error == "fail" and errors:
             raise VideoReadError(next(iter(errors.values())))
         if batch["frames"] is not None:
             with autocast(cfg, device):
                 embeddings.append(model.encode_video(batch["frames"].to(device, non_blocking=True)).float().cpu())
-            indices += [mine[i] for i in batch["index"]]
+            indices += batch["index"]
     model.train(was_training)
     width = model.config.embed_dim
     parts = gather_objects((indices, torch.cat(embeddings) if embeddings else torch.empty(0, width), errors))
