@@ -126,7 +126,8 @@ def read_charades_annotations(folder: str | Path) -> CharadesAnnotations:
     for line, row in read_csv_rows(test, ("id", "actions", "length")):
         where = f"{test}, line {line}"
         if not is_video_uid(row["id"]):
-            raise MetadataError(f"{where}, field 'id': expected a file name ({VIDEO_UID_RULE}), got {row['id'][:200]!r}")
+            raise MetadataError(f"{where}, field 'id': expected a file name ({VIDEO_UID_RULE}), "
+                                f"got {row['id'][:200]!r}")
         try:
             length = float(row["length"])
         except ValueError:
@@ -181,7 +182,8 @@ def evaluate_charades_ego(model: SViTTEgo, cfg: Config, device: torch.device, an
 
 
 def run_charades_ego(checkpoint: str | Path, annotations: str | Path, videos: str | Path, num_frames: int = 16,
-                     batch_size: int = 16, on_error: str = "fail", workers: int = 4, output: str | Path | None = None) -> dict:
+                     batch_size: int = 16, on_error: str = "fail", workers: int = 4,
+                     output: str | Path | None = None) -> dict:
     """``svitt-ego eval-charades-ego``: evaluate, print the table, optionally write JSON."""
     _, _, device = setup_distributed()
     charades = read_charades_annotations(annotations)

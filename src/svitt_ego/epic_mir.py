@@ -9,6 +9,7 @@ clip with that ``narration_id`` (the sentence file's own last rows are shifted b
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import pickle
@@ -258,27 +259,28 @@ def build_relevancy(annotations: MIRAnnotations) -> np.ndarray:
     return ((verbs[:, None] == verbs[columns][None, :]).astype(np.float64) + noun_iou) / 2
 
 
+def _array_globals() -> dict[tuple[str, str], object]:
+    """What a pickled numpy array names (numpy 1 and numpy 2 module paths), and nothing else."""
+    reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
+    from_buffer = np.zeros(1).__reduce_ex__(5)[0]
+    allowed = {("_codecs", "encode"): codecs.encode, ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for package in ("numpy.core", "numpy._core"):
+        allowed[(f"{package}.multiarray", "_reconstruct")] = reconstruct
+        allowed[(f"{package}.numeric", "_frombuffer")] = from_buffer
+    return allowed
+
+
+_ARRAY_GLOBALS = _array_globals()
+
+
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles a numpy array and nothing else: any other global is refused before it is called."""
 
     def find_class(self, module: str, name: str):
-        allowed = _array_globals().get((module, name))
+        allowed = _ARRAY_GLOBALS.get((module, name))
         if allowed is None:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only a numpy array is allowed)")
         return allowed
-
-
-def _array_globals() -> dict[tuple[str, str], object]:
-    import codecs
-
-    reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
-    from_buffer = np.zeros(1).__reduce_ex__(5)[0]
-    found = {("_codecs", "encode"): codecs.encode}
-    for package in ("numpy.core", "numpy._core"):
-        found[(f"{package}.multiarray", "_reconstruct")] = reconstruct
-        found[(f"{package}.numeric", "_frombuffer")] = from_buffer
-    found.update({("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype})
-    return found
 
 
 def load_relevancy(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
@@ -330,9 +332,8 @@ def write_relevancy(annotations_folder: str | Path, out: str | Path, compare: st
 
 def video_path(videos: Path, clip: MIRClip) -> Path:
     """``<videos>/<participant_id>/<video_id>.MP4`` (or ``.mp4``), as EPIC-Kitchens distributes them."""
-    folder = videos / clip.participant_id
-    upper = folder / f"{clip.video_id}.MP4"
-    return upper if upper.is_file() or not (folder / f"{clip.video_id}.mp4").is_file() else folder / f"{clip.video_id}.mp4"
+    upper, lower = (videos / clip.participant_id / f"{clip.video_id}.{ext}" for ext in ("MP4", "mp4"))
+    return lower if lower.is_file() and not upper.is_file() else upper
 
 
 class ClipReader:
@@ -395,7 +396,8 @@ def format_epic_mir(rows: dict[str, dict]) -> str:
 
 def run_epic_mir(checkpoint: str | Path, annotations: str | Path, videos: str | Path | None = None,
                  frames_root: str | Path | None = None, relevancy: str | Path | None = None, num_frames: int = 4,
-                 batch_size: int = 32, on_error: str = "fail", workers: int = 4, output: str | Path | None = None) -> dict:
+                 batch_size: int = 32, on_error: str = "fail", workers: int = 4,
+                 output: str | Path | None = None) -> dict:
     """``svitt-ego eval-epic-mir``: evaluate, print the table, optionally write JSON."""
     if (videos is None) == (frames_root is None):
         raise ValueError("give exactly one of videos and frames_root")
