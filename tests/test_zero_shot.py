@@ -56,8 +56,12 @@ def _worker(rank, world_size, init_file, out_file):
     try:
         model, cfg = _model()
         embeddings, skipped = embed_clips(model, ITEMS, _read, cfg, torch.device("cpu"), 2, "skip", "test")
-        if rank == 0:
-            torch.save((embeddings, skipped), out_file)
+        try:  # the broken clip is rank 1's: every rank stops, none waits for the other forever
+            embed_clips(model, ITEMS, _read, cfg, torch.device("cpu"), 2, "fail", "test")
+            failed = None
+        except VideoReadError as err:
+            failed = str(err)
+        torch.save((embeddings, skipped, failed), f"{out_file}.{rank}")
     finally:
         dist.barrier()
         dist.destroy_process_group()
@@ -72,9 +76,10 @@ def test_each_clip_is_embedded_once_under_two_processes(tmp_path):
     torch.testing.assert_close(alone[0], direct[0])
 
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=2)
-    together, skipped_together = torch.load(tmp_path / "out.pt", weights_only=True)
-    assert skipped_together == skipped
     kept = [i for i in ITEMS if i != BROKEN]
-    torch.testing.assert_close(together[kept], alone[kept])
+    for rank in range(2):
+        together, skipped_together, failed = torch.load(tmp_path / f"out.pt.{rank}", weights_only=True)
+        assert skipped_together == skipped and failed == "video 3: no such video file"
+        torch.testing.assert_close(together[kept], alone[kept])
     with pytest.raises(VideoReadError, match="video 3: no such video file"):
         embed_clips(model, ITEMS, _read, cfg, torch.device("cpu"), 2, "fail", "test")

@@ -112,8 +112,8 @@ def embed_clips(model: SViTTEgo, items: Sequence, read: Callable, cfg: Config, d
     batched, with ``train.precision``'s autocast on CUDA, split over the torchrun processes.
 
     Returns the embeddings (rows of unreadable clips are NaN) and ``{index: message}`` of those clips;
-    with ``on_error="fail"`` the first one raises :class:`VideoReadError`. Every process returns the
-    whole result.
+    with ``on_error="fail"`` the first one raises :class:`VideoReadError` (on every process, after the
+    gather, under torchrun). Every process returns the whole result.
     """
     if on_error not in ON_ERROR:
         raise ConfigError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}", "--on-error")
@@ -125,7 +125,7 @@ def embed_clips(model: SViTTEgo, items: Sequence, read: Callable, cfg: Config, d
     indices, embeddings, errors = [], [], {}
     for batch in tqdm(loader, desc=desc, disable=not is_main(), dynamic_ncols=True):
         errors.update(batch["errors"])
-        if on_error == "fail" and errors:
+        if on_error == "fail" and errors and world_size() == 1:  # under torchrun every rank stops after the gather
             raise VideoReadError(next(iter(errors.values())))
         if batch["frames"] is not None:
             with autocast(cfg, device):
