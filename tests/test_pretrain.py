@@ -88,6 +88,9 @@ def test_quick_demo_learns(tmp_path):
     assert (after["inter"] + after["intra"]) / 2 > 25.0
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
     assert list((tmp_path / "run" / "tensorboard").iterdir())
+    zero_shot = result["zero_shot"]
+    assert list(zero_shot) == ["untrained", "pretrained", "chance"]
+    assert all(0 < r["epic_mir"]["mAP avg"] <= 100 and 0 < r["charades_ego"] <= 100 for r in zero_shot.values())
 
 
 def test_fresh_run_refuses_a_folder_holding_a_run(toy, tmp_path, capsys):

@@ -32,9 +32,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_toy_data(args: argparse.Namespace) -> int:
-    from svitt_ego.data.toy import make_toy_data
+    from svitt_ego.data.toy_benchmarks import make_toy_world
 
-    make_toy_data(args.dir, seed=args.seed, num_videos=args.num_videos)
+    make_toy_world(args.dir, seed=args.seed, num_videos=args.num_videos)
     return 0
 
 
@@ -161,11 +161,37 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_epic_mir(args: argparse.Namespace) -> int:
+    from svitt_ego.epic_mir import run_epic_mir
+
+    result = run_epic_mir(args.checkpoint, args.annotations, videos=args.videos, frames_root=args.frames_root,
+                          relevancy=args.relevancy, num_frames=args.num_frames, batch_size=args.batch_size,
+                          on_error=args.on_error, workers=args.workers, output=args.output)
+    return 1 if result["skipped_clips"] else 0
+
+
+def _cmd_epic_mir_relevancy(args: argparse.Namespace) -> int:
+    from svitt_ego.epic_mir import write_relevancy
+
+    write_relevancy(args.annotations, args.out, compare=args.compare)
+    return 0
+
+
+def _cmd_eval_charades_ego(args: argparse.Namespace) -> int:
+    from svitt_ego.charades_ego import run_charades_ego
+
+    result = run_charades_ego(args.checkpoint, args.annotations, args.videos, num_frames=args.num_frames,
+                              batch_size=args.batch_size, on_error=args.on_error, workers=args.workers,
+                              output=args.output)
+    return 1 if result["skipped_videos"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svitt-ego", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_pretraining_commands(sub)
     _add_nlq_commands(sub)
+    _add_zero_shot_commands(sub)
     return parser
 
 
@@ -292,6 +318,46 @@ def _add_nlq_commands(sub) -> None:
     p.add_argument("query")
     p.add_argument("--top-k", type=int, default=10)
     p.set_defaults(func=_cmd_search)
+
+
+def _add_zero_shot_commands(sub) -> None:
+    """The zero-shot benchmarks of the peers: EPIC-Kitchens-100 MIR and Charades-Ego (docs/zero-shot.md)."""
+    def common(p, frames: int, batch: int) -> None:
+        p.add_argument("checkpoint", help="a training checkpoint (.pt) or a save_pretrained folder")
+        p.add_argument("--num-frames", type=int, choices=[4, 16], default=frames,
+                       help=f"frames per clip; the model is re-inflated to them (default: {frames})")
+        p.add_argument("--batch-size", type=int, default=batch, help="clips per forward pass")
+        p.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                       help="an unreadable video stops the run (fail) or is named, counted and left out (skip)")
+        p.add_argument("--workers", type=int, default=4, help="video-reading processes")
+        p.add_argument("--output", default=None, help="write the scores as JSON here")
+
+    p = sub.add_parser("eval-epic-mir", help="EPIC-Kitchens-100 multi-instance retrieval, zero-shot (mAP, nDCG)")
+    p.add_argument("--annotations", required=True,
+                   help="folder of EPIC_100_retrieval_test.csv and EPIC_100_retrieval_test_sentence.csv")
+    layout = p.add_mutually_exclusive_group(required=True)
+    layout.add_argument("--videos", help="VIDEOS/<participant_id>/<video_id>.MP4, read by timestamps at each "
+                                         "file's frame rate (LaViLa's protocol)")
+    layout.add_argument("--frames-root", help="FRAMES_ROOT/<video_id>/frame_%%010d.jpg, read by the CSV's frame "
+                                              "numbers (EgoVLP's protocol)")
+    p.add_argument("--relevancy", default=None,
+                   help="caption_relevancy_EPIC_100_retrieval_test.pkl (loaded allowing only a numpy array) or "
+                        "an .npy from epic-mir-relevancy (default: built from the CSVs)")
+    common(p, 4, 32)
+    p.set_defaults(func=_cmd_eval_epic_mir)
+
+    p = sub.add_parser("epic-mir-relevancy", help="build the EK-100 MIR relevancy matrix from the CSVs (.npy)")
+    p.add_argument("--annotations", required=True, help="folder of the two EPIC_100_retrieval_test CSVs")
+    p.add_argument("--out", required=True, help="the .npy file to write")
+    p.add_argument("--compare", default=None, help="a distributed .pkl (or .npy) to report the largest difference from")
+    p.set_defaults(func=_cmd_epic_mir_relevancy)
+
+    p = sub.add_parser("eval-charades-ego", help="Charades-Ego action recognition, zero-shot (mAP)")
+    p.add_argument("--annotations", required=True,
+                   help="folder of CharadesEgo_v1_test_only1st.csv and Charades_v1_classes.txt")
+    p.add_argument("--videos", required=True, help="VIDEOS/<id>.mp4")
+    common(p, 16, 16)
+    p.set_defaults(func=_cmd_eval_charades_ego)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -23,6 +23,7 @@ import re
 import threading
 from fractions import Fraction
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -131,6 +132,33 @@ def read_chunk_frames(path: Path, times: np.ndarray) -> list[np.ndarray]:
         raise VideoReadError(f"{path}: {err} (asked for t={asked} s in it)") from None
     except (av.FFmpegError, OSError, ValueError, IndexError) as err:
         raise VideoReadError(f"{path}: cannot decode: {err} (asked for t={asked} s in it)") from err
+
+
+def frame_rate(path: Path) -> Fraction:
+    """The frame rate of a video file, as :func:`read_chunk_frames` takes it."""
+    import av  # PyAV only where a video is read
+
+    if not path.is_file():
+        raise VideoReadError(f"{path}: no such video file")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoReadError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            fps = stream.average_rate or stream.guessed_rate
+    except (av.FFmpegError, OSError, ValueError) as err:
+        raise VideoReadError(f"{path}: cannot open: {err}") from err
+    if not fps:
+        raise VideoReadError(f"{path}: unknown frame rate")
+    return Fraction(fps)
+
+
+def read_frames_by_index(path: Path, frame_ids: Callable[[Fraction], np.ndarray]) -> torch.Tensor:
+    """The frames numbered ``frame_ids(fps)`` of one video file, counted at the file's own frame rate
+    from 0 (clamped to its last frame), uint8 ``[T, H, W, 3]``."""
+    fps = frame_rate(path)
+    times = (np.asarray(frame_ids(fps), dtype=np.float64) + 0.5) / float(fps)
+    return torch.from_numpy(np.stack(read_chunk_frames(path, times)))
 
 
 def _decode_at(container, times: np.ndarray) -> list[np.ndarray]:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from svitt_ego.atomic import atomic_torch_save, atomic_write_json
 from svitt_ego.data.transforms import eval_transform
-from svitt_ego.data.video import VideoReadError, chunk_path, read_frames
+from svitt_ego.data.video import VideoReadError, chunk_path, frame_rate, read_frames
 from svitt_ego.nlq.annotations import NLQClip, NLQFormatError, NLQQuery, load_json, read_nlq
 
 log = logging.getLogger(__name__)
@@ -62,18 +62,7 @@ def text_file(out: Path, query: NLQQuery) -> Path:
 
 
 def video_fps(root: str | Path, video_uid: str) -> float:
-    import av  # PyAV only where a video is read
-
-    path = chunk_path(root, video_uid, 0)
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-    except (av.FFmpegError, OSError, IndexError) as err:
-        raise VideoReadError(f"{path}: cannot open: {err}") from None
-    if not rate:
-        raise VideoReadError(f"{path}: unknown frame rate")
-    return float(rate)
+    return float(frame_rate(chunk_path(root, video_uid, 0)))
 
 
 @dataclass
