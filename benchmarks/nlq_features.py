@@ -5,7 +5,7 @@
 
 Writes one synthetic clip (``--seconds`` of 456x256 video at 30 fps, h264 with a keyframe
 every second, as ``prepare-videos`` writes them), then times
-:meth:`WindowFeatureExtractor.clip_features` on it: decoding, the evaluation transform and
+:meth:`svitt_ego.features.WindowExtractor.rows` on it: decoding, the evaluation transform and
 the video encoder, windows of 4 frames with a stride of 4. The anchor, measured in the same
 run, is the video encoder alone on random pixels of the same batch size, so the gap is the
 cost of reading the video. Weights are random (speed does not depend on them); fp16 autocast
@@ -15,6 +15,7 @@ on CUDA, as the extractor uses.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -24,9 +25,8 @@ import numpy as np
 import torch
 
 from svitt_ego.config import load_config
+from svitt_ego.features import Settings, WindowExtractor, chunk_folder_source, num_windows
 from svitt_ego.models import create_model
-from svitt_ego.nlq.annotations import NLQClip
-from svitt_ego.nlq.features import ClipFrames, WindowFeatureExtractor
 
 FPS = 30
 
@@ -66,14 +66,13 @@ def main() -> None:
     device = torch.device(args.device)
     cfg = load_config(args.preset)
     model = create_model(cfg.model, load_pretrained=False)
-    extractor = WindowFeatureExtractor(model, 4, 4, args.batch_size, device)
+    extractor = WindowExtractor(model, Settings(), args.batch_size, device)
     with tempfile.TemporaryDirectory() as root:
         write_video(Path(root) / "v" / "0.mp4", args.seconds)
-        clip = NLQClip("c", "v", 0.0, args.seconds)
-        frames = ClipFrames.of(clip, float(FPS))
-        extractor.clip_features(root, clip, ClipFrames.of(NLQClip("c", "v", 0.0, 1.0), float(FPS)))  # warm-up
-        seconds = timed(lambda: extractor.clip_features(root, clip, frames), device)
-        windows = -(-frames.count // 4)
+        source = chunk_folder_source(Path(root) / "v")
+        extractor.rows(dataclasses.replace(source, count=FPS))  # warm-up
+        seconds = timed(lambda: extractor.rows(source), device)
+        windows = num_windows(source.count, 4)
     v = cfg.model.vision
     pixels = torch.randn(args.batch_size, 4, 3, v.image_size, v.image_size, device=device)
     batches = -(-windows // args.batch_size)
