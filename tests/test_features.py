@@ -301,7 +301,8 @@ def test_a_malformed_manifest_is_one_line_exit_2(folder, tmp_path, case, capsys)
 
 
 def _manifest_values():
-    scalars = st.none() | st.booleans() | st.integers(-5, 10 ** 12) | st.floats() | st.text(max_size=8)
+    scalars = (st.none() | st.booleans() | st.integers(-5, 10 ** 12) | st.just(10 ** 400) | st.floats()
+               | st.text(max_size=8))
     return st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
         st.text(max_size=6), inner, max_size=3), max_leaves=8)
 
@@ -352,10 +353,15 @@ def test_the_model_path_imports_no_pyav(tmp_path):
 
 def test_the_extract_features_benchmark_runs(tmp_path):
     result = subprocess.run([sys.executable, "benchmarks/extract_features.py", "--preset", "tiny", "--device", "cpu",
-                             "--batch-size", "8", "--video", str(_video(tmp_path / "v.mp4", 16))], cwd=ROOT,
+                             "--batch-size", "8", "--repeats", "1", "--video", str(_video(tmp_path / "v.mp4", 16))], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = {line[:28].strip(): line[28:].split() for line in result.stdout.splitlines()[-3:]}
     assert set(rows) == {"extract-features", "window loop", "anchor: encoder alone"}
     assert rows["anchor: encoder alone"][1] == "1.00"
+    synthetic = subprocess.run([sys.executable, "benchmarks/extract_features.py", "--preset", "tiny", "--device",
+                                "cpu", "--batch-size", "8", "--repeats", "1", "--synthetic", "0.5"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=300)
+    assert synthetic.returncode == 0, synthetic.stderr
+    assert "4 windows of synthetic (15 frames at 30 fps)" in synthetic.stdout
 

@@ -156,15 +156,3 @@ def test_the_same_annotation_id_under_two_clips_keeps_both_queries(brightness):
     assert text_file(tmp_path / "out", NLQQuery("c1", "shared", 0, "", None, None)) != text_file(
         tmp_path / "out", NLQQuery("c3", "shared", 0, "", None, None))
 
-
-def test_the_features_benchmark_runs():
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "benchmarks/nlq_features.py", "--preset", "tiny", "--seconds", "1",
-                             "--device", "cpu", "--batch-size", "4"], cwd=root, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "extraction (read + encode)" in result.stdout and "anchor: encoder alone" in result.stdout

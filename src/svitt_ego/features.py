@@ -56,11 +56,23 @@ class FeatureFolderError(MetadataError):
     The message is one line naming the file and the field."""
 
 
+def is_whole(value, low: int = 1, high: int | None = None) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool) and value >= low
+            and (high is None or value <= high))
+
+
+def is_positive(value) -> bool:
+    """A finite number > 0 (a whole number of any size, or a float)."""
+    if isinstance(value, float):
+        return math.isfinite(value) and value > 0
+    return is_whole(value)
+
+
 # --------------------------------------------------------------------------- the window loop
 
 
 def num_windows(num_frames: int, stride: int) -> int:
-    return math.ceil(num_frames / stride)
+    return -(-num_frames // stride)  # ceil, exact for any whole numbers
 
 
 def frame_offsets(window: int, frames: int) -> torch.Tensor:
@@ -147,10 +159,12 @@ def file_source(path: str | Path) -> VideoSource:
 def chunk_folder_source(folder: str | Path, chunk_seconds: float = 600.0,
                         span: Callable[[float], tuple[int, int]] | None = None) -> VideoSource:
     """A prepared video ``ROOT/<video_uid>/<k>.mp4``: all its frames, or ``span(fps) = (first, count)``."""
-    from svitt_ego.data.video import VideoReadError, chunk_path, read_frames
+    from svitt_ego.data.video import VIDEO_UID_RULE, VideoReadError, chunk_path, is_video_uid, read_frames
 
     folder = Path(folder)
     root, uid = folder.parent, folder.name
+    if not is_video_uid(uid):
+        raise VideoReadError(f"{folder}: a chunk folder is named by its video id ({VIDEO_UID_RULE})")
     fps, count = probe(chunk_path(root, uid, 0))
     first = 0
     if span is not None:
@@ -169,7 +183,7 @@ def tensor_source(frames: torch.Tensor, fps: float, name: str = "frames") -> Vid
     """Frames in memory, uint8 ``[N, H, W, 3]`` at ``fps``."""
     if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
         raise ValueError(f"expected uint8 frames [N, H, W, 3], got {frames.dtype} {list(frames.shape)}")
-    if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+    if not is_positive(fps):
         raise ValueError(f"fps must be a positive number, got {fps!r}")
 
     def read(times: np.ndarray) -> torch.Tensor:
@@ -215,8 +229,7 @@ class Settings:
             check_whole(name, getattr(self, name))
         if self.frames > self.window:
             raise FeatureFolderError(f"--frames {self.frames} is more than the window's {self.window} frames")
-        if self.fps is not None and not (isinstance(self.fps, (int, float)) and math.isfinite(self.fps)
-                                         and self.fps > 0):
+        if self.fps is not None and not is_positive(self.fps):
             raise FeatureFolderError(f"--fps must be a positive number, got {self.fps!r}")
         if self.what not in WHAT:
             raise FeatureFolderError(f"--what must be one of {', '.join(WHAT)}, got {self.what!r}")
@@ -245,7 +258,7 @@ class WindowExtractor:
     def __init__(self, model, settings: Settings, batch_size: int = 32, device: torch.device | str = "cpu"):
         self.settings = settings.check()
         if settings.frames != model.config.vision.num_frames:
-            raise FeatureFolderError(f"--frames {settings.frames} differs from the model's num_frames "
+            raise FeatureFolderError(f"{settings.frames} frames per window differ from the model's num_frames "
                                      f"({model.config.vision.num_frames})")
         check_whole("batch-size", batch_size)
         self.device = torch.device(device)
@@ -267,12 +280,12 @@ class WindowExtractor:
         s = self.settings
         indices = window_frame_indices(source.count, s.window, s.stride, s.frames)
         parts: dict[str, list[torch.Tensor]] = {}
-        for first, block in zip(range(0, len(indices), self.batch_size), indices.split(self.batch_size)):
-            needed, inverse = block.unique(return_inverse=True)
+        for i, block in enumerate(indices.split(self.batch_size)):
+            needed, inverse = block.unique(return_inverse=True)  # each frame decoded once per batch
             pixels = self.transform(source.read(source.times(needed)))
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                 out = self._forward(pixels[inverse].to(self.device))
-            _check_finite(out["features"], f"{source.name}", first)
+            _check_finite(out["features"], source.name, i * self.batch_size)
             for key, value in out.items():
                 parts.setdefault(key, []).append(value.cpu())
             if progress is not None:
@@ -348,15 +361,6 @@ def check_key(key, where: str) -> str:
     return key
 
 
-def is_whole(value, low: int = 1, high: int | None = None) -> bool:
-    return (isinstance(value, int) and not isinstance(value, bool) and value >= low
-            and (high is None or value <= high))
-
-
-def _positive(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-
-
 def check_field(data: dict, key: str, ok: Callable, rule: str, where: str):
     value = data.get(key)
     if not ok(value):
@@ -379,12 +383,12 @@ def check_manifest(data, where: str) -> dict:
     for key in ("window", "stride", "frames"):
         check_field(data, key, is_whole, "a whole number >= 1", where)
     check_field(data, "frames", lambda v: v <= data["window"], "at most 'window'", where)
-    check_field(data, "fps", lambda v: v is None or _positive(v), "null or a positive number", where)
+    check_field(data, "fps", lambda v: v is None or is_positive(v), "null or a positive number", where)
     check_field(data, "time_convention", lambda v: isinstance(v, str), "a string", where)
     shape = check_field(data, "row_shape", lambda v: isinstance(v, list) and len(v) in (1, 2)
                    and all(is_whole(n, 1, MAX_DIMENSION) for n in v), f"a list of 1 or 2 sizes <= {MAX_DIMENSION}",
                    where)
-    check_field(data, "dimension", lambda v: v == shape[-1], "the last size of 'row_shape'", where)
+    check_field(data, "dimension", lambda v: is_whole(v) and v == shape[-1], "the last size of 'row_shape'", where)
     check_field(data, "row_shape", lambda v: (len(v) == 2) == (data["what"] == "tokens"),
            "[tokens, width] for 'tokens', [width] otherwise", where)
     videos = check_field(data, "videos", lambda v: isinstance(v, dict), "an object", where)
@@ -393,10 +397,10 @@ def check_manifest(data, where: str) -> dict:
         if not isinstance(info, dict):
             raise FeatureFolderError(f"{at}: expected an object, got {type(info).__name__}")
         check_field(info, "source", lambda v: isinstance(v, str), "a string", at)
-        check_field(info, "fps", _positive, "a positive number", at)
+        check_field(info, "fps", is_positive, "a positive number", at)
         check_field(info, "first_frame", lambda v: is_whole(v, 0), "a whole number >= 0", at)
         frames = check_field(info, "frames", is_whole, "a whole number >= 1", at)
-        check_field(info, "windows", lambda v: v == num_windows(frames, data["stride"]),
+        check_field(info, "windows", lambda v: is_whole(v) and v == num_windows(frames, data["stride"]),
                f"ceil(frames / stride) = {num_windows(frames, data['stride'])}", at)
     failed = check_field(data, "failed", lambda v: isinstance(v, dict) and all(isinstance(m, str) for m in v.values()),
                     "an object of messages", where)
@@ -512,6 +516,7 @@ def begin_folder(out: Path, header: dict, entries: dict[str, dict]) -> dict:
     ``entries`` added. A folder of other settings or weights is refused naming the keys that
     differ, and so is a video whose frames differ from those its features were made of."""
     path = out / MANIFEST
+    _remove_staging(out)
     if path.exists():
         manifest = read_manifest(out)
         changed = [key for key in header if key != "checkpoint" and manifest.get(key) != header[key]]
@@ -535,6 +540,12 @@ def begin_folder(out: Path, header: dict, entries: dict[str, dict]) -> dict:
     manifest["failed"] = {k: v for k, v in manifest["failed"].items() if k not in entries}
     _write_manifest(out, manifest)
     return manifest
+
+
+def _remove_staging(out: Path) -> None:
+    """The temporary files of writes a killed run left (the folder's lock is held)."""
+    for path in out.rglob(".*.tmp"):
+        path.unlink(missing_ok=True)
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
@@ -571,7 +582,7 @@ def is_complete(path: Path, expected: dict) -> bool:
 
 def extract_into(out: str | Path, header: dict, jobs: dict[str, Callable[[], VideoSource]],
                  extractor: WindowExtractor, after: Callable[[str], None] | None = None,
-                 desc: str = "features") -> dict:
+                 noun: str = "videos") -> dict:
     """Extract every video of ``jobs`` (key -> a function opening it) into ``out``; returns the manifest.
 
     The folder is locked; every video is opened (headers only) and the manifest written before
@@ -601,7 +612,8 @@ def extract_into(out: str | Path, header: dict, jobs: dict[str, Callable[[], Vid
             raise FeatureFolderError(error)
         manifest = {**header, "videos": every}
         total = sum(info["windows"] for info in entries.values())
-        with tqdm(total=total, unit="window", disable=not is_main(), dynamic_ncols=True, desc=desc) as progress:
+        with tqdm(total=total, unit="window", disable=not is_main(), dynamic_ncols=True,
+                  desc=f"features of {len(sources)} {noun}") as progress:
             for key, source in sources.items():
                 try:
                     _extract_video(out, key, source, entries[key]["windows"], extractor, manifest, progress)
@@ -615,7 +627,7 @@ def extract_into(out: str | Path, header: dict, jobs: dict[str, Callable[[], Vid
             log.error("%s: %s", key, why)
         manifest = decide_on_main(lambda: _finish(out, failed))
     if is_main():
-        print(f"{len(manifest['videos'])} videos have features in {out}, "
+        print(f"{len(manifest['videos'])} {noun} have features in {out}, "
               f"{len(failed)} unreadable" + "".join(f"\n  {key}: {why}" for key, why in failed.items()))
     return manifest
 
