@@ -411,6 +411,9 @@ def check_manifest(data, where: str) -> dict:
 
 def read_manifest(folder: str | Path) -> dict:
     path = Path(folder) / MANIFEST
+    if not path.exists() and (Path(folder) / "meta.json").exists():
+        raise FeatureFolderError(f"{folder}: features in the older format (meta.json, no {MANIFEST}), whose "
+                                 "settings were never checked against its files; extract them again")
     return check_manifest(_load_json(path, FeatureFolderError, "feature manifest"), str(path))
 
 
