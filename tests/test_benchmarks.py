@@ -1,4 +1,5 @@
-"""The benchmark scripts run (tiny settings, CPU), so they are ready for the GPU they are meant for."""
+"""Every script in benchmarks/ runs: with --help, and at its smallest setting on the CPU, so each is ready for
+the machine it is meant for (``gpu_check.sh`` only drives the others on a GPU)."""
 
 import subprocess
 import sys
@@ -6,25 +7,74 @@ from pathlib import Path
 
 import pytest
 
+from svitt_ego.config import load_config
+from svitt_ego.data.toy import make_toy_data, toy_data_overrides
+from svitt_ego.models import create_model
+
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py"))
 
 
-def _run(*args):
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def _run(*args, timeout=300):
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
 
-def test_attention_benchmark_runs():
-    out = _run("benchmarks/attention.py", "--device", "cpu", "--frames", "1", "--batch", "1", "--repeats", "1",
-               "--dtype", "float32", "--methods", "blocked", "dense_bias", "flash")
-    assert "blocked" in out and "dense_bias" in out and "1.00" in out
+@pytest.fixture(scope="module")
+def demo_folder(tmp_path_factory):
+    """A `svitt-ego demo` folder's layout: a small toy world and an untrained `tiny` model in run/."""
+    folder = tmp_path_factory.mktemp("demo")
+    make_toy_data(folder / "toy_data", seed=0, num_videos=10)
+    cfg = load_config("tiny", [*toy_data_overrides(folder / "toy_data"), f"train.output_dir={folder / 'run'}"])
+    (folder / "run").mkdir()
+    cfg.save(folder / "run" / "config.yaml")
+    create_model(cfg.model).save_pretrained(folder / "run" / "model")
+    return folder
 
 
-def test_train_step_benchmark_runs():
-    out = _run("benchmarks/train_step.py", "--device", "cpu", "--runs", "tiny:4", "encoder:tiny:4", "vit_b:4",
-               "--clips", "1", "--steps", "1", "--image-size", "64", "--anchor-width", "64", "--anchor-depth", "2",
-               "--anchor-heads", "2")
+def smallest_runs(demo: Path, tmp: Path) -> dict[str, tuple]:
+    """Each script's arguments for a run of seconds on a CPU, and a text its output must contain (or a check)."""
+    model, toy = demo / "run" / "model", demo / "toy_data"
+    return {
+        "attention.py": (("--device", "cpu", "--frames", "1", "--batch", "1", "--repeats", "1", "--dtype", "float32",
+                          "--methods", "blocked", "dense_bias", "flash"), "dense_bias"),
+        "dataloader.py": (("--clips", "24", "--video-seconds", "8", "--workdir", tmp), "clips/s per worker"),
+        "extract_features.py": (("--preset", "tiny", "--device", "cpu", "--batch-size", "8", "--repeats", "1",
+                                 "--synthetic", "0.5"), "4 windows of synthetic (15 frames at 30 fps)"),
+        "egoclip_metadata.py": (("--rows", "2000", "--videos", "20"), "warm (from cache)"),
+        "multimodal.py": ((model, toy, "--questions", "10"), "held-out VTM accuracy"),
+        "objectives.py": (("--quick", "--seeds", "0", "--arms", "egonce", "--workdir", tmp), "mean +- standard error"),
+        "saliency.py": (("--demo", demo, "--max-clips", "2"), "pretrained"),
+        "train_step.py": (("--device", "cpu", "--runs", "tiny:4", "encoder:tiny:4", "vit_b:4", "--clips", "1",
+                           "--steps", "1", "--image-size", "64", "--anchor-width", "64", "--anchor-depth", "2",
+                           "--anchor-heads", "2"), _ratios_are_to_the_anchor),
+        "vtm_probe.py": ((model, toy, "--steps", "1", "--batches", "1", "--candidates", "mean"), "candidate"),
+    }
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_benchmark_help(script):
+    assert "usage:" in _run(f"benchmarks/{script}", "--help", timeout=120)
+
+
+def test_every_benchmark_has_a_smallest_run(tmp_path):
+    assert sorted(smallest_runs(tmp_path, tmp_path)) == SCRIPTS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_benchmark_smallest_run(script, demo_folder, tmp_path):
+    args, expected = smallest_runs(demo_folder, tmp_path)[script]
+    out = _run(f"benchmarks/{script}", *args)
+    if callable(expected):
+        expected(out)
+    else:
+        assert expected in out
+
+
+def _ratios_are_to_the_anchor(out: str) -> None:
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:]}
     assert set(rows) == {"tiny:4", "encoder:tiny:4", "vit_b:4"}
     assert rows["vit_b:4"][2] == "1.00"  # the anchor against itself; the other rows carry their ratio to it

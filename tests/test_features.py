@@ -26,7 +26,6 @@ from svitt_ego.features import (FeatureFolderError, WindowExtractor, extract_vid
 from svitt_ego.models import create_model
 from svitt_ego.models.digest import weights_digest
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_window_loop_by_hand():
@@ -333,7 +332,7 @@ def test_the_reader_on_arbitrary_manifests_and_files(folder, tmp_path_factory, c
         assert "\n" not in str(err)
 
 
-# --------------------------------------------------------------------------- imports and the benchmark
+# --------------------------------------------------------------------------- imports
 
 
 def test_the_model_path_imports_no_pyav(tmp_path):
@@ -349,19 +348,4 @@ def test_the_model_path_imports_no_pyav(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "(3, 3)"
-
-
-def test_the_extract_features_benchmark_runs(tmp_path):
-    result = subprocess.run([sys.executable, "benchmarks/extract_features.py", "--preset", "tiny", "--device", "cpu",
-                             "--batch-size", "8", "--repeats", "1", "--video", str(_video(tmp_path / "v.mp4", 16))], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    rows = {line[:28].strip(): line[28:].split() for line in result.stdout.splitlines()[-3:]}
-    assert set(rows) == {"extract-features", "window loop", "anchor: encoder alone"}
-    assert rows["anchor: encoder alone"][1] == "1.00"
-    synthetic = subprocess.run([sys.executable, "benchmarks/extract_features.py", "--preset", "tiny", "--device",
-                                "cpu", "--batch-size", "8", "--repeats", "1", "--synthetic", "0.5"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=300)
-    assert synthetic.returncode == 0, synthetic.stderr
-    assert "4 windows of synthetic (15 frames at 30 fps)" in synthetic.stdout
 

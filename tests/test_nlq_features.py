@@ -155,4 +155,3 @@ def test_the_same_annotation_id_under_two_clips_keeps_both_queries(brightness):
     assert first[0, 0] == len("c1 when?") and third[0, 0] == len("c3 when?")
     assert text_file(tmp_path / "out", NLQQuery("c1", "shared", 0, "", None, None)) != text_file(
         tmp_path / "out", NLQQuery("c3", "shared", 0, "", None, None))
-

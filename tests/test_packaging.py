@@ -34,3 +34,17 @@ def test_info_lists_the_presets(capsys):
 
     assert main(["info", "--list"]) == 0
     assert capsys.readouterr().out.split() == preset_names()
+
+
+def test_ci_runs_the_readme_set_up_lines():
+    """.ci/run takes both set-up commands from the README (marked blocks), so the two cannot drift apart."""
+    def line(name):
+        result = subprocess.run(["bash", ".ci/readme-command", name], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    assert line("demo").startswith("pip install torch==2.13.0 && ") and line("demo").endswith(" && svitt-ego demo")
+    assert line("test").endswith(" && python -m pytest -q") and '".[test]"' in line("test")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "apt-get install -y chromium" in line("system")
+    assert 'eval "$test_line"' in ci and all(f"readme-command {name}" in ci for name in ("system", "demo", "test"))

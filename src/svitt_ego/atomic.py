@@ -74,3 +74,8 @@ def atomic_torch_save(obj, path: str | Path) -> Path:
 
 def atomic_copy(source: str | Path, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def atomic_save_png(image, path: str | Path) -> Path:
+    """Write a PIL image to ``path`` as a PNG, atomically."""
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -41,9 +41,32 @@ def _cmd_make_toy_data(args: argparse.Namespace) -> int:
 def _cmd_prepare_videos(args: argparse.Namespace) -> int:
     from svitt_ego.data.prepare import prepare_videos
 
+    uids = None
+    if args.uids is not None:
+        from svitt_ego.data.video_uids import read_uid_list
+
+        uids = read_uid_list(args.uids)
     summary = prepare_videos(args.src, args.dst, short_side=args.short_side,
-                             chunk_seconds=args.chunk_seconds, workers=args.workers)
+                             chunk_seconds=args.chunk_seconds, workers=args.workers, uids=uids)
     return 1 if summary.failed else 0
+
+
+def _cmd_video_uids(args: argparse.Namespace) -> int:
+    from svitt_ego.atomic import atomic_write_text
+    from svitt_ego.data.video_uids import collect_videos
+
+    videos = collect_videos(args.files, args.exclude)
+    listing = "".join(f"{uid}\n" for uid in videos.uids)
+    if args.output:
+        atomic_write_text(args.output, listing)
+    else:
+        sys.stdout.write(listing)
+    known = [d for d in videos.durations.values() if d is not None]
+    kinds = ", ".join(f"{path} ({kind})" for path, kind in videos.kinds.items())
+    hours = f"; {sum(known) / 3600:.1f} hours in the {len(known)} whose duration EgoClip states" if known else ""
+    print(f"video-uids: {len(videos.uids)} videos from {kinds}"
+          f"{f', less those of {len(args.exclude)} files' if args.exclude else ''}{hours}", file=sys.stderr)
+    return 0
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
@@ -174,7 +197,18 @@ def _add_pretraining_commands(sub) -> None:
     p.add_argument("--short-side", type=int, default=256)
     p.add_argument("--chunk-seconds", type=float, default=600.0)
     p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--uids", default=None, help="prepare only the videos of this uid list (svitt-ego video-uids)")
     p.set_defaults(func=_cmd_prepare_videos)
+
+    p = sub.add_parser("video-uids", help="the Ego4D video uids annotation files refer to, one per line",
+                       description="The Ego4D video uids that EgoClip, EgoMCQ, NLQ, MQ or VQ annotation files refer "
+                                   "to (each file's kind recognised), one per line: the Ego4D download tool's "
+                                   "--video_uid_file, and prepare-videos --uids.")
+    p.add_argument("files", nargs="+", help="egoclip.csv, egomcq.json, nlq_*.json, moments_*.json, vq_*.json")
+    p.add_argument("--exclude", nargs="+", default=[],
+                   help="leave out the videos of these annotation files or uid lists (.txt)")
+    p.add_argument("--output", default=None, help="write the list here (default: standard output)")
+    p.set_defaults(func=_cmd_video_uids)
 
     p = sub.add_parser("pretrain", help="pretrain on EgoClip (use torchrun for several GPUs)")
     _add_config_args(p, "svitt_ego_kr3")

@@ -136,6 +136,9 @@ class DataConfig:
     num_workers: int = 4
     # Share of the clips seen per epoch (the paper's initial experiment: 0.1).
     fraction_per_epoch: float = 1.0
+    # Videos kept out of pretraining: the EgoClip rows of every video these files refer to (EgoMCQ, NLQ,
+    # MQ, VQ files, or uid lists ending in .txt) are dropped, e.g. [data/egomcq.json, data/nlq_val.json].
+    exclude_videos: list[str] = field(default_factory=list)
 
 
 @dataclass

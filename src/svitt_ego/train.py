@@ -37,6 +37,7 @@ from svitt_ego.checkpoint import Checkpointer, locked_run_folder
 from svitt_ego.config import Config, ConfigError
 from svitt_ego.data.dataset import EgoClipDataset, EpochSampler, collate_egoclip
 from svitt_ego.data.tokenizer import load_tokenizer
+from svitt_ego.data.video_uids import warn_shared_eval_videos
 from svitt_ego.device import autocast, to_device
 from svitt_ego.distributed import (barrier, decide_on_main, is_main, rank, setup_distributed, true_on_every_rank,
                                    world_size)
@@ -255,6 +256,8 @@ def build_run(cfg: Config, device: torch.device) -> Run:
     objective = PretrainingObjective(model, cfg, tokenizer).to(device)
     wrapped = nn.parallel.DistributedDataParallel(objective) if world_size() > 1 else objective
     dataset = EgoClipDataset(cfg, train=True)
+    if is_main():
+        warn_shared_eval_videos(dataset.table, cfg.data.egomcq, cfg.data.exclude_videos)
     t = cfg.train
     sampler = EpochSampler(len(dataset), cfg.data.fraction_per_epoch, t.seed, t.batch_size, rank(), world_size())
     if sampler.batches_per_epoch < t.grad_accum:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from svitt_ego.atomic import atomic_write
+from svitt_ego.atomic import atomic_save_png
 from svitt_ego.config import Config, VisionConfig
 from svitt_ego.data.transforms import center_crop_box, eval_transform
 from svitt_ego.data.video import read_chunk_frames, read_clip_frames, sample_times
@@ -174,11 +174,6 @@ def side_by_side(images: list[Image.Image], titles: list[str]) -> Image.Image:
     return out
 
 
-def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Write ``image`` to ``path`` as a PNG, atomically."""
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
-
-
 # ---------------------------------------------------------------- one clip, end to end
 
 def clip_figure(model: SViTTEgo, frames: torch.Tensor, text: str | None = None) -> Image.Image:
@@ -199,7 +194,7 @@ def visualize(checkpoint: str | Path, video: str | Path, start: float, end: floa
         raise ValueError(f"expected 0 <= --start < --end, got start={start}, end={end}")
     model, _ = load_for_eval(checkpoint)
     frames = read_video(video, start, end, model.config.vision.num_frames, chunk_seconds)
-    return save_png(clip_figure(model, frames, text), out)
+    return atomic_save_png(clip_figure(model, frames, text), out)
 
 
 def demo_figure(untrained: SViTTEgo, pretrained: SViTTEgo, cfg: Config, path: str | Path) -> Path:
@@ -210,7 +205,7 @@ def demo_figure(untrained: SViTTEgo, pretrained: SViTTEgo, cfg: Config, path: st
     clip = read_egomcq(cfg.data.egomcq)[0].query
     frames = read_eval_clip(cfg, clip)
     figures = [clip_figure(model, frames, clip.text) for model in (untrained, pretrained)]
-    return save_png(side_by_side(figures, ["before pretraining", "after pretraining"]), path)
+    return atomic_save_png(side_by_side(figures, ["before pretraining", "after pretraining"]), path)
 
 
 # ---------------------------------------------------------------- measuring

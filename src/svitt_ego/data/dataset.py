@@ -15,6 +15,7 @@ from svitt_ego.data.egoclip import SceneNegatives, pad_tags, read_egoclip
 from svitt_ego.data.tokenizer import tokenize
 from svitt_ego.data.transforms import ClipTransform
 from svitt_ego.data.video import VideoReadError, read_clip_frames
+from svitt_ego.data.video_uids import exclude_videos
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ class EgoClipDataset(Dataset):
 
     def __init__(self, cfg: Config, train: bool = True, table: pd.DataFrame | None = None):
         data, vision = cfg.data, cfg.model.vision
-        self.table = table if table is not None else read_egoclip(data.egoclip, lax=data.lax_metadata)
+        table = table if table is not None else read_egoclip(data.egoclip, lax=data.lax_metadata)
+        self.table = exclude_videos(table, data.exclude_videos)
         self.video_root, self.chunk_seconds = data.video_root, data.chunk_seconds
         self.num_frames = vision.num_frames
         self.sampling = "rand" if train else "uniform"

@@ -47,15 +47,22 @@ class Summary:
 
 
 def prepare_videos(src: str | Path, dst: str | Path, short_side: int = 256, chunk_seconds: float = 600.0,
-                   workers: int = 4) -> Summary:
-    """Convert every ``SRC/*.mp4`` with ``workers`` processes. A video that fails is reported
-    (and listed in ``Summary.failed``) without stopping the others."""
+                   workers: int = 4, uids: list[str] | None = None) -> Summary:
+    """Convert every ``SRC/*.mp4`` (only ``SRC/<uid>.mp4`` of ``uids`` when given; a missing one fails)
+    with ``workers`` processes. A video that fails is reported (and listed in ``Summary.failed``) without
+    stopping the others."""
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such folder")
-    sources = sorted(src.glob("*.mp4"))
-    jobs = [(source, dst / source.stem, short_side, chunk_seconds) for source in sources]
     summary = Summary()
+    if uids is None:
+        sources = sorted(src.glob("*.mp4"))
+    else:
+        sources = [src / f"{uid}.mp4" for uid in dict.fromkeys(uids)]
+        summary.failed = [(str(s), "no such file (listed in --uids)") for s in sources if not s.is_file()]
+        sources = [s for s in sources if s.is_file()]
+    missing = len(summary.failed)
+    jobs = [(source, dst / source.stem, short_side, chunk_seconds) for source in sources]
     progress = tqdm(total=len(jobs), unit="video", desc="prepare-videos")
     if workers > 1 and len(jobs) > 1:
         with multiprocessing.Pool(min(workers, len(jobs))) as pool:
@@ -66,7 +73,7 @@ def prepare_videos(src: str | Path, dst: str | Path, short_side: int = 256, chun
             _record(summary, _run_job(job), progress)
     progress.close()
     print(f"prepare-videos: {summary.done} converted, {summary.skipped} already done, "
-          f"{len(summary.failed)} failed, of {len(jobs)} videos in {src}")
+          f"{len(summary.failed)} failed, of {len(sources) + missing} videos in {src}")
     for path, error in summary.failed:
         print(f"  failed: {path}: {error}")
     return summary
