@@ -376,8 +376,8 @@ def check_manifest(data, where: str) -> dict:
         raise FeatureFolderError(f"{where}: expected a JSON object, got {type(data).__name__}")
     check_field(data, "format", lambda v: v == FORMAT, repr(FORMAT), where)
     check_field(data, "checkpoint", lambda v: isinstance(v, str) and v, "a path", where)
-    check_field(data, "weights_digest", lambda v: isinstance(v, str) and _DIGEST.fullmatch(v), "'sha256:<64 hex>'",
-           where)
+    check_field(data, "weights_digest", lambda v: isinstance(v, str) and _DIGEST.fullmatch(v),
+                "'sha256:<64 hex>'", where)
     check_field(data, "what", lambda v: isinstance(v, str) and v in WHAT, f"one of {', '.join(WHAT)}", where)
     check_field(data, "dtype", lambda v: isinstance(v, str) and v in DTYPES, f"one of {', '.join(DTYPES)}", where)
     for key in ("window", "stride", "frames"):
@@ -386,11 +386,11 @@ def check_manifest(data, where: str) -> dict:
     check_field(data, "fps", lambda v: v is None or is_positive(v), "null or a positive number", where)
     check_field(data, "time_convention", lambda v: isinstance(v, str), "a string", where)
     shape = check_field(data, "row_shape", lambda v: isinstance(v, list) and len(v) in (1, 2)
-                   and all(is_whole(n, 1, MAX_DIMENSION) for n in v), f"a list of 1 or 2 sizes <= {MAX_DIMENSION}",
-                   where)
+                        and all(is_whole(n, 1, MAX_DIMENSION) for n in v),
+                        f"a list of 1 or 2 sizes <= {MAX_DIMENSION}", where)
     check_field(data, "dimension", lambda v: is_whole(v) and v == shape[-1], "the last size of 'row_shape'", where)
     check_field(data, "row_shape", lambda v: (len(v) == 2) == (data["what"] == "tokens"),
-           "[tokens, width] for 'tokens', [width] otherwise", where)
+                "[tokens, width] for 'tokens', [width] otherwise", where)
     videos = check_field(data, "videos", lambda v: isinstance(v, dict), "an object", where)
     for key, info in videos.items():
         at = f"{where} video {check_key(key, where)}"
@@ -401,9 +401,10 @@ def check_manifest(data, where: str) -> dict:
         check_field(info, "first_frame", lambda v: is_whole(v, 0), "a whole number >= 0", at)
         frames = check_field(info, "frames", is_whole, "a whole number >= 1", at)
         check_field(info, "windows", lambda v: is_whole(v) and v == num_windows(frames, data["stride"]),
-               f"ceil(frames / stride) = {num_windows(frames, data['stride'])}", at)
-    failed = check_field(data, "failed", lambda v: isinstance(v, dict) and all(isinstance(m, str) for m in v.values()),
-                    "an object of messages", where)
+                    f"ceil(frames / stride) = {num_windows(frames, data['stride'])}", at)
+    failed = check_field(data, "failed", lambda v: isinstance(v, dict) and all(isinstance(m, str)
+                                                                               for m in v.values()),
+                         "an object of messages", where)
     for key in failed:
         check_key(key, where)
     return data
