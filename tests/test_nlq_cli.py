@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -7,7 +8,10 @@ from svitt_ego.cli import main
 from svitt_ego.config import load_config
 from svitt_ego.models import create_model
 from svitt_ego.nlq import NLQFormatError
-from svitt_ego.nlq.features import window_centre
+from svitt_ego.features import Settings, begin_folder, feature_file, manifest_header, window_centre, write_tensors
+from svitt_ego.models.digest import weights_digest
+from svitt_ego.nlq.annotations import NLQQuery
+from svitt_ego.nlq.features import text_file
 from svitt_ego.nlq.search import query_embedding
 
 ANSWER_WINDOW = 5
@@ -47,6 +51,16 @@ def test_eval_nlq(tmp_path, capsys):
     assert status == 2 and f"{submission}: misses 1 of 1 queries" in message
 
 
+def _write_features(out, checkpoint, digest, video, tokens):
+    """An NLQ feature folder of one 40-frame clip ``c`` at 10 fps with one query ``a``."""
+    settings = Settings("pooled", 4, 4, 4)
+    header = {**manifest_header(checkpoint, digest, settings, [video.shape[1]]), "text_dimension": tokens.shape[1]}
+    info = {"source": "v", "fps": 10.0, "first_frame": 0, "frames": 40, "windows": 10}
+    begin_folder(out, header, {"c": info})
+    write_tensors(feature_file(out, "c"), {"features": video})
+    write_tensors(text_file(out, NLQQuery("c", "a", 0, "", None, None)), {"states": tokens})
+
+
 @pytest.fixture(scope="module")
 def features(tmp_path_factory):
     """A random tiny SViTT-Ego and features in which window 5 is the query's best match."""
@@ -62,13 +76,7 @@ def features(tmp_path_factory):
         best = torch.linalg.lstsq(weight, (3 * target - bias)[:, None]).solution[:, 0]
     video = 0.01 * torch.randn(10, weight.shape[1])
     video[ANSWER_WINDOW] = best
-    (root / "features" / "video").mkdir(parents=True)
-    (root / "features" / "text").mkdir()
-    torch.save(video.half(), root / "features" / "video" / "c.pt")
-    torch.save(tokens, root / "features" / "text" / "a_0.pt")
-    meta = {"checkpoint": str(root / "model"), "window": 4, "stride": 4, "dimension": weight.shape[1],
-            "text_dimension": tokens.shape[1], "clips": {"c": {"fps": 10.0, "frames": 40, "windows": 10}}}
-    (root / "features" / "meta.json").write_text(json.dumps(meta))
+    _write_features(root / "features", root / "model", weights_digest(model.state_dict()), video.half(), tokens)
     return root
 
 
@@ -91,3 +99,22 @@ def test_search_and_zero_shot_prediction(features, tmp_path, capsys):
     status, message = _run(capsys, "predict-nlq", features / "features", "--model", bad, "--annotations",
                            annotations, "--output", tmp_path / "x.json")
     assert status == 2 and f"{bad}: not a readable checkpoint" in message
+
+
+def test_search_from_another_folder_and_refusing_other_weights(features, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the manifest's checkpoint is absolute
+    status, out = _run(capsys, "search", features / "features", "when did I open the drawer?", "--top-k", "1")
+    assert status == 0 and out.splitlines()[1].split()[0] == "c"
+
+    torch.manual_seed(1)
+    create_model(load_config("tiny").model, load_pretrained=False).save_pretrained(tmp_path / "other")
+    manifest = json.loads((features / "features" / "manifest.json").read_text())
+    shutil.copytree(features / "features", tmp_path / "moved")
+    (tmp_path / "moved" / "manifest.json").write_text(json.dumps({**manifest, "checkpoint": str(tmp_path / "other")}))
+    for argv in (["search", tmp_path / "moved", "drawer"],
+                 ["predict-nlq", tmp_path / "moved", "--zero-shot", "--annotations", _annotations(tmp_path / "a.json"),
+                  "--output", tmp_path / "zs.json"]):
+        status, message = _run(capsys, *argv)
+        assert status == 2 and "the features were extracted with weights sha256:" in message
+        assert str(tmp_path / "other") in message
+    assert not (tmp_path / "zs.json").exists()

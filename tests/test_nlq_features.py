@@ -5,34 +5,17 @@ import numpy as np
 import pytest
 import torch
 
-from svitt_ego.nlq import features as nlq_features
-from svitt_ego.nlq.annotations import NLQClip
-from svitt_ego.nlq.features import (ClipFrames, NLQFeatures, extract_nlq_features, window_centre,
-                                    window_frame_indices, window_index)
+from svitt_ego.features import FeatureFolderError, WindowExtractor, feature_file
+from svitt_ego.nlq.annotations import NLQClip, NLQQuery
+from svitt_ego.nlq.features import NLQFeatures, clip_frames, extract_nlq_features, text_file
 
 av = pytest.importorskip("av")  # these tests write and read videos (PyAV)
 
 FPS = 10
 
 
-def test_windows_pad_with_the_last_frame():
-    assert window_frame_indices(10, 4, 4).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 9, 9]]
-    assert window_frame_indices(8, 4, 4).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert window_frame_indices(3, 4, 2).tolist() == [[0, 1, 2, 2], [2, 2, 2, 2]]
-
-
-def test_window_time_convention():
-    # window i covers frames [4i, 4i + 4): at 10 fps, [0.4 i, 0.4 i + 0.4) s, centre 0.4 i + 0.2
-    assert window_centre(0, 4, 4, 10.0) == pytest.approx(0.2)
-    assert window_centre(2, 4, 4, 10.0) == pytest.approx(1.0)
-    assert window_index(1.0, 4, 4, 10.0) == pytest.approx(2.0)
-    assert window_index(window_centre(7.25, 4, 2, 30.0), 4, 2, 30.0) == pytest.approx(7.25)
-
-
 def test_clip_frames():
-    frames = ClipFrames.of(NLQClip("c", "v", 1.25, 3.0), 10.0)
-    assert (frames.first, frames.count) == (12, 18)
-    assert frames.times(torch.tensor([0, 17])).tolist() == pytest.approx([1.25, 2.95])
+    assert clip_frames(NLQClip("c", "v", 1.25, 3.0), 10.0) == (12, 18)
 
 
 def _write_video(path, num_frames):
@@ -65,43 +48,111 @@ class _BrightnessModel(torch.nn.Module):
         return ids[..., None].float().expand(-1, -1, 3)
 
 
-def _annotations(path):
+def _annotations(path, annotation_uid=None):
     query = {"query": "when did I?", "clip_start_sec": 0.1, "clip_end_sec": 0.5}
     clip = lambda uid, vid, a, b: {"clip_uid": uid, "video_start_sec": a, "video_end_sec": b,  # noqa: E731
-                                   "annotations": [{"annotation_uid": f"a{uid}", "language_queries": [query]}]}
-    data = {"videos": [{"video_uid": "v1", "clips": [clip("c1", "v1", 0.5, 1.9)]},
+                                   "annotations": [{"annotation_uid": annotation_uid or f"a{uid}",
+                                                    "language_queries": [{**query, "query": f"{uid} when?"}]}]}
+    data = {"videos": [{"video_uid": "v1", "clips": [clip("c1", "v1", 0.5, 1.9), clip("c3", "v1", 0.0, 0.8)]},
                        {"video_uid": "gone", "clips": [clip("c2", "gone", 0.0, 1.0)]}]}
     path.write_text(json.dumps(data))
     return path
 
 
-def test_extraction_window_contents_resume_and_unreadable(tmp_path, monkeypatch):
+@pytest.fixture
+def brightness(tmp_path, monkeypatch):
     _write_video(tmp_path / "videos" / "v1" / "0.mp4", 20)
-    annotations = _annotations(tmp_path / "nlq.json")
     monkeypatch.setattr("svitt_ego.evaluate.load_for_eval", lambda checkpoint: (_BrightnessModel(), None))
-    with pytest.raises(ValueError, match="ckpt: no such checkpoint"):
-        extract_nlq_features(tmp_path / "ckpt", [annotations], tmp_path / "videos", tmp_path / "out")
+    return tmp_path
+
+
+def test_extraction_window_contents_resume_and_unreadable(brightness, monkeypatch):
+    tmp_path = brightness
+    annotations = _annotations(tmp_path / "nlq.json")
     checkpoint = tmp_path / "ckpt"
-    checkpoint.write_bytes(b"")
-    meta = extract_nlq_features(checkpoint, [annotations], tmp_path / "videos", tmp_path / "out", batch_size=3)
+    manifest = extract_nlq_features(checkpoint, [annotations], tmp_path / "videos", tmp_path / "out", batch_size=3)
 
     # clip c1 is frames 5..18 of v1: 14 frames, 4 windows, the last padded with frame 18
-    video = torch.load(tmp_path / "out" / "video" / "c1.pt", weights_only=True)
+    features = NLQFeatures(tmp_path / "out")
+    video = features.video("c1")
     assert video.dtype == torch.float16
     expected = [[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16], [17, 18, 18, 18]]
     torch.testing.assert_close(video.float(), torch.tensor(expected, dtype=torch.float32), atol=0.3, rtol=0)
-    assert meta["clips"]["c1"] == {"fps": 10.0, "frames": 14, "windows": 4}
-    assert "gone" in meta["failed"]["c2"] and not (tmp_path / "out" / "video" / "c2.pt").exists()
-    text = torch.load(tmp_path / "out" / "text" / "ac1_0.pt", weights_only=True)
-    assert text.tolist() == [[11.0] * 3, [7.0] * 3]  # padding removed
-    features = NLQFeatures(tmp_path / "out")
+    assert manifest["videos"]["c1"] == {"source": f"{tmp_path / 'videos' / 'v1'} (clip c1)", "fps": 10.0,
+                                        "first_frame": 5, "frames": 14, "windows": 4}
+    assert manifest["checkpoint"] == str(checkpoint.resolve()) and manifest["text_dimension"] == 3
+    assert "gone" in manifest["failed"]["c2"] and not feature_file(tmp_path / "out", "c2").exists()
+    text = features.text(NLQQuery("c1", "ac1", 0, "", None, None))
+    assert text.tolist() == [[8.0] * 3, [7.0] * 3]  # "c1 when?" has 8 characters; padding removed
     assert features.to_seconds("c1", 1) == pytest.approx(0.6)
-    with pytest.raises(ValueError, match="clip c2 has no features .*gone"):
+    with pytest.raises(FeatureFolderError, match="c2 has no features .*gone"):
         features.video("c2")
 
-    # a second run finds the clip done and writes nothing
-    monkeypatch.setattr(nlq_features.WindowFeatureExtractor, "clip_features",
-                        lambda *a, **k: pytest.fail("a finished clip was extracted again"))
+    # a second run finds the clips done and writes nothing
+    monkeypatch.setattr(WindowExtractor, "rows", lambda *a, **k: pytest.fail("a finished clip was extracted again"))
     extract_nlq_features(checkpoint, [annotations], tmp_path / "videos", tmp_path / "out")
-    with pytest.raises(ValueError, match="field 'stride' is 4, this run has 2"):
+    with pytest.raises(FeatureFolderError, match=r"stride 4 -> 2"):
         extract_nlq_features(checkpoint, [annotations], tmp_path / "videos", tmp_path / "out", stride=2)
+
+
+def test_an_interrupted_extraction_refuses_other_settings_or_weights(brightness, monkeypatch):
+    """Killed after its first clip's files, a rerun with another stride or checkpoint is refused
+    (the manifest is written before the first feature), and the same rerun completes."""
+    tmp_path = brightness
+    annotations, out = _annotations(tmp_path / "nlq.json"), tmp_path / "out"
+    real_rows = WindowExtractor.rows
+    calls = []
+
+    def killed_on_the_second(self, source, progress=None):
+        calls.append(source.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_rows(self, source, progress)
+
+    monkeypatch.setattr(WindowExtractor, "rows", killed_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        extract_nlq_features(tmp_path / "ckpt", [annotations], tmp_path / "videos", out)
+    assert feature_file(out, "c1").exists() and not feature_file(out, "c3").exists()
+    assert json.loads((out / "manifest.json").read_text())["stride"] == 4
+    with pytest.raises(FeatureFolderError, match="stride 4 -> 2"):
+        extract_nlq_features(tmp_path / "ckpt", [annotations], tmp_path / "videos", out, stride=2)
+
+    other = _BrightnessModel()
+    other.register_buffer("scale", torch.ones(1))  # other weights, so another digest
+    monkeypatch.setattr("svitt_ego.evaluate.load_for_eval", lambda checkpoint: (other, None))
+    with pytest.raises(FeatureFolderError, match="weights_digest 'sha256:"):
+        extract_nlq_features(tmp_path / "run_c", [annotations], tmp_path / "videos", out)
+
+    monkeypatch.setattr("svitt_ego.evaluate.load_for_eval", lambda checkpoint: (_BrightnessModel(), None))
+    monkeypatch.setattr(WindowExtractor, "rows", real_rows)
+    calls.clear()
+    manifest = extract_nlq_features(tmp_path / "ckpt", [annotations], tmp_path / "videos", out)
+    assert set(manifest["videos"]) == {"c1", "c3"}
+    assert NLQFeatures(out).video("c3").shape == (2, 4)
+
+
+def test_every_file_is_checked_on_resume_and_on_reading(brightness):
+    tmp_path = brightness
+    annotations, out = _annotations(tmp_path / "nlq.json"), tmp_path / "out"
+    extract_nlq_features(tmp_path / "ckpt", [annotations], tmp_path / "videos", out)
+    good = feature_file(out, "c1").read_bytes()
+    from safetensors.torch import save_file
+
+    save_file({"features": torch.zeros(75, 4, dtype=torch.float16)}, feature_file(out, "c1"))  # a stride-4 75-row file
+    with pytest.raises(FeatureFolderError, match=r"c1.safetensors: tensor 'features' is float16 \[75, 4\], the "
+                                                 r"manifest says float16 \[4, 4\]"):
+        NLQFeatures(out).video("c1")
+    extract_nlq_features(tmp_path / "ckpt", [annotations], tmp_path / "videos", out)  # makes it again
+    assert feature_file(out, "c1").read_bytes() == good
+
+
+def test_the_same_annotation_id_under_two_clips_keeps_both_queries(brightness):
+    tmp_path = brightness
+    annotations = _annotations(tmp_path / "nlq.json", annotation_uid="shared")
+    extract_nlq_features(tmp_path / "ckpt", [annotations], tmp_path / "videos", tmp_path / "out")
+    features = NLQFeatures(tmp_path / "out")
+    first = features.text(NLQQuery("c1", "shared", 0, "", None, None))
+    third = features.text(NLQQuery("c3", "shared", 0, "", None, None))
+    assert first[0, 0] == len("c1 when?") and third[0, 0] == len("c3 when?")
+    assert text_file(tmp_path / "out", NLQQuery("c1", "shared", 0, "", None, None)) != text_file(
+        tmp_path / "out", NLQQuery("c3", "shared", 0, "", None, None))

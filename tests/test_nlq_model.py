@@ -4,11 +4,13 @@ import math
 import pytest
 import torch
 
+from svitt_ego.features import Settings, begin_folder, feature_file, manifest_header, write_tensors
 from svitt_ego.nlq import evaluate_nlq
 from svitt_ego.nlq.detection import diou_loss, level_targets, soft_nms
 from svitt_ego.nlq.model import GroundingConfig, GroundingModel
 from svitt_ego.nlq.search import best_moments, fixed_window_baseline
-from svitt_ego.nlq.annotations import parse_nlq
+from svitt_ego.nlq.annotations import NLQQuery, parse_nlq
+from svitt_ego.nlq.features import text_file
 from svitt_ego.nlq.train import Stage, TrainSettings, load_grounding, predict_nlq, train_nlq
 
 
@@ -59,9 +61,11 @@ def test_padding_does_not_change_the_outputs():
 def _feature_folder(root, num_clips=6, windows=24, dim=8):
     """A features folder where the answer's windows carry the query's code (learnable)."""
     generator = torch.Generator().manual_seed(0)
-    (root / "video").mkdir(parents=True)
-    (root / "text").mkdir()
-    videos, clips = [], {}
+    settings = Settings("pooled", 4, 4, 4)
+    header = {**manifest_header(root / "ckpt", "sha256:" + "0" * 64, settings, [dim]), "text_dimension": dim}
+    info = {"source": "v", "fps": 10.0, "first_frame": 0, "frames": 4 * windows, "windows": windows}
+    begin_folder(root, header, {f"c{c}": info for c in range(num_clips)})
+    videos = []
     for c in range(num_clips):
         video = 0.1 * torch.randn(windows, dim, generator=generator)
         queries = []
@@ -69,16 +73,14 @@ def _feature_folder(root, num_clips=6, windows=24, dim=8):
             code = torch.zeros(dim)
             code[(c + k) % dim] = 1.0
             video[a:b] += code
-            torch.save(code[None].repeat(2, 1).half(), root / "text" / f"a{c}_{k}.pt")
+            query = NLQQuery(f"c{c}", f"a{c}", k, "", None, None)
+            write_tensors(text_file(root, query), {"states": code[None].repeat(2, 1).half()})
             # window i stands for (4 i + 2) / 10 s: windows a..b-1 span [0.4 a, 0.4 b) s
             queries.append({"query": f"q{c}{k}", "clip_start_sec": 0.4 * a, "clip_end_sec": 0.4 * b})
-        torch.save(video.half(), root / "video" / f"c{c}.pt")
-        clips[f"c{c}"] = {"fps": 10.0, "frames": 4 * windows, "windows": windows}
+        write_tensors(feature_file(root, f"c{c}"), {"features": video.half()})
         videos.append({"video_uid": f"v{c}", "clips": [{
             "clip_uid": f"c{c}", "video_start_sec": 0.0, "video_end_sec": 0.4 * windows,
             "annotations": [{"annotation_uid": f"a{c}", "language_queries": queries}]}]})
-    meta = {"checkpoint": "x", "window": 4, "stride": 4, "dimension": dim, "text_dimension": dim, "clips": clips}
-    (root / "meta.json").write_text(json.dumps(meta))
     (root / "nlq.json").write_text(json.dumps({"videos": videos}))
     return root / "nlq.json"
 

@@ -125,6 +125,15 @@ def _cmd_extract_nlq_features(args: argparse.Namespace) -> int:
     return 1 if meta["failed"] else 0
 
 
+def _cmd_extract_features(args: argparse.Namespace) -> int:
+    from svitt_ego.features import extract_features
+
+    manifest = extract_features(args.checkpoint, args.videos, args.out, what=args.what, window=args.window,
+                                stride=args.stride, frames=args.frames, fps=args.fps, dtype=args.dtype,
+                                batch_size=args.batch_size, chunk_seconds=args.chunk_seconds, root=args.root)
+    return 1 if manifest["failed"] else 0
+
+
 def _cmd_train_nlq(args: argparse.Namespace) -> int:
     from svitt_ego.nlq.train import Stage, TrainSettings, train_nlq
 
@@ -257,6 +266,31 @@ def _add_pretraining_commands(sub) -> None:
     p.add_argument("--out", default="figure.png")
     p.add_argument("--chunk-seconds", type=float, default=600.0, help="chunk length of a chunk folder")
     p.set_defaults(func=_cmd_visualize)
+
+    p = sub.add_parser("extract-features", help="window features of any videos (files, folders, lists, chunk folders)",
+                       description="One row per window of --window frames, every --stride frames; the model sees "
+                                   "--frames of each window's frames, spread evenly over the window when fewer. "
+                                   "Row i stands for the window's centre, (stride*i + window/2)/fps s. Resumable: "
+                                   "rerun with the same settings to continue.")
+    p.add_argument("checkpoint", help="a training checkpoint (.pt) or a save_pretrained folder")
+    p.add_argument("videos", nargs="+", help="video files, prepared chunk folders ROOT/VIDEO_UID, folders of either, "
+                                             "or .txt files of such paths (one a line)")
+    p.add_argument("--out", required=True, help="the feature folder (manifest.json, videos/<name>.safetensors)")
+    p.add_argument("--root", default=None, help="a prepare-videos root: VIDEOS may then be video uids under it")
+    p.add_argument("--what", choices=["pooled", "projected", "tokens"], default="pooled",
+                   help="pooled: the video encoder's pooled vector; projected: the joint-space embedding; "
+                        "tokens: the last layer's kept tokens and their (t, h, w) positions")
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames the model sees per window (default: the model's num_frames; another re-inflates it); "
+                        "with fewer than --window they are spread evenly over the window")
+    p.add_argument("--window", type=int, default=None, help="frames per window (default: --frames)")
+    p.add_argument("--stride", type=int, default=None, help="frames between window starts (default: --window)")
+    p.add_argument("--fps", type=float, default=None,
+                   help="resample every video to this frame rate first (default: each file's own)")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="of the stored features")
+    p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
+    p.add_argument("--chunk-seconds", type=float, default=600.0, help="chunk length of chunk folders")
+    p.set_defaults(func=_cmd_extract_features)
 
     p = sub.add_parser("demo", help="toy data -> evaluate -> pretrain the tiny model -> evaluate again")
     p.add_argument("--workdir", default="demo_run")

@@ -145,7 +145,7 @@ def parse_nlq(data, source: str) -> NLQAnnotations:
 
 
 def load_json(path: str | Path):
-    """An NLQ JSON file (annotations, a submission, a features folder's meta.json); a missing or
+    """An NLQ JSON file (annotations, a submission); a missing or
     malformed one raises :class:`NLQFormatError` naming it."""
     return _load_json(path, NLQFormatError)
 

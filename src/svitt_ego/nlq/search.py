@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from svitt_ego.features import MANIFEST, model_of
 from svitt_ego.nlq.annotations import NLQAnnotations
 from svitt_ego.nlq.detection import segment_iou
 from svitt_ego.nlq.features import NLQFeatures
@@ -82,7 +83,7 @@ def search(model, features: NLQFeatures, text: str, top_k: int = 10) -> list[tup
     """``(clip_uid, start, end, score)`` of the best moments over every clip for a free-text query."""
     query = model.encode_text([text])[0].float()
     found = []
-    for clip_uid in features.meta["clips"]:
+    for clip_uid in features.keys():
         scores = window_embeddings(model, features.video(clip_uid)) @ query
         for a, b, score in best_moments(scores, top_k):
             found.append((clip_uid, *moment_seconds(features, clip_uid, a, b), score))
@@ -112,10 +113,7 @@ def fixed_window_results(annotations: NLQAnnotations, interval: tuple[float, flo
             for q in annotations.queries]
 
 
-
 def load_dual_encoder(features: NLQFeatures, checkpoint: str | None = None):
-    """The SViTT-Ego model the features came from (``meta.json``'s checkpoint unless given)."""
-    from svitt_ego.evaluate import load_for_eval
-
-    model, _ = load_for_eval(checkpoint or features.meta["checkpoint"])
-    return model.eval()
+    """The SViTT-Ego model the features came from (the manifest's checkpoint unless given); weights
+    other than those the features were extracted with are refused."""
+    return model_of(features.manifest, str(features.folder / MANIFEST), checkpoint)
