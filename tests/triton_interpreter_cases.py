@@ -11,7 +11,8 @@ import pytest
 import torch
 from attention_helpers import attention_inputs, max_relative_error, outputs_and_grads
 
-from svitt_ego.models.attention import BlockPattern, reference_attention, sample_block_pattern, triton_attention
+from svitt_ego.models.attention import reference_attention, triton_attention
+from svitt_ego.models.block_pattern import BlockPattern, sample_block_pattern
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 

@@ -20,23 +20,18 @@ patch rows; :mod:`svitt_ego.models.attention` adds the [CLS] row with plain PyTo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from svitt_ego.models.block_pattern import BlockPattern
 from svitt_ego.models.position_bias import PATCH_TO_CLS_ROW, RelativePositionBias3D
 
 # Warps per program for 64-row tiles of head dim 64, chosen from ptxas's report for sm_90 (fp16): the
 # forward needs 168 registers a thread with 4 warps, no spills; with 4 warps both backward kernels hit
 # the 255-register cap and one spills, with 8 they fit.
 FORWARD_WARPS, BACKWARD_WARPS = 4, 8
-
-if TYPE_CHECKING:  # the attention module imports this one lazily; no import at run time either way round
-    from svitt_ego.models.attention import BlockPattern
-
 
 @triton.jit
 def _tile(ptr, batch_stride, head_stride, row_stride, batch, head, tile, n,
