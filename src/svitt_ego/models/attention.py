@@ -152,11 +152,10 @@ def flex_attention(q, k, v, positions, rel_bias: RelativePositionBias3D, pattern
 
 
 def triton_attention(q, k, v, positions, rel_bias: RelativePositionBias3D, pattern: BlockPattern):
-    """The patch rows from the fused Triton kernel, the dense [CLS] row from PyTorch."""
+    """The fused Triton kernels: patch rows, the dense [CLS] row and its probabilities."""
     from svitt_ego.models.sparse_attention_triton import sparse_attention  # imports triton: only when used
 
-    cls_out, cls_probs = _cls_row(q, k, v, positions, rel_bias)
-    return torch.cat([cls_out, sparse_attention(q, k, v, positions, rel_bias, pattern)], dim=2), cls_probs
+    return sparse_attention(q, k, v, positions, rel_bias, pattern)
 
 
 def _cls_probs(q, k, cls_bias):
