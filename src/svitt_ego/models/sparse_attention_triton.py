@@ -50,37 +50,46 @@ from svitt_ego.models.block_pattern import BlockPattern
 from svitt_ego.models.position_bias import (CLS_TO_CLS_ROW, CLS_TO_PATCH_ROW, PATCH_TO_CLS_ROW,
                                             RelativePositionBias3D)
 
-# Warps per program for 64-row tiles of head dim 64 (see benchmarks/kernel_registers.py).
-FORWARD_WARPS, BACKWARD_WARPS = 4, 8
+# Launch options for 64-row tiles of head dim 64, from ptxas's report for sm_90a (Triton 3.6, see
+# benchmarks/kernel_registers.py): the forward at 4 warps fits 168 registers without spills in fp16 /
+# bf16 (3 programs per SM) with a two-stage pipeline; the key kernel needs 8 warps.
+BACKWARD_WARPS = 8
+
+
+def forward_options(dtype: torch.dtype) -> dict:
+    half = dtype in (torch.float16, torch.bfloat16)
+    return dict(num_warps=4, num_stages=2, maxnreg=168 if half else None)
+
+
 # Batch elements one key-kernel program takes when the batch shares the positions (table atomics
 # shrink by this factor); tokens per step of the [CLS] kernels.
 BATCH_CHUNK, CLS_CHUNK = 16, 64
 
 
 @triton.jit
-def _tile(ptr, base, row_stride, tile, n, G: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _tile(ptr, row_stride, tile, n, G: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
           BLOCK_D: tl.constexpr):
-    """Patch tokens ``tile * G ..`` (rows ``1 + token`` after [CLS]) of one (batch, head) at ``base``."""
+    """Patch tokens ``tile * G ..`` (rows ``1 + token`` after [CLS]) of the (batch, head) at ``ptr``."""
     rows = tl.arange(0, BLOCK)
     dims = tl.arange(0, BLOCK_D)
     token = tile * G + rows
     ok = (rows < G) & (token < n)
-    offsets = base + (1 + token).to(tl.int64)[:, None] * row_stride + dims[None, :]
+    offsets = (1 + token)[:, None] * row_stride + dims[None, :]
     x = tl.load(ptr + offsets, mask=ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
     return x, token, ok
 
 
 @triton.jit
-def _row(ptr, base, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Row 0 ([CLS]) of one (batch, head) at ``base``, in fp32."""
+def _row(ptr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Row 0 ([CLS]) of the (batch, head) at ``ptr``, in fp32."""
     dims = tl.arange(0, BLOCK_D)
-    return tl.load(ptr + base + dims, mask=dims < HEAD_DIM, other=0.0).to(tl.float32)
+    return tl.load(ptr + dims, mask=dims < HEAD_DIM, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _store_rows(ptr, base, row_stride, rows, ok, x, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+def _store_rows(ptr, row_stride, rows, ok, x, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     dims = tl.arange(0, BLOCK_D)
-    offsets = base + rows.to(tl.int64)[:, None] * row_stride + dims[None, :]
+    offsets = rows[:, None] * row_stride + dims[None, :]
     tl.store(ptr + offsets, x.to(ptr.dtype.element_ty), mask=ok[:, None] & (dims[None, :] < HEAD_DIM))
 
 
@@ -113,19 +122,19 @@ def _forward_kernel(Q, K, V, O, LSE, POS, TABLE, KEY_BLOCKS, VALID,
     tile, bh = pid % num_tiles, pid // num_tiles
     batch, head = bh // num_heads, bh % num_heads
     table = TABLE + head * table_head_stride
-    q_base, k_base, v_base = batch * sqb + head * sqh, batch * skb + head * skh, batch * svb + head * svh
-    q, q_token, q_ok = _tile(Q, q_base, sqn, tile, n, G, BLOCK, HEAD_DIM, BLOCK_D)
+    q_ptr, k_ptr, v_ptr = Q + batch * sqb + head * sqh, K + batch * skb + head * skh, V + batch * svb + head * svh
+    q, q_token, q_ok = _tile(q_ptr, sqn, tile, n, G, BLOCK, HEAD_DIM, BLOCK_D)
     q_code = _codes(POS, batch * pos_stride, q_token, q_ok, GRID)
     # The [CLS] key starts the online softmax: every row has at least this one finite score.
-    k0, v0 = _row(K, k_base, HEAD_DIM, BLOCK_D), _row(V, v_base, HEAD_DIM, BLOCK_D)
+    k0, v0 = _row(k_ptr, HEAD_DIM, BLOCK_D), _row(v_ptr, HEAD_DIM, BLOCK_D)
     m = tl.sum(q.to(tl.float32) * k0[None, :], 1) * scale + tl.load(table + patch_to_cls * table_stride).to(tl.float32)
     total = tl.full([BLOCK], 1.0, tl.float32)
     acc = tl.zeros([BLOCK, BLOCK_D], tl.float32) + v0[None, :]
     for w in range(0, WIDTH):  # invalid slots are masked: no load, no score
         key_tile = tl.load(KEY_BLOCKS + tile * key_stride + w)
         tokens = n * tl.load(VALID + tile * valid_stride + w).to(tl.int32)  # 0: the slot is invalid
-        k, k_token, k_ok = _tile(K, k_base, skn, key_tile, tokens, G, BLOCK, HEAD_DIM, BLOCK_D)
-        v, _, _ = _tile(V, v_base, svn, key_tile, tokens, G, BLOCK, HEAD_DIM, BLOCK_D)
+        k, k_token, k_ok = _tile(k_ptr, skn, key_tile, tokens, G, BLOCK, HEAD_DIM, BLOCK_D)
+        v, _, _ = _tile(v_ptr, svn, key_tile, tokens, G, BLOCK, HEAD_DIM, BLOCK_D)
         k_code = _codes(POS, batch * pos_stride, k_token, k_ok, GRID)
         s, _, _ = _scores(q, k, q_code, k_code, q_ok, k_ok, table, table_stride, center, scale, PRECISION)
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -134,27 +143,25 @@ def _forward_kernel(Q, K, V, O, LSE, POS, TABLE, KEY_BLOCKS, VALID,
         total = total * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
-    _store_rows(O, batch * sob + head * soh, son, 1 + q_token, q_ok, acc / total[:, None], HEAD_DIM, BLOCK_D)
+    _store_rows(O + batch * sob + head * soh, son, 1 + q_token, q_ok, acc / total[:, None], HEAD_DIM, BLOCK_D)
     tl.store(LSE + bh * (n + 1) + 1 + q_token, m + tl.log(total), mask=q_ok)
 
 
 @triton.jit
-def _cls_scores(Q0, K, base, row_stride, start, n, table, table_stride, cls_to_patch, cls_to_cls, scale,
+def _cls_scores(Q0, K, row_stride, start, n, table, table_stride, cls_to_patch, cls_to_cls, scale,
                 CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """The [CLS] query's fp32 scores against rows ``start ..`` (-inf past the last), with the rows."""
     token = start + tl.arange(0, CHUNK)
-    dims = tl.arange(0, BLOCK_D)
     ok = token < n + 1
-    k = tl.load(K + base + token.to(tl.int64)[:, None] * row_stride + dims[None, :],
-                mask=ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+    k = _load_rows(K, row_stride, token, ok, HEAD_DIM, BLOCK_D)
     bias = tl.load(table + tl.where(token == 0, cls_to_cls, cls_to_patch) * table_stride).to(tl.float32)
     return tl.where(ok, tl.sum(k * Q0[None, :], 1) * scale + bias, float("-inf")), token, ok, k
 
 
 @triton.jit
-def _load_rows(ptr, base, row_stride, token, ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+def _load_rows(ptr, row_stride, token, ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     dims = tl.arange(0, BLOCK_D)
-    return tl.load(ptr + base + token.to(tl.int64)[:, None] * row_stride + dims[None, :],
+    return tl.load(ptr + token[:, None] * row_stride + dims[None, :],
                    mask=ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
 
 
@@ -166,16 +173,16 @@ def _cls_forward_kernel(Q, K, V, O, LSE, PROBS, TABLE, sqb, sqh, skb, skh, skn, 
     bh = tl.program_id(0).to(tl.int64)
     batch, head = bh // num_heads, bh % num_heads
     table = TABLE + head * table_head_stride
-    k_base, v_base = batch * skb + head * skh, batch * svb + head * svh
-    q0 = _row(Q, batch * sqb + head * sqh, HEAD_DIM, BLOCK_D)
+    k_ptr, v_ptr = K + batch * skb + head * skh, V + batch * svb + head * svh
+    q0 = _row(Q + batch * sqb + head * sqh, HEAD_DIM, BLOCK_D)
     m = float("-inf")
     total = 0.0
     acc = tl.zeros([BLOCK_D], tl.float32)
     start = 0
     while start < n + 1:
-        s, token, ok, _ = _cls_scores(q0, K, k_base, skn, start, n, table, table_stride, cls_to_patch,
+        s, token, ok, _ = _cls_scores(q0, k_ptr, skn, start, n, table, table_stride, cls_to_patch,
                                       cls_to_cls, scale, CHUNK, HEAD_DIM, BLOCK_D)
-        v = _load_rows(V, v_base, svn, token, ok, HEAD_DIM, BLOCK_D)
+        v = _load_rows(v_ptr, svn, token, ok, HEAD_DIM, BLOCK_D)
         m_new = tl.maximum(m, tl.max(s, 0))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new)
@@ -189,7 +196,7 @@ def _cls_forward_kernel(Q, K, V, O, LSE, PROBS, TABLE, sqb, sqh, skb, skh, skn, 
     tl.store(LSE + bh * (n + 1), lse)
     start = 0
     while start < n + 1:
-        s, token, ok, _ = _cls_scores(q0, K, k_base, skn, start, n, table, table_stride, cls_to_patch,
+        s, token, ok, _ = _cls_scores(q0, k_ptr, skn, start, n, table, table_stride, cls_to_patch,
                                       cls_to_cls, scale, CHUNK, HEAD_DIM, BLOCK_D)
         tl.store(PROBS + batch * spb + head * sph + token, tl.exp(s - lse).to(PROBS.dtype.element_ty), mask=ok)
         start += CHUNK
@@ -224,10 +231,10 @@ def _cls_backward_kernel(Q, K, V, O, DO, DPROBS, LSE, DELTA, DQ, DK, DV, TABLE, 
     batch, head = bh // num_heads, bh % num_heads
     table = TABLE + head * table_head_stride
     dtable = DTABLE + head * table_head_stride
-    q_base, k_base, v_base = batch * sqb + head * sqh, batch * skb + head * skh, batch * svb + head * svh
-    do_base, g_base = batch * sdb + head * sdh, bh * (n + 1) * HEAD_DIM
-    q0, k0 = _row(Q, q_base, HEAD_DIM, BLOCK_D), _row(K, k_base, HEAD_DIM, BLOCK_D)
-    v0, do0 = _row(V, v_base, HEAD_DIM, BLOCK_D), _row(DO, do_base, HEAD_DIM, BLOCK_D)
+    q_ptr, k_ptr, v_ptr = Q + batch * sqb + head * sqh, K + batch * skb + head * skh, V + batch * svb + head * svh
+    do_ptr, o_ptr, g_base = DO + batch * sdb + head * sdh, O + batch * sob + head * soh, bh * (n + 1) * HEAD_DIM
+    q0, k0 = _row(q_ptr, HEAD_DIM, BLOCK_D), _row(k_ptr, HEAD_DIM, BLOCK_D)
+    v0, do0 = _row(v_ptr, HEAD_DIM, BLOCK_D), _row(do_ptr, HEAD_DIM, BLOCK_D)
     lse0 = tl.load(LSE + bh * (n + 1))
     bias_p2c = tl.load(table + patch_to_cls * table_stride).to(tl.float32)
     # Patch queries against the [CLS] key, and delta.
@@ -240,24 +247,24 @@ def _cls_backward_kernel(Q, K, V, O, DO, DPROBS, LSE, DELTA, DQ, DK, DV, TABLE, 
         token = start + tl.arange(0, CHUNK)
         ok = token < n + 1
         if HAS_DPROBS:
-            s, _, _, _ = _cls_scores(q0, K, k_base, skn, start, n, table, table_stride, cls_to_patch, cls_to_cls,
+            s, _, _, _ = _cls_scores(q0, k_ptr, skn, start, n, table, table_stride, cls_to_patch, cls_to_cls,
                                      scale, CHUNK, HEAD_DIM, BLOCK_D)
             dprobs = tl.load(DPROBS + batch * spb + head * sph + token * spn, mask=ok, other=0.0).to(tl.float32)
             probs_dot += tl.sum(tl.where(ok, tl.exp(s - lse0) * dprobs, 0.0), 0)
         patch = ok & (token > 0)
-        q = _load_rows(Q, q_base, sqn, token, patch, HEAD_DIM, BLOCK_D)
-        do = _load_rows(DO, do_base, sdn, token, patch, HEAD_DIM, BLOCK_D)
-        delta = tl.sum(do * _load_rows(O, batch * sob + head * soh, son, token, patch, HEAD_DIM, BLOCK_D), 1)
+        q = _load_rows(q_ptr, sqn, token, patch, HEAD_DIM, BLOCK_D)
+        do = _load_rows(do_ptr, sdn, token, patch, HEAD_DIM, BLOCK_D)
+        delta = tl.sum(do * _load_rows(o_ptr, son, token, patch, HEAD_DIM, BLOCK_D), 1)
         tl.store(DELTA + bh * (n + 1) + token, delta, mask=patch)
         lse = tl.load(LSE + bh * (n + 1) + token, mask=patch, other=0.0)
         p0 = tl.where(patch, tl.exp(tl.sum(q * k0[None, :], 1) * scale + bias_p2c - lse), 0.0)
         ds0 = p0 * (tl.sum(do * v0[None, :], 1) - delta)
-        _store_rows(DQ, g_base, HEAD_DIM, token, patch, ds0[:, None] * k0[None, :] * scale, HEAD_DIM, BLOCK_D)
+        _store_rows(DQ + g_base, HEAD_DIM, token, patch, ds0[:, None] * k0[None, :] * scale, HEAD_DIM, BLOCK_D)
         dk0 += tl.sum(ds0[:, None] * q, 0)
         dv0 += tl.sum(p0[:, None] * do, 0)
         ds_p2c += tl.sum(ds0, 0)
         start += CHUNK
-    delta0 = tl.sum(do0 * _row(O, batch * sob + head * soh, HEAD_DIM, BLOCK_D), 0) + probs_dot
+    delta0 = tl.sum(do0 * _row(o_ptr, HEAD_DIM, BLOCK_D), 0) + probs_dot
     tl.store(DELTA + bh * (n + 1), delta0)
     # The [CLS] query against every key (its shares of the patch keys' dK / dV are the key kernel's).
     dq0 = tl.zeros([BLOCK_D], tl.float32)
@@ -266,10 +273,10 @@ def _cls_backward_kernel(Q, K, V, O, DO, DPROBS, LSE, DELTA, DQ, DK, DV, TABLE, 
     p_c2c = 0.0
     start = 0
     while start < n + 1:
-        s, token, ok, k = _cls_scores(q0, K, k_base, skn, start, n, table, table_stride, cls_to_patch,
+        s, token, ok, k = _cls_scores(q0, k_ptr, skn, start, n, table, table_stride, cls_to_patch,
                                       cls_to_cls, scale, CHUNK, HEAD_DIM, BLOCK_D)
         p = tl.where(ok, tl.exp(s - lse0), 0.0)
-        dp = tl.sum(_load_rows(V, v_base, svn, token, ok, HEAD_DIM, BLOCK_D) * do0[None, :], 1)
+        dp = tl.sum(_load_rows(v_ptr, svn, token, ok, HEAD_DIM, BLOCK_D) * do0[None, :], 1)
         if HAS_DPROBS:
             dp += tl.load(DPROBS + batch * spb + head * sph + token * spn, mask=ok, other=0.0).to(tl.float32)
         ds = p * (dp - delta0)
@@ -315,13 +322,13 @@ def _backward_key_kernel(Q, K, V, DO, DPROBS, LSE, DELTA, DQ, DK, DV, POS, TABLE
     batch = first
     while batch < tl.minimum(first + CHUNK, batch_size):
         bh = batch * num_heads + head
-        q_base, k_base, v_base = batch * sqb + head * sqh, batch * skb + head * skh, batch * svb + head * svh
-        do_base = batch * sdb + head * sdh
-        k, k_token, k_ok = _tile(K, k_base, skn, key_tile, n, G, BLOCK, HEAD_DIM, BLOCK_D)
-        v, _, _ = _tile(V, v_base, svn, key_tile, n, G, BLOCK, HEAD_DIM, BLOCK_D)
+        q_ptr, k_ptr = Q + batch * sqb + head * sqh, K + batch * skb + head * skh
+        v_ptr, do_ptr, g_base = V + batch * svb + head * svh, DO + batch * sdb + head * sdh, bh * (n + 1) * HEAD_DIM
+        k, k_token, k_ok = _tile(k_ptr, skn, key_tile, n, G, BLOCK, HEAD_DIM, BLOCK_D)
+        v, _, _ = _tile(v_ptr, svn, key_tile, n, G, BLOCK, HEAD_DIM, BLOCK_D)
         k_code = _codes(POS, batch * pos_stride, k_token, k_ok, GRID)
         # The [CLS] query's share.
-        q0, do0 = _row(Q, q_base, HEAD_DIM, BLOCK_D), _row(DO, do_base, HEAD_DIM, BLOCK_D)
+        q0, do0 = _row(q_ptr, HEAD_DIM, BLOCK_D), _row(do_ptr, HEAD_DIM, BLOCK_D)
         s0 = tl.sum(k.to(tl.float32) * q0[None, :], 1) * scale + bias_c2p
         p0 = tl.where(k_ok, tl.exp(s0 - tl.load(LSE + bh * (n + 1))), 0.0)
         dp0 = tl.sum(v.to(tl.float32) * do0[None, :], 1)
@@ -334,30 +341,32 @@ def _backward_key_kernel(Q, K, V, DO, DPROBS, LSE, DELTA, DQ, DK, DV, POS, TABLE
         j = 0
         while j < count:
             pair = tl.load(PAIRS + key_tile * num_tiles + j)
-            q, q_token, q_ok = _tile(Q, q_base, sqn, pair // WIDTH, n, G, BLOCK, HEAD_DIM, BLOCK_D)
-            do, _, _ = _tile(DO, do_base, sdn, pair // WIDTH, n, G, BLOCK, HEAD_DIM, BLOCK_D)
+            q, q_token, q_ok = _tile(q_ptr, sqn, pair // WIDTH, n, G, BLOCK, HEAD_DIM, BLOCK_D)
+            do, _, _ = _tile(do_ptr, sdn, pair // WIDTH, n, G, BLOCK, HEAD_DIM, BLOCK_D)
             q_code = _codes(POS, batch * pos_stride, q_token, q_ok, GRID)
             lse = tl.load(LSE + bh * (n + 1) + 1 + q_token, mask=q_ok, other=0.0)
             delta = tl.load(DELTA + bh * (n + 1) + 1 + q_token, mask=q_ok, other=0.0)
-            s, rows, both = _scores(q, k, q_code, k_code, q_ok, k_ok, table, table_stride, center, scale,
-                                    PRECISION)
-            p = tl.where(both, tl.exp(s - lse[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-            dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
-            dims = tl.arange(0, BLOCK_D)
-            dq_offsets = bh * (n + 1) * HEAD_DIM + (1 + q_token)[:, None] * HEAD_DIM + dims[None, :]
-            tl.atomic_add(DQ + dq_offsets, dq, mask=q_ok[:, None] & (dims[None, :] < HEAD_DIM), sem="relaxed")
+            # Transposed, [key, query]: P^T and dS^T are the left operands of dV and dK as computed.
+            rows = q_code[None, :] - k_code[:, None] + center
+            both = k_ok[:, None] & q_ok[None, :]
+            s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale
+            s += tl.load(table + rows * table_stride, mask=both, other=0.0).to(tl.float32)
+            p = tl.where(both, tl.exp(s - lse[None, :]), 0.0)
+            dv += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
+            ds = p * (tl.dot(v, tl.trans(do), input_precision=PRECISION) - delta[None, :])
             if SHARED:
                 slot = slots + pair * BLOCK * BLOCK + slot_offsets
                 tl.store(slot, ds + tl.load(slot, mask=slot_offsets < (batch - first) * BLOCK * BLOCK, other=0.0))
             else:
                 tl.atomic_add(dtable + rows * table_stride, ds, mask=both, sem="relaxed")
+            dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
+            dq = tl.dot(tl.trans(ds.to(k.dtype)), k, input_precision=PRECISION) * scale
+            dims = tl.arange(0, BLOCK_D)
+            dq_offsets = (1 + q_token)[:, None] * HEAD_DIM + dims[None, :]
+            tl.atomic_add(DQ + g_base + dq_offsets, dq, mask=q_ok[:, None] & (dims[None, :] < HEAD_DIM), sem="relaxed")
             j += 1
-        g_base = bh * (n + 1) * HEAD_DIM
-        _store_rows(DK, g_base, HEAD_DIM, 1 + k_token, k_ok, dk * scale, HEAD_DIM, BLOCK_D)
-        _store_rows(DV, g_base, HEAD_DIM, 1 + k_token, k_ok, dv, HEAD_DIM, BLOCK_D)
+        _store_rows(DK + g_base, HEAD_DIM, 1 + k_token, k_ok, dk * scale, HEAD_DIM, BLOCK_D)
+        _store_rows(DV + g_base, HEAD_DIM, 1 + k_token, k_ok, dv, HEAD_DIM, BLOCK_D)
         batch += 1
     if SHARED:  # one atomic per element for the whole chunk
         rows = tl.arange(0, BLOCK)
@@ -370,9 +379,9 @@ def _backward_key_kernel(Q, K, V, DO, DPROBS, LSE, DELTA, DQ, DK, DV, POS, TABLE
             q_token = (pair // WIDTH) * G + rows
             q_ok = (rows < G) & (q_token < n)
             q_code = _codes(POS, 0, q_token, q_ok, GRID)
-            table_rows = q_code[:, None] - k_code[None, :] + center
+            table_rows = q_code[None, :] - k_code[:, None] + center
             ds = tl.load(slots + pair * BLOCK * BLOCK + slot_offsets)
-            tl.atomic_add(dtable + table_rows * table_stride, ds, mask=q_ok[:, None] & k_ok[None, :], sem="relaxed")
+            tl.atomic_add(dtable + table_rows * table_stride, ds, mask=k_ok[:, None] & q_ok[None, :], sem="relaxed")
             j += 1
 
 
@@ -418,7 +427,7 @@ class _SparseAttention(torch.autograd.Function):
         _forward_kernel[(nb * B * H,)](q, k, v, out, lse, positions, table, key_blocks, valid,
                                        *_strides(q, k, v, out), pos_stride, *table.stride(),
                                        key_blocks.stride(0), valid.stride(0), n, H, nb, center,
-                                       special["patch_to_cls"], scale, num_warps=FORWARD_WARPS, **consts)
+                                       special["patch_to_cls"], scale, **forward_options(q.dtype), **consts)
         _cls_forward_kernel[(B * H,)](q, k, v, out, lse, cls_probs, table, *q.stride()[:2], *_strides(k, v),
                                       *out.stride()[:2], *cls_probs.stride()[:2], *table.stride(), n, H,
                                       special["cls_to_patch"], special["cls_to_cls"], scale, CHUNK=CLS_CHUNK,
