@@ -109,9 +109,8 @@ def test_pattern_kernel_transposes_the_pattern():
     """Each key tile's visitors as pairs ``query tile * W + slot``, in query tile order, and their count."""
     pattern = BlockPattern(key_blocks=torch.tensor([[2, 0], [1, 0], [0, 2]]),
                            valid=torch.tensor([[False, True], [True, True], [True, False]]), block_size=2)
-    pairs = torch.full((3, 3), -1, dtype=torch.int32)
-    count = torch.zeros(3, dtype=torch.int32)
-    sparse_attention_triton._pattern_kernel[(3,)](pattern.key_blocks, pattern.valid, pairs, count, 2, 2, 3,
+    pairs = torch.full((4, 3), -1, dtype=torch.int32)
+    sparse_attention_triton._pattern_kernel[(3,)](pattern.key_blocks, pattern.valid, pairs, 2, 2, 3,
                                                   WIDTH=2, TILES_P=4, WIDTH_P=2)
-    assert count.tolist() == [3, 1, 0]  # key tile 0: query tiles 0, 1, 2; tile 1: 1; tile 2: none
+    assert pairs[3].tolist() == [3, 1, 0]  # the counts; key tile 0: query tiles 0, 1, 2; tile 1: 1; tile 2: none
     assert pairs[0].tolist() == [1, 3, 4] and pairs[1, 0].item() == 2

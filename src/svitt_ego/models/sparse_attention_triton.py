@@ -203,9 +203,10 @@ def _cls_forward_kernel(Q, K, V, O, LSE, PROBS, TABLE, sqb, sqh, skb, skh, skn, 
 
 
 @triton.jit
-def _pattern_kernel(KEY_BLOCKS, VALID, PAIRS, COUNT, key_stride, valid_stride, num_tiles,
+def _pattern_kernel(KEY_BLOCKS, VALID, PAIRS, key_stride, valid_stride, num_tiles,
                     WIDTH: tl.constexpr, TILES_P: tl.constexpr, WIDTH_P: tl.constexpr):
-    """Key tile ``j``'s visitors: the pairs ``query tile * WIDTH + slot`` whose slot names ``j``, in order."""
+    """Key tile ``j``'s visitors: the pairs ``query tile * WIDTH + slot`` whose slot names ``j``, in order,
+    in row ``j`` of ``PAIRS`` [num_tiles, num_tiles]; their counts follow the rows."""
     j = tl.program_id(0)
     tiles = tl.arange(0, TILES_P)
     slots = tl.arange(0, WIDTH_P)
@@ -216,17 +217,18 @@ def _pattern_kernel(KEY_BLOCKS, VALID, PAIRS, COUNT, key_stride, valid_stride, n
     visits = tl.max(match.to(tl.int32), 1)
     slot = tl.sum(tl.where(match, slots[None, :], 0), 1)
     tl.store(PAIRS + j * num_tiles + tl.cumsum(visits, 0) - 1, tiles * WIDTH + slot, mask=visits > 0)
-    tl.store(COUNT + j, tl.sum(visits, 0))
+    tl.store(PAIRS + num_tiles * num_tiles + j, tl.sum(visits, 0))
 
 
 @triton.jit
-def _cls_backward_kernel(Q, K, V, O, DO, DPROBS, LSE, DELTA, DQ, DK, DV, TABLE, DTABLE,
+def _cls_backward_kernel(Q, K, V, O, DO, DPROBS, LSE, DQ, DK, DV, TABLE, DTABLE,
                          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdb, sdh, sdn,
-                         spb, sph, spn, table_stride, table_head_stride, n, num_heads, cls_to_patch,
+                         spb, sph, spn, table_stride, table_head_stride, n, num_heads, delta_offset, cls_to_patch,
                          patch_to_cls, cls_to_cls, scale, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, HAS_DPROBS: tl.constexpr):
     """Per (batch, head): delta of every row, the [CLS] key's gradients and share of dQ, the [CLS] query's
-    dQ, the [CLS] table rows. Writes every row of the fp32 dQ buffer (the key kernel adds to it after)."""
+    dQ, the [CLS] table rows. Writes every row of the fp32 dQ buffer (the key kernel adds to it after).
+    ``LSE + delta_offset`` is where delta goes."""
     bh = tl.program_id(0).to(tl.int64)
     batch, head = bh // num_heads, bh % num_heads
     table = TABLE + head * table_head_stride
@@ -255,7 +257,7 @@ def _cls_backward_kernel(Q, K, V, O, DO, DPROBS, LSE, DELTA, DQ, DK, DV, TABLE, 
         q = _load_rows(q_ptr, sqn, token, patch, HEAD_DIM, BLOCK_D)
         do = _load_rows(do_ptr, sdn, token, patch, HEAD_DIM, BLOCK_D)
         delta = tl.sum(do * _load_rows(o_ptr, son, token, patch, HEAD_DIM, BLOCK_D), 1)
-        tl.store(DELTA + bh * (n + 1) + token, delta, mask=patch)
+        tl.store(LSE + delta_offset + bh * (n + 1) + token, delta, mask=patch)
         lse = tl.load(LSE + bh * (n + 1) + token, mask=patch, other=0.0)
         p0 = tl.where(patch, tl.exp(tl.sum(q * k0[None, :], 1) * scale + bias_p2c - lse), 0.0)
         ds0 = p0 * (tl.sum(do * v0[None, :], 1) - delta)
@@ -265,7 +267,7 @@ def _cls_backward_kernel(Q, K, V, O, DO, DPROBS, LSE, DELTA, DQ, DK, DV, TABLE, 
         ds_p2c += tl.sum(ds0, 0)
         start += CHUNK
     delta0 = tl.sum(do0 * _row(o_ptr, HEAD_DIM, BLOCK_D), 0) + probs_dot
-    tl.store(DELTA + bh * (n + 1), delta0)
+    tl.store(LSE + delta_offset + bh * (n + 1), delta0)
     # The [CLS] query against every key (its shares of the patch keys' dK / dV are the key kernel's).
     dq0 = tl.zeros([BLOCK_D], tl.float32)
     ds_c2p = 0.0
@@ -296,9 +298,9 @@ def _cls_backward_kernel(Q, K, V, O, DO, DPROBS, LSE, DELTA, DQ, DK, DV, TABLE, 
 
 
 @triton.jit
-def _backward_key_kernel(Q, K, V, DO, DPROBS, LSE, DELTA, DQ, DK, DV, POS, TABLE, DTABLE, SLOTS, PAIRS, COUNT,
+def _backward_key_kernel(Q, K, V, DO, DPROBS, LSE, DQ, DK, DV, POS, TABLE, DTABLE, SLOTS, PAIRS,
                          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, spb, sph, spn, pos_stride,
-                         table_stride, table_head_stride, n, batch_size, num_heads, num_tiles, center,
+                         table_stride, table_head_stride, n, batch_size, num_heads, num_tiles, delta_offset, center,
                          cls_to_patch, scale, G: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, WIDTH: tl.constexpr, GRID: tl.constexpr,
                          PRECISION: tl.constexpr, CHUNK: tl.constexpr, SHARED: tl.constexpr,
@@ -316,7 +318,7 @@ def _backward_key_kernel(Q, K, V, DO, DPROBS, LSE, DELTA, DQ, DK, DV, POS, TABLE
     slots = SLOTS + (chunk * num_heads + head) * num_tiles * WIDTH * BLOCK * BLOCK
     tile_rows = tl.arange(0, BLOCK)
     slot_offsets = tile_rows[:, None] * BLOCK + tile_rows[None, :]
-    count = tl.load(COUNT + key_tile)
+    count = tl.load(PAIRS + num_tiles * num_tiles + key_tile)
     bias_c2p = tl.load(table + cls_to_patch * table_stride).to(tl.float32)
     first = chunk * CHUNK
     batch = first
@@ -335,7 +337,7 @@ def _backward_key_kernel(Q, K, V, DO, DPROBS, LSE, DELTA, DQ, DK, DV, POS, TABLE
         if HAS_DPROBS:
             dp0 += tl.load(DPROBS + batch * spb + head * sph + (1 + k_token) * spn, mask=k_ok,
                            other=0.0).to(tl.float32)
-        ds0 = p0 * (dp0 - tl.load(DELTA + bh * (n + 1)))
+        ds0 = p0 * (dp0 - tl.load(LSE + delta_offset + bh * (n + 1)))
         dk = ds0[:, None] * q0[None, :]
         dv = p0[:, None] * do0[None, :]
         j = 0
@@ -345,7 +347,7 @@ def _backward_key_kernel(Q, K, V, DO, DPROBS, LSE, DELTA, DQ, DK, DV, POS, TABLE
             do, _, _ = _tile(do_ptr, sdn, pair // WIDTH, n, G, BLOCK, HEAD_DIM, BLOCK_D)
             q_code = _codes(POS, batch * pos_stride, q_token, q_ok, GRID)
             lse = tl.load(LSE + bh * (n + 1) + 1 + q_token, mask=q_ok, other=0.0)
-            delta = tl.load(DELTA + bh * (n + 1) + 1 + q_token, mask=q_ok, other=0.0)
+            delta = tl.load(LSE + delta_offset + bh * (n + 1) + 1 + q_token, mask=q_ok, other=0.0)
             # Transposed, [key, query]: P^T and dS^T are the left operands of dV and dK as computed.
             rows = q_code[None, :] - k_code[:, None] + center
             both = k_ok[:, None] & q_ok[None, :]
@@ -419,9 +421,9 @@ class _SparseAttention(torch.autograd.Function):
         n, nb = N - 1, pattern.num_blocks
         consts = _constants(q, pattern, grid_size)
         special = _table_rows(table)
-        out = q.new_empty(B, H, N, D)
-        cls_probs = q.new_empty(B, H, N)
-        lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
+        out = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
+        cls_probs = torch.empty(B, H, N, device=q.device, dtype=q.dtype)
+        lse = torch.empty(2, B, H, N, device=q.device, dtype=torch.float32)  # logsumexp, then delta (backward)
         pos_stride = positions.stride(0) if positions.shape[0] > 1 else 0
         scale = D**-0.5
         _forward_kernel[(nb * B * H,)](q, k, v, out, lse, positions, table, key_blocks, valid,
@@ -447,17 +449,18 @@ class _SparseAttention(torch.autograd.Function):
             grad_out = torch.zeros_like(out)
         has_probs = grad_probs is not None
         probs_arg = grad_probs if has_probs else lse
-        pairs = torch.empty(nb, nb, device=q.device, dtype=torch.int32)
-        count = torch.empty(nb, device=q.device, dtype=torch.int32)
-        _pattern_kernel[(nb,)](key_blocks, valid, pairs, count, key_blocks.stride(0), valid.stride(0), nb,
+        pairs = torch.empty(nb + 1, nb, device=q.device, dtype=torch.int32)
+        _pattern_kernel[(nb,)](key_blocks, valid, pairs, key_blocks.stride(0), valid.stride(0), nb,
                                WIDTH=width, TILES_P=triton.next_power_of_2(nb),
                                WIDTH_P=triton.next_power_of_2(width))
-        delta = torch.empty_like(lse)
+        delta_offset = B * H * N
         dq32 = torch.empty(B, H, N, D, device=q.device, dtype=torch.float32)
-        dk, dv = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype), torch.empty_like(out)
-        dtable = torch.zeros_like(table, dtype=torch.float32)  # same strides as the table
-        _cls_backward_kernel[(B * H,)](q, k, v, out, grad_out, probs_arg, lse, delta, dq32, dk, dv, table, dtable,
+        dk = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
+        dv = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
+        dtable = torch.zeros(table.shape, device=q.device, dtype=torch.float32)  # the table is contiguous
+        _cls_backward_kernel[(B * H,)](q, k, v, out, grad_out, probs_arg, lse, dq32, dk, dv, table, dtable,
                                        *_strides(q, k, v, out, grad_out, probs_arg), *table.stride(), n, H,
+                                       delta_offset,
                                        special["cls_to_patch"], special["patch_to_cls"], special["cls_to_cls"],
                                        scale, CHUNK=CLS_CHUNK, HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"],
                                        HAS_DPROBS=has_probs)
@@ -467,10 +470,11 @@ class _SparseAttention(torch.autograd.Function):
         block = consts["BLOCK"]
         slots = (torch.empty(chunks * H * nb * width * block * block, device=q.device, dtype=torch.float32)
                  if shared else dtable)
-        _backward_key_kernel[(nb * H * chunks,)](q, k, v, grad_out, probs_arg, lse, delta, dq32, dk, dv, positions,
-                                                 table, dtable, slots, pairs, count,
+        _backward_key_kernel[(nb * H * chunks,)](q, k, v, grad_out, probs_arg, lse, dq32, dk, dv, positions,
+                                                 table, dtable, slots, pairs,
                                                  *_strides(q, k, v, grad_out, probs_arg), ctx.pos_stride,
-                                                 *table.stride(), n, B, H, nb, ctx.center, special["cls_to_patch"],
+                                                 *table.stride(), n, B, H, nb, delta_offset, ctx.center,
+                                                 special["cls_to_patch"],
                                                  scale, CHUNK=chunk, SHARED=shared, HAS_DPROBS=has_probs,
                                                  num_warps=BACKWARD_WARPS, **consts)
         dq = dq32
@@ -491,5 +495,6 @@ def sparse_attention(q, k, v, positions, rel_bias: RelativePositionBias3D,
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if positions.device != q.device or positions.stride(-1) != 1:
         positions = positions.to(q.device).contiguous()
-    return _SparseAttention.apply(q, k, v, rel_bias.table, positions, pattern.key_blocks, pattern.valid, pattern,
+    table = rel_bias.table if rel_bias.table.is_contiguous() else rel_bias.table.contiguous()
+    return _SparseAttention.apply(q, k, v, table, positions, pattern.key_blocks, pattern.valid, pattern,
                                   rel_bias.grid_size, rel_bias.center_row)
