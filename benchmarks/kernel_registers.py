@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from svitt_ego.models import sparse_attention_triton as kernels
@@ -69,9 +70,11 @@ def signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
     return sig, constexprs, attrs
 
 
-def ptxas_report(ptx: str, arch: str) -> tuple[int, int, list[str]]:
-    """Registers, spill bytes (stores + loads) and warnings of ``ptxas -v`` on one kernel's PTX."""
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+def ptxas_report(ptx: str, capability: int) -> tuple[int, int, list[str]]:
+    """Registers, spill bytes (stores + loads) and warnings of ``ptxas -v`` (the one Triton would run) on
+    one kernel's PTX."""
+    ptxas = get_ptxas(capability).path
+    arch = f"sm_{capability}a" if capability == 90 else f"sm_{capability}"
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "kernel.ptx"
         src.write_text(ptx)
@@ -98,7 +101,7 @@ def main() -> None:
                 continue
             sig, consts, attrs = signature(fn, dtype, constexprs)
             compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=options)
-            registers, spills, warnings = ptxas_report(compiled.asm["ptx"], arch)
+            registers, spills, warnings = ptxas_report(compiled.asm["ptx"], args.arch)
             print(f"{label:<36} {dtype:<9} {options['num_warps']:>5} {registers:>9} {spills:>7}  "
                   f"{' | '.join(warnings) or '-'}", flush=True)
 
