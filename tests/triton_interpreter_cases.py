@@ -91,7 +91,9 @@ def test_triton_sums_shared_positions_over_batch_chunks(monkeypatch):
     assert max_relative_error(got, ref) <= 1e-5
 
 
-def test_triton_gradients_without_a_cls_probs_gradient():
+@pytest.mark.parametrize("loss", [lambda out: out.square().sum(), lambda out: out.sum()],
+                         ids=["square", "sum"])  # out.sum(): an expanded output gradient, all strides 0
+def test_triton_gradients_without_a_cls_probs_gradient(loss):
     """As in the model: pruning ranks by ``cls_probs`` but no loss reaches them."""
     q, k, v, positions, bias = attention_inputs(2, 2, 30, 16, frames=2, grid=5, per_sample=True,
                                                 dtype=torch.float32)
@@ -100,7 +102,7 @@ def test_triton_gradients_without_a_cls_probs_gradient():
     for fn in (reference_attention, triton_attention):
         for t in (q, k, v, bias.table):
             t.grad = None
-        fn(q, k, v, positions, bias, pattern)[0].square().sum().backward()
+        loss(fn(q, k, v, positions, bias, pattern)[0]).backward()
         grads.append([t.grad.clone() for t in (q, k, v, bias.table)])
     assert max((a - b).abs().max().item() for a, b in zip(*grads)) <= 1e-5
 

@@ -6,8 +6,9 @@ Tiles. Query tile ``b`` holds the ``G`` patch tokens of block ``b``, padded to
 the kernels from the tokens' positions: each patch position gives an offset code
 ``(t * span + h) * span + w`` (see :meth:`RelativePositionBias3D.offset_code`), and the table row of
 a pair is the difference of the two codes plus the table's center row. Scores and softmax
-statistics are fp32 whatever the input dtype. Every offset into q, k, v, the output and the
-gradients is int64 and the grids are one-dimensional, so any batch x heads fits.
+statistics are fp32 whatever the input dtype. The offset of a (batch, head) is int64, offsets
+inside one are int32 (:func:`sparse_attention` checks that they fit), and the grids are
+one-dimensional, so any batch x heads fits.
 
 Forward, two launches: ``_forward_kernel`` (one program per query tile, batch element and head;
 the online softmax over the [CLS] key and the tile's key tiles, two tile matmuls per pair, the bias
@@ -23,8 +24,9 @@ Backward (FlashAttention-2), four launches:
   (which initialises the fp32 dQ buffer), the [CLS] query's dQ, and the three [CLS] table rows.
 - ``_backward_key_kernel`` (per key tile, head and batch chunk): dK and dV of the tile in
   registers, over the [CLS] query (vector operations) and the query tiles that visited it (five
-  tile matmuls per pair: S, dV, dP, dK, dQ; the bias read once); dQ is added to the fp32 buffer
-  with atomics.
+  tile matmuls per pair: S, dV, dP, dK, dQ; the bias read once). It computes the transposed tiles
+  (S^T = K Q^T), so that P^T and dS^T are the left operands of dV and dK as computed; dQ is added
+  to the fp32 buffer with atomics.
 - ``_cast_kernel``: the fp32 dQ buffer to q's dtype (skipped for fp32).
 
 The table gradient. A pair's dS goes to the table rows its index tile names, many elements to one
@@ -36,8 +38,9 @@ one atomic per element: 16x fewer table atomics at batch 16. With per-sample pos
 pair's dS goes to the table directly (one atomic per valid score element). The counts, by
 ``benchmarks/kernel_atomics.py``, are in ``benchmarks/RESULTS.md``.
 
-Loops whose trip count is known only at run time are ``while`` loops: Triton 3.6's interpreter
-cannot run ``range`` over a run-time bound.
+The forward's loop over a query tile's ``W`` key slots has a constant trip count (invalid slots
+masked); loops whose trip count is known only at run time are ``while`` loops, since Triton 3.6's
+interpreter cannot run ``range`` over a run-time bound.
 """
 
 from __future__ import annotations
@@ -447,6 +450,8 @@ class _SparseAttention(torch.autograd.Function):
         width, special, scale = consts["WIDTH"], _table_rows(table), D**-0.5
         if grad_out is None:
             grad_out = torch.zeros_like(out)
+        elif grad_out.stride(-1) != 1:  # e.g. the expanded gradient of out.sum()
+            grad_out = grad_out.contiguous()
         has_probs = grad_probs is not None
         probs_arg = grad_probs if has_probs else lse
         pairs = torch.empty(nb + 1, nb, device=q.device, dtype=torch.int32)
@@ -460,9 +465,8 @@ class _SparseAttention(torch.autograd.Function):
         dtable = torch.zeros(table.shape, device=q.device, dtype=torch.float32)  # the table is contiguous
         _cls_backward_kernel[(B * H,)](q, k, v, out, grad_out, probs_arg, lse, dq32, dk, dv, table, dtable,
                                        *_strides(q, k, v, out, grad_out, probs_arg), *table.stride(), n, H,
-                                       delta_offset,
-                                       special["cls_to_patch"], special["patch_to_cls"], special["cls_to_cls"],
-                                       scale, CHUNK=CLS_CHUNK, HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"],
+                                       delta_offset, special["cls_to_patch"], special["patch_to_cls"],
+                                       special["cls_to_cls"], scale, CHUNK=CLS_CHUNK, HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"],
                                        HAS_DPROBS=has_probs)
         chunk = min(B, BATCH_CHUNK) if ctx.pos_stride == 0 else 1
         chunks = triton.cdiv(B, chunk)
@@ -474,8 +478,7 @@ class _SparseAttention(torch.autograd.Function):
                                                  table, dtable, slots, pairs,
                                                  *_strides(q, k, v, grad_out, probs_arg), ctx.pos_stride,
                                                  *table.stride(), n, B, H, nb, delta_offset, ctx.center,
-                                                 special["cls_to_patch"],
-                                                 scale, CHUNK=chunk, SHARED=shared, HAS_DPROBS=has_probs,
+                                                 special["cls_to_patch"], scale, CHUNK=chunk, SHARED=shared, HAS_DPROBS=has_probs,
                                                  num_warps=BACKWARD_WARPS, **consts)
         dq = dq32
         if q.dtype != torch.float32:
@@ -493,6 +496,9 @@ def sparse_attention(q, k, v, positions, rel_bias: RelativePositionBias3D,
     """
     k, v = (t if t.dtype == q.dtype else t.to(q.dtype) for t in (k, v))
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if q.shape[2] * max(t.stride(2) for t in (q, k, v)) >= 2**31:
+        raise ValueError(f"{q.shape[2]} tokens x row stride {max(t.stride(2) for t in (q, k, v))} do not fit "
+                         "the kernel's int32 offsets inside one (batch, head)")
     if positions.device != q.device or positions.stride(-1) != 1:
         positions = positions.to(q.device).contiguous()
     table = rel_bias.table if rel_bias.table.is_contiguous() else rel_bias.table.contiguous()
