@@ -16,7 +16,6 @@ script runs ``--heads`` (default 1) and prints the counts for ``--model-heads`` 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import traceback
 from collections import Counter
@@ -24,14 +23,13 @@ from collections import Counter
 os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
-from svitt_ego.models import sparse_attention_triton as kernels  # noqa: E402
-from svitt_ego.models.block_pattern import sample_block_pattern  # noqa: E402
-from svitt_ego.models.position_bias import RelativePositionBias3D  # noqa: E402
+from kernel_host_ops import layer_inputs  # noqa: E402  (benchmarks/, the script's folder)
 
-GRID, G, K_LOCAL, K_RANDOM, DIM = 14, 56, 1, 3, 64
+from svitt_ego.models import sparse_attention_triton as kernels  # noqa: E402
+
+DIM = 64
 COUNTS: Counter = Counter()
 
 
@@ -49,14 +47,7 @@ def _counting(create_atomic_rmw):
 
 def count_layer(frames: int, batch: int, heads: int, keep: float, per_sample: bool) -> Counter:
     """Atomics of one layer's backward: ``keep`` of the frames x 14 x 14 patch tokens, shared or per sample."""
-    total = frames * GRID * GRID
-    n = math.ceil(keep * total)
-    gen = torch.Generator().manual_seed(0)
-    rows = [torch.randperm(total, generator=gen)[:n].sort().values for _ in range(batch if per_sample else 1)]
-    positions = torch.cat([torch.full((len(rows), 1), -1), torch.stack(rows)], dim=1)
-    q, k, v = (torch.randn(batch, heads, n + 1, DIM, generator=gen).requires_grad_() for _ in range(3))
-    bias = RelativePositionBias3D(frames, GRID, heads)
-    pattern = sample_block_pattern(n, G, K_LOCAL, K_RANDOM, generator=gen)
+    q, k, v, positions, bias, pattern = layer_inputs(batch, heads, frames, DIM, keep, per_sample)
     out, _ = kernels.sparse_attention(q, k, v, positions, bias, pattern)
     COUNTS.clear()
     out.sum().backward()

@@ -14,6 +14,7 @@ one head of 17 tokens, so that its time on the CPU is mostly the host's too.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections import Counter
@@ -39,16 +40,18 @@ class _Stub:
         return lambda *args, **kwargs: None
 
 
-def layer_inputs(batch, heads, frames, dim, per_sample, dtype):
-    n = frames * GRID * GRID
+def layer_inputs(batch, heads, frames, dim, keep, per_sample, dtype=torch.float32):
+    """q, k, v, positions, bias and pattern of one layer of the model (G = 56, K_l = 1, K_r = 3) on
+    ``ceil(keep * frames * 14 * 14)`` patch tokens, their positions drawn per sample or shared."""
+    total = frames * GRID * GRID
+    n = math.ceil(keep * total)
     gen = torch.Generator().manual_seed(0)
-    keep = n * 7 // 10 if per_sample else n
-    rows = [torch.randperm(n, generator=gen)[:keep].sort().values for _ in range(batch if per_sample else 1)]
+    rows = [torch.randperm(total, generator=gen)[:n].sort().values for _ in range(batch if per_sample else 1)]
     positions = torch.cat([torch.full((len(rows), 1), -1), torch.stack(rows)], dim=1)
-    q, k, v = (torch.randn(batch, heads, keep + 1, dim, generator=gen, dtype=dtype).requires_grad_()
+    q, k, v = (torch.randn(batch, heads, n + 1, dim, generator=gen, dtype=dtype).requires_grad_()
                for _ in range(3))
     bias = RelativePositionBias3D(frames, GRID, heads)
-    pattern = sample_block_pattern(keep, G, 1, 3, generator=gen)
+    pattern = sample_block_pattern(n, G, 1, 3, generator=gen)
     return q, k, v, positions, bias, pattern
 
 
@@ -105,7 +108,8 @@ def main() -> None:
     for label, step, per_sample in [("triton, positions shared (unpruned)", triton_step, False),
                                     ("triton, per-sample positions (pruned)", triton_step, True),
                                     ("SDPA, 1 x 1 x 17 tokens", sdpa_step, False)]:
-        inputs = layer_inputs(args.batch, args.heads, args.frames, args.dim, per_sample, dtype)
+        inputs = layer_inputs(args.batch, args.heads, args.frames, args.dim, 0.7 if per_sample else 1.0, per_sample,
+                              dtype)
         if step is sdpa_step:
             inputs = tuple(t[:1, :1, :17].detach().requires_grad_() for t in inputs[:3]) + inputs[3:]
         ops = aten_ops(step, inputs)

@@ -11,7 +11,7 @@ from attention_helpers import attention_inputs, max_relative_error, outputs_and_
 
 from svitt_ego.config import VisionConfig
 from svitt_ego.models.attention import blocked_attention, reference_attention, resolve_backend, triton_attention
-from svitt_ego.models.block_pattern import BlockPattern, sample_block_pattern
+from svitt_ego.models.block_pattern import sample_block_pattern
 from svitt_ego.models.video import VideoEncoder
 
 pytest.importorskip("triton")

@@ -24,6 +24,12 @@ def test_runs_the_expected_triton():
     assert triton.__version__ == os.environ["EXPECTED_TRITON"]
 
 
+def assert_matches_reference(q, k, v, positions, bias, pattern, tol):
+    ref = outputs_and_grads(reference_attention, q, k, v, positions, bias, pattern)
+    got = outputs_and_grads(triton_attention, q, k, v, positions, bias, pattern)
+    assert max_relative_error(got, ref) <= tol
+
+
 @pytest.mark.parametrize("num_patches,block_size,k_local,k_random,dim,per_sample", [
     (45, 8, 1, 2, 16, True),    # partial last block, pruned positions that differ per sample
     (30, 7, 3, 9, 32, True),    # K_r larger than the free blocks; G not a power of two
@@ -37,18 +43,14 @@ def test_triton_equals_reference_fp32(num_patches, block_size, k_local, k_random
                                                 dtype=torch.float32)
     pattern = sample_block_pattern(num_patches, block_size, k_local, k_random,
                                    generator=torch.Generator().manual_seed(0))
-    ref = outputs_and_grads(reference_attention, q, k, v, positions, bias, pattern)
-    got = outputs_and_grads(triton_attention, q, k, v, positions, bias, pattern)
-    assert max_relative_error(got, ref) <= 1e-5
+    assert_matches_reference(q, k, v, positions, bias, pattern, tol=1e-5)
 
 
 def test_triton_equals_reference_fp16():
     q, k, v, positions, bias = attention_inputs(2, 2, 45, 16, frames=4, grid=4, per_sample=True,
                                                 dtype=torch.float16)
     pattern = sample_block_pattern(45, 8, 1, 2, generator=torch.Generator().manual_seed(0))
-    ref = outputs_and_grads(reference_attention, q, k, v, positions, bias, pattern)
-    got = outputs_and_grads(triton_attention, q, k, v, positions, bias, pattern)
-    assert max_relative_error(got, ref) <= 2e-2
+    assert_matches_reference(q, k, v, positions, bias, pattern, tol=2e-2)
 
 
 def test_triton_handles_invalid_slots_anywhere_in_a_row():
@@ -57,9 +59,7 @@ def test_triton_handles_invalid_slots_anywhere_in_a_row():
                                                 dtype=torch.float32)
     pattern = BlockPattern(key_blocks=torch.tensor([[2, 0], [1, 0], [0, 2]]),
                            valid=torch.tensor([[False, True], [True, True], [True, False]]), block_size=2)
-    ref = outputs_and_grads(reference_attention, q, k, v, positions, bias, pattern)
-    got = outputs_and_grads(triton_attention, q, k, v, positions, bias, pattern)
-    assert max_relative_error(got, ref) <= 1e-5
+    assert_matches_reference(q, k, v, positions, bias, pattern, tol=1e-5)
 
 
 def test_triton_reads_strided_views_like_the_model():
@@ -86,9 +86,7 @@ def test_triton_sums_shared_positions_over_batch_chunks(monkeypatch):
     q, k, v, positions, bias = attention_inputs(3, 2, 40, 16, frames=2, grid=5, per_sample=False,
                                                 dtype=torch.float32)
     pattern = sample_block_pattern(40, 8, 3, 1, generator=torch.Generator().manual_seed(2))
-    ref = outputs_and_grads(reference_attention, q, k, v, positions, bias, pattern)
-    got = outputs_and_grads(triton_attention, q, k, v, positions, bias, pattern)
-    assert max_relative_error(got, ref) <= 1e-5
+    assert_matches_reference(q, k, v, positions, bias, pattern, tol=1e-5)
 
 
 @pytest.mark.parametrize("loss", [lambda out: out.square().sum(), lambda out: out.sum()],
