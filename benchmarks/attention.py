@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from svitt_ego.atomic import append_jsonl
-from svitt_ego.models.attention import (blocked_attention, dense_attention, flex_attention, sample_block_pattern,
-                                        triton_attention)
+from svitt_ego.models.attention import blocked_attention, dense_attention, flex_attention, triton_attention
+from svitt_ego.models.block_pattern import sample_block_pattern
 from svitt_ego.models.position_bias import RelativePositionBias3D
 
 GRID, HEADS, DIM = 14, 12, 64

@@ -6,8 +6,8 @@ import pytest
 import torch
 from attention_helpers import attention_inputs, max_relative_error, outputs_and_grads
 
-from svitt_ego.models.attention import (blocked_attention, dense_attention, dense_mask, flex_attention,
-                                        reference_attention, sample_block_pattern)
+from svitt_ego.models.attention import blocked_attention, dense_attention, flex_attention, reference_attention
+from svitt_ego.models.block_pattern import dense_mask, sample_block_pattern
 from svitt_ego.models.position_bias import RelativePositionBias3D
 
 

@@ -10,7 +10,8 @@ import torch
 from attention_helpers import attention_inputs, max_relative_error, outputs_and_grads
 
 from svitt_ego.config import VisionConfig
-from svitt_ego.models.attention import BlockPattern, reference_attention, sample_block_pattern, triton_attention
+from svitt_ego.models.attention import reference_attention, triton_attention
+from svitt_ego.models.block_pattern import sample_block_pattern
 from svitt_ego.models.video import VideoEncoder
 
 pytest.importorskip("triton")
@@ -18,27 +19,26 @@ TESTS = Path(__file__).resolve().parent
 cuda_only = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-def test_interpreter_cases():
-    """``triton_interpreter_cases.py`` in a fresh process: the interpreter is chosen when Triton is imported."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+TRITON_36 = TESTS.parent / ".triton-3.6.0"  # the README's test command installs Triton 3.6.0 there
+
+
+@pytest.mark.parametrize("triton_path", ["default", "3.6.0"])
+def test_interpreter_cases(triton_path):
+    """``triton_interpreter_cases.py`` in a fresh process (the interpreter is chosen when Triton is
+    imported), under the installed Triton and under Triton 3.6.0 (the GPU image's)."""
+    import triton
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "EXPECTED_TRITON": triton.__version__}
+    if triton_path == "3.6.0":
+        if not TRITON_36.is_dir():
+            pytest.skip(f"{TRITON_36} is missing (pip install --no-deps --target .triton-3.6.0 triton==3.6.0)")
+        path = os.pathsep.join(p for p in (str(TRITON_36), env.get("PYTHONPATH")) if p)
+        env.update(PYTHONPATH=path, EXPECTED_TRITON="3.6.0")
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                              str(TESTS / "triton_interpreter_cases.py")],
                             cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout
-
-
-def test_kernel_pattern_by_hand():
-    """Valid key tiles first with their count; the transposed pattern lists each key tile's visitors."""
-    from svitt_ego.models.sparse_attention_triton import kernel_pattern
-
-    pattern = BlockPattern(key_blocks=torch.tensor([[2, 0], [1, 0], [0, 2]]),
-                           valid=torch.tensor([[False, True], [True, True], [True, False]]), block_size=2)
-    key_blocks, key_count, query_blocks, query_count = kernel_pattern(pattern)
-    assert key_count.tolist() == [1, 2, 1]
-    assert [key_blocks[b, :c].tolist() for b, c in enumerate(key_count.tolist())] == [[0], [1, 0], [0]]
-    assert query_count.tolist() == [3, 1, 0]  # key tile 0: query tiles 0, 1, 2; tile 1: 1; tile 2: none
-    assert sorted(query_blocks[0].tolist()) == [0, 1, 2] and query_blocks[1, 0].item() == 1
 
 
 @pytest.mark.gpu

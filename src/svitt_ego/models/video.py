@@ -20,8 +20,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from svitt_ego.config import VisionConfig
-from svitt_ego.models.attention import (BlockPattern, block_pattern_from_noise, dense_attention,
-                                        reference_attention, resolve_backend, sample_block_pattern)
+from svitt_ego.models.attention import dense_attention, reference_attention, resolve_backend
+from svitt_ego.models.block_pattern import BlockPattern, block_pattern_from_noise, sample_block_pattern
 from svitt_ego.models.position_bias import CLS_POSITION, RelativePositionBias3D
 from svitt_ego.models.pruning import num_kept, prune_tokens
 
