@@ -228,10 +228,10 @@ def _add_nlq_commands(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--pretrain", nargs="+", default=None,
-                   help="NLQ-format files (e.g. Moment Queries as queries) to train on first")
+                   help="NLQ-format files (e.g. narration queries) to train on first; the heads restart after")
     p.add_argument("--pretrain-epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")

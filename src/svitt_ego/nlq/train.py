@@ -1,8 +1,7 @@
 """``svitt-ego train-nlq`` and ``predict-nlq``: the grounding model on extracted features.
 
 Training runs in stages, each a list of NLQ-format annotation files and a number of epochs:
-e.g. pretraining on Moment Queries converted to NLQ format, then fine-tuning on NLQ, as the
-paper did. Every epoch ends with an atomic ``last.pt`` (model, optimizer, stage, epoch and the
+e.g. pretraining on narration queries, then fine-tuning on NLQ, as the paper did. Every epoch ends with an atomic ``last.pt`` (model, optimizer, stage, epoch and the
 torch RNG state), from which ``--resume`` continues exactly.
 """
 
@@ -13,7 +12,7 @@ import logging
 import math
 import pickle
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,10 +30,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainSettings:
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_fraction: float = 0.05
+    batch_size: int = 2      # GroundNLQ's NLQ training
+    lr: float = 5e-5
+    weight_decay: float = 0.05  # on convolution weights only
+    warmup_epochs: int = 4   # linear warm-up from 0, then cosine to 1e-8, per iteration
     max_windows: int = 2560  # longer clips are cropped around the moment in training
     seed: int = 0
     model: dict = field(default_factory=dict)  # GroundingConfig fields other than the dimensions
@@ -47,14 +46,17 @@ class Stage:
 
 
 def training_queries(features: NLQFeatures, files: list) -> list[NLQQuery]:
+    """The queries of ``files``, answers clamped to their clip (a training target never leaves it)."""
     queries = []
     for path in files:
-        for q in read_nlq(path).queries:
+        parsed = read_nlq(path)
+        for q in parsed.queries:
             if q.start is None:
                 raise NLQFormatError(f"{path}: clip {q.clip_uid} annotation {q.annotation_uid} query "
                                      f"{q.query_idx}: field 'clip_start_sec' is missing (no answer to train on)")
             features.clip(q.clip_uid)
-            queries.append(q)
+            duration = parsed.clips[q.clip_uid].duration
+            queries.append(replace(q, start=min(max(q.start, 0.0), duration), end=min(max(q.end, 0.0), duration)))
     return queries
 
 
@@ -95,15 +97,20 @@ def _forward(model: GroundingModel, batch: dict, device: torch.device) -> list[d
     return model(*(batch[k].to(device) for k in ("video", "video_mask", "text", "text_mask")))
 
 
-def _learning_rate(settings: TrainSettings, step: int, total: int) -> float:
-    warmup = max(1, round(settings.warmup_fraction * total))
+def _learning_rate(settings: TrainSettings, step: int, warmup: int, total: int, floor: float = 1e-8) -> float:
+    """GroundNLQ's per-iteration schedule: 0 to ``lr`` over ``warmup`` steps, then cosine to ``floor``."""
     if step < warmup:
-        return settings.lr * (step + 1) / warmup
-    return settings.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        return settings.lr * step / max(1, warmup - 1)
+    return floor + 0.5 * (settings.lr - floor) * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def _optimizer(model: GroundingModel, settings: TrainSettings) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    """AdamW, weight decay on convolution weights only (not on biases, norms or scales)."""
+    decay = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Conv1d)}
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if id(p) in decay], "weight_decay": settings.weight_decay},
+              {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=settings.lr)
 
 
 def _train_epoch(model, optimizer, features, queries, settings, epoch: int, epochs: int,
@@ -116,8 +123,10 @@ def _train_epoch(model, optimizer, features, queries, settings, epoch: int, epoc
         chosen = [queries[j] for j in order[i * settings.batch_size:(i + 1) * settings.batch_size]]
         batch = collate(features, chosen, model.multiple, settings.max_windows)
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(settings, epoch * steps + i, epochs * steps)
-        losses = grounding_loss(_forward(model, batch, device), batch["moments"].to(device), model.config)
+            group["lr"] = _learning_rate(settings, epoch * steps + i, settings.warmup_epochs * steps, epochs * steps)
+        losses = grounding_loss(_forward(model, batch, device), batch["moments"].to(device), model.config,
+                                float(model.loss_normalizer))
+        model.loss_normalizer.fill_(losses["normalizer"])
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -163,6 +172,8 @@ def train_nlq(features_dir: str | Path, stages: list[Stage], out: str | Path, se
     out.mkdir(parents=True, exist_ok=True)
     for s, stage in enumerate(stages[position[0]:], start=position[0]):
         queries = training_queries(features, stage.annotations)
+        if s > 0 and (s != position[0] or position[1] == 0):
+            model.reset_heads()  # a later stage fine-tunes with fresh heads, as GroundNLQ does
         optimizer = _optimizer(model, settings)
         if s == position[0] and optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
@@ -184,17 +195,24 @@ def train_nlq(features_dir: str | Path, stages: list[Stage], out: str | Path, se
 @torch.no_grad()
 def predict_moments(model: GroundingModel, features: NLQFeatures, queries: list[NLQQuery], clips: dict,
                     batch_size: int = 8, top_k: int = 5, device: torch.device | str = "cpu") -> list[dict]:
-    """The official submission's ``results``: each query's ``top_k`` moments in clip seconds, best first."""
+    """The official submission's ``results``: each query's ``top_k`` moments in clip seconds, best first.
+
+    A batch holds queries of one clip only, so a query's moments do not depend on its batch.
+    """
     model.to(device).eval()
-    results = []
-    for i in range(0, len(queries), batch_size):
-        chosen = queries[i:i + batch_size]
-        outputs = _forward(model, collate(features, chosen, model.multiple), torch.device(device))
-        for row, q in enumerate(chosen):
-            segments, _ = decode(outputs, row, top_k)
-            seconds = features.to_seconds(q.clip_uid, segments.cpu().double()).clamp(0, clips[q.clip_uid].duration)
-            results.append(submission_entry(q, seconds.tolist()))
-    return results
+    by_clip: dict[str, list[NLQQuery]] = {}
+    for q in queries:
+        by_clip.setdefault(q.clip_uid, []).append(q)
+    found = {}
+    for clip_queries in by_clip.values():
+        for i in range(0, len(clip_queries), batch_size):
+            chosen = clip_queries[i:i + batch_size]
+            outputs = _forward(model, collate(features, chosen, model.multiple), torch.device(device))
+            for row, q in enumerate(chosen):
+                segments, _ = decode(outputs, row, model.config, top_k)
+                seconds = features.to_seconds(q.clip_uid, segments.cpu().double())
+                found[q.key] = submission_entry(q, seconds.clamp(0, clips[q.clip_uid].duration).tolist())
+    return [found[q.key] for q in queries]
 
 
 def predict_nlq(features_dir: str | Path, checkpoint: str | Path, annotations: str | Path, output: str | Path,
