@@ -243,3 +243,15 @@ def test_fine_tuning_restarts_the_heads(tmp_path):
             torch.testing.assert_close(value, fresh.state_dict()[name], msg=name)
     torch.testing.assert_close(both.stem[0].gamma_attn, pretrained.stem[0].gamma_attn)
     assert not torch.equal(both.cls_head.out.weight, pretrained.cls_head.out.weight)
+
+
+def test_validation_scores_every_epoch_and_keeps_the_best(tmp_path):
+    annotations = _feature_folder(tmp_path / "features")
+    train_nlq(tmp_path / "features", [Stage([str(annotations)], 4)], tmp_path / "run", SETTINGS, val=annotations)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    scores = [r["val"]["R@1 IoU=0.3"] for r in records]
+    assert len(scores) == 4
+    _, best = load_grounding(tmp_path / "run" / "best.pt")
+    assert best["epoch"] == 1 + scores.index(max(scores)) and best["best_val"] == max(scores)
+    submission = predict_nlq(tmp_path / "features", tmp_path / "run" / "best.pt", annotations, tmp_path / "s.json")
+    assert evaluate_nlq(json.loads(annotations.read_text()), submission)["R@1 IoU=0.3"] == max(scores)

@@ -108,7 +108,7 @@ def _cmd_train_nlq(args: argparse.Namespace) -> int:
     stages = [Stage(args.pretrain, args.pretrain_epochs)] if args.pretrain else []
     settings = TrainSettings(batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     train_nlq(args.features, [*stages, Stage(args.annotations, args.epochs)], args.out, settings,
-              resume=args.resume, device=args.device)
+              resume=args.resume, device=args.device, val=args.val)
     return 0
 
 
@@ -235,6 +235,7 @@ def _add_nlq_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--val", default=None, help="an NLQ file with answers: score every epoch, keep OUT/best.pt")
     p.set_defaults(func=_cmd_train_nlq)
 
     p = sub.add_parser("predict-nlq", help="write an official NLQ submission")

@@ -19,13 +19,14 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from svitt_ego.atomic import atomic_torch_save
-from svitt_ego.nlq.annotations import NLQFormatError, NLQQuery, read_nlq
+from svitt_ego.nlq.annotations import NLQFormatError, NLQQuery, load_json, read_nlq
 from svitt_ego.nlq.detection import decode, grounding_loss
 from svitt_ego.nlq.features import NLQFeatures
-from svitt_ego.nlq.metric import make_submission, submission_entry
+from svitt_ego.nlq.metric import evaluate_nlq, make_submission, submission_entry
 from svitt_ego.nlq.model import GroundingConfig, GroundingModel
 
 log = logging.getLogger(__name__)
+BEST_BY = "R@1 IoU=0.3"  # the validation score that picks best.pt
 
 
 @dataclass
@@ -152,9 +153,20 @@ def load_grounding(path: str | Path) -> tuple[GroundingModel, dict]:
     return model, state
 
 
+def _validate(model: GroundingModel, features: NLQFeatures, val: Path, device: torch.device) -> dict:
+    """The official metric of the model's predictions on ``val``."""
+    parsed = read_nlq(val)
+    results = predict_moments(model, features, parsed.queries, parsed.clips, device=device)
+    return evaluate_nlq(load_json(val), make_submission(results), annotations_name=str(val))
+
+
 def train_nlq(features_dir: str | Path, stages: list[Stage], out: str | Path, settings: TrainSettings | None = None,
-              resume: bool = False, device: torch.device | str = "cpu") -> GroundingModel:
-    """Train the grounding model stage by stage; writes ``out/last.pt`` and ``out/metrics.jsonl``."""
+              resume: bool = False, device: torch.device | str = "cpu", val: str | Path | None = None) -> GroundingModel:
+    """Train the grounding model stage by stage; writes ``out/last.pt`` and ``out/metrics.jsonl``.
+
+    With ``val`` (an NLQ file with answers) every epoch is scored on it with the official metric
+    (in ``metrics.jsonl``) and the epoch with the best ``BEST_BY`` so far is also ``out/best.pt``.
+    """
     settings = settings or TrainSettings()
     features, out, device = NLQFeatures(features_dir), Path(out), torch.device(device)
     last = out / "last.pt"
@@ -163,10 +175,11 @@ def train_nlq(features_dir: str | Path, stages: list[Stage], out: str | Path, se
     torch.manual_seed(settings.seed)
     cfg = GroundingConfig(video_dim=features.meta["dimension"], text_dim=features.meta["text_dimension"],
                           **settings.model)
-    model, position, optimizer_state = GroundingModel(cfg), (0, 0), None
+    model, position, optimizer_state, best = GroundingModel(cfg), (0, 0), None, None
     if resume and last.exists():
         model, state = load_grounding(last)
         position, optimizer_state = (state["stage"], state["epoch"]), state["optimizer"]
+        best = state.get("best_val")
         torch.set_rng_state(state["rng"])
     model.to(device)
     out.mkdir(parents=True, exist_ok=True)
@@ -181,14 +194,21 @@ def train_nlq(features_dir: str | Path, stages: list[Stage], out: str | Path, se
             start = time.perf_counter()
             stats = _train_epoch(model, optimizer, features, queries, settings, epoch, stage.epochs, device)
             record = {"stage": s, "epoch": epoch + 1, **stats, "seconds": time.perf_counter() - start}
+            improved = False
+            if val is not None:
+                record["val"] = _validate(model, features, Path(val), device)
+                improved = best is None or record["val"][BEST_BY] > best
+                best = record["val"][BEST_BY] if improved else best
             log.info("%s", record)
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "stage": s,
-                               "epoch": epoch + 1, "rng": torch.get_rng_state(), "config": cfg.to_dict(),
-                               "settings": asdict(settings), "features": {k: features.meta.get(k) for k in
-                                                                          ("checkpoint", "window", "stride")}},
-                              last)
+            checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "stage": s,
+                          "epoch": epoch + 1, "rng": torch.get_rng_state(), "config": cfg.to_dict(),
+                          "settings": asdict(settings), "best_val": best,
+                          "features": {k: features.meta.get(k) for k in ("checkpoint", "window", "stride")}}
+            if improved:
+                atomic_torch_save(checkpoint, out / "best.pt")
+            atomic_torch_save(checkpoint, last)
     return model
 
 
