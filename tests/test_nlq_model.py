@@ -1,5 +1,6 @@
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -255,3 +256,11 @@ def test_validation_scores_every_epoch_and_keeps_the_best(tmp_path):
     assert best["epoch"] == 1 + scores.index(max(scores)) and best["best_val"] == max(scores)
     submission = predict_nlq(tmp_path / "features", tmp_path / "run" / "best.pt", annotations, tmp_path / "s.json")
     assert evaluate_nlq(json.loads(annotations.read_text()), submission)["R@1 IoU=0.3"] == max(scores)
+
+
+def test_jittered_training_differs(tmp_path):
+    annotations = str(_feature_folder(tmp_path / "features"))
+    plain = train_nlq(tmp_path / "features", [Stage([annotations], 1)], tmp_path / "a", SETTINGS)
+    jittered = train_nlq(tmp_path / "features", [Stage([annotations], 1)], tmp_path / "b",
+                         replace(SETTINGS, jitter=True))
+    assert not torch.equal(plain.stem[0].attn.q.weight, jittered.stem[0].attn.q.weight)

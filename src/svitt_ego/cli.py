@@ -106,7 +106,7 @@ def _cmd_train_nlq(args: argparse.Namespace) -> int:
     from svitt_ego.nlq.train import Stage, TrainSettings, train_nlq
 
     stages = [Stage(args.pretrain, args.pretrain_epochs)] if args.pretrain else []
-    settings = TrainSettings(batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    settings = TrainSettings(batch_size=args.batch_size, lr=args.lr, seed=args.seed, jitter=args.jitter)
     train_nlq(args.features, [*stages, Stage(args.annotations, args.epochs)], args.out, settings,
               resume=args.resume, device=args.device, val=args.val)
     return 0
@@ -128,6 +128,18 @@ def _cmd_eval_nlq(args: argparse.Namespace) -> int:
     from svitt_ego.nlq.commands import eval_nlq
 
     eval_nlq(args.submission, args.annotations, args.output)
+    return 0
+
+
+def _cmd_narration_queries(args: argparse.Namespace) -> int:
+    from svitt_ego.atomic import atomic_write_json
+    from svitt_ego.nlq.narrations import narration_queries
+
+    queries = narration_queries(args.egoclip, args.train, args.exclude)
+    atomic_write_json(args.output, queries)
+    count = sum(len(c["annotations"][0]["language_queries"]) for v in queries["videos"] for c in v["clips"])
+    print(f"{count} narration queries in {sum(len(v['clips']) for v in queries['videos'])} clips -> {args.output}; "
+          f"{queries['skipped_videos']} training videos left out (in --exclude)")
     return 0
 
 
@@ -236,6 +248,7 @@ def _add_nlq_commands(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--val", default=None, help="an NLQ file with answers: score every epoch, keep OUT/best.pt")
+    p.add_argument("--jitter", action="store_true", help="GroundNLQ's temporal jittering of the answers")
     p.set_defaults(func=_cmd_train_nlq)
 
     p = sub.add_parser("predict-nlq", help="write an official NLQ submission")
@@ -253,6 +266,14 @@ def _add_nlq_commands(sub) -> None:
     p.add_argument("--annotations", required=True)
     p.add_argument("--output", default=None, help="write the metrics as JSON here")
     p.set_defaults(func=_cmd_eval_nlq)
+
+    p = sub.add_parser("narration-queries", help="EgoClip narrations inside training clips, as NLQ queries "
+                       "(GroundNLQ's pretraining set)")
+    p.add_argument("egoclip", help="egoclip.csv")
+    p.add_argument("--train", nargs="+", required=True, help="NLQ / MQ / VQ training files: their clips")
+    p.add_argument("--exclude", nargs="*", default=[], help="val / test files: none of their videos is used")
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=_cmd_narration_queries)
 
     p = sub.add_parser("search", help="zero-shot: the moments of extracted clips that best match a query")
     p.add_argument("features")

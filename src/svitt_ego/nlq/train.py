@@ -24,6 +24,7 @@ from svitt_ego.nlq.detection import decode, grounding_loss
 from svitt_ego.nlq.features import NLQFeatures
 from svitt_ego.nlq.metric import evaluate_nlq, make_submission, submission_entry
 from svitt_ego.nlq.model import GroundingConfig, GroundingModel
+from svitt_ego.nlq.narrations import jitter
 
 log = logging.getLogger(__name__)
 BEST_BY = "R@1 IoU=0.3"  # the validation score that picks best.pt
@@ -36,6 +37,7 @@ class TrainSettings:
     weight_decay: float = 0.05  # on convolution weights only
     warmup_epochs: int = 4   # linear warm-up from 0, then cosine to 1e-8, per iteration
     max_windows: int = 2560  # longer clips are cropped around the moment in training
+    jitter: bool = False     # GroundNLQ's temporal jittering of the answers (for narration queries)
     seed: int = 0
     model: dict = field(default_factory=dict)  # GroundingConfig fields other than the dimensions
 
@@ -94,6 +96,12 @@ def collate(features: NLQFeatures, queries: list[NLQQuery], multiple: int, max_w
             "moments": torch.stack(moments), "offsets": torch.tensor(offsets)}
 
 
+def _jittered(features: NLQFeatures, query: NLQQuery) -> NLQQuery:
+    clip = features.clip(query.clip_uid)
+    start, end = jitter(query.start, query.end, clip["frames"] / clip["fps"])
+    return replace(query, start=start, end=end)
+
+
 def _forward(model: GroundingModel, batch: dict, device: torch.device) -> list[dict]:
     return model(*(batch[k].to(device) for k in ("video", "video_mask", "text", "text_mask")))
 
@@ -122,6 +130,8 @@ def _train_epoch(model, optimizer, features, queries, settings, epoch: int, epoc
     sums = {"loss": 0.0, "cls": 0.0, "reg": 0.0}
     for i in range(steps):
         chosen = [queries[j] for j in order[i * settings.batch_size:(i + 1) * settings.batch_size]]
+        if settings.jitter:
+            chosen = [_jittered(features, q) for q in chosen]
         batch = collate(features, chosen, model.multiple, settings.max_windows)
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(settings, epoch * steps + i, settings.warmup_epochs * steps, epochs * steps)
