@@ -143,6 +143,15 @@ def _cmd_narration_queries(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_nlq_features(args: argparse.Namespace) -> int:
+    from svitt_ego.nlq.export import export_groundnlq
+
+    config = export_groundnlq(args.features, args.annotations, args.out)
+    print(f"GroundNLQ's inputs in {args.out}: video_features/, text_features/, one jsonl per annotation file, "
+          f"groundnlq_dataset.yaml ({', '.join(f'{k} {v}' for k, v in config.items())})")
+    return 0
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     from svitt_ego.nlq.commands import search_moments
 
@@ -274,6 +283,13 @@ def _add_nlq_commands(sub) -> None:
     p.add_argument("--exclude", nargs="*", default=[], help="val / test files: none of their videos is used")
     p.add_argument("--output", required=True)
     p.set_defaults(func=_cmd_narration_queries)
+
+    p = sub.add_parser("export-nlq-features", help="a features folder as another project's inputs (GroundNLQ's lmdb)")
+    p.add_argument("features")
+    p.add_argument("--to", choices=["groundnlq"], required=True)
+    p.add_argument("out")
+    p.add_argument("--annotations", nargs="+", required=True, help="NLQ files whose queries to export (one jsonl each)")
+    p.set_defaults(func=_cmd_export_nlq_features)
 
     p = sub.add_parser("search", help="zero-shot: the moments of extracted clips that best match a query")
     p.add_argument("features")
