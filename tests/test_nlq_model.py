@@ -1,6 +1,5 @@
 import json
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -261,6 +260,5 @@ def test_validation_scores_every_epoch_and_keeps_the_best(tmp_path):
 def test_jittered_training_differs(tmp_path):
     annotations = str(_feature_folder(tmp_path / "features"))
     plain = train_nlq(tmp_path / "features", [Stage([annotations], 1)], tmp_path / "a", SETTINGS)
-    jittered = train_nlq(tmp_path / "features", [Stage([annotations], 1)], tmp_path / "b",
-                         replace(SETTINGS, jitter=True))
+    jittered = train_nlq(tmp_path / "features", [Stage([annotations], 1, jitter=True)], tmp_path / "b", SETTINGS)
     assert not torch.equal(plain.stem[0].attn.q.weight, jittered.stem[0].attn.q.weight)

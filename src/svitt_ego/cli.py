@@ -105,8 +105,8 @@ def _cmd_extract_nlq_features(args: argparse.Namespace) -> int:
 def _cmd_train_nlq(args: argparse.Namespace) -> int:
     from svitt_ego.nlq.train import Stage, TrainSettings, train_nlq
 
-    stages = [Stage(args.pretrain, args.pretrain_epochs)] if args.pretrain else []
-    settings = TrainSettings(batch_size=args.batch_size, lr=args.lr, seed=args.seed, jitter=args.jitter)
+    stages = [Stage(args.pretrain, args.pretrain_epochs, jitter=args.jitter)] if args.pretrain else []
+    settings = TrainSettings(batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     train_nlq(args.features, [*stages, Stage(args.annotations, args.epochs)], args.out, settings,
               resume=args.resume, device=args.device, val=args.val)
     return 0
@@ -257,7 +257,7 @@ def _add_nlq_commands(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--val", default=None, help="an NLQ file with answers: score every epoch, keep OUT/best.pt")
-    p.add_argument("--jitter", action="store_true", help="GroundNLQ's temporal jittering of the answers")
+    p.add_argument("--jitter", action="store_true", help="GroundNLQ's temporal jittering of the --pretrain answers")
     p.set_defaults(func=_cmd_train_nlq)
 
     p = sub.add_parser("predict-nlq", help="write an official NLQ submission")

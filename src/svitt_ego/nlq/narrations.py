@@ -6,7 +6,7 @@ NLQ / MQ / VQ *training* files becomes a query of that clip, answered by that in
 seconds. :func:`narration_queries` writes them as an NLQ-format file (one annotation per clip,
 ``<clip_uid>_narrations``), so features are extracted and training runs as for NLQ. A video of
 any file passed as ``exclude`` (val, test) gives no query. GroundNLQ's temporal jittering of the
-answers is a training option (``TrainSettings.jitter``, :func:`jitter`).
+answers is an option of a training stage (``Stage.jitter``, :func:`jitter`).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """``svitt-ego train-nlq`` and ``predict-nlq``: the grounding model on extracted features.
 
 Training runs in stages, each a list of NLQ-format annotation files and a number of epochs:
-e.g. pretraining on narration queries, then fine-tuning on NLQ, as the paper did. Every epoch ends with an atomic ``last.pt`` (model, optimizer, stage, epoch and the
-torch RNG state), from which ``--resume`` continues exactly.
+e.g. pretraining on narration queries, then fine-tuning on NLQ, as the paper did. Every epoch
+ends with an atomic ``last.pt`` (model, optimizer, stage, epoch and the torch RNG state), from
+which ``--resume`` continues exactly.
 """
 
 from __future__ import annotations
@@ -36,8 +37,7 @@ class TrainSettings:
     lr: float = 5e-5
     weight_decay: float = 0.05  # on convolution weights only
     warmup_epochs: int = 4   # linear warm-up from 0, then cosine to 1e-8, per iteration
-    max_windows: int = 2560  # longer clips are cropped around the moment in training
-    jitter: bool = False     # GroundNLQ's temporal jittering of the answers (for narration queries)
+    max_windows: int | None = 2560  # longer clips are cropped around the moment in training (None: never)
     seed: int = 0
     model: dict = field(default_factory=dict)  # GroundingConfig fields other than the dimensions
 
@@ -46,6 +46,7 @@ class TrainSettings:
 class Stage:
     annotations: list[str]
     epochs: int
+    jitter: bool = False  # GroundNLQ's temporal jittering of the answers (its narration pretraining)
 
 
 def training_queries(features: NLQFeatures, files: list) -> list[NLQQuery]:
@@ -122,7 +123,7 @@ def _optimizer(model: GroundingModel, settings: TrainSettings) -> torch.optim.Op
     return torch.optim.AdamW(groups, lr=settings.lr)
 
 
-def _train_epoch(model, optimizer, features, queries, settings, epoch: int, epochs: int,
+def _train_epoch(model, optimizer, features, queries, settings, epoch: int, stage: Stage,
                  device: torch.device) -> dict:
     model.train()
     order = torch.randperm(len(queries)).tolist()
@@ -130,11 +131,11 @@ def _train_epoch(model, optimizer, features, queries, settings, epoch: int, epoc
     sums = {"loss": 0.0, "cls": 0.0, "reg": 0.0}
     for i in range(steps):
         chosen = [queries[j] for j in order[i * settings.batch_size:(i + 1) * settings.batch_size]]
-        if settings.jitter:
+        if stage.jitter:
             chosen = [_jittered(features, q) for q in chosen]
         batch = collate(features, chosen, model.multiple, settings.max_windows)
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(settings, epoch * steps + i, settings.warmup_epochs * steps, epochs * steps)
+            group["lr"] = _learning_rate(settings, epoch * steps + i, settings.warmup_epochs * steps, stage.epochs * steps)
         losses = grounding_loss(_forward(model, batch, device), batch["moments"].to(device), model.config,
                                 float(model.loss_normalizer))
         model.loss_normalizer.fill_(losses["normalizer"])
@@ -202,7 +203,7 @@ def train_nlq(features_dir: str | Path, stages: list[Stage], out: str | Path, se
             optimizer.load_state_dict(optimizer_state)
         for epoch in range(position[1] if s == position[0] else 0, stage.epochs):
             start = time.perf_counter()
-            stats = _train_epoch(model, optimizer, features, queries, settings, epoch, stage.epochs, device)
+            stats = _train_epoch(model, optimizer, features, queries, settings, epoch, stage, device)
             record = {"stage": s, "epoch": epoch + 1, **stats, "seconds": time.perf_counter() - start}
             improved = False
             if val is not None:
