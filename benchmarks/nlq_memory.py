@@ -70,7 +70,7 @@ def main() -> None:
     anchor = rows[0]["peak_mib"]
     print(f"{'windows':>8s} {'peak MiB':>9s} {'ratio':>6s} {'length ratio':>13s}")
     for row in rows:
-        print(f"{row['windows']:8d} {row['peak_mib']:9.1f} {row['peak_mib'] / anchor:6.2f} "
+        print(f"{row['windows']:8d} {row['peak_mib']:9.2f} {row['peak_mib'] / anchor:6.2f} "
               f"{row['windows'] / rows[0]['windows']:13.2f}")
 
 

@@ -38,4 +38,4 @@ def test_nlq_memory_benchmark_runs():
                "--video-dim", "8", "--text-dim", "8")
     rows = [line.split() for line in out.splitlines()[1:]]
     assert [r[0] for r in rows] == ["64", "128"] and rows[0][2] == "1.00" and float(rows[1][1]) > 0
-    assert float(rows[1][2]) == pytest.approx(float(rows[1][1]) / float(rows[0][1]), abs=0.011)
+    assert float(rows[1][2]) == pytest.approx(float(rows[1][1]) / float(rows[0][1]), rel=0.05)  # printed rounded
