@@ -83,3 +83,11 @@ def _ratios_are_to_the_anchor(out: str) -> None:
     anchor = float(rows["vit_b:4"][1])
     for r in ("tiny:4", "encoder:tiny:4"):  # each ratio is the row's clips/s over the anchor's
         assert float(rows[r][1]) > 0 and float(rows[r][2]) == pytest.approx(float(rows[r][1]) / anchor, abs=0.011)
+
+
+def test_nlq_memory_benchmark_runs():
+    out = _run("benchmarks/nlq_memory.py", "--windows", "64", "128", "--hidden", "16", "--levels", "3",
+               "--video-dim", "8", "--text-dim", "8")
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert [r[0] for r in rows] == ["64", "128"] and rows[0][2] == "1.00" and float(rows[1][1]) > 0
+    assert float(rows[1][2]) == pytest.approx(float(rows[1][1]) / float(rows[0][1]), rel=0.05)  # printed rounded

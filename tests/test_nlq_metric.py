@@ -51,8 +51,8 @@ def test_hand_worked_values():
     assert result["R@5 IoU=0.3"] == pytest.approx(100 * 3 / 5)
     assert result["R@1 IoU=0.5"] == pytest.approx(100 * 1 / 5)
     assert result["R@5 IoU=0.5"] == pytest.approx(100 * 2 / 5)
-    # mean of the first predictions' IoU; the clamped -4e-07 makes query 0 exactly 1/2
-    assert result["mIoU"] == pytest.approx(100 * (0.5 + 0 + 0 + 0 + 0.75) / 5, abs=1e-12)
+    # mean of the first predictions' IoU; the answer as written, -4e-07, makes query 0's 1 / (2 + 4e-07)
+    assert result["mIoU"] == pytest.approx(100 * (1 / (2 + 4e-07) + 0 + 0 + 0 + 0.75) / 5, abs=1e-12)
 
 
 def test_only_first_k_predictions_count():
@@ -141,3 +141,42 @@ def test_ids_that_would_name_paths_are_refused(tmp_path, field, value):
     path.write_text(json.dumps({"videos": [{"video_uid": "v1", "clips": [clip]}]}))
     with pytest.raises(NLQFormatError, match=rf"field '{field}' must be an id .*got '{re.escape(value)}'"):
         read_nlq(path)
+
+
+def _official_scores(annotations, submission):
+    """The official script's evaluate_nlq_performance restated: each prediction row against the
+    answer exactly as written in the file, numpy IoU, R@k = any of the first k above m, mIoU =
+    the first row's IoU, means over the submitted queries."""
+    answers = {(c["clip_uid"], a["annotation_uid"]): a["language_queries"]
+               for v in annotations["videos"] for c in v["clips"] for a in c["annotations"]}
+    hits, first = {(k, m): [] for k in (1, 5) for m in (0.3, 0.5)}, []
+    for entry in submission["results"]:
+        q = answers[entry["clip_uid"], entry["annotation_uid"]][entry["query_idx"]]
+        overlap = np.array([_official_iou(p, (q["clip_start_sec"], q["clip_end_sec"])) for p in entry["predicted_times"]])
+        first.append(overlap[0])
+        for k, m in hits:
+            hits[k, m].append((overlap > m)[:k].any())
+    result = {f"R@{k} IoU={m}": 100 * np.mean(v) for (k, m), v in hits.items()}
+    return result | {"mIoU": 100 * np.mean(first)}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_equals_the_official_metric_on_complete_submissions(data):
+    """Answers at or past the clip's written end (88 real val answers end up to 0.43 s after
+    video_end_sec - video_start_sec) are scored as written, as the official script does."""
+    duration = data.draw(st.floats(5, 100))
+    ends = st.one_of(st.just(duration), st.floats(duration, duration + 0.5), st.floats(1, duration))
+    queries, predictions = [], {}
+    for i in range(data.draw(st.integers(1, 6))):
+        end = data.draw(ends)
+        start = data.draw(st.floats(-4e-07, end))
+        queries.append(_query(start, end))
+        rows = data.draw(st.lists(st.tuples(st.floats(0, duration), st.floats(0, 20)), min_size=1, max_size=6))
+        predictions["c1", "a1", i] = [[s, s + length] for s, length in rows]
+    annotations = {"videos": [{"video_uid": "v1", "clips": [{"clip_uid": "c1", "video_start_sec": 3.1,
+                   "video_end_sec": 3.1 + duration, "annotations": [{"annotation_uid": "a1",
+                                                                      "language_queries": queries}]}]}]}
+    submission = _submission(predictions)
+    ours, official = evaluate_nlq(annotations, submission), _official_scores(annotations, submission)
+    assert ours == pytest.approx(official, abs=1e-9)

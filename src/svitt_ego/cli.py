@@ -137,10 +137,10 @@ def _cmd_extract_features(args: argparse.Namespace) -> int:
 def _cmd_train_nlq(args: argparse.Namespace) -> int:
     from svitt_ego.nlq.train import Stage, TrainSettings, train_nlq
 
-    stages = [Stage(args.pretrain, args.pretrain_epochs)] if args.pretrain else []
+    stages = [Stage(args.pretrain, args.pretrain_epochs, jitter=args.jitter)] if args.pretrain else []
     settings = TrainSettings(batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     train_nlq(args.features, [*stages, Stage(args.annotations, args.epochs)], args.out, settings,
-              resume=args.resume, device=args.device)
+              resume=args.resume, device=args.device, val=args.val)
     return 0
 
 
@@ -160,6 +160,27 @@ def _cmd_eval_nlq(args: argparse.Namespace) -> int:
     from svitt_ego.nlq.commands import eval_nlq
 
     eval_nlq(args.submission, args.annotations, args.output)
+    return 0
+
+
+def _cmd_narration_queries(args: argparse.Namespace) -> int:
+    from svitt_ego.atomic import atomic_write_json
+    from svitt_ego.nlq.narrations import narration_queries
+
+    queries = narration_queries(args.egoclip, args.train, args.exclude)
+    atomic_write_json(args.output, queries)
+    count = sum(len(c["annotations"][0]["language_queries"]) for v in queries["videos"] for c in v["clips"])
+    print(f"{count} narration queries in {sum(len(v['clips']) for v in queries['videos'])} clips -> {args.output}; "
+          f"{queries['skipped_videos']} training videos left out (in --exclude)")
+    return 0
+
+
+def _cmd_export_nlq_features(args: argparse.Namespace) -> int:
+    from svitt_ego.nlq.export import export_groundnlq
+
+    config = export_groundnlq(args.features, args.annotations, args.out)
+    print(f"GroundNLQ's inputs in {args.out}: video_features/, text_features/, one jsonl per annotation file, "
+          f"groundnlq_dataset.yaml ({', '.join(f'{k} {v}' for k, v in config.items())})")
     return 0
 
 
@@ -322,13 +343,15 @@ def _add_nlq_commands(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--pretrain", nargs="+", default=None,
-                   help="NLQ-format files (e.g. Moment Queries as queries) to train on first")
+                   help="NLQ-format files (e.g. narration queries) to train on first; the heads restart after")
     p.add_argument("--pretrain-epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--val", default=None, help="an NLQ file with answers: score every epoch, keep OUT/best.pt")
+    p.add_argument("--jitter", action="store_true", help="GroundNLQ's temporal jittering of the --pretrain answers")
     p.set_defaults(func=_cmd_train_nlq)
 
     p = sub.add_parser("predict-nlq", help="write an official NLQ submission")
@@ -346,6 +369,21 @@ def _add_nlq_commands(sub) -> None:
     p.add_argument("--annotations", required=True)
     p.add_argument("--output", default=None, help="write the metrics as JSON here")
     p.set_defaults(func=_cmd_eval_nlq)
+
+    p = sub.add_parser("narration-queries", help="EgoClip narrations inside training clips, as NLQ queries "
+                       "(GroundNLQ's pretraining set)")
+    p.add_argument("egoclip", help="egoclip.csv")
+    p.add_argument("--train", nargs="+", required=True, help="NLQ / MQ / VQ training files: their clips")
+    p.add_argument("--exclude", nargs="*", default=[], help="val / test files: none of their videos is used")
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=_cmd_narration_queries)
+
+    p = sub.add_parser("export-nlq-features", help="a features folder as another project's inputs (GroundNLQ's lmdb)")
+    p.add_argument("features")
+    p.add_argument("--to", choices=["groundnlq"], required=True)
+    p.add_argument("out")
+    p.add_argument("--annotations", nargs="+", required=True, help="NLQ files whose queries to export (one jsonl each)")
+    p.set_defaults(func=_cmd_export_nlq_features)
 
     p = sub.add_parser("search", help="zero-shot: the moments of extracted clips that best match a query")
     p.add_argument("features")

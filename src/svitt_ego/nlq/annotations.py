@@ -3,8 +3,9 @@
 ``videos[] -> clips[] -> annotations[] -> language_queries[]``. A query is named by
 ``(clip_uid, annotation_uid, query_idx)``, ``query_idx`` being its index in
 ``language_queries``: a query whose text is missing or null is skipped (and counted) but keeps
-its place in the numbering. Answers are in clip seconds; slightly negative times (-4e-07 in
-the real files) are clamped to the clip.
+its place in the numbering. Answers are in clip seconds, kept as written (slightly negative
+times, -4e-07, and ends up to 0.43 s past ``video_end_sec - video_start_sec`` in the real files):
+the official metric scores them so; training clamps its targets to the clip.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def _uid(obj: dict, key: str, where: str) -> str:
     return value
 
 
-def _answer(query: dict, clip: NLQClip, where: str) -> tuple[float | None, float | None]:
+def _answer(query: dict, where: str) -> tuple[float | None, float | None]:
     start = _number(query, "clip_start_sec", where, required=False)
     end = _number(query, "clip_end_sec", where, required=False)
     if (start is None) != (end is None):
@@ -104,7 +105,7 @@ def _answer(query: dict, clip: NLQClip, where: str) -> tuple[float | None, float
         return None, None
     if end < start:
         raise NLQFormatError(f"{where}: field 'clip_end_sec' ({end}) is before 'clip_start_sec' ({start})")
-    return min(max(start, 0.0), clip.duration), min(max(end, 0.0), clip.duration)
+    return start, end
 
 
 def _read_clip(video_uid: str, clip: dict, where: str, out: NLQAnnotations) -> None:
@@ -115,7 +116,7 @@ def _read_clip(video_uid: str, clip: dict, where: str, out: NLQAnnotations) -> N
         raise NLQFormatError(f"{where}: field 'video_end_sec' ({end}) is not after 'video_start_sec' ({start})")
     if clip_uid in out.clips:
         raise NLQFormatError(f"{where}: clip_uid appears twice")
-    info = out.clips[clip_uid] = NLQClip(clip_uid, video_uid, max(start, 0.0), end)
+    out.clips[clip_uid] = NLQClip(clip_uid, video_uid, max(start, 0.0), end)
     for annotation in _items(clip, "annotations", where):
         annotation_uid = _uid(annotation, "annotation_uid", where)
         for idx, query in enumerate(_items(annotation, "language_queries", f"{where} annotation {annotation_uid}")):
@@ -124,7 +125,7 @@ def _read_clip(video_uid: str, clip: dict, where: str, out: NLQAnnotations) -> N
                 out.skipped += 1
                 continue
             q_where = f"{where} annotation {annotation_uid} query {idx}"
-            out.queries.append(NLQQuery(clip_uid, annotation_uid, idx, text, *_answer(query, info, q_where)))
+            out.queries.append(NLQQuery(clip_uid, annotation_uid, idx, text, *_answer(query, q_where)))
 
 
 def parse_nlq(data, source: str) -> NLQAnnotations:

@@ -1,4 +1,4 @@
-"""Training targets, losses and decoding of the grounding model's pyramid outputs.
+"""Training targets, losses and decoding of the grounding model's pyramid outputs (GroundNLQ's).
 
 All positions are in window indices (see :mod:`svitt_ego.nlq.features` for seconds).
 """
@@ -11,50 +11,36 @@ import torch.nn.functional as F
 from svitt_ego.nlq.model import GroundingConfig
 
 
-def level_targets(points: torch.Tensor, stride: int, moments: torch.Tensor, cfg: GroundingConfig,
-                  level: int) -> torch.Tensor:
-    """Bool [B, T_l]: which points of a level are positives for each row's moment [B, 2].
+def points(out: dict) -> torch.Tensor:
+    """The window index of each point of a level's output."""
+    return torch.arange(out["mask"].shape[1], device=out["mask"].device, dtype=torch.float32) * out["stride"]
 
-    A positive lies inside the moment, within ``center_radius`` strides of its centre
-    (ActionFormer's centre sampling), and the moment's farther boundary from it falls in the
-    level's regression range.
+
+def level_targets(p: torch.Tensor, stride: int, moments: torch.Tensor, cfg: GroundingConfig,
+                  level: int) -> torch.Tensor:
+    """Bool [B, T_l]: which points ``p`` of a level are positives for each row's moment [B, 2].
+
+    A positive lies strictly inside the moment and within ``center_radius`` strides of its
+    centre (ActionFormer's centre sampling), and the moment's farther boundary from it is in
+    the level's regression range, both ends included.
     """
     start, end = moments[:, :1], moments[:, 1:]
     centre = (start + end) / 2
     radius = cfg.center_radius * stride
-    p = points[None, :]
-    inside = (p >= torch.maximum(start, centre - radius)) & (p <= torch.minimum(end, centre + radius))
+    p = p[None, :]
+    inside = (p > torch.maximum(start, centre - radius)) & (p < torch.minimum(end, centre + radius))
     farther = torch.maximum(p - start, end - p)
     low, high = cfg.regress_range(level)
-    return inside & (farther >= low) & (farther < high)
+    return inside & (farther >= low) & (farther <= high)
 
 
 def diou_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 - DIoU of 1-D segments [N, 2] (start, end): 1 - IoU + (centre distance / enclosing length)^2."""
-    inter = (torch.minimum(pred[:, 1], target[:, 1]) - torch.maximum(pred[:, 0], target[:, 0])).clamp(min=0)
-    union = (pred[:, 1] - pred[:, 0]) + (target[:, 1] - target[:, 0]) - inter
-    enclosing = torch.maximum(pred[:, 1], target[:, 1]) - torch.minimum(pred[:, 0], target[:, 0])
-    centre_gap = (pred.sum(1) - target.sum(1)) / 2
-    return 1 - inter / union.clamp(min=1e-6) + (centre_gap / enclosing.clamp(min=1e-6)) ** 2
-
-
-def grounding_loss(outputs: list[dict], moments: torch.Tensor, cfg: GroundingConfig) -> dict:
-    """Focal loss on every valid point + DIoU loss on the positives, both per positive."""
-    logits, labels, pred, target = [], [], [], []
-    for level, out in enumerate(outputs):
-        positive = level_targets(out["points"], 2 ** level, moments, cfg, level) & out["mask"]
-        logits.append(out["logits"][out["mask"]])
-        labels.append(positive[out["mask"]].float())
-        rows, cols = positive.nonzero(as_tuple=True)
-        p = out["points"][cols]
-        d = out["distances"][rows, cols]
-        pred.append(torch.stack([p - d[:, 0], p + d[:, 1]], dim=1))
-        target.append(moments[rows])
-    labels = torch.cat(labels)
-    num_positive = labels.sum().clamp(min=1)
-    cls = sigmoid_focal_loss(torch.cat(logits), labels).sum() / num_positive
-    reg = diou_loss(torch.cat(pred), torch.cat(target)).sum() / num_positive
-    return {"loss": cls + reg, "cls": cls.detach(), "reg": reg.detach()}
+    """1 - DIoU of 1-D segments given as offsets [N, 2] (to the start, to the end) from one point."""
+    inter = torch.minimum(pred[:, 0], target[:, 0]) + torch.minimum(pred[:, 1], target[:, 1])
+    union = pred.sum(1) + target.sum(1) - inter
+    enclosing = torch.maximum(pred[:, 0], target[:, 0]) + torch.maximum(pred[:, 1], target[:, 1])
+    centre_gap = 0.5 * (pred[:, 1] - pred[:, 0] - target[:, 1] + target[:, 0])
+    return 1 - inter / union.clamp(min=1e-8) + (centre_gap / enclosing.clamp(min=1e-8)) ** 2
 
 
 def sigmoid_focal_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 0.25,
@@ -66,14 +52,39 @@ def sigmoid_focal_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float 
     return alpha_t * ce * (1 - p_t) ** gamma
 
 
+def grounding_loss(outputs: list[dict], moments: torch.Tensor, cfg: GroundingConfig, normalizer: float) -> dict:
+    """Focal loss (labels smoothed) on every valid point + DIoU loss on the positives.
+
+    Both are divided by the EMA of the positive count, ``normalizer`` updated by this batch
+    (returned as ``"normalizer"``), as GroundNLQ does.
+    """
+    logits, labels, pred, target = [], [], [], []
+    for level, out in enumerate(outputs):
+        p = points(out)
+        positive = level_targets(p, out["stride"], moments, cfg, level) & out["mask"]
+        logits.append(out["logits"][out["mask"]])
+        labels.append(positive[out["mask"]].float())
+        rows, cols = positive.nonzero(as_tuple=True)
+        pred.append(out["offsets"][rows, cols])
+        target.append(torch.stack([p[cols] - moments[rows, 0], moments[rows, 1] - p[cols]], 1) / out["stride"])
+    labels = torch.cat(labels)
+    normalizer = cfg.loss_norm_momentum * normalizer + (1 - cfg.loss_norm_momentum) * max(int(labels.sum()), 1)
+    smoothed = labels * (1 - cfg.label_smoothing) + cfg.label_smoothing / 2
+    cls = sigmoid_focal_loss(torch.cat(logits), smoothed).sum() / normalizer
+    reg = diou_loss(torch.cat(pred), torch.cat(target)).sum() / normalizer
+    return {"loss": cls + reg, "cls": cls.detach(), "reg": reg.detach(), "normalizer": normalizer}
+
+
 def segment_iou(one: torch.Tensor, many: torch.Tensor) -> torch.Tensor:
     inter = (torch.minimum(one[1], many[:, 1]) - torch.maximum(one[0], many[:, 0])).clamp(min=0)
     union = torch.maximum(one[1], many[:, 1]) - torch.minimum(one[0], many[:, 0])
     return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
 
 
-def soft_nms(segments: torch.Tensor, scores: torch.Tensor, top_k: int, sigma: float = 0.5):
-    """Gaussian soft-NMS: take the best segment, decay the others' scores by exp(-IoU^2 / sigma), repeat.
+def soft_nms(segments: torch.Tensor, scores: torch.Tensor, top_k: int, sigma: float = 0.75,
+             min_score: float = 0.0):
+    """Gaussian soft-NMS: take the best segment, decay the others' scores by exp(-IoU^2 / sigma),
+    drop those below ``min_score``, repeat.
 
     Returns the chosen ``(segments [k, 2], scores [k])``, best first, ``k <= top_k``.
     """
@@ -83,23 +94,29 @@ def soft_nms(segments: torch.Tensor, scores: torch.Tensor, top_k: int, sigma: fl
         best = int(scores.argmax())
         chosen.append(segments[best])
         chosen_scores.append(scores[best])
-        decay = torch.exp(-segment_iou(segments[best], segments) ** 2 / sigma)
-        keep = torch.ones_like(scores, dtype=torch.bool)
+        scores = scores * torch.exp(-segment_iou(segments[best], segments) ** 2 / sigma)
+        keep = scores >= min_score
         keep[best] = False
-        segments, scores = segments[keep], (scores * decay)[keep]
+        segments, scores = segments[keep], scores[keep]
     if not chosen:
         return segments.new_zeros(0, 2), scores.new_zeros(0)
     return torch.stack(chosen), torch.stack(chosen_scores)
 
 
-def decode(outputs: list[dict], row: int, top_k: int = 5, pre_nms: int = 1000, sigma: float = 0.5):
-    """One row's best moments as ``(segments [k, 2] in window indices, scores [k])``."""
+def decode(outputs: list[dict], row: int, cfg: GroundingConfig, top_k: int = 5):
+    """One row's best moments as ``(segments [k, 2] in window indices, scores [k])``.
+
+    Per level: the ``pre_nms`` best points scoring above ``score_threshold`` whose segment is
+    longer than ``min_length``; then soft-NMS over all levels.
+    """
     segments, scores = [], []
     for out in outputs:
-        valid = out["mask"][row]
-        p, d = out["points"][valid], out["distances"][row][valid]
-        segments.append(torch.stack([p - d[:, 0], p + d[:, 1]], dim=1))
-        scores.append(torch.sigmoid(out["logits"][row][valid]))
-    segments, scores = torch.cat(segments), torch.cat(scores)
-    order = scores.argsort(descending=True)[:pre_nms]
-    return soft_nms(segments[order], scores[order], top_k, sigma)
+        score = torch.sigmoid(out["logits"][row]) * out["mask"][row]
+        keep = (score > cfg.score_threshold).nonzero(as_tuple=True)[0]
+        keep = keep[score[keep].argsort(descending=True)[:cfg.pre_nms]]
+        p, d = points(out)[keep], out["offsets"][row][keep] * out["stride"]
+        segment = torch.stack([p - d[:, 0], p + d[:, 1]], dim=1)
+        long = segment[:, 1] - segment[:, 0] > cfg.min_length
+        segments.append(segment[long])
+        scores.append(score[keep][long])
+    return soft_nms(torch.cat(segments), torch.cat(scores), top_k, cfg.nms_sigma, cfg.min_score)

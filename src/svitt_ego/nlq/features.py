@@ -103,7 +103,6 @@ class NLQFeatures(FeatureFolder):
         if self.manifest["what"] != "pooled" or len(self.manifest["row_shape"]) != 1:
             raise FeatureFolderError(f"{where}: NLQ features are the pooled window vectors, this folder holds "
                                      f"{self.manifest['what']!r}")
-        self.meta = self.manifest
         self._video: dict[str, torch.Tensor] = {}
 
     def clip(self, clip_uid: str) -> dict:

@@ -1,11 +1,12 @@
 """The official Ego4D NLQ metric: Recall@{1, 5} at IoU {0.3, 0.5}, and mIoU.
 
 A query counts for R@k at IoU m when one of its first k predicted intervals has an IoU
-strictly greater than m with the answer; the recalls are means over the queries, in percent.
-``mIoU`` is the mean over the queries of the first prediction's IoU (the official script's
-``np.mean(np.sort(overlap[0])[-3:])`` with its one answer per query). Two intervals whose
-union is empty (zero-length and equal) have IoU 0, where the official script's 0/0 would give
-NaN, which is never above a threshold either.
+strictly greater than m with the answer as written in the file; the recalls are means over the
+queries, in percent. ``mIoU`` is the mean over the queries of the first prediction's IoU (the
+official script's ``np.mean(np.sort(overlap[0])[-3:])`` with its one answer per query). On a
+submission that answers every query this is the official script's result, but for one case:
+two intervals whose union is empty (a zero-length answer predicted exactly) have IoU 0, where
+the official 0/0 gives NaN, never above a threshold either but NaN in its mIoU.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """``svitt-ego train-nlq`` and ``predict-nlq``: the grounding model on extracted features.
 
 Training runs in stages, each a list of NLQ-format annotation files and a number of epochs:
-e.g. pretraining on Moment Queries converted to NLQ format, then fine-tuning on NLQ, as the
-paper did. Every epoch ends with an atomic ``last.pt`` (model, optimizer, stage, epoch and the
-torch RNG state), from which ``--resume`` continues exactly.
+e.g. pretraining on narration queries, then fine-tuning on NLQ, as the paper did. Every epoch
+ends with an atomic ``last.pt`` (model, optimizer, stage, epoch and the torch RNG state), from
+which ``--resume`` continues exactly.
 """
 
 from __future__ import annotations
@@ -13,29 +13,31 @@ import logging
 import math
 import pickle
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from svitt_ego.atomic import atomic_torch_save
-from svitt_ego.nlq.annotations import NLQFormatError, NLQQuery, read_nlq
+from svitt_ego.nlq.annotations import NLQFormatError, NLQQuery, load_json, read_nlq
 from svitt_ego.nlq.detection import decode, grounding_loss
 from svitt_ego.nlq.features import NLQFeatures
-from svitt_ego.nlq.metric import make_submission, submission_entry
+from svitt_ego.nlq.metric import evaluate_nlq, make_submission, submission_entry
 from svitt_ego.nlq.model import GroundingConfig, GroundingModel
+from svitt_ego.nlq.narrations import jitter
 
 log = logging.getLogger(__name__)
+BEST_BY = "R@1 IoU=0.3"  # the validation score that picks best.pt
 
 
 @dataclass
 class TrainSettings:
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_fraction: float = 0.05
-    max_windows: int = 2560  # longer clips are cropped around the moment in training
+    batch_size: int = 2      # GroundNLQ's NLQ training
+    lr: float = 5e-5
+    weight_decay: float = 0.05  # on convolution weights only
+    warmup_epochs: int = 4   # linear warm-up from 0, then cosine to 1e-8, per iteration
+    max_windows: int | None = 2560  # longer clips are cropped around the moment in training (None: never)
     seed: int = 0
     model: dict = field(default_factory=dict)  # GroundingConfig fields other than the dimensions
 
@@ -44,17 +46,21 @@ class TrainSettings:
 class Stage:
     annotations: list[str]
     epochs: int
+    jitter: bool = False  # GroundNLQ's temporal jittering of the answers (its narration pretraining)
 
 
 def training_queries(features: NLQFeatures, files: list) -> list[NLQQuery]:
+    """The queries of ``files``, answers clamped to their clip (a training target never leaves it)."""
     queries = []
     for path in files:
-        for q in read_nlq(path).queries:
+        parsed = read_nlq(path)
+        for q in parsed.queries:
             if q.start is None:
                 raise NLQFormatError(f"{path}: clip {q.clip_uid} annotation {q.annotation_uid} query "
                                      f"{q.query_idx}: field 'clip_start_sec' is missing (no answer to train on)")
             features.clip(q.clip_uid)
-            queries.append(q)
+            duration = parsed.clips[q.clip_uid].duration
+            queries.append(replace(q, start=min(max(q.start, 0.0), duration), end=min(max(q.end, 0.0), duration)))
     return queries
 
 
@@ -91,22 +97,33 @@ def collate(features: NLQFeatures, queries: list[NLQQuery], multiple: int, max_w
             "moments": torch.stack(moments), "offsets": torch.tensor(offsets)}
 
 
+def _jittered(features: NLQFeatures, query: NLQQuery) -> NLQQuery:
+    clip = features.clip(query.clip_uid)
+    start, end = jitter(query.start, query.end, clip["frames"] / clip["fps"])
+    return replace(query, start=start, end=end)
+
+
 def _forward(model: GroundingModel, batch: dict, device: torch.device) -> list[dict]:
     return model(*(batch[k].to(device) for k in ("video", "video_mask", "text", "text_mask")))
 
 
-def _learning_rate(settings: TrainSettings, step: int, total: int) -> float:
-    warmup = max(1, round(settings.warmup_fraction * total))
+def _learning_rate(settings: TrainSettings, step: int, warmup: int, total: int, floor: float = 1e-8) -> float:
+    """GroundNLQ's per-iteration schedule: 0 to ``lr`` over ``warmup`` steps, then cosine to ``floor``."""
     if step < warmup:
-        return settings.lr * (step + 1) / warmup
-    return settings.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        return settings.lr * step / max(1, warmup - 1)
+    return floor + 0.5 * (settings.lr - floor) * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def _optimizer(model: GroundingModel, settings: TrainSettings) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    """AdamW, weight decay on convolution weights only (not on biases, norms or scales)."""
+    decay = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Conv1d)}
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if id(p) in decay], "weight_decay": settings.weight_decay},
+              {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=settings.lr)
 
 
-def _train_epoch(model, optimizer, features, queries, settings, epoch: int, epochs: int,
+def _train_epoch(model, optimizer, features, queries, settings, epoch: int, stage: Stage,
                  device: torch.device) -> dict:
     model.train()
     order = torch.randperm(len(queries)).tolist()
@@ -114,10 +131,14 @@ def _train_epoch(model, optimizer, features, queries, settings, epoch: int, epoc
     sums = {"loss": 0.0, "cls": 0.0, "reg": 0.0}
     for i in range(steps):
         chosen = [queries[j] for j in order[i * settings.batch_size:(i + 1) * settings.batch_size]]
+        if stage.jitter:
+            chosen = [_jittered(features, q) for q in chosen]
         batch = collate(features, chosen, model.multiple, settings.max_windows)
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(settings, epoch * steps + i, epochs * steps)
-        losses = grounding_loss(_forward(model, batch, device), batch["moments"].to(device), model.config)
+            group["lr"] = _learning_rate(settings, epoch * steps + i, settings.warmup_epochs * steps, stage.epochs * steps)
+        losses = grounding_loss(_forward(model, batch, device), batch["moments"].to(device), model.config,
+                                float(model.loss_normalizer))
+        model.loss_normalizer.fill_(losses["normalizer"])
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -143,58 +164,86 @@ def load_grounding(path: str | Path) -> tuple[GroundingModel, dict]:
     return model, state
 
 
+def _validate(model: GroundingModel, features: NLQFeatures, val: Path, device: torch.device) -> dict:
+    """The official metric of the model's predictions on ``val``."""
+    parsed = read_nlq(val)
+    results = predict_moments(model, features, parsed.queries, parsed.clips, device=device)
+    return evaluate_nlq(load_json(val), make_submission(results), annotations_name=str(val))
+
+
 def train_nlq(features_dir: str | Path, stages: list[Stage], out: str | Path, settings: TrainSettings | None = None,
-              resume: bool = False, device: torch.device | str = "cpu") -> GroundingModel:
-    """Train the grounding model stage by stage; writes ``out/last.pt`` and ``out/metrics.jsonl``."""
+              resume: bool = False, device: torch.device | str = "cpu", val: str | Path | None = None) -> GroundingModel:
+    """Train the grounding model stage by stage; writes ``out/last.pt`` and ``out/metrics.jsonl``.
+
+    With ``val`` (an NLQ file with answers) every epoch is scored on it with the official metric
+    (in ``metrics.jsonl``) and the epoch with the best ``BEST_BY`` so far is also ``out/best.pt``.
+    """
     settings = settings or TrainSettings()
     features, out, device = NLQFeatures(features_dir), Path(out), torch.device(device)
     last = out / "last.pt"
     if last.exists() and not resume:
         raise FileExistsError(f"{last} exists: pass --resume to continue it, or another --out")
     torch.manual_seed(settings.seed)
-    cfg = GroundingConfig(video_dim=features.meta["dimension"], text_dim=features.meta["text_dimension"],
+    cfg = GroundingConfig(video_dim=features.manifest["dimension"], text_dim=features.manifest["text_dimension"],
                           **settings.model)
-    model, position, optimizer_state = GroundingModel(cfg), (0, 0), None
+    model, position, optimizer_state, best = GroundingModel(cfg), (0, 0), None, None
     if resume and last.exists():
         model, state = load_grounding(last)
         position, optimizer_state = (state["stage"], state["epoch"]), state["optimizer"]
+        best = state.get("best_val")
         torch.set_rng_state(state["rng"])
     model.to(device)
     out.mkdir(parents=True, exist_ok=True)
     for s, stage in enumerate(stages[position[0]:], start=position[0]):
         queries = training_queries(features, stage.annotations)
+        if s > 0 and (s != position[0] or position[1] == 0):
+            model.reset_heads()  # a later stage fine-tunes with fresh heads, as GroundNLQ does
         optimizer = _optimizer(model, settings)
         if s == position[0] and optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
         for epoch in range(position[1] if s == position[0] else 0, stage.epochs):
             start = time.perf_counter()
-            stats = _train_epoch(model, optimizer, features, queries, settings, epoch, stage.epochs, device)
+            stats = _train_epoch(model, optimizer, features, queries, settings, epoch, stage, device)
             record = {"stage": s, "epoch": epoch + 1, **stats, "seconds": time.perf_counter() - start}
+            improved = False
+            if val is not None:
+                record["val"] = _validate(model, features, Path(val), device)
+                improved = best is None or record["val"][BEST_BY] > best
+                best = record["val"][BEST_BY] if improved else best
             log.info("%s", record)
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "stage": s,
-                               "epoch": epoch + 1, "rng": torch.get_rng_state(), "config": cfg.to_dict(),
-                               "settings": asdict(settings), "features": {k: features.meta.get(k) for k in
-                                                                          ("checkpoint", "window", "stride")}},
-                              last)
+            checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "stage": s,
+                          "epoch": epoch + 1, "rng": torch.get_rng_state(), "config": cfg.to_dict(),
+                          "settings": asdict(settings), "best_val": best,
+                          "features": {k: features.manifest.get(k) for k in ("checkpoint", "window", "stride")}}
+            if improved:
+                atomic_torch_save(checkpoint, out / "best.pt")
+            atomic_torch_save(checkpoint, last)
     return model
 
 
 @torch.no_grad()
 def predict_moments(model: GroundingModel, features: NLQFeatures, queries: list[NLQQuery], clips: dict,
                     batch_size: int = 8, top_k: int = 5, device: torch.device | str = "cpu") -> list[dict]:
-    """The official submission's ``results``: each query's ``top_k`` moments in clip seconds, best first."""
+    """The official submission's ``results``: each query's ``top_k`` moments in clip seconds, best first.
+
+    A batch holds queries of one clip only, so a query's moments do not depend on its batch.
+    """
     model.to(device).eval()
-    results = []
-    for i in range(0, len(queries), batch_size):
-        chosen = queries[i:i + batch_size]
-        outputs = _forward(model, collate(features, chosen, model.multiple), torch.device(device))
-        for row, q in enumerate(chosen):
-            segments, _ = decode(outputs, row, top_k)
-            seconds = features.to_seconds(q.clip_uid, segments.cpu().double()).clamp(0, clips[q.clip_uid].duration)
-            results.append(submission_entry(q, seconds.tolist()))
-    return results
+    by_clip: dict[str, list[NLQQuery]] = {}
+    for q in queries:
+        by_clip.setdefault(q.clip_uid, []).append(q)
+    found = {}
+    for clip_queries in by_clip.values():
+        for i in range(0, len(clip_queries), batch_size):
+            chosen = clip_queries[i:i + batch_size]
+            outputs = _forward(model, collate(features, chosen, model.multiple), torch.device(device))
+            for row, q in enumerate(chosen):
+                segments, _ = decode(outputs, row, model.config, top_k)
+                seconds = features.to_seconds(q.clip_uid, segments.cpu().double())
+                found[q.key] = submission_entry(q, seconds.clamp(0, clips[q.clip_uid].duration).tolist())
+    return [found[q.key] for q in queries]
 
 
 def predict_nlq(features_dir: str | Path, checkpoint: str | Path, annotations: str | Path, output: str | Path,
