@@ -4,11 +4,11 @@ import json
 import lmdb
 import numpy as np
 import pytest
-import torch
 
 from svitt_ego.cli import main
 from svitt_ego.nlq.annotations import NLQFormatError
 from svitt_ego.nlq.export import export_groundnlq
+from svitt_ego.nlq.features import NLQFeatures
 from test_nlq_model import _feature_folder
 
 
@@ -28,7 +28,7 @@ def test_round_trip_as_groundnlq_reads_it(tmp_path):
                       "default_fps": 10.0, "max_seq_len": 1024}
     video = _read(tmp_path / "out" / "video_features", "c3")["features"]
     assert video.dtype == np.float32
-    np.testing.assert_array_equal(video, torch.load(tmp_path / "features" / "video" / "c3.pt").float().numpy())
+    np.testing.assert_array_equal(video, NLQFeatures(tmp_path / "features").video("c3").float().numpy())
     text = _read(tmp_path / "out" / "text_features", "a3_1")["token_features"]
     assert text.dtype == np.float32 and text.shape == (2, 8)
     lines = [json.loads(line) for line in (tmp_path / "out" / "nlq.jsonl").read_text().splitlines()]
@@ -40,9 +40,9 @@ def test_round_trip_as_groundnlq_reads_it(tmp_path):
 
 def test_mixed_frame_rates_and_shared_annotation_ids_are_refused(tmp_path, capsys):
     annotations = _feature_folder(tmp_path / "features")
-    meta = json.loads((tmp_path / "features" / "meta.json").read_text())
-    meta["clips"]["c2"]["fps"] = 30.0
-    (tmp_path / "features" / "meta.json").write_text(json.dumps(meta))
+    manifest = json.loads((tmp_path / "features" / "manifest.json").read_text())
+    manifest["videos"]["c2"]["fps"] = 30.0
+    (tmp_path / "features" / "manifest.json").write_text(json.dumps(manifest))
     assert main(["export-nlq-features", str(tmp_path / "features"), "--to", "groundnlq", str(tmp_path / "out"),
                  "--annotations", str(annotations)]) == 2
     err = capsys.readouterr().err
