@@ -10,9 +10,10 @@ import torch
 from helpers import SMALL_MODEL
 
 from svitt_ego.atomic import atomic_write_text
-from svitt_ego.checkpoint import (CheckpointError, Checkpointer, RunLock, check_resume,
-                                  load_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from svitt_ego.checkpoint import (CheckpointError, Checkpointer, check_resume, load_checkpoint, rng_state,
+                                  save_checkpoint, set_rng_state)
 from svitt_ego.config import ConfigError, load_config
+from svitt_ego.run_folder import RunLock
 
 
 class _RunsCode:
