@@ -210,6 +210,16 @@ def _check_position(path: Path, state: dict) -> None:
                              "'metrics_bytes' must be counts, 'rng' a byte tensor, 'optimizer' a dict)")
 
 
+def _resume_changes(state: dict, meaning: dict) -> dict[str, tuple]:
+    """How ``meaning`` (:func:`run_settings`) differs from the saved run's, in the stages begun so far:
+    later ones may be added or changed."""
+    begun = state["stage"] + 1
+    saved = {key: state.get(key) for key in meaning}
+    if isinstance(saved["stages"], list):
+        saved["stages"] = saved["stages"][:begun]
+    return settings_changes(saved, {**meaning, "stages": meaning["stages"][:begun]}, RESUMABLE_CHANGES)
+
+
 def _short(value) -> str:
     """A number as written, anything else (or a huge integer) by its type: never a long repr."""
     small = isinstance(value, float) or (isinstance(value, int) and abs(value) < 2**64)
@@ -228,8 +238,9 @@ def train_nlq(features_dir: str | Path, stages: list[Stage], out: str | Path, se
               allow_config_change: bool = False) -> GroundingModel:
     """Train the grounding model stage by stage; writes ``out/last.pt`` and ``out/metrics.jsonl``.
 
-    ``resume`` continues ``out/last.pt``; settings, stages or features other than its own are refused
-    (naming the keys) unless ``allow_config_change``. A second run into ``out`` is refused.
+    ``resume`` continues ``out/last.pt``; settings, features or stages begun so far other than its own
+    are refused (naming the keys) unless ``allow_config_change``; later stages may be added. A second
+    run into ``out`` is refused.
     """
     settings = settings or TrainSettings()
     features, out = NLQFeatures(features_dir), Path(out)
@@ -247,9 +258,8 @@ def _train_nlq(features, stages, out, settings, resume, device, allow_config_cha
     model, state = GroundingModel(cfg), {"stage": 0, "epoch": 0, "nonfinite": 0, "metrics_bytes": 0}
     if resume and last.exists():
         model, state = load_grounding(last)
-        refuse_changes(last, settings_changes({k: state.get(k) for k in meaning}, meaning, RESUMABLE_CHANGES),
-                       allow_config_change)
         _check_position(last, state)
+        refuse_changes(last, _resume_changes(state, meaning), allow_config_change)
         torch.set_rng_state(state["rng"])
     metrics = MetricsFile(out / "metrics.jsonl")
     metrics.rewind(state.get("metrics_bytes"))
