@@ -10,9 +10,10 @@ import torch
 from helpers import SMALL_MODEL
 
 from svitt_ego.atomic import atomic_write_text
-from svitt_ego.checkpoint import (CheckpointError, Checkpointer, RunLock, check_resume,
-                                  load_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from svitt_ego.checkpoint import (CheckpointError, Checkpointer, check_resume, load_checkpoint, rng_state,
+                                  save_checkpoint, set_rng_state)
 from svitt_ego.config import ConfigError, load_config
+from svitt_ego.run_folder import RunLock
 
 
 class _RunsCode:
@@ -150,5 +151,5 @@ def test_checkpointer_keeps_the_newest_and_reports_a_failed_write(tmp_path):
     assert checkpointer.resume(cfg)["step"] == 3 and layer.weight.abs().sum() > 0
     (tmp_path / "not-a-folder").write_text("a file where the run folder's parent should be")
     broken = Checkpointer(tmp_path / "not-a-folder" / "run", keep=2, objects={"model": layer})
-    with pytest.raises(CheckpointError, match=r"step-4\.pt: could not write the checkpoint"):
+    with pytest.raises(CheckpointError, match=r"step-4\.pt: could not write \(Not a directory\)"):
         broken.save("step-4.pt", {"step": 4}, cfg)

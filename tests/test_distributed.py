@@ -100,7 +100,54 @@ def test_rank_0_decides_and_a_failed_checkpoint_stops_every_rank(tmp_path):
             pytest.fail("a rank is still waiting: the ranks went out of step")
     for rank in range(2):
         seen, outcome = (tmp_path / f"rank{rank}.txt").read_text().split("\n", 1)
-        assert seen == "True" and "step-1.pt: could not write the checkpoint" in outcome
+        assert seen == "True" and "step-1.pt: could not write (" in outcome
+
+
+def _full_disk_worker(rank, world_size, init_file, folder):
+    import datetime
+    from pathlib import Path
+
+    from svitt_ego import checkpoint
+    from svitt_ego.atomic import atomic_write
+    from svitt_ego.config import Config
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        folder = Path(folder)
+        if rank == 0:  # only rank 0 writes, and its disk is full: torch.save into the file raises RuntimeError
+            def disk_full(tmp):
+                raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+            checkpoint.save_checkpoint = lambda path, state: atomic_write(path, disk_full)
+        try:
+            checkpointer = checkpoint.Checkpointer(folder / "run", 2, {"model": torch.nn.Linear(1, 1)})
+            checkpointer.save("step-1.pt", {}, Config())
+            outcome = "saved"
+        except Exception as err:  # noqa: BLE001 - whatever each rank sees is the outcome
+            outcome = f"{type(err).__name__}: {err}"
+        (folder / f"rank{rank}.txt").write_text(outcome)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_full_disk_on_rank_0_stops_every_rank_with_the_same_checkpoint_error(tmp_path):
+    context = mp.spawn(_full_disk_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if context.join(timeout=5):
+                break
+        except mp.ProcessRaisedException:  # a rank's error escaped: the outcome files tell which
+            break
+        if time.monotonic() > deadline:
+            pytest.fail("a rank is still waiting: the ranks went out of step")
+    outcomes = [(tmp_path / f"rank{rank}.txt").read_text() if (tmp_path / f"rank{rank}.txt").exists() else None
+                for rank in range(2)]
+    expected = (f"CheckpointError: {tmp_path / 'run' / 'step-1.pt'}: could not write (PytorchStreamWriter failed "
+                "writing file data/0: file write failed)")
+    assert outcomes == [expected, expected]
 
 
 def _egomcq_worker(rank, world_size, init_file, cfg_path, out_file):

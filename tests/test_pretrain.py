@@ -144,8 +144,8 @@ def test_resume_refuses_a_config_that_changes_the_saved_state(toy, tmp_path, cap
 
 
 def test_a_second_run_in_a_locked_folder_is_refused(toy, tmp_path, capsys):
-    from svitt_ego.checkpoint import RunLock
     from svitt_ego.cli import main
+    from svitt_ego.run_folder import RunLock
 
     overrides = toy_run_overrides(toy, tmp_path / "run", "train.max_steps=1")
     with RunLock(tmp_path / "run"):
@@ -157,26 +157,28 @@ def test_a_second_run_in_a_locked_folder_is_refused(toy, tmp_path, capsys):
 
 
 def test_demo_deletes_only_a_run_folder_it_made(tmp_path):
-    from svitt_ego.demo import fresh_run_folder
+    from svitt_ego.run_folder import run_folder
 
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     (theirs / "last.pt").write_text("precious")
     with pytest.raises(FileExistsError, match="not made by svitt-ego demo"):
-        fresh_run_folder(theirs)
+        with run_folder(theirs, "demo", fresh=True):
+            pass
     assert (theirs / "last.pt").read_text() == "precious"
     ours = tmp_path / "ours"
-    fresh_run_folder(ours)
-    (ours / "last.pt").write_text("old demo")
-    fresh_run_folder(ours)
-    assert not (ours / "last.pt").exists() and ours.is_dir()
+    with run_folder(ours, "demo", fresh=True):
+        (ours / "last.pt").write_text("old demo")
+    with run_folder(ours, "demo", fresh=True):
+        assert not (ours / "last.pt").exists() and ours.is_dir()
 
 
 def test_demo_epochs_are_checked_before_any_data_is_made(tmp_path, capsys):
     from svitt_ego.cli import main
 
-    assert main(["demo", "--workdir", str(tmp_path / "run"), "--epochs", "0"]) == 2
-    assert "train.epochs: must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:
+        main(["demo", "--workdir", str(tmp_path / "run"), "--epochs", "0"])
+    assert exit.value.code == 2 and "--epochs: must be an integer >= 1, got '0'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
     assert main(["demo", "--workdir", str(tmp_path / "run"), "--task", "nlq", "--epochs", "10"]) == 2
     assert "--epochs sets the pretraining's length" in capsys.readouterr().err

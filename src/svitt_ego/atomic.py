@@ -2,7 +2,9 @@
 onto the target, then the folder fsynced.
 
 A reader (or a resumed run) sees the old file or the whole new one, never a part of one, also
-after a crash; writers in several processes never share a temporary file.
+after a crash; writers in several processes never share a temporary file. A write that fails (a full
+disk: ``OSError`` from the file system, ``RuntimeError`` from ``torch.save``) is a :class:`WriteError`
+naming the file, which the CLI reports in one line.
 """
 
 from __future__ import annotations
@@ -14,6 +16,16 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+
+class WriteError(OSError):
+    """A file could not be written (disk full, no permission, ...)."""
+
+    def __init__(self, path: str | Path, cause: BaseException):
+        self.path = Path(path)
+        lines = str(cause).strip().splitlines()
+        self.reason = getattr(cause, "strerror", None) or (lines[0] if lines else type(cause).__name__)
+        super().__init__(f"{path}: could not write ({self.reason})")
 
 
 def fsync_folder(folder: str | Path) -> None:
@@ -35,8 +47,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Have ``write`` fill a temporary file next to ``path`` (its folder is made if missing), then
     fsync it, rename it onto ``path`` and fsync the folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise WriteError(path, err) from None
     os.close(fd)
     try:
         write(Path(tmp))
@@ -46,10 +61,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+        fsync_folder(path.parent)
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, (OSError, RuntimeError)):
+            raise WriteError(path, err) from err
         raise
-    fsync_folder(path.parent)
     return path
 
 

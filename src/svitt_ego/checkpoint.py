@@ -1,4 +1,4 @@
-"""Checkpoints and run folders: atomic writes, safe loading, exact RNG states, the run lock, resume checks.
+"""Checkpoints: atomic writes that fail alike on every rank, safe loading, exact RNG states, resume checks.
 
 A checkpoint is read with ``torch.load(weights_only=True)``: it may hold only
 tensors and plain Python values (dicts, lists, numbers, strings), so loading a
@@ -10,23 +10,18 @@ Checkpoints written before that stored NumPy's state as an array; NumPy arrays
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
 import pickle
 import random
-import socket
-import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from svitt_ego.atomic import atomic_copy, atomic_write
-from svitt_ego.config import Config, ConfigError
-from svitt_ego.distributed import decide_on_main, gather_objects, is_main, rank, world_size
-
-log = logging.getLogger(__name__)
+from svitt_ego.config import Config
+from svitt_ego.distributed import decide_on_main, gather_objects, rank, world_size
+from svitt_ego.run_folder import refuse_changes, settings_changes
 
 # Settings that may change between a run and its resumption: where things are written or read from,
 # how often to log or save, how errors are handled. Any other change alters what the saved state means
@@ -106,97 +101,31 @@ def step_checkpoints(folder: Path) -> list[Path]:
     return sorted(folder.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
 
 
-# --------------------------------------------------------------------------- the run folder
+# --------------------------------------------------------------------------- writes and resume checks
 
 
-class RunLock:
-    """An exclusive lock on a run folder (``.lock``, naming its holder) while a run writes into it.
-
-    ``flock`` is released by the kernel when the holder dies, so a killed run leaves no stale lock.
-    """
-
-    def __init__(self, folder: Path):
-        self.path = Path(folder) / ".lock"
-        self._file = None
-
-    def try_acquire(self) -> str | None:
-        """Take the lock; returns None, or why not (naming the holder)."""
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        file = open(self.path, "a+")
+def write_on_main(path: Path, write: Callable[[], None]) -> None:
+    """Run ``write`` on rank 0; if it fails (a full disk, ...) every rank raises the same
+    :class:`CheckpointError` naming ``path``, instead of the others waiting in the next collective."""
+    def attempt() -> str | None:
         try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            file.seek(0)
-            holder = file.read().strip() or "unknown"
-            file.close()
-            return (f"{self.path.parent} is in use by another run ({holder}); wait for it to end or choose "
-                    "another train.output_dir")
-        file.truncate(0)
-        file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        file.flush()
-        self._file = file
+            write()
+        except (OSError, RuntimeError) as err:
+            return f"{path}: could not write ({getattr(err, 'reason', err)})"
         return None
 
-    def release(self) -> None:
-        if self._file is not None:
-            self._file.close()  # closing releases the lock
-            self._file = None
-
-    def __enter__(self) -> "RunLock":
-        error = self.try_acquire()
-        if error:
-            raise FileExistsError(error)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-@contextlib.contextmanager
-def locked_run_folder(folder: Path):
-    """Hold the run folder's lock on rank 0 for the block; every rank fails alike if another run holds it."""
-    lock = RunLock(folder)
-    error = decide_on_main(lock.try_acquire)
+    error = decide_on_main(attempt)
     if error:
-        raise FileExistsError(error)
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _flatten(data: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def config_changes(saved: dict, cfg: Config) -> dict[str, tuple]:
-    """``{key: (saved, new)}`` for every setting that differs and is not one of :data:`RESUMABLE_CHANGES`."""
-    old, new = _flatten(saved), _flatten(cfg.to_dict())
-    return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
-            if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)}
+        raise CheckpointError(error)
 
 
 def check_resume(path: Path, state: dict, cfg: Config, allow_change: bool) -> None:
-    """Refuse to resume ``state`` with a config (or world size) that changes what it means, unless allowed."""
-    changes = config_changes(state["config"], cfg)
+    """Refuse to resume ``state`` with a config (or world size) that changes what it means, unless allowed;
+    :data:`RESUMABLE_CHANGES` may differ."""
+    changes = settings_changes(state["config"], cfg.to_dict(), RESUMABLE_CHANGES)
     if state.get("world_size", 1) != world_size():
         changes["world size"] = (state.get("world_size", 1), world_size())
-    if not changes:
-        return
-    listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
-    if not allow_change:
-        raise ConfigError(f"{path} was saved with other settings: {listed}; resume with the run's own config "
-                          "or pass --allow-config-change")
-    if is_main():
-        log.warning("resuming %s with changed settings (allowed): %s", path, listed)
+    refuse_changes(path, changes, allow_change)
 
 
 # --------------------------------------------------------------------------- the checkpointer
@@ -219,24 +148,17 @@ class Checkpointer:
         rng = gather_objects(rng_state())  # every rank's, so that each resumes its own stream
         state = {**{key: obj.state_dict() for key, obj in self.objects.items()}, **train_state,
                  "rng": rng, "config": cfg.to_dict(), "world_size": world_size()}
-        error = decide_on_main(lambda: self._write(name, state))
-        if error:
-            raise CheckpointError(error)
+        write_on_main(self.folder / name, lambda: self._write(name, state))
 
-    def _write(self, name: str, state: dict) -> str | None:
-        try:
-            save_checkpoint(self.folder / name, state)
-            save_checkpoint(self.last, state)
-            for old in step_checkpoints(self.folder)[:-self.keep]:
-                old.unlink()
-        except OSError as err:
-            return f"{self.folder / name}: could not write the checkpoint ({err})"
-        return None
+    def _write(self, name: str, state: dict) -> None:
+        save_checkpoint(self.folder / name, state)
+        save_checkpoint(self.last, state)
+        for old in step_checkpoints(self.folder)[:-self.keep]:
+            old.unlink()
 
     def mark_best(self) -> None:
         """``best.pt`` becomes a copy of ``last.pt``."""
-        if is_main():
-            atomic_copy(self.last, self.folder / "best.pt")
+        write_on_main(self.folder / "best.pt", lambda: atomic_copy(self.last, self.folder / "best.pt"))
 
     def resume(self, cfg: Config, allow_change: bool = False) -> dict | None:
         """Load ``last.pt`` into the objects and this rank's RNG; returns the rest (step, epoch, ...) or None."""

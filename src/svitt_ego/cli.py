@@ -8,7 +8,43 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
+
+
+class _Parser(argparse.ArgumentParser):
+    """A bad argument gets one line and exit status 2, as every other bad input does."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _bounded(kind: type, low: float | None = None, high: float | None = None, above: bool = False):
+    """An argparse type: a finite ``kind`` (int or float) >= ``low`` (> ``low`` if ``above``), <= ``high``."""
+    what = "an integer" if kind is int else "a finite number"
+    bounds = " and ".join(part for part in (low is not None and f"{'>' if above else '>='} {low}",
+                                            high is not None and f"<= {high}") if part)
+    expected = f"{what} {bounds}".strip()
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}") from None
+        too_low = low is not None and (value <= low if above else value < low)
+        if (kind is float and not math.isfinite(value)) or too_low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _bounded(int, 1)
+nonnegative_int = _bounded(int, 0)
+seed = _bounded(int, 0, 2**31 - 1)
+positive_float = _bounded(float, 0, above=True)
+nonnegative_float = _bounded(float, 0)
+finite_float = _bounded(float)
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str) -> None:
@@ -40,14 +76,16 @@ def _cmd_make_toy_data(args: argparse.Namespace) -> int:
 
 def _cmd_prepare_videos(args: argparse.Namespace) -> int:
     from svitt_ego.data.prepare import prepare_videos
+    from svitt_ego.run_folder import run_folder
 
     uids = None
     if args.uids is not None:
         from svitt_ego.data.video_uids import read_uid_list
 
         uids = read_uid_list(args.uids)
-    summary = prepare_videos(args.src, args.dst, short_side=args.short_side,
-                             chunk_seconds=args.chunk_seconds, workers=args.workers, uids=uids)
+    with run_folder(args.dst, "prepare-videos"):
+        summary = prepare_videos(args.src, args.dst, short_side=args.short_side,
+                                 chunk_seconds=args.chunk_seconds, workers=args.workers, uids=uids)
     return 1 if summary.failed else 0
 
 
@@ -138,9 +176,9 @@ def _cmd_train_nlq(args: argparse.Namespace) -> int:
     from svitt_ego.nlq.train import Stage, TrainSettings, train_nlq
 
     stages = [Stage(args.pretrain, args.pretrain_epochs, jitter=args.jitter)] if args.pretrain else []
-    settings = TrainSettings(batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    settings = TrainSettings(batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_nonfinite=args.max_nonfinite)
     train_nlq(args.features, [*stages, Stage(args.annotations, args.epochs)], args.out, settings,
-              resume=args.resume, device=args.device, val=args.val)
+              resume=args.resume, device=args.device, val=args.val, allow_config_change=args.allow_config_change)
     return 0
 
 
@@ -217,7 +255,7 @@ def _cmd_eval_charades_ego(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="svitt-ego", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="svitt-ego", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_pretraining_commands(sub)
     _add_nlq_commands(sub)
@@ -234,16 +272,16 @@ def _add_pretraining_commands(sub) -> None:
 
     p = sub.add_parser("make-toy-data", help="generate the synthetic egocentric dataset")
     p.add_argument("dir")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-videos", type=int, default=None, help="default: the standard toy size")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--num-videos", type=positive_int, default=None, help="default: the standard toy size")
     p.set_defaults(func=_cmd_make_toy_data)
 
     p = sub.add_parser("prepare-videos", help="resize Ego4D videos to short side 256 and cut 600-s chunks")
     p.add_argument("src", help="folder of <video_uid>.mp4 files")
     p.add_argument("dst", help="output root: DST/<video_uid>/<k>.mp4")
-    p.add_argument("--short-side", type=int, default=256)
-    p.add_argument("--chunk-seconds", type=float, default=600.0)
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--short-side", type=positive_int, default=256)
+    p.add_argument("--chunk-seconds", type=positive_float, default=600.0)
+    p.add_argument("--workers", type=positive_int, default=4)
     p.add_argument("--uids", default=None, help="prepare only the videos of this uid list (svitt-ego video-uids)")
     p.set_defaults(func=_cmd_prepare_videos)
 
@@ -273,7 +311,7 @@ def _add_pretraining_commands(sub) -> None:
     p.add_argument("--score", choices=["dual", "vtm", "both"], default="dual",
                    help="dual: cosine of the two encoders; vtm: the VTM head's log-odds of a match; "
                         "both: dual + VTM_WEIGHT * vtm")
-    p.add_argument("--vtm-weight", type=float, default=None, metavar="VTM_WEIGHT",
+    p.add_argument("--vtm-weight", type=finite_float, default=None, metavar="VTM_WEIGHT",
                    help="the weight of the VTM log-odds in --score both (default: the one picked on the "
                         "training split, svitt_ego.evaluate.VTM_WEIGHT)")
     p.set_defaults(func=_cmd_eval_mcq)
@@ -281,11 +319,11 @@ def _add_pretraining_commands(sub) -> None:
     p = sub.add_parser("visualize", help="draw the video patches node sparsity keeps for one clip (PNG)")
     p.add_argument("checkpoint", help="a training checkpoint (.pt) or a save_pretrained folder")
     p.add_argument("video", help="a video file PyAV reads, or a prepared chunk folder ROOT/VIDEO_UID")
-    p.add_argument("--start", type=float, required=True, help="clip start (seconds)")
-    p.add_argument("--end", type=float, required=True, help="clip end (seconds)")
+    p.add_argument("--start", type=nonnegative_float, required=True, help="clip start (seconds)")
+    p.add_argument("--end", type=nonnegative_float, required=True, help="clip end (seconds)")
     p.add_argument("--text", default=None, help="also draw what the first fusion layer keeps for this text")
     p.add_argument("--out", default="figure.png")
-    p.add_argument("--chunk-seconds", type=float, default=600.0, help="chunk length of a chunk folder")
+    p.add_argument("--chunk-seconds", type=positive_float, default=600.0, help="chunk length of a chunk folder")
     p.set_defaults(func=_cmd_visualize)
 
     p = sub.add_parser("extract-features", help="window features of any videos (files, folders, lists, chunk folders)",
@@ -301,22 +339,22 @@ def _add_pretraining_commands(sub) -> None:
     p.add_argument("--what", choices=["pooled", "projected", "tokens"], default="pooled",
                    help="pooled: the video encoder's pooled vector; projected: the joint-space embedding; "
                         "tokens: the last layer's kept tokens and their (t, h, w) positions")
-    p.add_argument("--frames", type=int, default=None,
+    p.add_argument("--frames", type=positive_int, default=None,
                    help="frames the model sees per window (default: the model's num_frames; another re-inflates it); "
                         "with fewer than --window they are spread evenly over the window")
-    p.add_argument("--window", type=int, default=None, help="frames per window (default: --frames)")
-    p.add_argument("--stride", type=int, default=None, help="frames between window starts (default: --window)")
-    p.add_argument("--fps", type=float, default=None,
+    p.add_argument("--window", type=positive_int, default=None, help="frames per window (default: --frames)")
+    p.add_argument("--stride", type=positive_int, default=None, help="frames between window starts (default: --window)")
+    p.add_argument("--fps", type=positive_float, default=None,
                    help="resample every video to this frame rate first (default: each file's own)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="of the stored features")
-    p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
-    p.add_argument("--chunk-seconds", type=float, default=600.0, help="chunk length of chunk folders")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="windows per forward pass")
+    p.add_argument("--chunk-seconds", type=positive_float, default=600.0, help="chunk length of chunk folders")
     p.set_defaults(func=_cmd_extract_features)
 
     p = sub.add_parser("demo", help="toy data -> evaluate -> pretrain the tiny model -> evaluate again")
     p.add_argument("--workdir", default="demo_run")
     p.add_argument("--quick", action="store_true", help="a short run (for tests)")
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--epochs", type=positive_int, default=None,
                    help="pretraining epochs (default: the tiny preset's 5, about 11 minutes on 2 CPU cores; "
                         "10 takes twice as long and trains the multimodal encoder further)")
     p.add_argument("--task", choices=["pretrain", "nlq"], default="pretrain",
@@ -331,25 +369,29 @@ def _add_nlq_commands(sub) -> None:
     p.add_argument("--annotations", nargs="+", required=True, help="nlq_*.json files (clips of all of them)")
     p.add_argument("--videos", required=True, help="videos as prepare-videos writes them")
     p.add_argument("--out", required=True)
-    p.add_argument("--window", type=int, default=4, help="frames per window (the model's num_frames)")
-    p.add_argument("--stride", type=int, default=4, help="frames between window starts")
-    p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
-    p.add_argument("--chunk-seconds", type=float, default=600.0)
+    p.add_argument("--window", type=positive_int, default=4, help="frames per window (the model's num_frames)")
+    p.add_argument("--stride", type=positive_int, default=4, help="frames between window starts")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="windows per forward pass")
+    p.add_argument("--chunk-seconds", type=positive_float, default=600.0)
     p.set_defaults(func=_cmd_extract_nlq_features)
 
     p = sub.add_parser("train-nlq", help="train the NLQ grounding model on extracted features")
     p.add_argument("features")
     p.add_argument("--annotations", nargs="+", required=True, help="NLQ-format training files")
     p.add_argument("--out", required=True)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=positive_int, default=10)
     p.add_argument("--pretrain", nargs="+", default=None,
                    help="NLQ-format files (e.g. narration queries) to train on first; the heads restart after")
-    p.add_argument("--pretrain-epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrain-epochs", type=positive_int, default=10)
+    p.add_argument("--batch-size", type=positive_int, default=2)
+    p.add_argument("--lr", type=positive_float, default=5e-5)
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--max-nonfinite", type=nonnegative_int, default=10,
+                   help="steps skipped for a non-finite loss or gradient before the run stops")
     p.add_argument("--device", default="cpu")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though settings, stages or features differ from the run's own (logged)")
     p.add_argument("--val", default=None, help="an NLQ file with answers: score every epoch, keep OUT/best.pt")
     p.add_argument("--jitter", action="store_true", help="GroundNLQ's temporal jittering of the --pretrain answers")
     p.set_defaults(func=_cmd_train_nlq)
@@ -361,7 +403,7 @@ def _add_nlq_commands(sub) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="a train-nlq checkpoint (OUT/last.pt)")
     which.add_argument("--zero-shot", action="store_true", help="score windows with the dual encoder instead")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=positive_int, default=5)
     p.set_defaults(func=_cmd_predict_nlq)
 
     p = sub.add_parser("eval-nlq", help="Recall@{1,5} at IoU {0.3,0.5} and mIoU of an NLQ submission")
@@ -388,7 +430,7 @@ def _add_nlq_commands(sub) -> None:
     p = sub.add_parser("search", help="zero-shot: the moments of extracted clips that best match a query")
     p.add_argument("features")
     p.add_argument("query")
-    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--top-k", type=positive_int, default=10)
     p.set_defaults(func=_cmd_search)
 
 
@@ -398,10 +440,10 @@ def _add_zero_shot_commands(sub) -> None:
         p.add_argument("checkpoint", help="a training checkpoint (.pt) or a save_pretrained folder")
         p.add_argument("--num-frames", type=int, choices=[4, 16], default=frames,
                        help=f"frames per clip; the model is re-inflated to them (default: {frames})")
-        p.add_argument("--batch-size", type=int, default=batch, help="clips per forward pass")
+        p.add_argument("--batch-size", type=positive_int, default=batch, help="clips per forward pass")
         p.add_argument("--on-error", choices=["fail", "skip"], default="fail",
                        help="an unreadable video stops the run (fail) or is named, counted and left out (skip)")
-        p.add_argument("--workers", type=int, default=4, help="video-reading processes")
+        p.add_argument("--workers", type=nonnegative_int, default=4, help="video-reading processes")
         p.add_argument("--output", default=None, help="write the scores as JSON here")
 
     p = sub.add_parser("eval-epic-mir", help="EPIC-Kitchens-100 multi-instance retrieval, zero-shot (mAP, nDCG)")
@@ -434,6 +476,7 @@ def _add_zero_shot_commands(sub) -> None:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The errors that mean bad input (a file, a value, a checkpoint), not a bug: one line, exit 2."""
+    from svitt_ego.atomic import WriteError
     from svitt_ego.checkpoint import CheckpointError
     from svitt_ego.config import ConfigError
     from svitt_ego.data.errors import MetadataError
@@ -441,7 +484,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from svitt_ego.nlq.annotations import NLQFormatError
 
     return (ConfigError, CheckpointError, MetadataError, NLQFormatError, VideoReadError, FileNotFoundError,
-            FileExistsError)
+            FileExistsError, WriteError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,6 @@ EK-100 MIR and Charades-Ego figures of both models on the toy analogues, beside 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -26,36 +25,21 @@ from svitt_ego.epic_mir import (RELEVANCY_PKL, ClipReader, chance_scores, evalua
 from svitt_ego.evaluate import CHANCE, evaluate_egomcq, format_egomcq
 from svitt_ego.fusion_checks import format_multimodal_report, multimodal_report
 from svitt_ego.models import SViTTEgo, create_model
+from svitt_ego.run_folder import run_folder
 from svitt_ego.train import pretrain
 from svitt_ego.visualize import demo_figure
 
 # The quick version (for tests): a smaller world and a short run.
 QUICK_VIDEOS = 40
 QUICK_OVERRIDES = ["train.epochs=2", "train.checkpoint_every=1000"]
-# Marks a run folder the demo made, and so may delete when it starts again.
-DEMO_MARKER = ".made-by-svitt-ego-demo"
-
-
-def fresh_run_folder(folder: Path) -> None:
-    """Start ``folder`` afresh: delete it if an earlier demo made it; refuse to touch anyone else's."""
-    if folder.exists() and any(folder.iterdir()):
-        if not (folder / DEMO_MARKER).exists():
-            raise FileExistsError(f"{folder} exists and was not made by svitt-ego demo; move it away or choose "
-                                  "another --workdir")
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / DEMO_MARKER).touch()
 
 
 def demo_config(workdir: Path, quick: bool, epochs: int | None = None) -> Config:
-    """The ``tiny`` preset on the toy world under ``workdir`` (checked before the world is generated)."""
-    data = workdir / "toy_data"
+    """The ``tiny`` preset on the toy world under ``workdir``."""
     # EgoMCQ runs once before and once after pretraining, not after every epoch.
-    cfg = load_config("tiny", [*toy_data_overrides(data), f"train.output_dir={workdir / 'run'}",
-                               "train.eval_every_epoch=false", *(QUICK_OVERRIDES if quick else []),
-                               *([f"train.epochs={epochs}"] if epochs is not None else [])])
-    make_toy_world(data, seed=0, num_videos=QUICK_VIDEOS if quick else None)
-    return cfg
+    return load_config("tiny", [*toy_data_overrides(workdir / "toy_data"), f"train.output_dir={workdir / 'run'}",
+                                "train.eval_every_epoch=false", *(QUICK_OVERRIDES if quick else []),
+                                *([f"train.epochs={epochs}"] if epochs is not None else [])])
 
 
 def zero_shot_report(models: dict[str, SViTTEgo], cfg: Config, data: Path) -> dict:
@@ -84,12 +68,21 @@ def format_zero_shot(report: dict) -> str:
 
 
 def demo(workdir: str | Path = "demo_run", quick: bool = False, epochs: int | None = None) -> dict:
-    """The whole pipeline; ``epochs`` overrides the preset's pretraining length (5 epochs)."""
+    """The whole pipeline; ``epochs`` overrides the preset's pretraining length (5 epochs).
+
+    The config is checked first; then the run folder is held (a second demo in ``workdir`` is refused
+    before it touches anything), emptied if an earlier demo made it, and the toy world generated.
+    """
     workdir = Path(workdir)
-    start = time.perf_counter()
     cfg = demo_config(workdir, quick, epochs)
+    with run_folder(cfg.train.output_dir, "demo", fresh=True):
+        return _demo(workdir, cfg, quick)
+
+
+def _demo(workdir: Path, cfg: Config, quick: bool) -> dict:
+    start = time.perf_counter()
+    make_toy_world(workdir / "toy_data", seed=0, num_videos=QUICK_VIDEOS if quick else None)
     run = Path(cfg.train.output_dir)
-    fresh_run_folder(run)
     torch.manual_seed(cfg.train.seed)
 
     print(f"1/3 evaluating the untrained tiny model on {cfg.data.egomcq}")

@@ -1,6 +1,7 @@
 """Pretraining: EgoNCE (or InfoNCE) + VTM + MLM on EgoClip, one process or many under torchrun.
 
-:func:`pretrain` composes the parts: it locks the run folder, builds a :class:`Run`
+:func:`pretrain` composes the parts: it holds the run folder
+(:func:`~svitt_ego.run_folder.run_folder`), builds a :class:`Run`
 (model, :class:`~svitt_ego.objective.PretrainingObjective`, data, AdamW with a cosine
 schedule, a :class:`~svitt_ego.checkpoint.Checkpointer` and a :class:`MetricsLogger`),
 resumes the :class:`TrainState` if asked, then runs :func:`train_one_epoch` (one
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import random
@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from svitt_ego.atomic import atomic_write
-from svitt_ego.checkpoint import Checkpointer, locked_run_folder
+from svitt_ego.checkpoint import Checkpointer, write_on_main
 from svitt_ego.config import Config, ConfigError
 from svitt_ego.data.dataset import EgoClipDataset, EpochSampler, collate_egoclip
 from svitt_ego.data.tokenizer import load_tokenizer
@@ -44,9 +44,10 @@ from svitt_ego.distributed import (barrier, decide_on_main, is_main, rank, setup
 from svitt_ego.evaluate import egomcq_score, evaluate_egomcq
 from svitt_ego.models import SViTTEgo, create_model
 from svitt_ego.objective import PretrainingObjective
+from svitt_ego.run_folder import MetricsFile, run_folder
 
-__all__ = ["MetricsLogger", "NonFiniteStep", "Run", "TrainState", "build_optimizer",
-           "cosine_schedule", "optimizer_step", "parameter_groups", "pretrain", "train_one_epoch"]
+__all__ = ["MetricsLogger", "NonFiniteStep", "Run", "TrainState", "build_optimizer", "cosine_schedule",
+           "count_nonfinite", "optimizer_step", "parameter_groups", "pretrain", "train_one_epoch"]
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ class TrainState:
     best: float = -math.inf  # the best end-of-epoch score so far ...
     best_metric: str = ""  # ... and what it measures: "egomcq" (mean accuracy) or "-train_loss"
     nonfinite: int = 0  # steps skipped for a non-finite loss or gradient
+    metrics_bytes: int | None = None  # the size of metrics.jsonl when saved (None: not recorded)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -155,8 +157,18 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(folder / "tensorboard")
-            self.file = open(folder / "metrics.jsonl", "a")
+            self.file = MetricsFile(folder / "metrics.jsonl")
         self._reset()
+
+    @property
+    def size(self) -> int | None:
+        """How much of ``metrics.jsonl`` is written (rank 0; None elsewhere)."""
+        return self.file.size if self.enabled else None
+
+    def rewind(self, size: int | None) -> None:
+        """Forget the records written after ``size`` bytes (those of steps a resumed run takes again)."""
+        if self.enabled:
+            self.file.rewind(size)
 
     def _reset(self) -> None:
         self.tic, self.clips, self.skipped = time.perf_counter(), 0, 0
@@ -197,8 +209,7 @@ class MetricsLogger:
         for key, value in record.items():
             if key not in exclude and (include is None or key in include) and value is not None:
                 self.writer.add_scalar(f"{section}/{key.removeprefix('egomcq_')}", value, record["step"])
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        self.file.write(record)
 
     def close(self) -> None:
         if self.enabled:
@@ -294,7 +305,10 @@ def train_one_epoch(run: Run, state: TrainState) -> float | None:
         try:
             losses = optimizer_step(run.objective, run.optimizer, run.scaler, run.scheduler, batch, cfg, accumulate)
         except NonFiniteStep as what:
-            skip_nonfinite(state, str(what), batch, t.max_nonfinite)
+            state.nonfinite = count_nonfinite(
+                state.nonfinite, t.max_nonfinite, "train.max_nonfinite",
+                f"{what} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch - 1}); "
+                f"clip ids {batch['clip_idx'].tolist()}")
             continue
         loss_sum += losses["loss"]
         trained += 1
@@ -304,20 +318,26 @@ def train_one_epoch(run: Run, state: TrainState) -> float | None:
         if state.step % t.log_every == 0 or state.step == 1:
             run.logger.train(progress, state, run.scheduler.get_last_lr()[0], run.model.temperature, losses)
         if state.step % t.checkpoint_every == 0:
-            run.checkpointer.save(f"step-{state.step}.pt", state.to_dict(), cfg)
+            save_state(run, state)
         if state.step >= run.total_steps:
             break
     progress.close()
     return loss_sum.item() / trained if trained else None
 
 
-def skip_nonfinite(state: TrainState, what: str, batch: dict, limit: int) -> None:
-    state.nonfinite += 1
-    log.error("non-finite %s at step %d (epoch %d, batch %d); clip ids %s; step skipped (%d of %d allowed)",
-              what, state.step, state.epoch, state.batch_in_epoch - 1, batch["clip_idx"].tolist(), state.nonfinite,
-              limit)
-    if state.nonfinite > limit:
-        raise RuntimeError(f"{state.nonfinite} non-finite losses, more than train.max_nonfinite={limit}; stopping")
+def count_nonfinite(count: int, limit: int, setting: str, what: str) -> int:
+    """One more step skipped for a non-finite ``what`` (logged); more than ``limit`` stop the run."""
+    count += 1
+    log.error("non-finite %s; step skipped (%d of %d allowed)", what, count, limit)
+    if count > limit:
+        raise RuntimeError(f"{count} non-finite losses, more than {setting}={limit}; stopping")
+    return count
+
+
+def save_state(run: Run, state: TrainState) -> None:
+    """``step-<N>.pt`` and ``last.pt``, recording how much of ``metrics.jsonl`` they have seen."""
+    state.metrics_bytes = run.logger.size
+    run.checkpointer.save(f"step-{state.step}.pt", state.to_dict(), run.cfg)
 
 
 def end_epoch(run: Run, state: TrainState, mean_loss: float | None) -> dict:
@@ -340,7 +360,7 @@ def end_epoch(run: Run, state: TrainState, mean_loss: float | None) -> dict:
     improved = score > state.best
     if improved:
         state.best, state.best_metric = score, metric
-    run.checkpointer.save(f"step-{state.step}.pt", state.to_dict(), cfg)
+    save_state(run, state)
     if improved:
         run.checkpointer.mark_best()
     return results
@@ -348,8 +368,9 @@ def end_epoch(run: Run, state: TrainState, mean_loss: float | None) -> dict:
 
 def start(run: Run, resume: bool, allow_config_change: bool) -> TrainState:
     """The state to start from: ``last.pt``'s when resuming and it exists (after checking the config),
-    else a fresh one; then ``config.yaml`` is written (atomically), once the checks have passed."""
-    out, state = Path(run.cfg.train.output_dir), TrainState()
+    else a fresh one; then ``metrics.jsonl`` is cut back to what that state has seen (emptied when
+    starting afresh) and ``config.yaml`` is written (atomically), once the checks have passed."""
+    out, state = Path(run.cfg.train.output_dir), TrainState(metrics_bytes=0)
     saved = run.checkpointer.resume(run.cfg, allow_config_change) if resume else None
     if saved is not None:
         state = TrainState.from_checkpoint(saved)
@@ -358,8 +379,8 @@ def start(run: Run, resume: bool, allow_config_change: bool) -> TrainState:
                      state.epoch, state.batch_in_epoch)
     elif resume and is_main():
         log.info("no checkpoint in %s; starting afresh", out)
-    if is_main():
-        atomic_write(out / "config.yaml", run.cfg.save)
+    run.logger.rewind(state.metrics_bytes)
+    write_on_main(out / "config.yaml", lambda: atomic_write(out / "config.yaml", run.cfg.save))
     return state
 
 
@@ -374,15 +395,14 @@ def pretrain(cfg: Config, resume: bool = False, allow_config_change: bool = Fals
     if not resume and decide_on_main((out / "last.pt").exists):
         raise FileExistsError(f"{out} already holds a run ({out / 'last.pt'}); pass --resume to continue it, "
                               "or choose another train.output_dir")
-    with locked_run_folder(out):
+    with run_folder(out, "pretrain"):
         run = build_run(cfg, device)
         try:
             state, results = start(run, resume, allow_config_change), {}
             run.model.train()
             while state.epoch < cfg.train.epochs and state.step < run.total_steps:
                 results = end_epoch(run, state, train_one_epoch(run, state))
-            if is_main():
-                run.model.save_pretrained(out / "model")
+            write_on_main(out / "model", lambda: run.model.save_pretrained(out / "model"))
         finally:
             run.logger.close()
     barrier()

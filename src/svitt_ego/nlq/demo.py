@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 
 from svitt_ego.atomic import atomic_write_json
-from svitt_ego.demo import demo, fresh_run_folder
+from svitt_ego.demo import demo
 from svitt_ego.nlq.annotations import load_json, read_nlq
 from svitt_ego.nlq.features import NLQFeatures, extract_nlq_features
 from svitt_ego.nlq.metric import evaluate_nlq, make_submission
 from svitt_ego.nlq.search import fixed_window_baseline, fixed_window_results, load_dual_encoder, zero_shot_results
 from svitt_ego.nlq.train import Stage, TrainSettings, predict_moments, train_nlq
+from svitt_ego.run_folder import run_folder
 
 EPOCHS, QUICK_EPOCHS = 20, 2
 # A smaller grounding model than the paper's (hidden 64, 3 levels: the toy moments span at most
@@ -42,7 +43,13 @@ def _table(rows: dict) -> str:
 
 
 def demo_nlq(workdir: str | Path = "demo_run", quick: bool = False) -> dict:
+    """The NLQ demo; it holds the pretraining demo's run folder while it reads the model there."""
     workdir = Path(workdir)
+    with run_folder(workdir / "run", "demo"):
+        return _demo_nlq(workdir, quick)
+
+
+def _demo_nlq(workdir: Path, quick: bool) -> dict:
     model_dir = _pretrained(workdir, quick)
     start = time.perf_counter()
     data, out = workdir / "toy_data", workdir / "nlq"
@@ -59,8 +66,8 @@ def demo_nlq(workdir: str | Path = "demo_run", quick: bool = False) -> dict:
         zero_shot_results(load_dual_encoder(features), features, val)))
     epochs = QUICK_EPOCHS if quick else EPOCHS
     print(f"2/3 training the grounding model ({epochs} epochs) into {out / 'run'}")
-    fresh_run_folder(out / "run")  # the demo starts afresh every time, in a folder it made
-    model = train_nlq(out / "features", [Stage([str(train_file)], epochs)], out / "run", TOY_SETTINGS)
+    with run_folder(out / "run", "demo", fresh=True):  # afresh every time, in a folder the demo made
+        model = train_nlq(out / "features", [Stage([str(train_file)], epochs)], out / "run", TOY_SETTINGS)
     print("3/3 predicting the held-out queries")
     submission = make_submission(predict_moments(model, features, val.queries, val.clips))
     atomic_write_json(out / "submission_val.json", submission)

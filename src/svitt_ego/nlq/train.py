@@ -2,13 +2,15 @@
 
 Training runs in stages, each a list of NLQ-format annotation files and a number of epochs:
 e.g. pretraining on narration queries, then fine-tuning on NLQ, as the paper did. Every epoch
-ends with an atomic ``last.pt`` (model, optimizer, stage, epoch and the torch RNG state), from
-which ``--resume`` continues exactly.
+ends with an atomic ``last.pt`` (model, optimizer, stage, epoch, the torch RNG state and what the
+run's state means: its settings, stages and features), from which ``--resume`` continues exactly;
+a resume with other settings is refused naming them. The output folder is held through
+:func:`svitt_ego.run_folder.run_folder`, so a second run into it is refused.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import math
 import pickle
@@ -20,12 +22,15 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from svitt_ego.atomic import atomic_torch_save
+from svitt_ego.checkpoint import write_on_main
 from svitt_ego.nlq.annotations import NLQFormatError, NLQQuery, load_json, read_nlq
 from svitt_ego.nlq.detection import decode, grounding_loss
 from svitt_ego.nlq.features import NLQFeatures
 from svitt_ego.nlq.metric import evaluate_nlq, make_submission, submission_entry
 from svitt_ego.nlq.model import GroundingConfig, GroundingModel
 from svitt_ego.nlq.narrations import jitter
+from svitt_ego.run_folder import MetricsFile, refuse_changes, run_folder, settings_changes
+from svitt_ego.train import count_nonfinite
 
 log = logging.getLogger(__name__)
 BEST_BY = "R@1 IoU=0.3"  # the validation score that picks best.pt
@@ -40,6 +45,16 @@ class TrainSettings:
     max_windows: int | None = 2560  # longer clips are cropped around the moment in training (None: never)
     seed: int = 0
     model: dict = field(default_factory=dict)  # GroundingConfig fields other than the dimensions
+    max_nonfinite: int = 10  # steps skipped for a non-finite loss or gradient before the run stops
+
+
+# What may differ between a run and its resumption; any other setting, stage or feature key is refused.
+RESUMABLE_CHANGES = ("settings.max_nonfinite",)
+# What a feature folder's manifest says about the features' meaning (not about which clips it holds).
+FEATURE_KEYS = ("format", "checkpoint", "weights_digest", "what", "window", "stride", "frames", "fps", "dtype",
+                "dimension", "text_dimension", "time_convention")
+# Bounds on the sizes that the weights' shapes do not show, or that are looped over before they are checked.
+MAX_LEVELS, MAX_TEXT_LAYERS = 16, 64  # also the bound on stem_layers
 
 
 @dataclass
@@ -123,12 +138,15 @@ def _optimizer(model: GroundingModel, settings: TrainSettings) -> torch.optim.Op
     return torch.optim.AdamW(groups, lr=settings.lr)
 
 
-def _train_epoch(model, optimizer, features, queries, settings, epoch: int, stage: Stage,
-                 device: torch.device) -> dict:
+def _train_epoch(model, optimizer, features, queries, settings, stage: Stage, position: tuple[int, int],
+                 device: torch.device, nonfinite: int) -> tuple[dict, int]:
+    """One epoch of ``stage`` at ``position`` (stage index, epoch); returns its mean losses and the
+    non-finite steps so far."""
     model.train()
+    index, epoch = position
     order = torch.randperm(len(queries)).tolist()
     steps = math.ceil(len(queries) / settings.batch_size)
-    sums = {"loss": 0.0, "cls": 0.0, "reg": 0.0}
+    sums, trained = {"loss": 0.0, "cls": 0.0, "reg": 0.0}, 0
     for i in range(steps):
         chosen = [queries[j] for j in order[i * settings.batch_size:(i + 1) * settings.batch_size]]
         if stage.jitter:
@@ -141,11 +159,54 @@ def _train_epoch(model, optimizer, features, queries, settings, epoch: int, stag
         model.loss_normalizer.fill_(losses["normalizer"])
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if not (torch.isfinite(losses["loss"]) and torch.isfinite(norm)):
+            optimizer.zero_grad(set_to_none=True)
+            what = "loss" if not torch.isfinite(losses["loss"]) else "gradient"
+            queries_named = [(q.clip_uid, q.annotation_uid, q.query_idx) for q in chosen]
+            nonfinite = count_nonfinite(nonfinite, settings.max_nonfinite, "--max-nonfinite",
+                                        f"{what} in stage {index}, epoch {epoch}, batch {i}; queries {queries_named}")
+            continue
         optimizer.step()
+        trained += 1
         for key in sums:
-            sums[key] += float(losses[key].detach()) / steps
-    return sums
+            sums[key] += float(losses[key].detach())
+    return {key: value / max(trained, 1) for key, value in sums.items()}, nonfinite
+
+
+def _grounding_config(path: Path, config, weights) -> GroundingConfig:
+    """The checkpoint's config, every field checked, and every size against the weights' own shapes,
+    before anything of that size is allocated (the model is laid out on the meta device first)."""
+    fields = {f.name: f for f in dataclasses.fields(GroundingConfig)}
+    if not isinstance(config, dict) or not isinstance(weights, dict):
+        raise NLQFormatError(f"{path}: not a train-nlq checkpoint ('config' and 'model' must be dicts)")
+    unknown, missing = sorted(set(config) - set(fields)), [k for k in ("video_dim", "text_dim") if k not in config]
+    problems = [f"has unknown keys {unknown}"] * bool(unknown) + [f"lacks {missing}"] * bool(missing)
+    if problems:
+        raise NLQFormatError(f"{path}: config {' and '.join(problems)}")
+    for key, value in config.items():
+        integer = fields[key].type in ("int", int)
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not abs(value) < 2**31:
+            raise NLQFormatError(f"{path}: config field '{key}' is {_short(value)}, not "
+                                 f"{'an integer' if integer else 'a number'} of magnitude below 2**31")
+    cfg = GroundingConfig(**config)
+    checks = {"levels": 1 <= cfg.levels <= MAX_LEVELS, "text_layers": 1 <= cfg.text_layers <= MAX_TEXT_LAYERS,
+              "stem_layers": 1 <= cfg.stem_layers <= MAX_TEXT_LAYERS, "head_layers": 1 <= cfg.head_layers <= 16,
+              "num_heads": 1 <= cfg.num_heads <= cfg.hidden and cfg.hidden % cfg.num_heads == 0,
+              "window": 1 <= cfg.window <= 1025 and cfg.window % 2 == 1, "dropout": 0 <= cfg.dropout < 1,
+              "drop_path": 0 <= cfg.drop_path < 1, "center_radius": cfg.center_radius > 0,
+              "pre_nms": 1 <= cfg.pre_nms <= 100_000}
+    for key, ok in checks.items():
+        if not ok:
+            raise NLQFormatError(f"{path}: config field '{key}' is {getattr(cfg, key)!r}, out of range")
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in GroundingModel(cfg).state_dict().items()}
+    found = {name: tuple(t.shape) if isinstance(t, torch.Tensor) else None for name, t in weights.items()}
+    for name in sorted(set(expected) | set(found)):
+        if expected.get(name) != found.get(name):
+            raise NLQFormatError(f"{path}: weight '{name}' has shape {found.get(name)}, its config gives "
+                                 f"{expected.get(name)}")
+    return cfg
 
 
 def load_grounding(path: str | Path) -> tuple[GroundingModel, dict]:
@@ -159,7 +220,7 @@ def load_grounding(path: str | Path) -> tuple[GroundingModel, dict]:
         raise NLQFormatError(f"{path}: not a readable checkpoint: {str(err).splitlines()[0]}") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise NLQFormatError(f"{path}: not a train-nlq checkpoint (no 'model' or 'config')")
-    model = GroundingModel(GroundingConfig(**state["config"]))
+    model = GroundingModel(_grounding_config(path, state["config"], state["model"]))
     model.load_state_dict(state["model"])
     return model, state
 
@@ -171,55 +232,103 @@ def _validate(model: GroundingModel, features: NLQFeatures, val: Path, device: t
     return evaluate_nlq(load_json(val), make_submission(results), annotations_name=str(val))
 
 
+def _check_position(path: Path, state: dict) -> None:
+    """What a resume reads besides the model: the position, the counts, the RNG state and the optimizer."""
+    counts = [state.get(k, 0) for k in ("stage", "epoch", "nonfinite", "metrics_bytes")]
+    rng, optimizer = state.get("rng"), state.get("optimizer")
+    counted = all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
+    if not (counted and isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and isinstance(optimizer, dict)):
+        raise NLQFormatError(f"{path}: not a train-nlq checkpoint to resume ('stage', 'epoch', 'nonfinite', "
+                             "'metrics_bytes' must be counts, 'rng' a byte tensor, 'optimizer' a dict)")
+
+
+def _resume_changes(state: dict, meaning: dict) -> dict[str, tuple]:
+    """How ``meaning`` (:func:`run_settings`) differs from the saved run's, in the stages begun so far:
+    later ones may be added or changed."""
+    begun = state["stage"] + 1
+    saved = {key: state.get(key) for key in meaning}
+    if isinstance(saved["stages"], list):
+        saved["stages"] = saved["stages"][:begun]
+    return settings_changes(saved, {**meaning, "stages": meaning["stages"][:begun]}, RESUMABLE_CHANGES)
+
+
+def _short(value) -> str:
+    """A number as written, anything else (or a huge integer) by its type: never a long repr."""
+    small = isinstance(value, float) or (isinstance(value, int) and abs(value) < 2**64)
+    return repr(value) if small else f"a {type(value).__name__}"
+
+
+def run_settings(features: NLQFeatures, stages: list[Stage], settings: TrainSettings,
+                 val: str | Path | None = None) -> dict:
+    """What a run's state means: compared with the saved one when resuming."""
+    return {"settings": asdict(settings), "features": {k: features.manifest.get(k) for k in FEATURE_KEYS},
+            "stages": [{"annotations": [str(Path(a).resolve()) for a in stage.annotations], "epochs": stage.epochs,
+                        "jitter": stage.jitter} for stage in stages],
+            "val": None if val is None else str(Path(val).resolve())}
+
+
 def train_nlq(features_dir: str | Path, stages: list[Stage], out: str | Path, settings: TrainSettings | None = None,
-              resume: bool = False, device: torch.device | str = "cpu", val: str | Path | None = None) -> GroundingModel:
+              resume: bool = False, device: torch.device | str = "cpu", val: str | Path | None = None,
+              allow_config_change: bool = False) -> GroundingModel:
     """Train the grounding model stage by stage; writes ``out/last.pt`` and ``out/metrics.jsonl``.
 
     With ``val`` (an NLQ file with answers) every epoch is scored on it with the official metric
     (in ``metrics.jsonl``) and the epoch with the best ``BEST_BY`` so far is also ``out/best.pt``.
+    ``resume`` continues ``out/last.pt``; settings, features or stages begun so far other than its own
+    are refused (naming the keys) unless ``allow_config_change``; later stages may be added. A second
+    run into ``out`` is refused.
     """
     settings = settings or TrainSettings()
-    features, out, device = NLQFeatures(features_dir), Path(out), torch.device(device)
-    last = out / "last.pt"
+    features, out = NLQFeatures(features_dir), Path(out)
+    with run_folder(out, "train-nlq"):
+        return _train_nlq(features, stages, out, settings, resume, torch.device(device), val, allow_config_change)
+
+
+def _train_nlq(features, stages, out, settings, resume, device, val, allow_config_change) -> GroundingModel:
+    last, meaning = out / "last.pt", run_settings(features, stages, settings, val)
     if last.exists() and not resume:
         raise FileExistsError(f"{last} exists: pass --resume to continue it, or another --out")
     torch.manual_seed(settings.seed)
     cfg = GroundingConfig(video_dim=features.manifest["dimension"], text_dim=features.manifest["text_dimension"],
                           **settings.model)
-    model, position, optimizer_state, best = GroundingModel(cfg), (0, 0), None, None
+    model, state = GroundingModel(cfg), {"stage": 0, "epoch": 0, "nonfinite": 0, "metrics_bytes": 0}
     if resume and last.exists():
         model, state = load_grounding(last)
-        position, optimizer_state = (state["stage"], state["epoch"]), state["optimizer"]
-        best = state.get("best_val")
+        _check_position(last, state)
+        refuse_changes(last, _resume_changes(state, meaning), allow_config_change)
         torch.set_rng_state(state["rng"])
+    metrics = MetricsFile(out / "metrics.jsonl")
+    metrics.rewind(state.get("metrics_bytes"))
     model.to(device)
-    out.mkdir(parents=True, exist_ok=True)
-    for s, stage in enumerate(stages[position[0]:], start=position[0]):
-        queries = training_queries(features, stage.annotations)
-        if s > 0 and (s != position[0] or position[1] == 0):
-            model.reset_heads()  # a later stage fine-tunes with fresh heads, as GroundNLQ does
-        optimizer = _optimizer(model, settings)
-        if s == position[0] and optimizer_state is not None:
-            optimizer.load_state_dict(optimizer_state)
-        for epoch in range(position[1] if s == position[0] else 0, stage.epochs):
-            start = time.perf_counter()
-            stats = _train_epoch(model, optimizer, features, queries, settings, epoch, stage, device)
-            record = {"stage": s, "epoch": epoch + 1, **stats, "seconds": time.perf_counter() - start}
-            improved = False
-            if val is not None:
-                record["val"] = _validate(model, features, Path(val), device)
-                improved = best is None or record["val"][BEST_BY] > best
-                best = record["val"][BEST_BY] if improved else best
-            log.info("%s", record)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "stage": s,
-                          "epoch": epoch + 1, "rng": torch.get_rng_state(), "config": cfg.to_dict(),
-                          "settings": asdict(settings), "best_val": best,
-                          "features": {k: features.manifest.get(k) for k in ("checkpoint", "window", "stride")}}
-            if improved:
-                atomic_torch_save(checkpoint, out / "best.pt")
-            atomic_torch_save(checkpoint, last)
+    position, nonfinite, best = (state["stage"], state["epoch"]), state.get("nonfinite", 0), state.get("best_val")
+    try:
+        for s, stage in enumerate(stages[position[0]:], start=position[0]):
+            queries = training_queries(features, stage.annotations)
+            if s > 0 and (s != position[0] or position[1] == 0):
+                model.reset_heads()  # a later stage fine-tunes with fresh heads, as GroundNLQ does
+            optimizer = _optimizer(model, settings)
+            if s == position[0] and "optimizer" in state:
+                optimizer.load_state_dict(state["optimizer"])
+            for epoch in range(position[1] if s == position[0] else 0, stage.epochs):
+                start = time.perf_counter()
+                stats, nonfinite = _train_epoch(model, optimizer, features, queries, settings, stage, (s, epoch),
+                                                device, nonfinite)
+                record = {"stage": s, "epoch": epoch + 1, **stats, "seconds": time.perf_counter() - start}
+                improved = False
+                if val is not None:
+                    record["val"] = _validate(model, features, Path(val), device)
+                    improved = best is None or record["val"][BEST_BY] > best
+                    best = record["val"][BEST_BY] if improved else best
+                log.info("%s", record)
+                metrics.write(record)
+                saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "stage": s,
+                         "epoch": epoch + 1, "rng": torch.get_rng_state(), "config": model.config.to_dict(),
+                         "nonfinite": nonfinite, "metrics_bytes": metrics.size, "best_val": best, **meaning}
+                if improved:
+                    write_on_main(out / "best.pt", lambda: atomic_torch_save(saved, out / "best.pt"))
+                write_on_main(last, lambda: atomic_torch_save(saved, last))
+    finally:
+        metrics.close()
     return model
 
 
