@@ -520,7 +520,6 @@ def begin_folder(out: Path, header: dict, entries: dict[str, dict]) -> dict:
     ``entries`` added. A folder of other settings or weights is refused naming the keys that
     differ, and so is a video whose frames differ from those its features were made of."""
     path = out / MANIFEST
-    _remove_staging(out)
     if path.exists():
         manifest = read_manifest(out)
         changed = [key for key in header if key != "checkpoint" and manifest.get(key) != header[key]]
@@ -544,12 +543,6 @@ def begin_folder(out: Path, header: dict, entries: dict[str, dict]) -> dict:
     manifest["failed"] = {k: v for k, v in manifest["failed"].items() if k not in entries}
     _write_manifest(out, manifest)
     return manifest
-
-
-def _remove_staging(out: Path) -> None:
-    """The temporary files of writes a killed run left (the folder's lock is held)."""
-    for path in out.rglob(".*.tmp"):
-        path.unlink(missing_ok=True)
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
@@ -586,10 +579,11 @@ def is_complete(path: Path, expected: dict) -> bool:
 
 def extract_into(out: str | Path, header: dict, jobs: dict[str, Callable[[], VideoSource]],
                  extractor: WindowExtractor, after: Callable[[str], None] | None = None,
-                 noun: str = "videos") -> dict:
+                 noun: str = "videos", command: str = "extract-features") -> dict:
     """Extract every video of ``jobs`` (key -> a function opening it) into ``out``; returns the manifest.
 
-    The folder is locked; every video is opened (headers only) and the manifest written before
+    The folder is held for ``command`` (:func:`svitt_ego.run_folder.run_folder`: one writer, no links,
+    staging files of a killed run removed); every video is opened (headers only) and the manifest written before
     the first feature. A video whose file is complete is skipped, so a killed run resumes where
     it stopped. Under torchrun rank ``r`` takes every ``world_size``-th video and rank 0 writes the
     manifest. ``after(key)`` runs after each video's features (NLQ: the query files). A video that
@@ -597,12 +591,12 @@ def extract_into(out: str | Path, header: dict, jobs: dict[str, Callable[[], Vid
     """
     from tqdm import tqdm
 
-    from svitt_ego.checkpoint import locked_run_folder
     from svitt_ego.data.video import VideoReadError
     from svitt_ego.distributed import decide_on_main, gather_objects, is_main, rank, world_size
+    from svitt_ego.run_folder import run_folder
 
     out = Path(out)
-    with locked_run_folder(out):
+    with run_folder(out, command):
         sources, failed = {}, {}
         for key in sorted(jobs)[rank()::world_size()]:
             try:

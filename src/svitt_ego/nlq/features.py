@@ -89,7 +89,7 @@ def extract_nlq_features(checkpoint: str | Path, annotation_files: list, videos:
                 write_tensors(path, {"states": text_states(model, q.text, extractor.device)})
 
     jobs = {uid: partial(clip_source, videos, clip, chunk_seconds) for uid, clip in clips.items()}
-    return extract_into(out, header, jobs, extractor, after=write_queries, noun="clips")
+    return extract_into(out, header, jobs, extractor, after=write_queries, noun="clips", command="extract-nlq-features")
 
 
 class NLQFeatures(FeatureFolder):
