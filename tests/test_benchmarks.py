@@ -1,6 +1,7 @@
 """Every script in benchmarks/ runs: with --help, and at its smallest setting on the CPU, so each is ready for
 the machine it is meant for (``gpu_check.sh`` only drives the others on a GPU)."""
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +54,17 @@ def smallest_runs(demo: Path, tmp: Path) -> dict[str, tuple]:
                            "--steps", "1", "--image-size", "64", "--anchor-width", "64", "--anchor-depth", "2",
                            "--anchor-heads", "2"), _ratios_are_to_the_anchor),
         "vtm_probe.py": ((model, toy, "--steps", "1", "--batches", "1", "--candidates", "mean"), "candidate"),
+        "nlq_memory.py": (("--windows", "64", "128", "--hidden", "16", "--levels", "3", "--video-dim", "8",
+                           "--text-dim", "8"), _memory_ratio_is_to_the_first_row),
     }
+
+
+# Scripts whose smallest run is a test of its own, with checks of what it counts.
+TESTED_ELSEWHERE = {
+    "kernel_atomics.py": "test_kernel_benchmarks::test_atomics_counted_in_the_interpreter_match_a_hand_count",
+    "kernel_host_ops.py": "test_kernel_benchmarks::test_triton_path_takes_at_most_20_aten_ops_per_layer",
+    "kernel_registers.py": "test_kernel_benchmarks::test_forward_fits_168_registers_for_sm90a_with_triton_3_6",
+}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -62,11 +73,14 @@ def test_benchmark_help(script):
 
 
 def test_every_benchmark_has_a_smallest_run(tmp_path):
-    assert sorted(smallest_runs(tmp_path, tmp_path)) == SCRIPTS
+    assert sorted([*smallest_runs(tmp_path, tmp_path), *TESTED_ELSEWHERE]) == SCRIPTS
+    for test in TESTED_ELSEWHERE.values():
+        module, name = test.split("::")
+        assert callable(getattr(importlib.import_module(module), name))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", sorted(set(SCRIPTS) - set(TESTED_ELSEWHERE)))
 def test_benchmark_smallest_run(script, demo_folder, tmp_path):
     args, expected = smallest_runs(demo_folder, tmp_path)[script]
     out = _run(f"benchmarks/{script}", *args)
@@ -76,6 +90,12 @@ def test_benchmark_smallest_run(script, demo_folder, tmp_path):
         assert expected in out
 
 
+def _memory_ratio_is_to_the_first_row(out: str) -> None:
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert [r[0] for r in rows] == ["64", "128"] and rows[0][2] == "1.00" and float(rows[1][1]) > 0
+    assert float(rows[1][2]) == pytest.approx(float(rows[1][1]) / float(rows[0][1]), rel=0.05)  # printed rounded
+
+
 def _ratios_are_to_the_anchor(out: str) -> None:
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:]}
     assert set(rows) == {"tiny:4", "encoder:tiny:4", "vit_b:4"}
@@ -83,11 +103,3 @@ def _ratios_are_to_the_anchor(out: str) -> None:
     anchor = float(rows["vit_b:4"][1])
     for r in ("tiny:4", "encoder:tiny:4"):  # each ratio is the row's clips/s over the anchor's
         assert float(rows[r][1]) > 0 and float(rows[r][2]) == pytest.approx(float(rows[r][1]) / anchor, abs=0.011)
-
-
-def test_nlq_memory_benchmark_runs():
-    out = _run("benchmarks/nlq_memory.py", "--windows", "64", "128", "--hidden", "16", "--levels", "3",
-               "--video-dim", "8", "--text-dim", "8")
-    rows = [line.split() for line in out.splitlines()[1:]]
-    assert [r[0] for r in rows] == ["64", "128"] and rows[0][2] == "1.00" and float(rows[1][1]) > 0
-    assert float(rows[1][2]) == pytest.approx(float(rows[1][1]) / float(rows[0][1]), rel=0.05)  # printed rounded

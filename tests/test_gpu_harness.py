@@ -31,7 +31,8 @@ def bare_env(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("blocker")
     (folder / "sitecustomize.py").write_text(BLOCKER)
     path = os.pathsep.join([str(folder), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path}
+    # The GPU image is not CI: there a test may skip for want of PyAV (tests/ci_skips.py reads CI).
+    return {**{k: v for k, v in os.environ.items() if k != "CI"}, "PYTHONPATH": path}
 
 
 def run(env: dict, *args: str, timeout: int = 300) -> str:

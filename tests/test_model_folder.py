@@ -172,8 +172,8 @@ def test_a_pt_that_is_not_a_training_checkpoint_is_one_line(tmp_path, capsys, co
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--score", "both", "--vtm-weight", "nan"], "--vtm-weight: must be a finite number, got nan"),
-    (["--score", "both", "--vtm-weight", "inf"], "--vtm-weight: must be a finite number, got inf"),
+    (["--score", "both", "--vtm-weight", "nan"], "--vtm-weight: must be a finite number, got 'nan'"),
+    (["--score", "both", "--vtm-weight", "inf"], "--vtm-weight: must be a finite number, got 'inf'"),
     (["--output", "{tmp}"], "exists and is not a regular file"),
 ])
 def test_eval_mcq_options_are_checked_before_the_evaluation(saved, tmp_path, capsys, monkeypatch, args, message):

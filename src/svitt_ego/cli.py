@@ -487,7 +487,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             FileExistsError, WriteError)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; a bad argument exits with one line and status 2 (``--help``: status 0)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse fills the overrides with the first run of positionals only: take KEY=VALUE words
@@ -496,6 +497,14 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as exit:  # argparse's own exit: --help, or a bad argument (one line, status 2)
+        return exit.code if isinstance(exit.code, int) else 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
