@@ -126,23 +126,10 @@ class VideoSource:
 
 def probe(path: str | Path) -> tuple[float, int]:
     """A video file's frame rate and frame count, from its header."""
-    import av
+    from svitt_ego.data.video import video_header
 
-    from svitt_ego.data.video import VideoReadError
-
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            count = stream.frames or (round(float(stream.duration * stream.time_base * rate))
-                                      if stream.duration and rate else 0)
-    except (av.FFmpegError, OSError, IndexError) as err:
-        raise VideoReadError(f"{path}: cannot open: {err}") from None
-    if not rate:
-        raise VideoReadError(f"{path}: unknown frame rate")
-    if count <= 0:
-        raise VideoReadError(f"{path}: no frame count or duration in the file")
-    return float(rate), count
+    fps, count = video_header(Path(path))
+    return float(fps), count
 
 
 def file_source(path: str | Path) -> VideoSource:

@@ -134,8 +134,19 @@ def read_chunk_frames(path: Path, times: np.ndarray) -> list[np.ndarray]:
         raise VideoReadError(f"{path}: cannot decode: {err} (asked for t={asked} s in it)") from err
 
 
-def frame_rate(path: Path) -> Fraction:
-    """The frame rate of a video file, as :func:`read_chunk_frames` takes it."""
+def stream_header(stream) -> tuple[Fraction, int]:
+    """A video stream's frame rate and frame count, as its container's header states them."""
+    fps = stream.average_rate or stream.guessed_rate
+    if not fps:
+        raise VideoReadError("unknown frame rate")
+    num_frames = stream.frames or (round(float(stream.duration * stream.time_base * fps)) if stream.duration else 0)
+    if num_frames <= 0:
+        raise VideoReadError("no frame count or duration in the file")
+    return Fraction(fps), num_frames
+
+
+def video_header(path: Path) -> tuple[Fraction, int]:
+    """The frame rate and frame count of a video file (its first video stream), from its header."""
     import av  # PyAV only where a video is read
 
     if not path.is_file():
@@ -143,14 +154,17 @@ def frame_rate(path: Path) -> Fraction:
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
-                raise VideoReadError(f"{path}: no video stream")
-            stream = container.streams.video[0]
-            fps = stream.average_rate or stream.guessed_rate
+                raise VideoReadError("no video stream")
+            return stream_header(container.streams.video[0])
+    except VideoReadError as err:
+        raise VideoReadError(f"{path}: {err}") from None
     except (av.FFmpegError, OSError, ValueError) as err:
         raise VideoReadError(f"{path}: cannot open: {err}") from err
-    if not fps:
-        raise VideoReadError(f"{path}: unknown frame rate")
-    return Fraction(fps)
+
+
+def frame_rate(path: Path) -> Fraction:
+    """The frame rate of a video file, as :func:`read_chunk_frames` takes it."""
+    return video_header(path)[0]
 
 
 def read_frames_by_index(path: Path, frame_ids: Callable[[Fraction], np.ndarray]) -> torch.Tensor:
@@ -168,17 +182,12 @@ def _decode_at(container, times: np.ndarray) -> list[np.ndarray]:
     # One thread: DataLoader workers already use every core, and frame threading would delay
     # the first frame after every seek.
     stream.thread_count = 1
-    fps = stream.average_rate or stream.guessed_rate
-    if not fps:
-        raise VideoReadError("unknown frame rate")
-    num_frames = stream.frames or (round(float(stream.duration * stream.time_base * fps)) if stream.duration else 0)
-    if num_frames <= 0:
-        raise VideoReadError("no frame count or duration in the file")
+    fps, num_frames = stream_header(stream)
     length = num_frames / float(fps)
     if times.max(initial=0.0) > length + END_TOLERANCE_SECONDS:
         raise VideoReadError(f"t={times.max():.3f} s is past the end of the file ({length:.3f} s of frames, "
                              f"read up to {END_TOLERANCE_SECONDS} s beyond)")
-    clock = _FrameClock(stream, Fraction(fps))
+    clock = _FrameClock(stream, fps)
 
     wanted = np.minimum(np.floor(times * float(fps) + _EPS).astype(np.int64), num_frames - 1)
     seek_ahead = max(1, math.ceil(SEEK_AHEAD_SECONDS * fps))
