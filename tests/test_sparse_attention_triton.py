@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton  # the test extra installs it (and the GPU image has it): missing, collection fails
 from attention_helpers import attention_inputs, max_relative_error, outputs_and_grads
 
 from svitt_ego.config import VisionConfig
@@ -14,7 +15,6 @@ from svitt_ego.models.attention import reference_attention, triton_attention
 from svitt_ego.models.block_pattern import sample_block_pattern
 from svitt_ego.models.video import VideoEncoder
 
-pytest.importorskip("triton")
 TESTS = Path(__file__).resolve().parent
 cuda_only = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -26,8 +26,6 @@ TRITON_36 = TESTS.parent / ".triton-3.6.0"  # the README's test command installs
 def test_interpreter_cases(triton_path):
     """``triton_interpreter_cases.py`` in a fresh process (the interpreter is chosen when Triton is
     imported), under the installed Triton and under Triton 3.6.0 (the GPU image's)."""
-    import triton
-
     env = {**os.environ, "TRITON_INTERPRET": "1", "EXPECTED_TRITON": triton.__version__}
     if triton_path == "3.6.0":
         if not TRITON_36.is_dir():
