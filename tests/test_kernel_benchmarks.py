@@ -23,18 +23,21 @@ def _rows(out: str, first_column_width: int) -> dict[str, list[str]]:
     return {line[:first_column_width].strip(): line[first_column_width:].split() for line in out.splitlines()}
 
 
-def test_forward_fits_168_registers_for_sm90a_with_triton_3_6():
+def test_forward_fits_168_registers_and_key_kernels_do_not_spill_for_sm90a_with_triton_3_6():
     """Compiled ahead of time with the GPU image's Triton: fp16 forward <= 168 registers (3 programs per SM),
-    no spills, no ptxas warning; the key kernel for shared positions without spills."""
+    no spills, no ptxas warning; the key kernel, for shared and for per-sample positions, in fp16 and bf16
+    without spills or warnings."""
     if not TRITON_36.is_dir():
         pytest.skip(f"{TRITON_36} is missing (pip install --no-deps --target .triton-3.6.0 triton==3.6.0)")
-    out = _run("benchmarks/kernel_registers.py", "--dtypes", "float16", "--kernels", "forward",
-               "backward key, shared", pythonpath=[TRITON_36])
+    out = _run("benchmarks/kernel_registers.py", "--dtypes", "float16", "bfloat16", "--kernels", "forward",
+               "backward key", pythonpath=[TRITON_36])
     assert out.startswith("Triton 3.6.0, sm_90a")
-    rows = _rows(out, 37)
-    dtype, warps, registers, spills, warnings = rows["forward"]
-    assert (dtype, warps, warnings) == ("float16", "4", "-") and int(registers) <= 168 and spills == "0"
-    assert rows["backward key, shared positions"][3:] == ["0", "-"]
+    rows = {(line[:37].strip(), line[37:].split()[0]): line[37:].split()[1:] for line in out.splitlines()[2:]}
+    warps, registers, spills, warnings = rows["forward", "float16"]
+    assert (warps, warnings) == ("4", "-") and int(registers) <= 168 and spills == "0"
+    for dtype in ("float16", "bfloat16"):
+        for positions in ("shared", "per-sample"):
+            assert rows[f"backward key, {positions} positions", dtype][2:] == ["0", "-"]
 
 
 def test_atomics_counted_in_the_interpreter_match_a_hand_count():

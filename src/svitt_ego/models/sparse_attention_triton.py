@@ -35,7 +35,9 @@ pruning) the index tile is the same for every batch element: a program takes ``B
 (16) batch elements, adds each one's dS of a pair into a slot of a private fp32 buffer (plain
 loads and stores: the slot is the program's own), and only then adds the slot to the table with
 one atomic per element: 16x fewer table atomics at batch 16. With per-sample positions every
-pair's dS goes to the table directly (one atomic per valid score element). The counts, by
+pair's dS goes to the table directly (one atomic per valid score element), after dQ's atomics and
+through row indices computed anew from the codes: the bias lookup's index tile, kept live across the
+dK and dQ matmuls, made ptxas spill (``benchmarks/RESULTS.md``). The counts, by
 ``benchmarks/kernel_atomics.py``, are in ``benchmarks/RESULTS.md``.
 
 The forward's loop over a query tile's ``W`` key slots has a constant trip count (invalid slots
@@ -359,16 +361,17 @@ def _backward_key_kernel(Q, K, V, DO, DPROBS, LSE, DQ, DK, DV, POS, TABLE, DTABL
             p = tl.where(both, tl.exp(s - lse[None, :]), 0.0)
             dv += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
             ds = p * (tl.dot(v, tl.trans(do), input_precision=PRECISION) - delta[None, :])
-            if SHARED:
-                slot = slots + pair * BLOCK * BLOCK + slot_offsets
-                tl.store(slot, ds + tl.load(slot, mask=slot_offsets < (batch - first) * BLOCK * BLOCK, other=0.0))
-            else:
-                tl.atomic_add(dtable + rows * table_stride, ds, mask=both, sem="relaxed")
             dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
             dq = tl.dot(tl.trans(ds.to(k.dtype)), k, input_precision=PRECISION) * scale
             dims = tl.arange(0, BLOCK_D)
             dq_offsets = (1 + q_token)[:, None] * HEAD_DIM + dims[None, :]
             tl.atomic_add(DQ + g_base + dq_offsets, dq, mask=q_ok[:, None] & (dims[None, :] < HEAD_DIM), sem="relaxed")
+            if SHARED:
+                slot = slots + pair * BLOCK * BLOCK + slot_offsets
+                tl.store(slot, ds + tl.load(slot, mask=slot_offsets < (batch - first) * BLOCK * BLOCK, other=0.0))
+            else:  # the rows anew, in a form the compiler does not merge with ``rows`` (live this long, they spill)
+                table_rows = (q_code + center)[None, :] - k_code[:, None]
+                tl.atomic_add(dtable + table_rows * table_stride, ds, mask=both, sem="relaxed")
             j += 1
         _store_rows(DK + g_base, HEAD_DIM, 1 + k_token, k_ok, dk * scale, HEAD_DIM, BLOCK_D)
         _store_rows(DV + g_base, HEAD_DIM, 1 + k_token, k_ok, dv, HEAD_DIM, BLOCK_D)
