@@ -35,10 +35,11 @@ pruning) the index tile is the same for every batch element: a program takes ``B
 (16) batch elements, adds each one's dS of a pair into a slot of a private fp32 buffer (plain
 loads and stores: the slot is the program's own), and only then adds the slot to the table with
 one atomic per element: 16x fewer table atomics at batch 16. With per-sample positions every
-pair's dS goes to the table directly (one atomic per valid score element), after dQ's atomics and
-through row indices computed anew from the codes: the bias lookup's index tile, kept live across the
-dK and dQ matmuls, made ptxas spill (``benchmarks/RESULTS.md``). The counts, by
-``benchmarks/kernel_atomics.py``, are in ``benchmarks/RESULTS.md``.
+pair's dS goes to the table directly (one atomic per valid score element). These atomics come
+after dQ's, when the q and dO tiles are dead, and compute their row indices anew from the codes
+rather than keep the bias lookup's index tile live across the dK and dQ matmuls: without both,
+ptxas spills. The counts, by ``benchmarks/kernel_atomics.py``, and the registers are in
+``benchmarks/RESULTS.md``.
 
 The forward's loop over a query tile's ``W`` key slots has a constant trip count (invalid slots
 masked); loops whose trip count is known only at run time are ``while`` loops, since Triton 3.6's
