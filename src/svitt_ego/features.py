@@ -566,7 +566,7 @@ def is_complete(path: Path, expected: dict) -> bool:
 
 def extract_into(out: str | Path, header: dict, jobs: dict[str, Callable[[], VideoSource]],
                  extractor: WindowExtractor, after: Callable[[str], None] | None = None,
-                 noun: str = "videos", command: str = "extract-features") -> dict:
+                 noun: str = "videos", command: str = "extract-features", summary: bool = True) -> dict:
     """Extract every video of ``jobs`` (key -> a function opening it) into ``out``; returns the manifest.
 
     The folder is held for ``command`` (:func:`svitt_ego.run_folder.run_folder`: one writer, no links,
@@ -574,7 +574,8 @@ def extract_into(out: str | Path, header: dict, jobs: dict[str, Callable[[], Vid
     the first feature. A video whose file is complete is skipped, so a killed run resumes where
     it stopped. Under torchrun rank ``r`` takes every ``world_size``-th video and rank 0 writes the
     manifest. ``after(key)`` runs after each video's features (NLQ: the query files). A video that
-    cannot be read gets no file: it is logged, listed in the manifest's ``failed`` and counted.
+    cannot be read gets no file: it is logged, listed in the manifest's ``failed`` and counted (in a
+    printed summary, unless ``summary`` is false).
     """
     from tqdm import tqdm
 
@@ -611,7 +612,7 @@ def extract_into(out: str | Path, header: dict, jobs: dict[str, Callable[[], Vid
         for key, why in failed.items():
             log.error("%s: %s", key, why)
         manifest = decide_on_main(lambda: _finish(out, failed))
-    if is_main():
+    if is_main() and summary:
         print(f"{len(manifest['videos'])} {noun} have features in {out}, "
               f"{len(failed)} unreadable" + "".join(f"\n  {key}: {why}" for key, why in failed.items()))
     return manifest
