@@ -725,6 +725,14 @@ def list_videos(inputs: list, root: str | Path | None = None) -> dict[str, Path]
     return found
 
 
+def model_settings(model, what: str = "pooled", window: int | None = None, stride: int | None = None,
+                   fps: float | None = None, dtype: str = "float16") -> Settings:
+    """The checked settings of an extraction with ``model``: its ``num_frames`` per window, ``window``
+    defaulting to them and ``stride`` to ``window``."""
+    frames = model.config.vision.num_frames
+    return Settings(what, window or frames, stride or window or frames, frames, fps, dtype).check()
+
+
 def extract_features(checkpoint: str | Path, videos: list, out: str | Path, what: str = "pooled",
                      window: int | None = None, stride: int | None = None, frames: int | None = None,
                      fps: float | None = None, dtype: str = "float16", batch_size: int = 32,
@@ -739,7 +747,6 @@ def extract_features(checkpoint: str | Path, videos: list, out: str | Path, what
     jobs = {key: (lambda path=path: open_video(path, chunk_seconds)) for key, path in list_videos(videos, root).items()}
     _, _, device = setup_distributed()
     model, digest = load_model(checkpoint, frames)
-    frames = model.config.vision.num_frames
-    settings = Settings(what, window or frames, stride or window or frames, frames, fps, dtype).check()
+    settings = model_settings(model, what, window, stride, fps, dtype)
     extractor = WindowExtractor(model, settings, batch_size, device)
     return extract_into(out, manifest_header(checkpoint, digest, settings, extractor.shape), jobs, extractor)

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from svitt_ego.data.errors import MetadataError
 from svitt_ego.features import (FORMAT, MANIFEST, FeatureFolder, FeatureFolderError, Settings, WindowExtractor,
                                 check_numbers, expected_tensors, extract_into, feature_file, is_chunk_folder,
-                                is_complete, list_videos, load_model, manifest_header, model_of, open_video)
+                                is_complete, list_videos, load_model, manifest_header, model_of, model_settings,
+                                open_video)
 from svitt_ego.search_page import Moment, QueryResult, browser_playable, format_time
 
 log = logging.getLogger(__name__)
@@ -177,9 +178,7 @@ def cached_features(checkpoint: str | Path, videos: dict[str, Path], cache: str 
     of the unreadable ones. Prints what it reused and extracted."""
     check_numbers(window=how.window, stride=how.stride, frames=how.frames, batch_size=how.batch_size)
     model, digest = load_model(checkpoint, how.frames)
-    frames = model.config.vision.num_frames
-    window = how.window or frames
-    settings = Settings("pooled", window, how.stride or window, frames, how.fps).check()
+    settings = model_settings(model, "pooled", how.window, how.stride, how.fps)
     extractor = WindowExtractor(model, settings, how.batch_size, how.device)
     header = manifest_header(checkpoint, digest, settings, extractor.shape)
     found, failed, reused = [], {}, 0
