@@ -18,7 +18,7 @@ from svitt_ego.cli import main
 from svitt_ego.config import load_config
 from svitt_ego.features import WindowExtractor
 from svitt_ego.models import create_model
-from svitt_ego.search import best_moments, recall_at, search_videos
+from svitt_ego.search import Extraction, best_moments, recall_at, search_videos
 from svitt_ego.search_page import THUMB_HEIGHT, format_time
 
 QUERIES = ["when did I open the drawer?", "where is the cup?"]
@@ -84,6 +84,21 @@ def test_raw_videos_are_extracted_once_per_file_state_and_setting(world, tmp_pat
     assert _main(capsys, *argv, "--stride", "2")[0] == 0 and len(seen) == 3 and len(list(cache.iterdir())) == 3
     status, again, _ = _main(capsys, *argv)
     assert status == 0 and len(seen) == 3 and "1 reused" in again  # the earlier entries are intact
+
+
+def test_a_chunk_folder_is_cached_by_its_chunks_and_shown_from_them(world, video_root, tmp_path, monkeypatch, capsys):
+    folder = shutil.copytree(video_root / "v1", tmp_path / "v1")  # 0.mp4, 1.mp4: 2 s each at 30 fps
+    seen = _count_extractions(monkeypatch)
+    argv = ["search", world.model, folder, QUERIES[0], "--top-k", "1", "--cache", tmp_path / "cache",
+            "--chunk-seconds", "2"]
+    assert _main(capsys, *argv, "--png", tmp_path / "sheet.png")[0] == 0 and seen == ["v1"]
+    results, _ = search_videos(world.model, folder, QUERIES[:1], 1, tmp_path / "cache", Extraction(chunk_seconds=2.0))
+    assert len(seen) == 1 and results[0].moments[0].video == str(folder) and results[0].moments[0].end <= 4.0
+    stat = os.stat(folder / "1.mp4")
+    os.utime(folder / "1.mp4", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))  # the second chunk touched
+    assert _main(capsys, *argv)[0] == 0 and len(seen) == 2
+    sheet = np.asarray(Image.open(tmp_path / "sheet.png").convert("L"))
+    assert sheet.shape[0] > THUMB_HEIGHT and sheet.std() > 40  # the strip was decoded from the chunks
 
 
 def test_the_same_moments_from_raw_videos_and_from_their_feature_folder(world, tmp_path, capsys):
