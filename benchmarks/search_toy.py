@@ -1,12 +1,12 @@
 """Zero-shot moment search on the synthetic world's held-out videos: Recall@1, beside a random moment.
 
-    python benchmarks/search_toy.py [--demo demo_run] [--videos N] [--html page.html]
+    python benchmarks/search_toy.py [--demo demo_run] [--model CKPT] [--videos N] [--html page.html]
 
 Each validation video of a ``svitt-ego demo`` folder (the videos of ``toy_data/nlq_val.json``, none of
 which is in ``egoclip.csv``, the pretraining set) is searched, as ``svitt-ego search`` searches raw
 videos, for its own queries ("When did I <verb> the <colour> <shape>?"), with the demo's model
-(``DEMO/run/model``). A query is a hit at IoU ``t`` when its video's top-1 moment has IoU >= ``t``
-with the query's answer (seconds of the video).
+(``DEMO/run/model``, or ``--model``). A query is a hit at IoU ``t`` when its video's top-1 moment
+has IoU >= ``t`` with the query's answer (seconds of the video).
 
 The anchor, in the same run: a moment of the same length as the top-1 one at a uniformly random
 start inside the video (its hit rate is averaged over 1001 evenly spaced starts, so it is exact to
@@ -80,12 +80,13 @@ def run(model: Path, videos: dict[str, Path], queries: dict, cache: Path, page: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", default="demo_run", help="a svitt-ego demo folder (toy_data/, run/model)")
+    parser.add_argument("--model", default=None, help="another checkpoint (default: DEMO/run/model)")
     parser.add_argument("--videos", type=int, default=None, help="only the first N validation videos")
     parser.add_argument("--html", default=None, help="keep the results page here (default: a temporary file)")
     args = parser.parse_args()
 
     demo = Path(args.demo)
-    toy, model = demo / "toy_data", demo / "run" / "model"
+    toy, model = demo / "toy_data", Path(args.model or demo / "run" / "model")
     queries = val_queries(toy)
     uids = sorted(queries)[:args.videos]
     videos = {uid: (toy / "videos" / uid).absolute() for uid in uids}
