@@ -114,6 +114,9 @@ def main() -> None:
     print(f"{'R@1 (%)':18s}" + "".join(f"{'IoU>=' + str(t):>10s}" for t in THRESHOLDS))
     for name, values in rows.items():
         print(f"{name:18s}" + "".join(f"{v:>10.1f}" for v in values))
+    top_lengths = [r.moments[0].end - r.moments[0].start for _, r in results]
+    print(f"top-1 moments {np.mean(top_lengths):.2f} s long on average, answers "
+          f"{np.mean([e - s for s, e in truth.values()]):.2f} s")
     print(f"wall time, raw videos to the written page: {times[0]:.1f} s with an empty cache, {times[1]:.1f} s warm "
           f"({times[0] / times[1]:.1f}x); page {size / 1e6:.1f} MB")
 

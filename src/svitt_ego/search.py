@@ -275,13 +275,18 @@ def format_moments(results: list[QueryResult]) -> str:
     """A table per query: rank, video, start and end (seconds and m:ss.s), score."""
     lines = []
     for result in results:
+        width = _name_width(result)
         lines += [f"query: {result.query}",
-                  f"{'rank':>4s}  {'video':32s}{'start':>9s}{'end':>9s}  {'m:ss.s':19s}{'score':>7s}"]
-        lines += [f"{rank:>4d}  {Path(m.video).name:32s}{m.start:>9.2f}{m.end:>9.2f}  "
+                  f"{'rank':>4s}  {'video':{width}s}{'start':>9s}{'end':>9s}  {'m:ss.s':19s}{'score':>7s}"]
+        lines += [f"{rank:>4d}  {Path(m.video).name:{width}s}{m.start:>9.2f}{m.end:>9.2f}  "
                   f"{format_time(m.start) + ' - ' + format_time(m.end):19s}{m.score:>7.3f}"
                   for rank, m in enumerate(result.moments, start=1)]
         lines += ["  (no moments)"] if not result.moments else []
     return "\n".join(lines)
+
+
+def _name_width(result: QueryResult) -> int:
+    return max([12] + [len(Path(m.video).name) + 2 for m in result.moments])
 
 
 # --------------------------------------------------------------------------- svitt-ego search --mode clips
@@ -401,8 +406,9 @@ def search_clips(checkpoint: str | Path, source: str | Path, queries: list[str],
 def format_clips(results: list[QueryResult]) -> str:
     lines = []
     for result in results:
-        lines += [f"query: {result.query}", f"{'rank':>4s}  {'clip':40s}{'length':>9s}{'score':>8s}"]
-        lines += [f"{rank:>4d}  {Path(m.video).name:40s}{m.end:>9.2f}{m.score:>8.3f}"
+        width = _name_width(result)
+        lines += [f"query: {result.query}", f"{'rank':>4s}  {'clip':{width}s}{'length':>9s}{'score':>8s}"]
+        lines += [f"{rank:>4d}  {Path(m.video).name:{width}s}{m.end:>9.2f}{m.score:>8.3f}"
                   for rank, m in enumerate(result.moments, start=1)]
     return "\n".join(lines)
 
