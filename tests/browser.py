@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import threading
+from html.parser import HTMLParser
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,3 +90,28 @@ def load(page: Path, tmp: Path, screenshot: Path | None = None, size: tuple[int,
         return Loaded(result.stdout, [r for r in proxy.requests if _host(r) not in BROWSER_SERVICE_HOSTS])
     finally:
         proxy.close()
+
+
+class Cards(HTMLParser):
+    """The result cards of a page's DOM: their data attributes, time text and video sources."""
+
+    def __init__(self):
+        super().__init__()
+        self.cards, self.videos, self.images, self._in_time = [], [], 0, False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "div" and attrs.get("class") == "card":
+            self.cards.append({"start": float(attrs["data-start"]), "end": float(attrs["data-end"]), "time": "",
+                               "video": None})
+        self._in_time = tag == "span" and attrs.get("class") == "time"
+        if tag == "video":
+            self.videos.append(attrs["src"])
+            self.cards[-1]["video"] = attrs["src"]
+        if tag == "img":
+            self.images += attrs["src"].startswith("data:image/jpeg;base64,")
+
+    def handle_data(self, data):
+        if self._in_time:
+            self.cards[-1]["time"] += data
+            self._in_time = False

@@ -50,6 +50,7 @@ def smallest_runs(demo: Path, tmp: Path) -> dict[str, tuple]:
         "multimodal.py": ((model, toy, "--questions", "10"), "held-out VTM accuracy"),
         "objectives.py": (("--quick", "--seeds", "0", "--arms", "egonce", "--workdir", tmp), "mean +- standard error"),
         "saliency.py": (("--demo", demo, "--max-clips", "2"), "pretrained"),
+        "search_toy.py": (("--demo", demo, "--videos", "2"), "random moment"),
         "train_step.py": (("--device", "cpu", "--runs", "vit_b:4", "tiny:4", "encoder:tiny:4", "--clips", "1",
                            "--steps", "1", "--image-size", "64", "--anchor-width", "64", "--anchor-depth", "2",
                            "--anchor-heads", "2"), _ratios_are_to_the_anchor),

@@ -81,11 +81,12 @@ def features(tmp_path_factory):
 
 
 def test_search_and_zero_shot_prediction(features, tmp_path, capsys):
-    status, out = _run(capsys, "search", features / "features", "when did I open the drawer?", "--top-k", "3")
+    status, out = _run(capsys, "search", features / "model", features / "features", "when did I open the drawer?",
+                       "--top-k", "3")
     assert status == 0
-    first = out.splitlines()[1].split()
+    first = out.splitlines()[2].split()  # after the query and the header
     start, end = window_centre(ANSWER_WINDOW - 0.5, 4, 4, 10.0), window_centre(ANSWER_WINDOW + 0.5, 4, 4, 10.0)
-    assert first[0] == "c" and float(first[1]) == pytest.approx(start) and float(first[2]) == pytest.approx(end)
+    assert first[:2] == ["1", "c"] and float(first[2]) == pytest.approx(start) and float(first[3]) == pytest.approx(end)
 
     annotations = _annotations(tmp_path / "nlq.json", start, end)
     status, _ = _run(capsys, "predict-nlq", features / "features", "--zero-shot", "--annotations", annotations,
@@ -103,15 +104,16 @@ def test_search_and_zero_shot_prediction(features, tmp_path, capsys):
 
 def test_search_from_another_folder_and_refusing_other_weights(features, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the manifest's checkpoint is absolute
-    status, out = _run(capsys, "search", features / "features", "when did I open the drawer?", "--top-k", "1")
-    assert status == 0 and out.splitlines()[1].split()[0] == "c"
+    status, out = _run(capsys, "search", features / "model", features / "features", "when did I open the drawer?",
+                       "--top-k", "1")
+    assert status == 0 and out.splitlines()[2].split()[:2] == ["1", "c"]
 
     torch.manual_seed(1)
     create_model(load_config("tiny").model, load_pretrained=False).save_pretrained(tmp_path / "other")
     manifest = json.loads((features / "features" / "manifest.json").read_text())
     shutil.copytree(features / "features", tmp_path / "moved")
     (tmp_path / "moved" / "manifest.json").write_text(json.dumps({**manifest, "checkpoint": str(tmp_path / "other")}))
-    for argv in (["search", tmp_path / "moved", "drawer"],
+    for argv in (["search", tmp_path / "other", features / "features", "drawer"],
                  ["predict-nlq", tmp_path / "moved", "--zero-shot", "--annotations", _annotations(tmp_path / "a.json"),
                   "--output", tmp_path / "zs.json"]):
         status, message = _run(capsys, *argv)

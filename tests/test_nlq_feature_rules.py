@@ -103,18 +103,20 @@ def test_a_non_finite_feature_is_refused_naming_clip_and_window(world, tmp_path,
     assert "(clip c1): window 0 has a non-finite feature" in capsys.readouterr().err
 
 
-def test_search_uses_the_checkpoint_the_features_came_from_wherever_it_runs(world, tmp_path, monkeypatch, capsys):
+def test_search_takes_only_the_weights_the_features_came_from_wherever_it_runs(world, tmp_path, monkeypatch,
+                                                                              capsys):
     monkeypatch.chdir(world.root)
     assert main(["extract-nlq-features", "run1/model", "--annotations", "nlq.json", "--videos", "videos",
                  "--out", str(tmp_path / "nlqf")]) == 0  # a checkpoint path relative to the working directory
     capsys.readouterr()
-    assert main(["search", str(tmp_path / "nlqf"), "open the drawer", "--top-k", "3"]) == 0
-    here = capsys.readouterr().out
+    assert main(["search", "run1/model", str(tmp_path / "nlqf"), "open the drawer", "--top-k", "3"]) == 0
+    assert "c1" in capsys.readouterr().out
     elsewhere = tmp_path / "elsewhere"
     _model(2, elsewhere / "run1" / "model")  # another run1/model beside another working directory
     monkeypatch.chdir(elsewhere)
-    assert main(["search", str(tmp_path / "nlqf"), "open the drawer", "--top-k", "3"]) == 0
-    assert capsys.readouterr().out == here
+    assert main(["search", "run1/model", str(tmp_path / "nlqf"), "open the drawer", "--top-k", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the features were extracted with weights sha256:" in err
 
 
 @pytest.mark.parametrize("stride", ["0", "-4"])
@@ -144,7 +146,7 @@ def test_a_malformed_video_feature_file_is_one_line_exit_2(world, tmp_path, case
     files = sorted(p for p in (tmp_path / "nlqf").glob("video*/*") if p.stem == "c1")
     CORRUPTIONS[case](files[0])
     capsys.readouterr()
-    assert main(["search", str(tmp_path / "nlqf"), "open the drawer"]) == 2
+    assert main(["search", str(world.root / "run1" / "model"), str(tmp_path / "nlqf"), "open the drawer"]) == 2
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and str(files[0]) in captured.err
     assert "weights_only" not in captured.err and "pwned" not in captured.out
@@ -157,7 +159,7 @@ def test_a_malformed_manifest_field_is_one_line_exit_2(world, tmp_path, field, v
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), field: value}))
     annotations = str(world.root / "nlq.json")
     capsys.readouterr()
-    for argv in (["search", tmp_path / "nlqf", "open the drawer"],
+    for argv in (["search", world.root / "run1" / "model", tmp_path / "nlqf", "open the drawer"],
                  ["train-nlq", tmp_path / "nlqf", "--annotations", annotations, "--out", tmp_path / "run"]):
         assert main(list(map(str, argv))) == 2
         err = capsys.readouterr().err

@@ -10,7 +10,7 @@ from svitt_ego.features import Settings, begin_folder, feature_file, manifest_he
 from svitt_ego.nlq.annotations import NLQQuery, parse_nlq
 from svitt_ego.nlq.detection import decode, diou_loss, grounding_loss, level_targets, soft_nms
 from svitt_ego.nlq.model import GroundingConfig, GroundingModel, banded_attention, from_groundnlq
-from svitt_ego.nlq.search import best_moments, fixed_window_baseline
+from svitt_ego.nlq.search import fixed_window_baseline
 from svitt_ego.nlq.train import Stage, TrainSettings, load_grounding, predict_moments, predict_nlq, train_nlq
 from svitt_ego.nlq.features import NLQFeatures, text_file
 
@@ -143,11 +143,6 @@ def test_decode_by_hand():
     assert segments.tolist() == [[-1.0, 2.0], [-1.0, 1.0]]
     assert scores[0].item() == pytest.approx(0.9)
     assert scores[1].item() == pytest.approx(0.2 * math.exp(-(2 / 3) ** 2 / 0.75))
-
-
-def test_best_moments_by_hand():
-    scores = torch.tensor([0.0, 0.9, 1.0, 0.95, 0.0])
-    assert best_moments(scores, top_k=2) == [(2, 2, 1.0), pytest.approx((2, 3, 0.975))]
 
 
 def _feature_folder(root, num_clips=6, windows=24, dim=8):

@@ -329,7 +329,8 @@ def test_a_crafted_grounding_checkpoint_is_refused_before_anything_is_built(nlq,
     (["train-nlq", "F", "--annotations", "A", "--out", "D", "--pretrain-epochs", "-1"], "--pretrain-epochs"),
     (["train-nlq", "F", "--annotations", "A", "--out", "D", "--seed", str(2**64)], "--seed"),
     (["predict-nlq", "F", "--annotations", "A", "--output", "O", "--zero-shot", "--top-k", "0"], "--top-k"),
-    (["search", "F", "a query", "--top-k", "0"], "--top-k"),
+    (["search", "C.pt", "F", "a query", "--top-k", "0"], "--top-k"),
+    (["search", "C.pt", "V.mp4", "a query", "--cache", "D", "--stride", "0"], "--stride"),
 ])
 def test_every_number_on_the_command_line_is_checked_in_one_line(tmp_path, capsys, argv, option):
     argv = [str(tmp_path / word) if word in ("D", "S", "C.pt", "V.mp4", "A", "V", "F", "O") else word

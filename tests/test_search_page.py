@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from fractions import Fraction
-from html.parser import HTMLParser
 
 import numpy as np
 import pytest
-from browser import load
+from browser import Cards, load
 from helpers import write_video
 from PIL import Image
 
@@ -30,29 +29,6 @@ def results(tmp_path):
                 Moment(str(video), 0.4, 1.2, 0.81, [solid(RED), solid(GREEN)], browser_playable(video)),
                 Moment(str(other), 65.0, 3725.5, 0.52, [solid(BLUE)], browser_playable(other))]),
             QueryResult("where is the <cup> & saucer?", [])]
-
-
-class Cards(HTMLParser):
-    """The result cards of a page's DOM: their data attributes, time text and video sources."""
-
-    def __init__(self):
-        super().__init__()
-        self.cards, self.videos, self.images, self._in_time = [], [], 0, False
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "div" and attrs.get("class") == "card":
-            self.cards.append({"start": float(attrs["data-start"]), "end": float(attrs["data-end"]), "time": ""})
-        self._in_time = tag == "span" and attrs.get("class") == "time"
-        if tag == "video":
-            self.videos.append(attrs["src"])
-        if tag == "img":
-            self.images += attrs["src"].startswith("data:image/jpeg;base64,")
-
-    def handle_data(self, data):
-        if self._in_time:
-            self.cards[-1]["time"] += data
-            self._in_time = False
 
 
 def test_times_read_as_a_person_reads_them():

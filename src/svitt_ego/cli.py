@@ -223,10 +223,18 @@ def _cmd_export_nlq_features(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from svitt_ego.nlq.commands import search_moments
+    from svitt_ego.search import Extraction, run_search
 
-    search_moments(args.features, args.query, args.top_k)
-    return 0
+    how = Extraction(args.window, args.stride, args.frames, args.fps, args.batch_size, args.device or _device(),
+                     args.chunk_seconds)
+    return run_search(args.checkpoint, args.input, args.queries, args.mode, args.top_k, args.cache, how,
+                      args.pairs, args.html, args.png)
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _cmd_eval_epic_mir(args: argparse.Namespace) -> int:
@@ -252,6 +260,19 @@ def _cmd_eval_charades_ego(args: argparse.Namespace) -> int:
                               batch_size=args.batch_size, on_error=args.on_error, workers=args.workers,
                               output=args.output)
     return 1 if result["skipped_videos"] else 0
+
+
+def _add_window_args(p: argparse.ArgumentParser) -> None:
+    """How videos are cut into windows and read: extract-features and search."""
+    p.add_argument("--frames", type=positive_int, default=None,
+                   help="frames the model sees per window (default: the model's num_frames; another re-inflates it); "
+                        "with fewer than --window they are spread evenly over the window")
+    p.add_argument("--window", type=positive_int, default=None, help="frames per window (default: --frames)")
+    p.add_argument("--stride", type=positive_int, default=None, help="frames between window starts (default: --window)")
+    p.add_argument("--fps", type=positive_float, default=None,
+                   help="resample every video to this frame rate first (default: each file's own)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="windows per forward pass")
+    p.add_argument("--chunk-seconds", type=positive_float, default=600.0, help="chunk length of chunk folders")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,16 +360,8 @@ def _add_pretraining_commands(sub) -> None:
     p.add_argument("--what", choices=["pooled", "projected", "tokens"], default="pooled",
                    help="pooled: the video encoder's pooled vector; projected: the joint-space embedding; "
                         "tokens: the last layer's kept tokens and their (t, h, w) positions")
-    p.add_argument("--frames", type=positive_int, default=None,
-                   help="frames the model sees per window (default: the model's num_frames; another re-inflates it); "
-                        "with fewer than --window they are spread evenly over the window")
-    p.add_argument("--window", type=positive_int, default=None, help="frames per window (default: --frames)")
-    p.add_argument("--stride", type=positive_int, default=None, help="frames between window starts (default: --window)")
-    p.add_argument("--fps", type=positive_float, default=None,
-                   help="resample every video to this frame rate first (default: each file's own)")
+    _add_window_args(p)
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="of the stored features")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="windows per forward pass")
-    p.add_argument("--chunk-seconds", type=positive_float, default=600.0, help="chunk length of chunk folders")
     p.set_defaults(func=_cmd_extract_features)
 
     p = sub.add_parser("demo", help="toy data -> evaluate -> pretrain the tiny model -> evaluate again")
@@ -427,10 +440,25 @@ def _add_nlq_commands(sub) -> None:
     p.add_argument("--annotations", nargs="+", required=True, help="NLQ files whose queries to export (one jsonl each)")
     p.set_defaults(func=_cmd_export_nlq_features)
 
-    p = sub.add_parser("search", help="zero-shot: the moments of extracted clips that best match a query")
-    p.add_argument("features")
-    p.add_argument("query")
-    p.add_argument("--top-k", type=positive_int, default=10)
+    p = sub.add_parser("search", help="zero-shot: the moments of videos (or the clips) that best match queries",
+                       description="The dual encoder alone: per query the best moments of every video, or with "
+                                   "--mode clips the best clips (Recall@1/5/10 with --pairs). Raw videos are "
+                                   "extracted once into --cache; a feature folder is searched as it is.")
+    p.add_argument("checkpoint", help="a training checkpoint (.pt) or a save_pretrained folder")
+    p.add_argument("input", help="a video file, a prepared chunk folder, a folder of either, a .txt list of such "
+                                 "paths, or a feature folder (extract-features, extract-nlq-features)")
+    p.add_argument("queries", nargs="*", metavar="QUERY", help='free text, e.g. "when did I open the drawer?"')
+    p.add_argument("--mode", choices=["moments", "clips"], default="moments",
+                   help="moments: spans of each video; clips: each video is one clip, ranked whole")
+    p.add_argument("--top-k", type=positive_int, default=5, help="moments per video (clips: clips) per query")
+    p.add_argument("--cache", default=None, help="the folder raw videos' features are kept in (needed for raw "
+                                                 "videos in --mode moments); one entry per video and setting")
+    _add_window_args(p)
+    p.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
+    p.add_argument("--pairs", default=None, help="--mode clips: a CSV video,text of true pairs; its texts are "
+                                                 "the queries, and Recall@1/5/10 is printed both ways")
+    p.add_argument("--html", default=None, help="write the results as a self-contained page here")
+    p.add_argument("--png", default=None, help="draw the results as a contact sheet here")
     p.set_defaults(func=_cmd_search)
 
 

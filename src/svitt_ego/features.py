@@ -566,7 +566,7 @@ def is_complete(path: Path, expected: dict) -> bool:
 
 def extract_into(out: str | Path, header: dict, jobs: dict[str, Callable[[], VideoSource]],
                  extractor: WindowExtractor, after: Callable[[str], None] | None = None,
-                 noun: str = "videos", command: str = "extract-features") -> dict:
+                 noun: str = "videos", command: str = "extract-features", summary: bool = True) -> dict:
     """Extract every video of ``jobs`` (key -> a function opening it) into ``out``; returns the manifest.
 
     The folder is held for ``command`` (:func:`svitt_ego.run_folder.run_folder`: one writer, no links,
@@ -574,7 +574,8 @@ def extract_into(out: str | Path, header: dict, jobs: dict[str, Callable[[], Vid
     the first feature. A video whose file is complete is skipped, so a killed run resumes where
     it stopped. Under torchrun rank ``r`` takes every ``world_size``-th video and rank 0 writes the
     manifest. ``after(key)`` runs after each video's features (NLQ: the query files). A video that
-    cannot be read gets no file: it is logged, listed in the manifest's ``failed`` and counted.
+    cannot be read gets no file: it is logged, listed in the manifest's ``failed`` and counted (in a
+    printed summary, unless ``summary`` is false).
     """
     from tqdm import tqdm
 
@@ -611,7 +612,7 @@ def extract_into(out: str | Path, header: dict, jobs: dict[str, Callable[[], Vid
         for key, why in failed.items():
             log.error("%s: %s", key, why)
         manifest = decide_on_main(lambda: _finish(out, failed))
-    if is_main():
+    if is_main() and summary:
         print(f"{len(manifest['videos'])} {noun} have features in {out}, "
               f"{len(failed)} unreadable" + "".join(f"\n  {key}: {why}" for key, why in failed.items()))
     return manifest
@@ -724,6 +725,14 @@ def list_videos(inputs: list, root: str | Path | None = None) -> dict[str, Path]
     return found
 
 
+def model_settings(model, what: str = "pooled", window: int | None = None, stride: int | None = None,
+                   fps: float | None = None, dtype: str = "float16") -> Settings:
+    """The checked settings of an extraction with ``model``: its ``num_frames`` per window, ``window``
+    defaulting to them and ``stride`` to ``window``."""
+    frames = model.config.vision.num_frames
+    return Settings(what, window or frames, stride or window or frames, frames, fps, dtype).check()
+
+
 def extract_features(checkpoint: str | Path, videos: list, out: str | Path, what: str = "pooled",
                      window: int | None = None, stride: int | None = None, frames: int | None = None,
                      fps: float | None = None, dtype: str = "float16", batch_size: int = 32,
@@ -738,7 +747,6 @@ def extract_features(checkpoint: str | Path, videos: list, out: str | Path, what
     jobs = {key: (lambda path=path: open_video(path, chunk_seconds)) for key, path in list_videos(videos, root).items()}
     _, _, device = setup_distributed()
     model, digest = load_model(checkpoint, frames)
-    frames = model.config.vision.num_frames
-    settings = Settings(what, window or frames, stride or window or frames, frames, fps, dtype).check()
+    settings = model_settings(model, what, window, stride, fps, dtype)
     extractor = WindowExtractor(model, settings, batch_size, device)
     return extract_into(out, manifest_header(checkpoint, digest, settings, extractor.shape), jobs, extractor)

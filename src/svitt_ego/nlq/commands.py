@@ -29,14 +29,3 @@ def predict_zero_shot(features_dir: str | Path, annotations: str | Path, output:
     submission = make_submission(results)
     atomic_write_json(output, submission)
     return submission
-
-
-def search_moments(features_dir: str | Path, text: str, top_k: int = 10, checkpoint: str | None = None) -> list:
-    from svitt_ego.nlq.search import load_dual_encoder, search
-
-    features = NLQFeatures(features_dir)
-    found = search(load_dual_encoder(features, checkpoint), features, text, top_k)
-    print(f"{'clip':38s}{'start':>9s}{'end':>9s}{'score':>8s}")
-    for clip_uid, start, end, score in found:
-        print(f"{clip_uid:38s}{start:>9.2f}{end:>9.2f}{score:>8.3f}")
-    return found

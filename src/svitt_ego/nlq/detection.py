@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from svitt_ego.nlq.model import GroundingConfig
+from svitt_ego.search import segment_iou
 
 
 def points(out: dict) -> torch.Tensor:
@@ -73,12 +74,6 @@ def grounding_loss(outputs: list[dict], moments: torch.Tensor, cfg: GroundingCon
     cls = sigmoid_focal_loss(torch.cat(logits), smoothed).sum() / normalizer
     reg = diou_loss(torch.cat(pred), torch.cat(target)).sum() / normalizer
     return {"loss": cls + reg, "cls": cls.detach(), "reg": reg.detach(), "normalizer": normalizer}
-
-
-def segment_iou(one: torch.Tensor, many: torch.Tensor) -> torch.Tensor:
-    inter = (torch.minimum(one[1], many[:, 1]) - torch.maximum(one[0], many[:, 0])).clamp(min=0)
-    union = torch.maximum(one[1], many[:, 1]) - torch.minimum(one[0], many[:, 0])
-    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
 
 
 def soft_nms(segments: torch.Tensor, scores: torch.Tensor, top_k: int, sigma: float = 0.75,

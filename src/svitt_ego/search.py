@@ -1,0 +1,444 @@
+"""``svitt-ego search``: zero-shot search of any videos with the dual encoder.
+
+**Moments.** Every window of a video is embedded as ``encode_video`` embeds a clip (the pooled
+feature through the video projection, L2-normalised) and scored by its cosine with the query's
+``encode_text`` embedding. A moment is a run of ``2 ** j`` windows (1 to 32) scored by the mean of
+its windows' scores; a video's best moments are kept with non-maximum suppression. The windows come
+from a feature folder (:mod:`svitt_ego.features`), either given or made once per video and
+extraction setting in a cache folder (:func:`cached_features`).
+
+**Clips.** Each clip of a folder is one embedding, its model's frames spread over the whole clip
+(:func:`svitt_ego.zero_shot.embed_clips`): texts rank clips and clips rank texts; with a file of
+true pairs the command reports Recall@1/5/10 both ways (:func:`recall_at`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from svitt_ego.data.errors import MetadataError
+from svitt_ego.features import (FORMAT, MANIFEST, FeatureFolder, FeatureFolderError, Settings, WindowExtractor,
+                                check_numbers, expected_tensors, extract_into, feature_file, is_chunk_folder,
+                                is_complete, list_videos, load_model, manifest_header, model_of, model_settings,
+                                open_video)
+from svitt_ego.search_page import Moment, QueryResult, browser_playable, format_time
+
+log = logging.getLogger(__name__)
+
+MOMENT_LENGTHS = (1, 2, 4, 8, 16, 32)  # windows
+STRIP_FRAMES = 4  # frames shown per moment on the page and the contact sheet
+RECALL_AT = (1, 5, 10)
+MODES = ("moments", "clips")
+
+
+# --------------------------------------------------------------------------- moments of windows
+
+
+def segment_iou(one: torch.Tensor, many: torch.Tensor) -> torch.Tensor:
+    """IoU of the interval ``one`` ``[2]`` with each of ``many`` ``[N, 2]`` (0 for empty unions)."""
+    inter = (torch.minimum(one[1], many[:, 1]) - torch.maximum(one[0], many[:, 0])).clamp(min=0)
+    union = torch.maximum(one[1], many[:, 1]) - torch.minimum(one[0], many[:, 0])
+    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
+
+
+def window_embeddings(model, features: torch.Tensor) -> torch.Tensor:
+    """[T, D] pooled video features -> [T, embed_dim], L2-normalised as ``encode_video`` does."""
+    return F.normalize(model.vision_proj(features.float()), dim=-1)
+
+
+def best_moments(scores: torch.Tensor, top_k: int, iou_threshold: float = 0.5) -> list[tuple[int, int, float]]:
+    """The ``top_k`` best runs ``(first, last, mean score)`` of windows; a run overlapping a better
+    one by more than ``iou_threshold`` is dropped."""
+    candidates, values = [], []
+    for length in MOMENT_LENGTHS:
+        if length > len(scores):
+            break
+        means = scores.unfold(0, length, 1).mean(1)
+        starts = torch.arange(len(means))
+        candidates.append(torch.stack([starts, starts + length - 1], 1))
+        values.append(means)
+    candidates, values = torch.cat(candidates).double(), torch.cat(values)
+    chosen = []
+    for i in values.argsort(descending=True).tolist():
+        span = candidates[i] + torch.tensor([0.0, 1.0])  # a run covers [first, last + 1)
+        if all(segment_iou(span, (candidates[j] + torch.tensor([0.0, 1.0]))[None])[0] <= iou_threshold
+               for j in chosen):
+            chosen.append(i)
+            if len(chosen) == top_k:
+                break
+    return [(int(candidates[i, 0]), int(candidates[i, 1]), float(values[i])) for i in chosen]
+
+
+def moment_seconds(features: FeatureFolder, key: str, first: int, last: int) -> tuple[float, float]:
+    """A run of windows in seconds: from half a stride before its first centre to half after its last."""
+    return (float(features.to_seconds(key, first - 0.5)), float(features.to_seconds(key, last + 0.5)))
+
+
+def searchable(features: FeatureFolder) -> FeatureFolder:
+    """``features`` if its rows can be scored against a text (pooled or projected); else one line."""
+    if features.manifest["what"] == "tokens":
+        raise FeatureFolderError(f"{features.folder / MANIFEST}: holds 'tokens' features, which have no joint-space "
+                                 "embedding; search needs 'pooled' or 'projected' ones (extract-features --what)")
+    return features
+
+
+def video_embeddings(model, features: FeatureFolder, key: str) -> torch.Tensor:
+    """The joint-space embedding ``[T, embed_dim]`` of each window of video ``key``."""
+    rows = features.features(key).float()
+    return window_embeddings(model, rows) if features.manifest["what"] == "pooled" else F.normalize(rows, dim=-1)
+
+
+@torch.no_grad()
+def text_embeddings(model, texts: list[str]) -> torch.Tensor:
+    return model.cpu().eval().encode_text(list(texts)).float()
+
+
+def video_path(features: FeatureFolder, key: str) -> str:
+    """The file (or chunk folder) a video's features came from when it is still there; else its name."""
+    source = features.info(key)["source"]
+    return source if Path(source).exists() else key
+
+
+@torch.no_grad()
+def search_folder(model, features: FeatureFolder, queries: torch.Tensor, top_k: int,
+                  keys: list[str] | None = None) -> list[list[Moment]]:
+    """Per query (rows of ``queries``, text embeddings) the ``top_k`` best moments of each video of
+    ``features`` (or of ``keys``), within the video's length; frames are not read."""
+    found: list[list[Moment]] = [[] for _ in queries]
+    for key in keys if keys is not None else features.keys():
+        info = features.info(key)
+        length = info["frames"] / info["fps"]
+        scores = video_embeddings(model, features, key) @ queries.T
+        for q in range(len(queries)):
+            for first, last, score in best_moments(scores[:, q].contiguous(), top_k):
+                start, end = moment_seconds(features, key, first, last)
+                found[q].append(Moment(video_path(features, key), max(start, 0.0), min(end, length), score))
+    return found
+
+
+# --------------------------------------------------------------------------- the cache of raw videos
+
+
+def video_identity(path: Path) -> dict:
+    """What a video's features depend on in the file system: its resolved path, total size and
+    latest modification (a chunk folder: over its chunks)."""
+    files = sorted(path.glob("*.mp4")) if path.is_dir() else [path]
+    stats = [f.stat() for f in files]
+    return {"video": str(path.resolve()), "size": sum(s.st_size for s in stats),
+            "mtime_ns": max(s.st_mtime_ns for s in stats)}
+
+
+def cache_key(path: Path, digest: str, settings: Settings, chunk_seconds: float) -> str:
+    """The name of a video's cache entry: the sha256 of the canonical JSON of everything its features
+    depend on (:func:`video_identity`, the weights digest, every extraction setting, the format)."""
+    identity = {**video_identity(path), "weights_digest": digest, **asdict(settings), "chunk_seconds": chunk_seconds,
+                "format": FORMAT}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def is_cached(entry: Path, key: str, header: dict) -> bool:
+    """Whether ``entry`` holds the complete features of ``key`` made with ``header``'s settings and weights."""
+    if not (entry / MANIFEST).is_file():
+        return False
+    try:
+        manifest = FeatureFolder(entry).manifest
+    except FeatureFolderError as err:
+        log.warning("%s; extracting it again", err)
+        return False
+    if any(manifest.get(k) != v for k, v in header.items() if k != "checkpoint"):
+        return False
+    info = manifest["videos"].get(key)
+    return (info is not None and key not in manifest["failed"]
+            and is_complete(feature_file(entry, key), expected_tensors(manifest, info["windows"])))
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """How ``svitt-ego search`` reads raw videos: the settings of ``extract-features`` (None: its defaults)."""
+    window: int | None = None
+    stride: int | None = None
+    frames: int | None = None
+    fps: float | None = None
+    batch_size: int = 32
+    device: str = "cpu"
+    chunk_seconds: float = 600.0
+
+
+def cached_features(checkpoint: str | Path, videos: dict[str, Path], cache: str | Path, how: Extraction):
+    """The model, ``[(folder, key)]`` of every readable video's features in ``cache`` (made there when
+    missing: one feature folder per video and setting, through :func:`extract_into`) and ``{video: why}``
+    of the unreadable ones. Prints what it reused and extracted."""
+    check_numbers(window=how.window, stride=how.stride, frames=how.frames, batch_size=how.batch_size)
+    model, digest = load_model(checkpoint, how.frames)
+    settings = model_settings(model, "pooled", how.window, how.stride, how.fps)
+    extractor = WindowExtractor(model, settings, how.batch_size, how.device)
+    header = manifest_header(checkpoint, digest, settings, extractor.shape)
+    found, failed, reused = [], {}, 0
+    for key, path in videos.items():
+        if not (path.is_file() or is_chunk_folder(path)):
+            failed[str(path)] = f"{path}: no such video file or chunk folder"
+            continue
+        entry = Path(cache) / cache_key(path, digest, settings, how.chunk_seconds)
+        if is_cached(entry, key, header):
+            reused += 1
+            print(f"reused {entry} for {path}")
+        else:
+            manifest = extract_into(entry, header, {key: lambda path=path: open_video(path, how.chunk_seconds)},
+                                    extractor, command="search", summary=False)
+            if key in manifest["failed"]:
+                failed[str(path)] = manifest["failed"][key]
+                continue
+            print(f"extracted {path} into {entry}")
+        found.append((FeatureFolder(entry), key))
+    print(f"cache {cache}: {reused} reused, {len(found) - reused} extracted, {len(failed)} unreadable"
+          + "".join(f"\n  {why}" for why in failed.values()))
+    return model, found, failed
+
+
+# --------------------------------------------------------------------------- frames for the page
+
+
+def moment_frames(path: str, start: float, end: float, count: int = STRIP_FRAMES,
+                  chunk_seconds: float = 600.0) -> list[np.ndarray]:
+    """``count`` frames evenly inside ``[start, end]`` of the video at ``path`` (a file or chunk folder);
+    none when it cannot be read."""
+    from svitt_ego.data.video import VideoReadError
+
+    if not Path(path).exists():
+        return []
+    times = start + (np.arange(count) + 0.5) * (end - start) / count
+    try:
+        return list(open_video(path, chunk_seconds).read(times).numpy())
+    except VideoReadError as err:
+        log.warning("no frames for the page: %s", err)
+        return []
+
+
+def add_frames(results: list[QueryResult], chunk_seconds: float = 600.0) -> list[QueryResult]:
+    """Each moment's frame strip and whether a browser plays its video."""
+    playable: dict[str, bool] = {}
+    for result in results:
+        for m in result.moments:
+            m.frames = moment_frames(m.video, m.start, m.end, chunk_seconds=chunk_seconds)
+            if m.video not in playable:
+                playable[m.video] = browser_playable(m.video)
+            m.playable = playable[m.video]
+    return results
+
+
+# --------------------------------------------------------------------------- svitt-ego search (moments)
+
+
+def is_feature_folder(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def ranked(texts: list[str], per_query: list[list[Moment]]) -> list[QueryResult]:
+    return [QueryResult(text, sorted(moments, key=lambda m: -m.score)) for text, moments in zip(texts, per_query)]
+
+
+def search_videos(checkpoint: str | Path, source: str | Path, queries: list[str], top_k: int = 5,
+                  cache: str | Path | None = None, how: Extraction = Extraction()
+                  ) -> tuple[list[QueryResult], dict[str, str]]:
+    """Per query, the ``top_k`` best moments of every video of ``source``, best first, and the unreadable
+    videos ``{video: why}``. ``source`` is a feature folder (``checkpoint`` must hold the weights its
+    features came from; its own settings apply) or whatever :func:`~svitt_ego.features.list_videos`
+    takes; raw videos need ``cache``, where they are extracted with ``how``."""
+    if not queries:
+        raise MetadataError("give at least one QUERY")
+    if is_feature_folder(source):
+        features = searchable(FeatureFolder(source))
+        model = model_of(features.manifest, str(features.folder / MANIFEST), checkpoint)
+        return ranked(queries, search_folder(model, features, text_embeddings(model, queries), top_k)), {}
+    videos = list_videos([source])
+    if cache is None:
+        raise MetadataError(f"{source}: raw videos need --cache DIR, the folder their features are extracted into "
+                            "once (or give a feature folder)")
+    model, found, failed = cached_features(checkpoint, videos, cache, how)
+    embedded = text_embeddings(model, queries)
+    per_query: list[list[Moment]] = [[] for _ in queries]
+    for features, key in found:
+        for q, moments in enumerate(search_folder(model, features, embedded, top_k, [key])):
+            per_query[q] += moments
+    return ranked(queries, per_query), failed
+
+
+def format_moments(results: list[QueryResult]) -> str:
+    """A table per query: rank, video, start and end (seconds and m:ss.s), score."""
+    lines = []
+    for result in results:
+        width = _name_width(result)
+        lines += [f"query: {result.query}",
+                  f"{'rank':>4s}  {'video':{width}s}{'start':>9s}{'end':>9s}  {'m:ss.s':19s}{'score':>7s}"]
+        lines += [f"{rank:>4d}  {Path(m.video).name:{width}s}{m.start:>9.2f}{m.end:>9.2f}  "
+                  f"{format_time(m.start) + ' - ' + format_time(m.end):19s}{m.score:>7.3f}"
+                  for rank, m in enumerate(result.moments, start=1)]
+        lines += ["  (no moments)"] if not result.moments else []
+    return "\n".join(lines)
+
+
+def _name_width(result: QueryResult) -> int:
+    return max([12] + [len(Path(m.video).name) + 2 for m in result.moments])
+
+
+# --------------------------------------------------------------------------- svitt-ego search --mode clips
+
+
+@dataclass
+class Pairs:
+    """True (text, clip) pairs: ``texts`` (each once, in file order) and ``truth[t, c]``."""
+    texts: list[str]
+    truth: np.ndarray
+
+
+def read_pairs(path: str | Path, clips: list[Path]) -> Pairs:
+    """A CSV with header ``video,text``; ``video`` a path relative to the CSV's folder (or absolute)
+    that must be one of ``clips``, so the file names no other file. One line naming file, line and field
+    for anything else."""
+    from svitt_ego.zero_shot import read_csv_rows
+
+    path = Path(path)
+    index = {clip.resolve(): i for i, clip in enumerate(clips)}
+    texts: dict[str, int] = {}
+    true: list[tuple[int, int]] = []
+    for line, row in read_csv_rows(path, ("video", "text")):
+        where = f"{path}, line {line}"
+        text, video = row["text"].strip(), row["video"].strip()
+        if not text:
+            raise MetadataError(f"{where}, field 'text': empty")
+        clip = index.get((path.parent / video).resolve()) if video else None
+        if clip is None:
+            raise MetadataError(f"{where}, field 'video': {video[:200]!r} is not one of the clips searched "
+                                f"(a path relative to {path.parent} or absolute)")
+        true.append((texts.setdefault(text, len(texts)), clip))
+    if not true:
+        raise MetadataError(f"{path}: holds no pairs")
+    truth = np.zeros((len(texts), len(clips)), dtype=bool)
+    for t, c in true:
+        truth[t, c] = True
+    return Pairs(list(texts), truth)
+
+
+def recall_at(similarity: np.ndarray, truth: np.ndarray, ks=RECALL_AT) -> dict[str, dict[int, float]]:
+    """Recall@K (%) of text -> video (rows of ``similarity[text, clip]``) and video -> text (columns).
+
+    A query (a text, or a clip with at least one true text) is a hit at K when one of its true items
+    is among its K best: fewer than K false items score at least as high as its best true one (ties
+    count against it). Recall@K is the share of hits over the queries that have a true item."""
+    def hits(scores: np.ndarray, true: np.ndarray) -> dict[int, float]:
+        keep = true.any(axis=1)
+        scores, true = scores[keep], true[keep]
+        best = np.where(true, scores, -np.inf).max(axis=1, keepdims=True)
+        above = (np.where(true, -np.inf, scores) >= best).sum(axis=1)
+        return {k: float(100 * (above < k).mean()) for k in ks}
+
+    return {"text -> video": hits(similarity, truth), "video -> text": hits(similarity.T, truth.T)}
+
+
+def format_recall(recall: dict[str, dict[int, float]]) -> str:
+    ks = next(iter(recall.values()))
+    lines = [f"{'Recall (%)':16s}" + "".join(f"{'@' + str(k):>8s}" for k in ks)]
+    return "\n".join(lines + [f"{name:16s}" + "".join(f"{v:>8.1f}" for v in row.values())
+                              for name, row in recall.items()])
+
+
+class ClipReader:
+    """``num_frames`` uint8 frames ``[T, H, W, 3]`` of a clip file, the middle of each of ``num_frames``
+    equal parts of its frames (LaViLa's rounding)."""
+
+    def __init__(self, num_frames: int):
+        self.num_frames = num_frames
+
+    def __call__(self, path: Path) -> torch.Tensor:
+        from svitt_ego.data.video import read_frames_by_index, video_header
+        from svitt_ego.zero_shot import segment_frame_ids
+
+        _, count = video_header(path)
+        return read_frames_by_index(path, lambda fps: segment_frame_ids(0, count, self.num_frames))
+
+
+def clip_length(path: Path) -> float:
+    from svitt_ego.data.video import video_header
+
+    fps, count = video_header(path)
+    return count / float(fps)
+
+
+def search_clips(checkpoint: str | Path, source: str | Path, queries: list[str], top_k: int = 5,
+                 pairs: str | Path | None = None, how: Extraction = Extraction()
+                 ) -> tuple[list[QueryResult], dict[str, str], dict | None]:
+    """Text -> video retrieval over the clips of ``source``: per query (or, with ``pairs``, per text of
+    that CSV) the ``top_k`` best clips, the unreadable clips ``{clip: why}`` (left out) and, with
+    ``pairs``, :func:`recall_at` over the readable clips. ``how.frames`` re-inflates the model."""
+    from svitt_ego.evaluate import load_for_eval
+    from svitt_ego.zero_shot import embed_clips, embed_texts
+
+    if bool(queries) == (pairs is not None):
+        raise MetadataError("--mode clips takes QUERY ... or --pairs FILE.csv (whose texts are the queries), "
+                            "not both" if queries else "give at least one QUERY, or --pairs FILE.csv")
+    clips = list(list_videos([source]).values())
+    truth = read_pairs(pairs, clips) if pairs is not None else None
+    texts = truth.texts if truth is not None else list(queries)
+    overrides = [f"model.vision.num_frames={how.frames}"] if how.frames else []
+    model, cfg = load_for_eval(checkpoint, overrides=[*overrides, "data.num_workers=0"])
+    device = torch.device(how.device)
+    model = model.to(device)
+    videos, skipped = embed_clips(model, clips, ClipReader(model.config.vision.num_frames), cfg, device,
+                                  how.batch_size, "skip", "clips")
+    readable = [i for i in range(len(clips)) if i not in skipped]
+    similarity = (embed_texts(model, texts, cfg, device) @ videos[readable].T).double().numpy()
+    lengths = {i: clip_length(clips[i]) for i in readable}
+    results = [QueryResult(text, [Moment(str(clips[readable[c]]), 0.0, lengths[readable[c]], float(row[c]))
+                                  for c in np.argsort(-row, kind="stable")[:top_k]])
+               for text, row in zip(texts, similarity)]
+    recall = recall_at(similarity, truth.truth[:, readable]) if truth is not None else None
+    return results, {str(clips[i]): why for i, why in skipped.items()}, recall
+
+
+def format_clips(results: list[QueryResult]) -> str:
+    lines = []
+    for result in results:
+        width = _name_width(result)
+        lines += [f"query: {result.query}", f"{'rank':>4s}  {'clip':{width}s}{'length':>9s}{'score':>8s}"]
+        lines += [f"{rank:>4d}  {Path(m.video).name:{width}s}{m.end:>9.2f}{m.score:>8.3f}"
+                  for rank, m in enumerate(result.moments, start=1)]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def run_search(checkpoint: str | Path, source: str | Path, queries: list[str], mode: str = "moments",
+               top_k: int = 5, cache: str | Path | None = None, how: Extraction = Extraction(),
+               pairs: str | Path | None = None, html: str | Path | None = None, png: str | Path | None = None) -> int:
+    """``svitt-ego search``: print the results (and Recall@K), write the page / contact sheet;
+    returns the exit status (1 when a video could not be read)."""
+    from svitt_ego.search_page import write_contact_sheet, write_page
+
+    if mode not in MODES:
+        raise MetadataError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if pairs is not None and mode != "clips":
+        raise MetadataError("--pairs takes --mode clips")
+    if mode == "moments":
+        results, failed = search_videos(checkpoint, source, queries, top_k, cache, how)
+        print(format_moments(results))
+    else:
+        results, failed, recall = search_clips(checkpoint, source, queries, top_k, pairs, how)
+        print(format_clips(results) if pairs is None else format_recall(recall))
+        print(f"{len(results)} texts; {len(failed)} unreadable clips left out"
+              + "".join(f"\n  {why}" for why in failed.values()))
+    if html is not None or png is not None:
+        add_frames(results, how.chunk_seconds)
+    if html is not None:
+        print(f"wrote {write_page(results, html)}")
+    if png is not None:
+        print(f"wrote {write_contact_sheet(results, png)}")
+    return 1 if failed else 0

@@ -1,0 +1,252 @@
+"""``svitt-ego search``: raw videos through the cache, feature folders, the page and the contact sheet
+it writes (checked in Chromium and decoded), and clip retrieval with Recall@K worked by hand."""
+
+import os
+import shutil
+from fractions import Fraction
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from browser import Cards, load
+from helpers import SMALL_MODEL, draw_code, write_video
+from PIL import Image
+
+from svitt_ego.cli import main
+from svitt_ego.config import load_config
+from svitt_ego.features import WindowExtractor
+from svitt_ego.models import create_model
+from svitt_ego.search import Extraction, best_moments, recall_at, search_videos
+from svitt_ego.search_page import THUMB_HEIGHT, format_time
+
+QUERIES = ["when did I open the drawer?", "where is the cup?"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A small random model (and another), a playable 4-s mp4, an h264 .avi no browser plays, a junk file."""
+    root = tmp_path_factory.mktemp("search")
+    for seed, name in ((0, "model"), (1, "other")):
+        torch.manual_seed(seed)
+        create_model(load_config("tiny", SMALL_MODEL).model, load_pretrained=False).save_pretrained(root / name)
+    write_video(root / "videos" / "kitchen.mp4", [draw_code(j, 0) for j in range(40)], Fraction(10))
+    write_video(root / "videos" / "garage.avi", [draw_code(j, 1) for j in range(30)], Fraction(10))
+    (root / "junk").mkdir()
+    (root / "junk" / "broken.mp4").write_bytes(b"not a video")
+    return SimpleNamespace(root=root, model=str(root / "model"), videos=root / "videos",
+                           kitchen=root / "videos" / "kitchen.mp4")
+
+
+def _main(capsys, *argv) -> tuple[int, str, str]:
+    capsys.readouterr()
+    status = main(list(map(str, argv)))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def _table(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith(("query:", "rank", "   "))]
+
+
+def test_best_moments_by_hand():
+    scores = torch.tensor([0.0, 0.9, 1.0, 0.95, 0.0])
+    assert best_moments(scores, top_k=2) == [(2, 2, 1.0), pytest.approx((2, 3, 0.975))]
+
+
+def _count_extractions(monkeypatch) -> list[str]:
+    real, seen = WindowExtractor.rows, []
+
+    def rows(self, source, progress=None):
+        seen.append(Path(source.name).name)
+        return real(self, source, progress)
+
+    monkeypatch.setattr(WindowExtractor, "rows", rows)
+    return seen
+
+
+def test_raw_videos_are_extracted_once_per_file_state_and_setting(world, tmp_path, monkeypatch, capsys):
+    video, cache = shutil.copy(world.kitchen, tmp_path / "kitchen.mp4"), tmp_path / "cache"
+    seen = _count_extractions(monkeypatch)
+    argv = ["search", world.model, video, *QUERIES, "--top-k", "2", "--cache", cache]
+    status, first, _ = _main(capsys, *argv)
+    assert status == 0 and seen == ["kitchen.mp4"] and len(list(cache.iterdir())) == 1
+    assert f"extracted {video} into {cache}" in first and "0 reused, 1 extracted, 0 unreadable" in first
+
+    status, second, _ = _main(capsys, *argv)
+    assert status == 0 and seen == ["kitchen.mp4"]  # no extraction
+    assert f"reused {next(cache.iterdir())} for {video}" in second and _table(second) == _table(first)
+
+    stat = os.stat(video)
+    os.utime(video, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))  # touched: another entry
+    assert _main(capsys, *argv)[0] == 0 and len(seen) == 2 and len(list(cache.iterdir())) == 2
+    assert _main(capsys, *argv, "--stride", "2")[0] == 0 and len(seen) == 3 and len(list(cache.iterdir())) == 3
+    status, again, _ = _main(capsys, *argv)
+    assert status == 0 and len(seen) == 3 and "1 reused" in again  # the earlier entries are intact
+
+
+def test_a_chunk_folder_is_cached_by_its_chunks_and_shown_from_them(world, video_root, tmp_path, monkeypatch, capsys):
+    folder = shutil.copytree(video_root / "v1", tmp_path / "v1")  # 0.mp4, 1.mp4: 2 s each at 30 fps
+    seen = _count_extractions(monkeypatch)
+    argv = ["search", world.model, folder, QUERIES[0], "--top-k", "1", "--cache", tmp_path / "cache",
+            "--chunk-seconds", "2"]
+    assert _main(capsys, *argv, "--png", tmp_path / "sheet.png")[0] == 0 and seen == ["v1"]
+    results, _ = search_videos(world.model, folder, QUERIES[:1], 1, tmp_path / "cache", Extraction(chunk_seconds=2.0))
+    assert len(seen) == 1 and results[0].moments[0].video == str(folder) and results[0].moments[0].end <= 4.0
+    stat = os.stat(folder / "1.mp4")
+    os.utime(folder / "1.mp4", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))  # the second chunk touched
+    assert _main(capsys, *argv)[0] == 0 and len(seen) == 2
+    sheet = np.asarray(Image.open(tmp_path / "sheet.png").convert("L"))
+    assert sheet.shape[0] > THUMB_HEIGHT and sheet.std() > 40  # the strip was decoded from the chunks
+
+
+def test_the_same_moments_from_raw_videos_and_from_their_feature_folder(world, tmp_path, capsys):
+    assert main(["extract-features", world.model, str(world.videos), "--out", str(tmp_path / "features")]) == 0
+    raw, failed = search_videos(world.model, world.videos, QUERIES, 3, tmp_path / "cache")
+    folder, _ = search_videos(world.model, tmp_path / "features", QUERIES, 3)
+    assert failed == {}
+    assert [[(m.video, m.start, m.end, m.score) for m in r.moments] for r in raw] == \
+        [[(m.video, m.start, m.end, m.score) for m in r.moments] for r in folder]
+    for result in raw:  # the top 3 of each video, best first, inside the video
+        assert [Path(m.video).name for m in result.moments].count("kitchen.mp4") == 3
+        assert [Path(m.video).name for m in result.moments].count("garage.avi") == 3
+        assert [m.score for m in result.moments] == sorted((m.score for m in result.moments), reverse=True)
+        assert all(0 <= m.start < m.end <= (4.0 if "kitchen" in m.video else 3.0) for m in result.moments)
+    kitchen = next(m for m in raw[0].moments if m.video.endswith("kitchen.mp4"))
+    assert round(kitchen.start * 10) % 4 == 0  # windows of 4 frames at 10 fps: moments start on a window edge
+
+
+def test_refusals_are_one_line_exit_2(world, tmp_path, capsys):
+    assert main(["extract-features", world.model, str(world.kitchen), "--out", str(tmp_path / "pooled")]) == 0
+    assert main(["extract-features", world.model, str(world.kitchen), "--out", str(tmp_path / "tokens"),
+                 "--what", "tokens"]) == 0
+    cases = {
+        ("search", world.root / "other", tmp_path / "pooled", "drawer"): "the features were extracted with weights",
+        ("search", world.model, tmp_path / "tokens", "drawer"): "holds 'tokens' features",
+        ("search", world.model, world.kitchen, "drawer"): "raw videos need --cache DIR",
+        ("search", world.model, tmp_path / "pooled"): "give at least one QUERY",
+        ("search", world.model, tmp_path / "missing.mp4", "drawer", "--cache", tmp_path): "no such video file",
+        ("search", world.model, tmp_path / "pooled", "drawer", "--pairs", tmp_path / "p.csv"): "--pairs takes --mode",
+    }
+    for argv, message in cases.items():
+        status, out, err = _main(capsys, *argv)
+        assert status == 2 and err.count("\n") == 1 and message in err, (argv, err)
+
+
+def test_unreadable_videos_are_named_and_counted_and_the_others_searched(world, tmp_path, capsys):
+    listing = tmp_path / "videos.txt"
+    listing.write_text(f"{world.kitchen}\n{world.root / 'junk' / 'broken.mp4'}\n{tmp_path / 'gone.mp4'}\n")
+    status, out, _ = _main(capsys, "search", world.model, listing, "drawer", "--cache", tmp_path / "cache")
+    assert status == 1
+    assert "1 extracted, 2 unreadable" in out and "broken.mp4: cannot open" in out and "gone.mp4" in out
+    assert "kitchen.mp4" in _table(out)[2]
+
+
+def test_the_page_of_the_command_in_a_browser(world, tmp_path, capsys):
+    page = tmp_path / "results.html"
+    status, out, _ = _main(capsys, "search", world.model, world.videos, *QUERIES, "--top-k", "2",
+                           "--cache", tmp_path / "cache", "--html", page)
+    assert status == 0 and f"wrote {page}" in out
+    results, _ = search_videos(world.model, world.videos, QUERIES, 2, tmp_path / "cache")
+    loaded = load(page, tmp_path)
+    assert loaded.requests == []
+    cards = Cards()
+    cards.feed(loaded.dom)
+    moments = [m for r in results for m in r.moments]
+    assert len(cards.cards) == len(moments) == 8  # 2 queries x 2 videos x 2 moments
+    for card, m in zip(cards.cards, moments):
+        assert (card["start"], card["end"]) == (pytest.approx(m.start, abs=1e-3), pytest.approx(m.end, abs=1e-3))
+        assert card["time"] == f"{format_time(m.start)} – {format_time(m.end)}"
+        kitchen = m.video.endswith("kitchen.mp4")  # h264 in mp4 plays; the .avi gets frames but no player
+        assert card["video"] == (f"{world.kitchen.resolve().as_uri()}#t={m.start:.2f},{m.end:.2f}" if kitchen else None)
+    assert cards.images == 4 * 8  # every card's strip, inline
+    for query in QUERIES:
+        assert query in loaded.dom
+
+
+def test_the_contact_sheet_has_one_strip_per_moment(world, tmp_path, capsys):
+    sheet_path = tmp_path / "sheet.png"
+    status, _, _ = _main(capsys, "search", world.model, world.kitchen, QUERIES[0], "--top-k", "3",
+                         "--cache", tmp_path / "cache", "--png", sheet_path)
+    assert status == 0
+    sheet = np.asarray(Image.open(sheet_path).convert("RGB")).astype(int)
+    assert sheet.shape[1] >= 4 * THUMB_HEIGHT and sheet.std() > 40  # four thumbnails wide, not blank
+    inked = (np.abs(sheet[:, :140] - 255).max(axis=2) > 30).any(axis=1)  # rows with ink left of x = 140
+    edges = np.flatnonzero(np.diff(np.r_[0, inked.astype(int), 0]))
+    runs = edges[1::2] - edges[::2]
+    assert (runs >= THUMB_HEIGHT).sum() == 3 and runs.max() == THUMB_HEIGHT  # one thumbnail row per moment
+
+
+# --------------------------------------------------------------------------- clips
+
+
+def test_recall_at_k_by_hand():
+    similarity = np.array([[0.9, 0.1, 0.2, 0.3, 0.0, 0.0, 0.0],  # text 0: its clip 0 first
+                           [0.5, 0.4, 0.8, 0.1, 0.0, 0.0, 0.0],  # text 1: clip 1, under clips 0 and 2: third
+                           [0.1, 0.2, 0.3, 0.4, 0.0, 0.0, 0.0],  # text 2: clips 0 and 3; clip 3 is first
+                           [0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.6]])  # text 3: clip 6, under 6 others: seventh
+    truth = np.zeros_like(similarity, dtype=bool)
+    truth[0, 0] = truth[1, 1] = truth[2, 0] = truth[2, 3] = truth[3, 6] = True
+    recall = recall_at(similarity, truth)
+    assert recall["text -> video"] == {1: 50.0, 5: 75.0, 10: 100.0}
+    # clip 0 (texts 0, 2): 0.9 first; clip 1 (text 1): 0.4 under 0.7; clip 3 (text 2): 0.4 under 0.7;
+    # clip 6 (text 3): 0.6 first; clips 2, 4, 5 have no true text and are not queries
+    assert recall["video -> text"] == {1: 50.0, 5: 100.0, 10: 100.0}
+    ties = recall_at(np.array([[0.5, 0.5]]), np.array([[False, True]]))
+    assert ties["text -> video"][1] == 0.0  # a false clip scoring as high counts against
+
+
+def _pairs(path: Path, rows: str) -> Path:
+    path.write_text("video,text\n" + rows)
+    return path
+
+
+def test_clip_retrieval_ranks_and_recalls_known_embeddings(world, tmp_path, monkeypatch, capsys):
+    """Embeddings chosen by hand: clip kitchen is text A's, garage is B's and C's; C is closest to kitchen."""
+    import svitt_ego.zero_shot as zero_shot
+
+    clips = {"garage.avi": [1.0, 0.0], "kitchen.mp4": [0.0, 1.0], "broken.mp4": [float("nan")] * 2}
+    texts = {"A": [0.0, 1.0], "B": [1.0, 0.0], "C": [0.1, 0.9]}
+    monkeypatch.setattr(zero_shot, "embed_clips", lambda model, items, *a: (
+        torch.tensor([clips[p.name] for p in items]),
+        {i: f"{p}: cannot open" for i, p in enumerate(items) if p.name == "broken.mp4"}))
+    monkeypatch.setattr(zero_shot, "embed_texts", lambda model, batch, *a: torch.tensor([texts[t] for t in batch]))
+    folder = tmp_path / "clips"
+    shutil.copytree(world.videos, folder)
+    shutil.copy(world.root / "junk" / "broken.mp4", folder / "broken.mp4")
+    pairs = _pairs(folder / "pairs.csv", "kitchen.mp4,A\ngarage.avi,B\ngarage.avi,C\n")
+    status, out, _ = _main(capsys, "search", world.model, folder, "--mode", "clips", "--pairs", pairs)
+    assert status == 1  # the broken clip is left out, named
+    lines = out.splitlines()
+    assert lines[1].split() == ["text", "->", "video", "66.7", "100.0", "100.0"]  # C ranks kitchen first
+    assert lines[2].split() == ["video", "->", "text", "100.0", "100.0", "100.0"]  # garage: B first
+    assert "3 texts; 1 unreadable clips left out" in out and "broken.mp4: cannot open" in out
+
+    status, out, _ = _main(capsys, "search", world.model, world.videos, "C", "--mode", "clips")
+    assert status == 0
+    ranked = [line.split() for line in out.splitlines()[2:4]]
+    assert [(r[0], r[1], r[2]) for r in ranked] == [("1", "kitchen.mp4", "4.00"), ("2", "garage.avi", "3.00")]
+
+
+@pytest.mark.parametrize("rows, line, field", [
+    ("kitchen.mp4,A\n../videos/kitchen.mp4,B\n", 3, "field 'video': '../videos/kitchen.mp4' is not one of"),
+    ("kitchen.mp4,A\n/etc/passwd,B\n", 3, "field 'video': '/etc/passwd' is not one of"),
+    ("kitchen.mp4,  \n", 2, "field 'text': empty"),
+    ("kitchen.mp4,A,extra\n", 2, "expected the 2 fields of the header"),
+    ("", None, "holds no pairs"),
+])
+def test_a_bad_pairs_file_is_one_line_naming_file_and_line(world, tmp_path, rows, line, field, capsys):
+    folder = tmp_path / "clips"
+    shutil.copytree(world.videos, folder)
+    pairs = _pairs(folder / "pairs.csv", rows)
+    status, _, err = _main(capsys, "search", world.model, folder, "--mode", "clips", "--pairs", pairs)
+    where = f"{pairs}, line {line}" if line else str(pairs)
+    assert status == 2 and err.count("\n") == 1 and where in err and field in err, err
+
+
+def test_a_pairs_file_without_its_columns_is_refused(world, tmp_path, capsys):
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("clip,caption\nkitchen.mp4,A\n")
+    status, _, err = _main(capsys, "search", world.model, world.videos, "--mode", "clips", "--pairs", pairs)
+    assert status == 2 and f"{pairs}, line 1: missing column(s) video, text" in err
