@@ -350,7 +350,7 @@ def format_recall(recall: dict[str, dict[int, float]]) -> str:
                               for name, row in recall.items()])
 
 
-class ClipReader:
+class WholeClipReader:
     """``num_frames`` uint8 frames ``[T, H, W, 3]`` of a clip file, the middle of each of ``num_frames``
     equal parts of its frames (LaViLa's rounding)."""
 
@@ -391,7 +391,7 @@ def search_clips(checkpoint: str | Path, source: str | Path, queries: list[str],
     model, cfg = load_for_eval(checkpoint, overrides=[*overrides, "data.num_workers=0"])
     device = torch.device(how.device)
     model = model.to(device)
-    videos, skipped = embed_clips(model, clips, ClipReader(model.config.vision.num_frames), cfg, device,
+    videos, skipped = embed_clips(model, clips, WholeClipReader(model.config.vision.num_frames), cfg, device,
                                   how.batch_size, "skip", "clips")
     readable = [i for i in range(len(clips)) if i not in skipped]
     similarity = (embed_texts(model, texts, cfg, device) @ videos[readable].T).double().numpy()
