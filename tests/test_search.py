@@ -18,7 +18,7 @@ from svitt_ego.cli import main
 from svitt_ego.config import load_config
 from svitt_ego.features import WindowExtractor
 from svitt_ego.models import create_model
-from svitt_ego.search import Extraction, best_moments, recall_at, search_videos
+from svitt_ego.search import Extraction, best_moments, recall_at, run_contrast, search_videos
 from svitt_ego.search_page import THUMB_HEIGHT, format_time
 
 QUERIES = ["when did I open the drawer?", "where is the cup?"]
@@ -51,8 +51,16 @@ def _table(out: str) -> list[str]:
 
 
 def test_best_moments_by_hand():
-    scores = torch.tensor([0.0, 0.9, 1.0, 0.95, 0.0])
-    assert best_moments(scores, top_k=2) == [(2, 2, 1.0), pytest.approx((2, 3, 0.975))]
+    # Runs of 1, 2, 4 windows, inside mean less the mean of one window on either side: [1, 4] 0.7 - 0;
+    # [0, 3] 0.675 - 0.1 = 0.575 overlaps it by 0.6 (dropped); [2, 3] 0.95 - (0.8 + 0.1) / 2 = 0.5, IoU 0.5 (kept).
+    # The best single window, 3, has 0.9 - (1.0 + 0.1) / 2 = 0.35 only.
+    scores = torch.tensor([0.0, 0.8, 1.0, 0.9, 0.1])
+    assert best_moments(scores, top_k=2) == [(1, 4, pytest.approx(0.7)), (2, 3, pytest.approx(0.5))]
+
+
+def test_a_run_with_nothing_outside_it_scores_zero():
+    assert run_contrast(torch.tensor([0.3, 0.9]), 2).tolist() == [0.0]
+    assert run_contrast(torch.tensor([0.3, 0.9]), 1).tolist() == pytest.approx([-0.6, 0.6])
 
 
 def _count_extractions(monkeypatch) -> list[str]:

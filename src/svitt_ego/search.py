@@ -2,8 +2,10 @@
 
 **Moments.** Every window of a video is embedded as ``encode_video`` embeds a clip (the pooled
 feature through the video projection, L2-normalised) and scored by its cosine with the query's
-``encode_text`` embedding. A moment is a run of ``2 ** j`` windows (1 to 32) scored by the mean of
-its windows' scores; a video's best moments are kept with non-maximum suppression. The windows come
+``encode_text`` embedding. A moment is a run of ``2 ** j`` windows (1 to 32) scored by how much its
+windows stand out from their surroundings (:func:`run_contrast`: inside mean less outside mean; the
+inside mean alone never prefers a run to its best window); a video's best moments are kept with
+non-maximum suppression. The windows come
 from a feature folder (:mod:`svitt_ego.features`), either given or made once per video and
 extraction setting in a cache folder (:func:`cached_features`).
 
@@ -54,17 +56,29 @@ def window_embeddings(model, features: torch.Tensor) -> torch.Tensor:
     return F.normalize(model.vision_proj(features.float()), dim=-1)
 
 
+def run_contrast(scores: torch.Tensor, length: int) -> torch.Tensor:
+    """Each run of ``length`` windows scored by AutoLoc's outer-inner contrast (Shou et al., ECCV 2018): the
+    mean score inside less the mean over a margin of ``length / 4`` windows (at least one) on either side,
+    cut at the video's ends; 0 for a run with nothing outside it."""
+    total = torch.cat([torch.zeros(1, dtype=torch.float64), scores.double().cumsum(0)])
+    first = torch.arange(len(scores) - length + 1)
+    stop, margin = first + length, max(1, round(length / 4))
+    low, high = (first - margin).clamp(min=0), (stop + margin).clamp(max=len(scores))
+    inside = (total[stop] - total[first]) / length
+    outside_sum, outside = total[first] - total[low] + total[high] - total[stop], first - low + high - stop
+    return inside - torch.where(outside > 0, outside_sum / outside.clamp(min=1), inside)
+
+
 def best_moments(scores: torch.Tensor, top_k: int, iou_threshold: float = 0.5) -> list[tuple[int, int, float]]:
-    """The ``top_k`` best runs ``(first, last, mean score)`` of windows; a run overlapping a better
-    one by more than ``iou_threshold`` is dropped."""
+    """The ``top_k`` best runs ``(first, last, contrast)`` of windows by :func:`run_contrast`; a run
+    overlapping a better one by more than ``iou_threshold`` is dropped."""
     candidates, values = [], []
     for length in MOMENT_LENGTHS:
         if length > len(scores):
             break
-        means = scores.unfold(0, length, 1).mean(1)
-        starts = torch.arange(len(means))
+        starts = torch.arange(len(scores) - length + 1)
         candidates.append(torch.stack([starts, starts + length - 1], 1))
-        values.append(means)
+        values.append(run_contrast(scores, length))
     candidates, values = torch.cat(candidates).double(), torch.cat(values)
     chosen = []
     for i in values.argsort(descending=True).tolist():
