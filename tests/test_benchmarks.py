@@ -2,6 +2,7 @@
 the machine it is meant for (``gpu_check.sh`` only drives the others on a GPU)."""
 
 import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,9 @@ def smallest_runs(demo: Path, tmp: Path) -> dict[str, tuple]:
                            "--steps", "1", "--image-size", "64", "--anchor-width", "64", "--anchor-depth", "2",
                            "--anchor-heads", "2"), _ratios_are_to_the_anchor),
         "vtm_probe.py": ((model, toy, "--steps", "1", "--batches", "1", "--candidates", "mean"), "candidate"),
+        "nlq_seeds.py": ((demo, "--out", tmp / "seeds", "--videos", "4", "--seeds", "0", "1", "--epochs", "1",
+                          "--arms", "all", "half", "narrations", "--pretrain-epochs", "1"),
+                         _three_arms_two_seeds_honest_split),
         "nlq_memory.py": (("--windows", "64", "128", "--hidden", "16", "--levels", "3", "--video-dim", "8",
                            "--text-dim", "8"), _memory_ratio_is_to_the_first_row),
     }
@@ -89,6 +93,15 @@ def test_benchmark_smallest_run(script, demo_folder, tmp_path):
         expected(out)
     else:
         assert expected in out
+
+
+def _three_arms_two_seeds_honest_split(out: str) -> None:
+    sets = re.findall(r"^(fine-tuning|narration pretraining) set: (\d+) videos, (\d+) queries", out, re.MULTILINE)
+    assert [name for name, *_ in sets] == ["fine-tuning", "narration pretraining"], out
+    assert all(int(videos) > 0 and int(queries) > 0 for _, videos, queries in sets), out
+    assert len(re.findall(r", seed [01]: R@1 IoU=0.3 ", out)) == 6, out
+    table = out.split("mean +- standard error\n")[1].splitlines()
+    assert len(table) == 4 and all(len(re.findall(r"\d+\.\d +- \d+\.\d", row)) == 5 for row in table[1:]), out
 
 
 def _memory_ratio_is_to_the_first_row(out: str) -> None:
