@@ -92,6 +92,26 @@ def _scores(stages: list, features_dir: Path, val: Path, settings, runs: Path) -
     return evaluate_nlq(load_json(val), make_submission(results))
 
 
+def anchors(features_dir: Path, train: Path, val: Path) -> dict:
+    """The NLQ demo's two baselines, deterministic: the best fixed window (fitted on ``train``) and
+    the dual encoder's zero-shot moments."""
+    from svitt_ego.nlq.annotations import load_json, read_nlq
+    from svitt_ego.nlq.features import NLQFeatures
+    from svitt_ego.nlq.metric import evaluate_nlq, make_submission
+    from svitt_ego.nlq.search import (
+        fixed_window_baseline,
+        fixed_window_results,
+        load_dual_encoder,
+        zero_shot_results,
+    )
+
+    features, held_out, answers = NLQFeatures(features_dir), read_nlq(val), load_json(val)
+    fixed = fixed_window_results(held_out, fixed_window_baseline(read_nlq(train)))
+    zero_shot = zero_shot_results(load_dual_encoder(features), features, held_out)
+    return {"fixed window": evaluate_nlq(answers, make_submission(fixed)),
+            "zero-shot dual encoder": evaluate_nlq(answers, make_submission(zero_shot))}
+
+
 def _summary(rows: list[dict]) -> dict:
     out = {}
     for m in METRICS:
@@ -114,7 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("demo", type=Path, help="a `svitt-ego demo` folder (run/model, toy_data)")
     parser.add_argument("--out", type=Path, default=None, help="features and results (default DEMO/nlq_seeds)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="none: the baselines only")
     parser.add_argument("--epochs", type=int, default=20, help="NLQ training (fine-tuning) epochs: the demo's 20")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=["all"],
                         help="all: the NLQ training videos; half: every other one; narrations: the narrations of "
@@ -153,6 +173,8 @@ def main() -> None:
         arms["narrations"] = (f"half, narrations {args.pretrain_epochs} ep first",
                               [Stage([str(narrations)], args.pretrain_epochs, jitter=True),
                                Stage([str(finetune)], args.epochs)])
+    for name, row in anchors(out / "features", train, val).items():
+        print(f"{name} (deterministic): " + ", ".join(f"{m} {row[m]:.1f}" for m in METRICS), flush=True)
     base = replace(TOY_SETTINGS, lr=args.lr or TOY_SETTINGS.lr)
     print(f"grounding model: {base} (seed aside)", flush=True)
     results: dict[str, list[dict]] = {}
@@ -163,7 +185,8 @@ def main() -> None:
             results.setdefault(name, []).append({"seed": seed, **{m: row[m] for m in METRICS}})
             print(f"{name}, seed {seed}: " + ", ".join(f"{m} {row[m]:.1f}" for m in METRICS)
                   + f" ({(time.perf_counter() - begun) / 60:.1f} min)", flush=True)
-    print(f"\nseeds {args.seeds}, mean +- standard error\n" + _table(results))
+    if results:
+        print(f"\nseeds {args.seeds}, mean +- standard error\n" + _table(results))
     atomic_write_json(out / f"results-{'-'.join(args.arms)}.json", {"code": _code(), "seeds": args.seeds, "arms": results})
 
 
