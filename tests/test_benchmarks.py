@@ -101,7 +101,7 @@ def _three_arms_two_seeds_honest_split(out: str) -> None:
     assert all(int(videos) > 0 and int(queries) > 0 for _, videos, queries in sets), out
     assert len(re.findall(r", seed [01]: R@1 IoU=0.3 ", out)) == 6, out
     table = out.split("mean +- standard error\n")[1].splitlines()
-    assert len(table) == 4 and all(len(re.findall(r"\d+\.\d +- \d+\.\d", row)) == 5 for row in table[1:]), out
+    assert len(table) == 4 and all(len(re.findall(r"\d+\.\d \+- \d+\.\d", row)) == 5 for row in table[1:]), out
 
 
 def _memory_ratio_is_to_the_first_row(out: str) -> None:
