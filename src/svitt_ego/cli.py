@@ -223,18 +223,13 @@ def _cmd_export_nlq_features(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
+    from svitt_ego.device import default_device
     from svitt_ego.search import Extraction, run_search
 
-    how = Extraction(args.window, args.stride, args.frames, args.fps, args.batch_size, args.device or _device(),
-                     args.chunk_seconds)
+    how = Extraction(args.window, args.stride, args.frames, args.fps, args.batch_size,
+                     args.device or default_device(), args.chunk_seconds)
     return run_search(args.checkpoint, args.input, args.queries, args.mode, args.top_k, args.cache, how,
                       args.pairs, args.html, args.png)
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _cmd_eval_epic_mir(args: argparse.Namespace) -> int:

@@ -11,6 +11,11 @@ from svitt_ego.config import Config
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def default_device() -> str:
+    """Where a command runs when not told: CUDA when there is a GPU, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     """fp16 or bf16 autocast on CUDA as ``train.precision`` says; None (fp32) on the CPU."""
     if device.type != "cuda":

@@ -359,12 +359,12 @@ def predict_nlq(features_dir: str | Path, checkpoint: str | Path, annotations: s
                 top_k: int = 5, batch_size: int = 8) -> dict:
     """``svitt-ego predict-nlq``: write the official submission for every query of ``annotations``."""
     from svitt_ego.atomic import atomic_write_json
+    from svitt_ego.device import default_device
 
     model, _ = load_grounding(checkpoint)
     parsed = read_nlq(annotations)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     results = predict_moments(model, NLQFeatures(features_dir), parsed.queries, parsed.clips, batch_size, top_k,
-                              device)
+                              default_device())
     submission = make_submission(results)
     atomic_write_json(output, submission)
     return submission
