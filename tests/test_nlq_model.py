@@ -71,15 +71,19 @@ def _dense_local_attention(q, k, v, mask, window):
     return torch.nan_to_num(scores.softmax(-1)) @ v * mask[:, None, :, None]
 
 
-@pytest.mark.parametrize("window", [3, 9])
-def test_banded_attention_equals_dense(window):
+@pytest.mark.parametrize("window, chunk", [(3, 32), (9, 32), (9, 4), (9, 5), (3, 1)])
+def test_banded_attention_equals_dense(window, chunk):
+    """One chunk or several, the last one partly padding (21 = 4 * 5 + 1), and chunks narrower than the window."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 21, 4, requires_grad=True) for _ in range(3))
     mask = torch.arange(21)[None] < torch.tensor([[21], [13]])
-    ours = banded_attention(q, k, v, mask, window)
-    torch.testing.assert_close(ours, _dense_local_attention(q, k, v, mask, window))
-    ours.sum().backward()
-    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ours, reference = banded_attention(q, k, v, mask, window, chunk), _dense_local_attention(*leaves, mask, window)
+    torch.testing.assert_close(ours, reference)
+    ours.square().sum().backward()
+    reference.square().sum().backward()
+    for mine, theirs in zip((q, k, v), leaves):
+        torch.testing.assert_close(mine.grad, theirs.grad)
 
 
 def test_level_targets_by_hand():

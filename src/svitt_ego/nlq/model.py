@@ -12,7 +12,7 @@ distances to the moment's start and end, in units of the level's stride, scaled 
 
 Local attention is banded: each point sees ``window`` points centred on itself, at a cost
 linear in the clip's length, so clips of any length fit (GroundNLQ's Longformer-style kernel
-needs lengths divisible by its chunk size; the results are the same).
+needs lengths divisible by its chunk size; ours pads the last chunk; the results are the same).
 :func:`from_groundnlq` maps a state dict saved by GroundNLQ's code to this model.
 """
 
@@ -91,17 +91,27 @@ def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.view(B, num_heads, C // num_heads, T).transpose(2, 3)
 
 
-def banded_attention(q, k, v, mask, window: int) -> torch.Tensor:
+def banded_attention(q, k, v, mask, window: int, chunk: int = 32) -> torch.Tensor:
     """Each point of ``q`` [B, H, T, c] attends to the ``window`` keys centred on it that ``mask``
-    [B, T] marks valid; masked queries give 0. Memory is ``O(T * window)``."""
-    r = window // 2
-    band = lambda t: F.pad(t, (0, 0, r, r)).unfold(2, window, 1)  # noqa: E731  [B, H, T, c, window]
-    valid = F.pad(mask, (r, r)).unfold(1, window, 1)[:, None]       # [B, 1, T, window]
-    scores = torch.einsum("bhtc,bhtcw->bhtw", q / math.sqrt(q.shape[-1]), band(k))
+    [B, T] marks valid; masked queries give 0.
+
+    Computed a ``chunk`` of queries at a time against the ``chunk + window - 1`` keys they can
+    see (Longformer's sliding chunks): one matrix product per chunk rather than one tiny one per
+    point, so it is fast on a CPU, and memory is ``O(T * (chunk + window))``, linear in ``T``.
+    """
+    B, H, T, c = q.shape
+    r, C = window // 2, min(chunk, T)
+    n = -(-T // C)
+    tail = n * C - T
+    seen = lambda t: F.pad(t, (0, 0, r, tail + r)).unfold(2, C + 2 * r, C).transpose(-1, -2)  # noqa: E731
+    keys_valid = F.pad(mask, (r, tail + r)).unfold(1, C + 2 * r, C)                       # [B, n, C + 2r]
+    i, j = torch.arange(C, device=q.device)[:, None], torch.arange(C + 2 * r, device=q.device)[None]
+    valid = ((j >= i) & (j <= i + 2 * r))[None, None] & keys_valid[:, None, :, None, :]   # [B, 1, n, C, C + 2r]
+    scores = F.pad(q, (0, 0, 0, tail)).view(B, H, n, C, c) / math.sqrt(c) @ seen(k).transpose(-1, -2)
     # A finite fill: a masked query's row is all fill and softmaxes without NaN (then is zeroed).
     weights = scores.masked_fill(~valid, torch.finfo(scores.dtype).min).softmax(-1)
-    weights = weights * mask[:, None, :, None]
-    return torch.einsum("bhtw,bhtcw->bhtc", weights, band(v))
+    weights = weights * F.pad(mask, (0, tail)).view(B, 1, n, C, 1)
+    return (weights @ seen(v)).reshape(B, H, n * C, c)[:, :, :T]
 
 
 class ConvAttention(nn.Module):
