@@ -14,7 +14,11 @@ narrations of the *other* half (``narration_queries`` with the fine-tuning and h
 excluded) are the pretraining set. Both arms fine-tune on the same half; no narration comes from
 a fine-tuning or held-out video.
 
+``--validation`` is for choosing settings without looking at the held-out split: every fourth
+training video (by uid) is set aside and scored instead, the others are trained on.
+
     python benchmarks/nlq_seeds.py demo_run                        # 3 seeds, the demo's 20 epochs
+    python benchmarks/nlq_seeds.py demo_run --validation --lr 1e-3 --model drop_path=0   # a setting to try
     python benchmarks/nlq_seeds.py demo_run --arms half narrations # narrations vs none (one process an arm works too)
     PYTHONPATH=/path/to/other/checkout/src python benchmarks/nlq_seeds.py demo_run --out other
 """
@@ -54,6 +58,34 @@ def fewer_videos(path: Path, videos: int, out: Path) -> Path:
 
     data = load_json(path)
     return atomic_write_json(out / path.name, {**data, "videos": _by_uid(data["videos"])[:videos]})
+
+
+def validation_split(train: Path, out: Path, every: int = 4) -> tuple[Path, Path]:
+    """The training file without every ``every``-th video by uid, and a file of those videos."""
+    from svitt_ego.atomic import atomic_write_json
+    from svitt_ego.nlq.annotations import load_json
+
+    data = load_json(train)
+    videos = _by_uid(data["videos"])
+    fit = [v for i, v in enumerate(videos) if i % every]
+    return (atomic_write_json(out / "nlq_fit.json", {**data, "videos": fit}),
+            atomic_write_json(out / "nlq_validation.json", {**data, "videos": videos[::every]}))
+
+
+def model_settings(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` grounding-model settings, each value read as its ``GroundingConfig`` field's type."""
+    import dataclasses
+
+    from svitt_ego.nlq.model import GroundingConfig
+
+    types = {f.name: int if f.type in ("int", int) else float for f in dataclasses.fields(GroundingConfig)}
+    settings = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in types or key in ("video_dim", "text_dim"):
+            raise SystemExit(f"--model {pair}: not a grounding-model setting (one of {sorted(set(types) - {'video_dim', 'text_dim'})})")
+        settings[key] = types[key](value)
+    return settings
 
 
 def honest_split(egoclip: Path, train: Path, val: Path, out: Path) -> tuple[Path, Path]:
@@ -140,7 +172,14 @@ def main() -> None:
                         help="all: the NLQ training videos; half: every other one; narrations: the narrations of "
                              "the other half first, then half")
     parser.add_argument("--pretrain-epochs", type=int, default=10)
+    parser.add_argument("--jitter", action=argparse.BooleanOptionalAction, default=True,
+                        help="GroundNLQ's temporal jittering of the narration queries")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the NLQ demo's)")
+    parser.add_argument("--warmup-epochs", type=int, default=None, help="(default: the NLQ demo's)")
+    parser.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="grounding-model settings over the NLQ demo's, e.g. drop_path=0 stem_layers=2")
+    parser.add_argument("--validation", action="store_true",
+                        help="score every fourth training video, trained on the others (never the held-out split)")
     parser.add_argument("--batch-size", type=int, default=128, help="windows per forward pass in extraction")
     parser.add_argument("--videos", type=int, default=None, help="only the first N videos of each NLQ file (a check)")
     args = parser.parse_args()
@@ -155,6 +194,8 @@ def main() -> None:
     train, val = toy / "nlq_train.json", toy / "nlq_val.json"
     if args.videos is not None:
         train, val = (fewer_videos(path, args.videos, out) for path in (train, val))
+    if args.validation:
+        train, val = validation_split(train, out)
     files, split = [train, val], "half" in args.arms or "narrations" in args.arms
     if split:
         finetune, narrations = honest_split(toy / "egoclip.csv", train, val, out)
@@ -170,12 +211,14 @@ def main() -> None:
     arms = {"all": (f"all training videos, {args.epochs} ep", [Stage([str(train)], args.epochs)])}
     if split:
         arms["half"] = (f"half, no pretraining, {args.epochs} ep", [Stage([str(finetune)], args.epochs)])
-        arms["narrations"] = (f"half, narrations {args.pretrain_epochs} ep first",
-                              [Stage([str(narrations)], args.pretrain_epochs, jitter=True),
+        arms["narrations"] = (f"half, narrations {args.pretrain_epochs} ep{', jittered' * args.jitter} first",
+                              [Stage([str(narrations)], args.pretrain_epochs, jitter=args.jitter),
                                Stage([str(finetune)], args.epochs)])
     for name, row in anchors(out / "features", train, val).items():
         print(f"{name} (deterministic): " + ", ".join(f"{m} {row[m]:.1f}" for m in METRICS), flush=True)
-    base = replace(TOY_SETTINGS, lr=args.lr or TOY_SETTINGS.lr)
+    changes = {"lr": args.lr, "warmup_epochs": args.warmup_epochs}  # only those given: older code lacks some
+    base = replace(TOY_SETTINGS, **{k: v for k, v in changes.items() if v is not None},
+                   model={**TOY_SETTINGS.model, **model_settings(args.model)})
     print(f"grounding model: {base} (seed aside)", flush=True)
     results: dict[str, list[dict]] = {}
     for name, stages in (arms[arm] for arm in args.arms):

@@ -2,6 +2,7 @@
 the machine it is meant for (``gpu_check.sh`` only drives the others on a GPU)."""
 
 import importlib
+import importlib.util
 import re
 import subprocess
 import sys
@@ -117,3 +118,34 @@ def _ratios_are_to_the_anchor(out: str) -> None:
     anchor = float(rows["vit_b:4"][1])
     for r in ("tiny:4", "encoder:tiny:4"):  # each ratio is the row's clips/s over the anchor's
         assert float(rows[r][1]) > 0 and float(rows[r][2]) == pytest.approx(float(rows[r][1]) / anchor, abs=0.011)
+
+
+def _nlq_seeds():
+    spec = importlib.util.spec_from_file_location("nlq_seeds", ROOT / "benchmarks" / "nlq_seeds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_nlq_seeds_validation_split_is_every_fourth_training_video(tmp_path):
+    from svitt_ego.atomic import atomic_write_json
+    from svitt_ego.nlq.annotations import load_json
+
+    videos = [{"video_uid": f"v{i}", "clips": []} for i in (5, 2, 7, 0, 3, 6, 1, 4, 8)]
+    train = atomic_write_json(tmp_path / "nlq_train.json", {"version": "v2", "videos": videos})
+    fit, validation = _nlq_seeds().validation_split(train, tmp_path)
+    uids = lambda path: [v["video_uid"] for v in load_json(path)["videos"]]  # noqa: E731
+    assert uids(validation) == ["v0", "v4", "v8"]
+    assert uids(fit) == ["v1", "v2", "v3", "v5", "v6", "v7"]
+    assert load_json(fit)["version"] == "v2"
+
+
+def test_nlq_seeds_model_settings_take_each_fields_type():
+    module = _nlq_seeds()
+    settings = module.model_settings(["drop_path=0", "stem_layers=2", "label_smoothing=0.05"])
+    assert settings == {"drop_path": 0.0, "stem_layers": 2, "label_smoothing": 0.05}
+    assert isinstance(settings["drop_path"], float) and isinstance(settings["stem_layers"], int)
+    with pytest.raises(SystemExit, match="--model hiden=32: not a grounding-model setting"):
+        module.model_settings(["hiden=32"])
+    with pytest.raises(SystemExit, match="video_dim"):
+        module.model_settings(["video_dim=8"])
