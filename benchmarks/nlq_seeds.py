@@ -78,13 +78,17 @@ def model_settings(pairs: list[str]) -> dict:
 
     from svitt_ego.nlq.model import GroundingConfig
 
-    types = {f.name: int if f.type in ("int", int) else float for f in dataclasses.fields(GroundingConfig)}
+    types = {f.name: int if f.type in ("int", int) else float for f in dataclasses.fields(GroundingConfig)
+             if f.name not in ("video_dim", "text_dim")}  # the features' dimensions, not settings
     settings = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
-        if key not in types or key in ("video_dim", "text_dim"):
-            raise SystemExit(f"--model {pair}: not a grounding-model setting (one of {sorted(set(types) - {'video_dim', 'text_dim'})})")
-        settings[key] = types[key](value)
+        if key not in types:
+            raise SystemExit(f"--model {pair}: not a grounding-model setting (one of {sorted(types)})")
+        try:
+            settings[key] = types[key](value)
+        except ValueError:
+            raise SystemExit(f"--model {pair}: not {'a whole number' if types[key] is int else 'a number'}") from None
     return settings
 
 

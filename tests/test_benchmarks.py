@@ -149,3 +149,5 @@ def test_nlq_seeds_model_settings_take_each_fields_type():
         module.model_settings(["hiden=32"])
     with pytest.raises(SystemExit, match="video_dim"):
         module.model_settings(["video_dim=8"])
+    with pytest.raises(SystemExit, match="--model stem_layers=2.5: not a whole number"):
+        module.model_settings(["stem_layers=2.5"])
