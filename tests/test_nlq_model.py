@@ -194,6 +194,37 @@ def test_training_learns_and_predicts_a_submission(tmp_path):
     assert 0 <= fixed[0] < fixed[1] <= 1
 
 
+def test_zero_offsets_counted_by_hand():
+    cfg = GroundingConfig(video_dim=4, text_dim=4, levels=1)
+    offsets = torch.tensor([[[0.0, 1.0]] * 3 + [[0.0, 2.0], [0.0, 0.0]] + [[1.0, 1.0]] * 3])
+    out = {"logits": torch.zeros(1, 8), "offsets": offsets, "mask": torch.ones(1, 8, dtype=torch.bool), "stride": 1}
+    losses = grounding_loss([out], torch.tensor([[2.0, 6.0]]), cfg, normalizer=200.0)  # positives: points 3, 4, 5
+    # point 3 predicts (0, 2), point 4 (0, 0), point 5 (1, 1)
+    assert losses["positives"] == 3 and losses["zero_offsets"].tolist() == [2, 1]
+
+
+def test_a_dead_regression_channel_is_named(tmp_path, monkeypatch, caplog):
+    """A start-distance output negative at every point (its ReLU then passes no gradient) is
+    warned about and written to metrics.jsonl, every epoch it stays so."""
+    annotations = str(_feature_folder(tmp_path / "features"))
+    reset = GroundingModel.reset_heads
+
+    def dead_start(model):
+        reset(model)
+        torch.nn.init.constant_(model.reg_head.out.bias, 0.0)
+        model.reg_head.out.bias.data[0] = -1e4
+
+    monkeypatch.setattr(GroundingModel, "reset_heads", dead_start)
+    with caplog.at_level("WARNING"):
+        train_nlq(tmp_path / "features", [Stage([annotations], 2)], tmp_path / "run", SETTINGS)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("dead_offsets") for r in records] == [["start"], ["start"]]
+    assert "stage 0, epoch 2: the regression head's distance to the start was 0 at all" in caplog.text
+    monkeypatch.setattr(GroundingModel, "reset_heads", reset)
+    train_nlq(tmp_path / "features", [Stage([annotations], 1)], tmp_path / "sound", SETTINGS)
+    assert "dead_offsets" not in json.loads((tmp_path / "sound" / "metrics.jsonl").read_text())
+
+
 def test_resume_continues_exactly(tmp_path):
     annotations = str(_feature_folder(tmp_path / "features"))
     stages = [Stage([annotations], 2), Stage([annotations], 1)]

@@ -57,7 +57,8 @@ def grounding_loss(outputs: list[dict], moments: torch.Tensor, cfg: GroundingCon
     """Focal loss (labels smoothed) on every valid point + DIoU loss on the positives.
 
     Both are divided by the EMA of the positive count, ``normalizer`` updated by this batch
-    (returned as ``"normalizer"``), as GroundNLQ does.
+    (returned as ``"normalizer"``), as GroundNLQ does. ``"zero_offsets"`` [2] counts the positives
+    whose predicted distance to the start / end is exactly 0 (a ReLU that passes no gradient).
     """
     logits, labels, pred, target = [], [], [], []
     for level, out in enumerate(outputs):
@@ -72,8 +73,10 @@ def grounding_loss(outputs: list[dict], moments: torch.Tensor, cfg: GroundingCon
     normalizer = cfg.loss_norm_momentum * normalizer + (1 - cfg.loss_norm_momentum) * max(int(labels.sum()), 1)
     smoothed = labels * (1 - cfg.label_smoothing) + cfg.label_smoothing / 2
     cls = sigmoid_focal_loss(torch.cat(logits), smoothed).sum() / normalizer
-    reg = diou_loss(torch.cat(pred), torch.cat(target)).sum() / normalizer
-    return {"loss": cls + reg, "cls": cls.detach(), "reg": reg.detach(), "normalizer": normalizer}
+    pred = torch.cat(pred)
+    reg = diou_loss(pred, torch.cat(target)).sum() / normalizer
+    return {"loss": cls + reg, "cls": cls.detach(), "reg": reg.detach(), "normalizer": normalizer,
+            "positives": len(pred), "zero_offsets": (pred.detach() == 0).sum(0)}
 
 
 def soft_nms(segments: torch.Tensor, scores: torch.Tensor, top_k: int, sigma: float = 0.75,

@@ -147,6 +147,7 @@ def _train_epoch(model, optimizer, features, queries, settings, stage: Stage, po
     order = torch.randperm(len(queries)).tolist()
     steps = math.ceil(len(queries) / settings.batch_size)
     sums, trained = {"loss": 0.0, "cls": 0.0, "reg": 0.0}, 0
+    positives, zero_offsets = 0, torch.zeros(2, dtype=torch.long)
     for i in range(steps):
         chosen = [queries[j] for j in order[i * settings.batch_size:(i + 1) * settings.batch_size]]
         if stage.jitter:
@@ -171,7 +172,15 @@ def _train_epoch(model, optimizer, features, queries, settings, stage: Stage, po
         trained += 1
         for key in sums:
             sums[key] += float(losses[key].detach())
-    return {key: value / max(trained, 1) for key, value in sums.items()}, nonfinite
+        positives, zero_offsets = positives + losses["positives"], zero_offsets + losses["zero_offsets"].cpu()
+    stats = {key: value / max(trained, 1) for key, value in sums.items()}
+    dead = [side for side, zeros in zip(("start", "end"), zero_offsets.tolist()) if positives and zeros == positives]
+    if dead:
+        stats["dead_offsets"] = dead
+        log.warning("stage %d, epoch %d: the regression head's distance to the %s was 0 at all %d positives "
+                    "of the epoch: its ReLU passes no gradient, so it will not recover; a lower --lr avoids it",
+                    index, epoch + 1, " and the ".join(dead), positives)
+    return stats, nonfinite
 
 
 def _grounding_config(path: Path, config, weights) -> GroundingConfig:
