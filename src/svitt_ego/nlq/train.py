@@ -178,8 +178,8 @@ def _train_epoch(model, optimizer, features, queries, settings, stage: Stage, po
     if dead:
         stats["dead_offsets"] = dead
         log.warning("stage %d, epoch %d: the regression head's distance to the %s was 0 at all %d positives "
-                    "of the epoch: its ReLU passes no gradient, so it will not recover (restart it, e.g. at a lower --lr)",
-                    index, epoch + 1, " and the ".join(dead), positives)
+                    "of the epoch: its ReLU passes no gradient, so it will not recover "
+                    "(restart it, e.g. at a lower --lr)", index, epoch + 1, " and the ".join(dead), positives)
     return stats, nonfinite
 
 
