@@ -17,7 +17,7 @@ a fine-tuning or held-out video.
 ``--validation`` is for choosing settings without looking at the held-out split: every fourth
 training video (by uid) is set aside and scored instead, the others are trained on.
 
-    python benchmarks/nlq_seeds.py demo_run                        # 3 seeds, the demo's 20 epochs
+    python benchmarks/nlq_seeds.py demo_run                        # 3 seeds, the demo's 40 epochs
     python benchmarks/nlq_seeds.py demo_run --validation --lr 1e-3 --model drop_path=0   # a setting to try
     python benchmarks/nlq_seeds.py demo_run --arms half narrations # narrations vs none (one process an arm works too)
     PYTHONPATH=/path/to/other/checkout/src python benchmarks/nlq_seeds.py demo_run --out other
@@ -171,7 +171,7 @@ def main() -> None:
     parser.add_argument("demo", type=Path, help="a `svitt-ego demo` folder (run/model, toy_data)")
     parser.add_argument("--out", type=Path, default=None, help="features and results (default DEMO/nlq_seeds)")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="none: the baselines only")
-    parser.add_argument("--epochs", type=int, default=20, help="NLQ training (fine-tuning) epochs: the demo's 20")
+    parser.add_argument("--epochs", type=int, default=None, help="NLQ training (fine-tuning) epochs (default: the NLQ demo's)")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=["all"],
                         help="all: the NLQ training videos; half: every other one; narrations: the narrations of "
                              "the other half first, then half")
@@ -189,7 +189,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from svitt_ego.atomic import atomic_write_json
-    from svitt_ego.nlq.demo import TOY_SETTINGS
+    from svitt_ego.nlq.demo import EPOCHS, TOY_SETTINGS
     from svitt_ego.nlq.features import extract_nlq_features
     from svitt_ego.nlq.train import Stage
 
@@ -212,6 +212,7 @@ def main() -> None:
                          batch_size=args.batch_size)
     print(f"extracted in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
 
+    args.epochs = args.epochs or EPOCHS
     arms = {"all": (f"all training videos, {args.epochs} ep", [Stage([str(train)], args.epochs)])}
     if split:
         arms["half"] = (f"half, no pretraining, {args.epochs} ep", [Stage([str(finetune)], args.epochs)])
