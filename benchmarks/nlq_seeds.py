@@ -171,7 +171,8 @@ def main() -> None:
     parser.add_argument("demo", type=Path, help="a `svitt-ego demo` folder (run/model, toy_data)")
     parser.add_argument("--out", type=Path, default=None, help="features and results (default DEMO/nlq_seeds)")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="none: the baselines only")
-    parser.add_argument("--epochs", type=int, default=None, help="NLQ training (fine-tuning) epochs (default: the NLQ demo's)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="NLQ training (fine-tuning) epochs (default: the NLQ demo's)")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=["all"],
                         help="all: the NLQ training videos; half: every other one; narrations: the narrations of "
                              "the other half first, then half")
