@@ -20,7 +20,7 @@ import torch
 
 from svitt_ego.atomic import atomic_copy, atomic_write
 from svitt_ego.config import Config
-from svitt_ego.distributed import decide_on_main, gather_objects, rank, world_size
+from svitt_ego.distributed import ShardedAdamW, decide_on_main, gather_objects, rank, world_size
 from svitt_ego.run_folder import refuse_changes, settings_changes
 
 # Settings that may change between a run and its resumption: where things are written or read from,
@@ -31,6 +31,7 @@ RESUMABLE_CHANGES = (
     "train.max_nonfinite", "train.log_every", "data.egomcq", "data.video_root", "data.num_workers",
     "data.on_error", "data.lax_metadata", "model.vision.backend", "model.vision.grad_checkpointing",
     "model.vision.pretrained", "model.text.pretrained", "eval.",
+    "train.shard_optimizer",  # where the AdamW state lives: the checkpoint holds it whole either way
 )
 
 
@@ -131,6 +132,11 @@ def check_resume(path: Path, state: dict, cfg: Config, allow_change: bool) -> No
 # --------------------------------------------------------------------------- the checkpointer
 
 
+def _whole_state(obj) -> dict | None:
+    """``obj.state_dict()``; a :class:`ShardedAdamW`'s whole state gathered on rank 0 (None elsewhere)."""
+    return obj.full_state_dict() if isinstance(obj, ShardedAdamW) else obj.state_dict()
+
+
 class Checkpointer:
     """Saves and restores a run's state in its folder: ``step-<N>.pt`` (the newest ``keep`` of them),
     ``last.pt`` and ``best.pt``. Rank 0 writes; every rank learns whether the write worked, so a failed
@@ -146,7 +152,7 @@ class Checkpointer:
 
     def save(self, name: str, train_state: dict, cfg: Config) -> None:
         rng = gather_objects(rng_state())  # every rank's, so that each resumes its own stream
-        state = {**{key: obj.state_dict() for key, obj in self.objects.items()}, **train_state,
+        state = {**{key: _whole_state(obj) for key, obj in self.objects.items()}, **train_state,
                  "rng": rng, "config": cfg.to_dict(), "world_size": world_size()}
         write_on_main(self.folder / name, lambda: self._write(name, state))
 
