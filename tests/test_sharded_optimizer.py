@@ -14,9 +14,9 @@ from svitt_ego.checkpoint import load_checkpoint
 from svitt_ego.config import ConfigError, load_config
 from svitt_ego.data.tokenizer import load_tokenizer
 from svitt_ego.data.toy import make_toy_data
-from svitt_ego.distributed import ShardedAdamW
 from svitt_ego.models import SViTTEgo
 from svitt_ego.objective import PretrainingObjective
+from svitt_ego.sharding import ShardedAdamW
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 

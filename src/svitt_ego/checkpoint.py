@@ -20,7 +20,7 @@ import torch
 
 from svitt_ego.atomic import atomic_copy, atomic_write
 from svitt_ego.config import Config
-from svitt_ego.distributed import ShardedAdamW, decide_on_main, gather_objects, rank, world_size
+from svitt_ego.distributed import decide_on_main, gather_objects, rank, world_size
 from svitt_ego.run_folder import refuse_changes, settings_changes
 
 # Settings that may change between a run and its resumption: where things are written or read from,
@@ -133,8 +133,10 @@ def check_resume(path: Path, state: dict, cfg: Config, allow_change: bool) -> No
 
 
 def _whole_state(obj) -> dict | None:
-    """``obj.state_dict()``; a :class:`ShardedAdamW`'s whole state gathered on rank 0 (None elsewhere)."""
-    return obj.full_state_dict() if isinstance(obj, ShardedAdamW) else obj.state_dict()
+    """``obj.state_dict()``; for a sharded optimizer (``sharding.ShardedAdamW``, which has
+    ``full_state_dict``) its whole state gathered on rank 0, None elsewhere."""
+    gather = getattr(obj, "full_state_dict", None)
+    return gather() if gather is not None else obj.state_dict()
 
 
 class Checkpointer:

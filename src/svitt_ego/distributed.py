@@ -1,5 +1,4 @@
-"""Processes under torchrun: the process group, rank / world size, all-gathers, decisions made once,
-and AdamW with its state sharded over the ranks.
+"""Processes under torchrun: the process group, rank / world size, all-gathers and decisions made once.
 
 Every helper here also works in a single process without a process group (it
 is then the identity, or rank 0 of a world of 1), so the library never needs
@@ -14,7 +13,6 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.optim import ZeroRedundancyOptimizer
 
 
 def is_distributed() -> bool:
@@ -138,35 +136,3 @@ def true_on_every_rank(flags: torch.Tensor) -> list[bool]:
     if world_size() > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     return [bool(f) for f in flags.tolist()]
-
-
-class ShardedAdamW(ZeroRedundancyOptimizer):
-    """AdamW whose state each rank keeps for its share of the parameters only (ZeRO-1); needs a process group.
-
-    Parameters and gradients stay whole on every rank (DDP averages the gradients as before); each rank
-    steps its share of the parameters, whole tensors assigned largest first to the least loaded rank,
-    and then broadcasts them to the others. :meth:`full_state_dict` gathers the whole state on rank 0,
-    in the format of an unsharded AdamW's ``state_dict()``, which :meth:`load_state_dict` takes back,
-    each rank keeping its share: a checkpoint is the same file with or without sharding.
-    """
-
-    def __init__(self, param_groups: list[dict], **adamw):
-        super().__init__(param_groups, optimizer_class=torch.optim.AdamW, **adamw)
-
-    def full_state_dict(self) -> dict | None:
-        """The whole state on rank 0 (on the CPU), None elsewhere; every rank must call it."""
-        self.consolidate_state_dict(to=0)
-        if not is_main():
-            return None
-        state, self._all_state_dicts = self.state_dict(), []  # not kept: a host copy of all of the state
-        return state
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        # The wrapper's own copy of the loaded state is never read again (full_state_dict gathers the
-        # shards); on a GPU it would be a second copy of this rank's share.
-        self.state.clear()
-        # ZeroRedundancyOptimizer puts each "step" on the CPU, where fused AdamW refuses it on CUDA.
-        if self.optim.defaults.get("fused"):
-            for param, state in self.optim.state.items():
-                state["step"] = state["step"].to(param.device)

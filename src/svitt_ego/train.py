@@ -39,8 +39,8 @@ from svitt_ego.data.dataset import EgoClipDataset, EpochSampler, collate_egoclip
 from svitt_ego.data.tokenizer import load_tokenizer
 from svitt_ego.data.video_uids import warn_shared_eval_videos
 from svitt_ego.device import autocast, to_device
-from svitt_ego.distributed import (ShardedAdamW, barrier, decide_on_main, is_main, rank, setup_distributed,
-                                   true_on_every_rank, world_size)
+from svitt_ego.distributed import (barrier, decide_on_main, is_main, rank, setup_distributed, true_on_every_rank,
+                                   world_size)
 from svitt_ego.evaluate import egomcq_score, evaluate_egomcq
 from svitt_ego.models import SViTTEgo, create_model
 from svitt_ego.objective import PretrainingObjective
@@ -252,14 +252,22 @@ def build_optimizer(model: SViTTEgo, cfg: Config, device: torch.device, total_st
     ``train.shard_optimizer`` under torchrun; its warm-up + cosine schedule by step, and the gradient
     scaler (enabled for fp16 on CUDA)."""
     t = cfg.train
-    adamw = torch.optim.AdamW if not t.shard_optimizer or world_size() == 1 else ShardedAdamW
-    optimizer = adamw(parameter_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
-                      fused=True if device.type == "cuda" else None)
+    optimizer = _adamw(t)(parameter_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
+                          fused=True if device.type == "cuda" else None)
     warmup = round(t.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_schedule(s, total_steps, warmup, t.min_lr_ratio))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and t.precision == "fp16")
     return optimizer, scheduler, scaler
+
+
+def _adamw(t) -> type[torch.optim.Optimizer]:
+    """AdamW, or under torchrun with ``train.shard_optimizer`` its sharded form (imported only then)."""
+    if not t.shard_optimizer or world_size() == 1:
+        return torch.optim.AdamW
+    from svitt_ego.sharding import ShardedAdamW
+
+    return ShardedAdamW
 
 
 def build_run(cfg: Config, device: torch.device) -> Run:
