@@ -1,6 +1,7 @@
 """train.shard_optimizer on 2 gloo processes: the same steps as without it, one checkpoint file either way,
 exact resumes with the setting toggled, and a sharded checkpoint resumed by one process."""
 
+import copy
 import shutil
 
 import pytest
@@ -51,6 +52,15 @@ def _three_steps(rank: int, shard: bool, scaled: bool) -> dict:
             "optimizer": whole, "state_numel": sum(v.numel() for s in local.values() for k, v in s.items() if k != "step")}
 
 
+def _load_into_sharded(whole: dict) -> dict:
+    """A sharded optimizer given an unsharded one's state: what each rank keeps, and the state gathered again."""
+    cfg = load_config("tiny", [*SMALL_MODEL, *STEPS, "train.shard_optimizer=true"])
+    optimizer, _, _ = train.build_optimizer(SViTTEgo(cfg.model), cfg, torch.device("cpu"), 3, 3)
+    optimizer.load_state_dict(copy.deepcopy(whole))  # it writes into what it is given
+    return {"wrapper_state": len(optimizer.state), "shares": len(optimizer.optim.state),
+            "optimizer": optimizer.full_state_dict()}
+
+
 def _pretrain(toy, out, shard: bool, resume: bool = False, kill_at: int | None = None) -> None:
     save = train.save_state
 
@@ -78,6 +88,7 @@ def _worker(rank, world_size, init_file, toy, folder):
         steps = {f"{shard}-{scaled}": _three_steps(rank, shard, scaled) for shard in (False, True)
                  for scaled in (False, True)}
         torch.save(steps, folder / f"steps.{rank}.pt")
+        torch.save(_load_into_sharded(steps["False-False"]["optimizer"]), folder / f"loaded.{rank}.pt")
         _pretrain(toy, folder / "whole", shard=False)
         _pretrain(toy, folder / "sharded-then-not", shard=True, kill_at=2)
         _pretrain(toy, folder / "sharded-then-not", shard=False, resume=True)
@@ -133,6 +144,15 @@ def test_three_sharded_steps_equal_three_unsharded_ones(two_ranks, scaled):
     # Each rank keeps a share of the state: together the whole, neither more than 60% of it.
     whole, shares = plain["state_numel"], [r[f"True-{scaled}"]["state_numel"] for r in ranks]
     assert sum(shares) == whole and max(shares) <= 0.6 * whole
+
+
+def test_an_unsharded_state_loads_into_a_sharded_optimizer_each_rank_keeping_its_share(two_ranks):
+    plain = torch.load(two_ranks / "steps.0.pt")["False-False"]["optimizer"]
+    loaded = [torch.load(two_ranks / f"loaded.{rank}.pt") for rank in range(2)]
+    assert_same(loaded[0]["optimizer"], plain)
+    shares = [r["shares"] for r in loaded]
+    assert sum(shares) == len(plain["state"]) and min(shares) > 0
+    assert [r["wrapper_state"] for r in loaded] == [0, 0]  # no second copy of the loaded state
 
 
 @pytest.mark.parametrize("run", ["sharded-then-not", "not-then-sharded"])
