@@ -17,7 +17,7 @@ from svitt_ego.data.tokenizer import load_tokenizer
 from svitt_ego.data.toy import make_toy_data
 from svitt_ego.models import SViTTEgo
 from svitt_ego.objective import PretrainingObjective
-from svitt_ego.sharding import ShardedAdamW
+from svitt_ego.sharding import ShardedAdamW, shard_sizes
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 
@@ -38,7 +38,8 @@ def _three_steps(rank: int, shard: bool, scaled: bool) -> dict:
     cfg = load_config("tiny", [*SMALL_MODEL, *STEPS, f"train.shard_optimizer={str(shard).lower()}"])
     torch.manual_seed(0)
     model = SViTTEgo(cfg.model)
-    objective = torch.nn.parallel.DistributedDataParallel(PretrainingObjective(model, cfg, load_tokenizer(cfg.model.text)))
+    objective = PretrainingObjective(model, cfg, load_tokenizer(cfg.model.text))
+    objective = torch.nn.parallel.DistributedDataParallel(objective)
     optimizer, scheduler, scaler = train.build_optimizer(model, cfg, torch.device("cpu"), 3, 3)
     if scaled:  # fp16's path on a GPU: unscale the gradients, clip, step unless they overflowed
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
@@ -48,8 +49,10 @@ def _three_steps(rank: int, shard: bool, scaled: bool) -> dict:
                              accumulate=i % 2 == 0)
     whole = optimizer.full_state_dict() if shard else optimizer.state_dict()
     local = optimizer.optim.state if shard else optimizer.state
-    return {"type": type(optimizer).__name__, "parameters": {n: p.detach().clone() for n, p in model.named_parameters()},
-            "optimizer": whole, "state_numel": sum(v.numel() for s in local.values() for k, v in s.items() if k != "step")}
+    return {"type": type(optimizer).__name__, "optimizer": whole,
+            "parameters": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "state_numel": sum(v.numel() for s in local.values() for k, v in s.items() if k != "step"),
+            "predicted_share": shard_sizes(train.parameter_groups(model, 0.02), 2)[rank]}
 
 
 def _load_into_sharded(whole: dict) -> dict:
@@ -141,9 +144,11 @@ def test_three_sharded_steps_equal_three_unsharded_ones(two_ranks, scaled):
     # Gathered on rank 0, the state is an unsharded AdamW's state_dict, so it loads on any world size.
     assert_same(sharded["optimizer"], plain["optimizer"], atol=1e-6)
     assert ranks[1][f"True-{scaled}"]["optimizer"] is None
-    # Each rank keeps a share of the state: together the whole, neither more than 60% of it.
+    # Each rank keeps a share of the state (two moments an element): together the whole, neither more
+    # than 60% of it, each as shard_sizes predicts.
     whole, shares = plain["state_numel"], [r[f"True-{scaled}"]["state_numel"] for r in ranks]
     assert sum(shares) == whole and max(shares) <= 0.6 * whole
+    assert shares == [2 * r[f"True-{scaled}"]["predicted_share"] for r in ranks]
 
 
 def test_an_unsharded_state_loads_into_a_sharded_optimizer_each_rank_keeping_its_share(two_ranks):

@@ -42,3 +42,14 @@ class ShardedAdamW(ZeroRedundancyOptimizer):
         if self.optim.defaults.get("fused"):
             for param, state in self.optim.state.items():
                 state["step"] = state["step"].to(param.device)
+
+
+def shard_sizes(param_groups: list[dict], world_size: int) -> list[int]:
+    """The parameter elements whose AdamW state each rank keeps, by rank, without a process group (meta
+    tensors will do): :class:`ShardedAdamW`'s partition, group by group, largest tensor first, each to
+    the rank with the fewest elements so far (the lowest such rank). Two fp32 moments an element."""
+    sizes = [0] * world_size
+    for group in param_groups:
+        for param in sorted(group["params"], key=lambda p: p.numel(), reverse=True):
+            sizes[sizes.index(min(sizes))] += param.numel()
+    return sizes
