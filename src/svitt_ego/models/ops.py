@@ -21,13 +21,14 @@ pattern. Each fake allocates what the CUDA implementation allocates, with the sa
 shapes, through the same function. The implementations: on CUDA, and on the CPU under Triton's
 interpreter (``TRITON_INTERPRET=1``: the tests and ``benchmarks/kernel_*.py``), the Triton kernels of
 :mod:`svitt_ego.models.sparse_attention_triton`; otherwise on the CPU the blocked math
-(:mod:`svitt_ego.models.blocked`), the backward by recomputing it under ``torch.func.vjp`` (its
-workspaces zeros). The FLOP formulas count the attended (query, key) pairs of the pattern
+(:mod:`svitt_ego.models.blocked`), the backward by recomputing it under autograd (its workspaces
+zeros). The FLOP formulas count the attended (query, key) pairs of the pattern
 (:func:`attended_pairs`): 4 D FLOPs a pair forward (QK^T, PV), 10 D backward (S, dV, dP, dK, dQ).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -121,14 +122,18 @@ def backward_buffers(q: Tensor, table: Tensor, positions: Tensor, pattern: Block
     B, H, N, D = q.shape
     nb, width = pattern.key_blocks.shape
     chunk, tile = batch_chunk(B, positions), pattern.tile_size
+
+    def empty(*shape, dtype=q.dtype):  # torch.empty: one aten op a buffer (the host's cost counts)
+        return torch.empty(shape, dtype=dtype, device=q.device)
+
     f32 = torch.float32
-    buffers = dict(pairs=q.new_empty(nb + 1, nb, dtype=torch.int32), delta=q.new_empty(B, H, N, dtype=f32),
-                   dq32=q.new_empty(B, H, N, D, dtype=f32), dk=q.new_empty(B, H, N, D), dv=q.new_empty(B, H, N, D),
-                   dtable32=q.new_zeros(table.shape, dtype=f32))
+    buffers = dict(pairs=empty(nb + 1, nb, dtype=torch.int32), delta=empty(B, H, N, dtype=f32),
+                   dq32=empty(B, H, N, D, dtype=f32), dk=empty(B, H, N, D), dv=empty(B, H, N, D),
+                   dtable32=torch.zeros(table.shape, dtype=f32, device=q.device))
     if chunk > 1:
-        buffers["slots"] = q.new_empty(-(-B // chunk) * H * nb * width * tile * tile, dtype=f32)
-    buffers["dq"] = buffers["dq32"] if q.dtype == f32 else q.new_empty(B, H, N, D)
-    buffers["dtable"] = buffers["dtable32"] if table.dtype == f32 else q.new_empty(table.shape, dtype=table.dtype)
+        buffers["slots"] = empty(-(-B // chunk) * H * nb * width * tile * tile, dtype=f32)
+    buffers["dq"] = buffers["dq32"] if q.dtype == f32 else empty(B, H, N, D)
+    buffers["dtable"] = buffers["dtable32"] if table.dtype == f32 else empty(*table.shape, dtype=table.dtype)
     return buffers
 
 
@@ -152,15 +157,28 @@ def sparse_attention_bwd(grad_out: Tensor, grad_probs: Optional[Tensor], q: Tens
         return _outputs(buffers)
     for t in buffers.values():  # deterministic workspaces
         t.zero_()
-
-    def attend(q, k, v, table):
-        return _blocked(q, k, v, table, positions, pattern, num_frames, grid_size)
-
-    (_, cls_probs), vjp = torch.func.vjp(attend, q, k, v, table)
-    grads = vjp((grad_out, torch.zeros_like(cls_probs) if grad_probs is None else grad_probs))
-    for name, grad in zip(GRADIENTS, grads):
-        buffers[name].copy_(grad)
+    with _autograd_recorded():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, table)]
+        out, cls_probs = _blocked(*leaves, positions, pattern, num_frames, grid_size)
+        outputs, grads = ((out,), (grad_out,)) if grad_probs is None else ((out, cls_probs), (grad_out, grad_probs))
+        for name, grad in zip(GRADIENTS, torch.autograd.grad(outputs, leaves, grads)):
+            buffers[name].copy_(grad)
     return _outputs(buffers)
+
+
+@contextlib.contextmanager
+def _autograd_recorded():
+    """Autograd inside an operator's implementation, which ``torch.library`` runs with the autograd keys
+    excluded (the blocked backward recomputes its forward under autograd; ``torch.func.vjp`` would do too,
+    but fails ``opcheck``'s schema check)."""
+    key = torch._C.DispatchKey.AutogradFunctionality
+    excluded = torch._C._dispatch_tls_is_dispatch_key_excluded(key)
+    torch._C._dispatch_tls_set_dispatch_key_excluded(key, False)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        torch._C._dispatch_tls_set_dispatch_key_excluded(key, excluded)
 
 
 @sparse_attention_bwd.register_fake
