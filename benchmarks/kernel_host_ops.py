@@ -1,11 +1,11 @@
 """Host-side cost of the ``triton`` attention path: aten ops and host time per layer, kernels stubbed out.
 
 Every Triton launch of :mod:`svitt_ego.models.sparse_attention_triton` is replaced by a no-op (with
-``TRITON_INTERPRET=1``, under which the operators of :mod:`svitt_ego.models.ops` take the kernel path on
-the CPU rather than the blocked math), so what remains is what the host does around the kernels: allocations, layout glue, autograd. One
-attention layer runs forward + backward from its q, k, v (and bias table) to its output and
-``cls_probs``, with positions shared by the batch (unpruned) and per sample (pruned);
-``torch.profiler`` counts every aten op it records, nested ones included. The block pattern is an
+``TRITON_INTERPRET=1``, under which the operators of :mod:`svitt_ego.models.ops` take the kernel path
+on the CPU rather than the blocked math), so what remains is what the host does around the kernels:
+allocations, layout glue, autograd. One attention layer runs forward + backward from its q, k, v
+(and bias table) to its output and ``cls_probs``, with positions shared by the batch (unpruned) and
+per sample (pruned); ``torch.profiler`` counts every aten op it records, nested ones included. The block pattern is an
 input (the encoder draws it once for all layers). Beside it, PyTorch's SDPA forward + backward on
 one head of 17 tokens, so that its time on the CPU is mostly the host's too.
 

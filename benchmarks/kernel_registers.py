@@ -27,8 +27,8 @@ from svitt_ego.models import ops
 from svitt_ego.models import sparse_attention_triton as kernels
 
 # Pointer element types other than the input dtype's; ``DTYPE`` stands for the input dtype.
-POINTERS = {"LSE": "fp32", "DELTA": "fp32", "DQ": "fp32", "DTABLE": "fp32", "SLOTS": "fp32", "TABLE": "fp32", "SRC": "fp32",
-            "POS": "i64", "KEY_BLOCKS": "i64", "VALID": "i1", "PAIRS": "i32"}
+POINTERS = {"LSE": "fp32", "DELTA": "fp32", "DQ": "fp32", "DTABLE": "fp32", "SLOTS": "fp32", "TABLE": "fp32",
+            "SRC": "fp32", "POS": "i64", "KEY_BLOCKS": "i64", "VALID": "i1", "PAIRS": "i32"}
 TYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 STRIDE = re.compile(r"^s[a-z]{1,2}[bhn]$")  # strides of q, k, v, the output and its gradient
 

@@ -23,8 +23,9 @@ Backward (FlashAttention-2), four launches:
 
 - ``_pattern_kernel`` transposes the block pattern: each key tile's (query tile, slot) pairs.
 - ``_cls_backward_kernel`` (per batch element and head): ``delta = rowsum(dO * O)`` of every row
-  (for [CLS] plus ``sum(p * d cls_probs)``; an fp32 buffer beside the logsumexp), the [CLS] key's dK / dV and its share of every dQ row
-  (which initialises the fp32 dQ buffer), the [CLS] query's dQ, and the three [CLS] table rows.
+  (for [CLS] plus ``sum(p * d cls_probs)``; an fp32 buffer beside the logsumexp), the [CLS] key's
+  dK / dV and its share of every dQ row (which initialises the fp32 dQ buffer), the [CLS] query's
+  dQ, and the three [CLS] table rows.
 - ``_backward_key_kernel`` (per key tile, head and batch chunk): dK and dV of the tile in
   registers, over the [CLS] query (vector operations) and the query tiles that visited it (five
   tile matmuls per pair: S, dV, dP, dK, dQ; the bias read once). It computes the transposed tiles
@@ -35,10 +36,10 @@ Backward (FlashAttention-2), four launches:
 The table gradient. A pair's dS goes to the table rows its index tile names, many elements to one
 row, so it needs atomics. Where the batch shares the positions (every layer before the first
 pruning) the index tile is the same for every batch element: a program takes
-``svitt_ego.models.ops.BATCH_CHUNK`` (16) batch elements, adds each one's dS of a pair into a slot of a private fp32 buffer (plain
-loads and stores: the slot is the program's own), and only then adds the slot to the table with
-one atomic per element: 16x fewer table atomics at batch 16. With per-sample positions every
-pair's dS goes to the table directly (one atomic per valid score element). These atomics come
+``svitt_ego.models.ops.BATCH_CHUNK`` (16) batch elements, adds each one's dS of a pair into a slot
+of a private fp32 buffer (plain loads and stores: the slot is the program's own), and only then
+adds the slot to the table with one atomic per element: 16x fewer table atomics at batch 16. With
+per-sample positions every pair's dS goes to the table directly (one atomic per valid score element). These atomics come
 after dQ's, when the q and dO tiles are dead, and compute their row indices anew from the codes
 rather than keep the bias lookup's index tile live across the dK and dQ matmuls: without both,
 ptxas spills. The counts, by ``benchmarks/kernel_atomics.py``, and the registers are in
@@ -459,7 +460,7 @@ def backward(grad_out, grad_probs, q, k, v, out, lse, table, positions, pattern:
     special, scale = _table_rows(table), D**-0.5
     has_probs = grad_probs is not None
     probs_arg = grad_probs if has_probs else lse
-    pairs, delta, dq32, dk, dv, dtable32 = (buffers[name] for name in ("pairs", "delta", "dq32", "dk", "dv", "dtable32"))
+    pairs, delta, dq32, dk, dv, dtable32 = (buffers[k] for k in ("pairs", "delta", "dq32", "dk", "dv", "dtable32"))
     width = consts["WIDTH"]
     _pattern_kernel[(nb,)](pattern.key_blocks, pattern.valid, pairs, pattern.key_blocks.stride(0),
                            pattern.valid.stride(0), nb, WIDTH=width, TILES_P=triton.next_power_of_2(nb),
@@ -472,8 +473,8 @@ def backward(grad_out, grad_probs, q, k, v, out, lse, table, positions, pattern:
     slots = buffers["slots"] if shared else dtable32
     _backward_key_kernel[(nb * H * triton.cdiv(B, chunk),)](
         q, k, v, grad_out, probs_arg, lse, delta, dq32, dk, dv, positions, table, dtable32, slots, pairs,
-        *_strides(q, k, v, grad_out, probs_arg), _positions_stride(positions), *table.stride(), n, B, H, nb, center,
-        special["cls_to_patch"], scale, CHUNK=chunk, SHARED=shared, HAS_DPROBS=has_probs,
+        *_strides(q, k, v, grad_out, probs_arg), _positions_stride(positions), *table.stride(), n, B, H, nb,
+        center, special["cls_to_patch"], scale, CHUNK=chunk, SHARED=shared, HAS_DPROBS=has_probs,
         num_warps=BACKWARD_WARPS, **consts)
     dq = buffers["dq"]
     if dq is not dq32:
