@@ -24,6 +24,9 @@ interpreter (``TRITON_INTERPRET=1``: the tests and ``benchmarks/kernel_*.py``), 
 (:mod:`svitt_ego.models.blocked`), the backward by recomputing it under autograd (its workspaces
 zeros). The FLOP formulas count the attended (query, key) pairs of the pattern
 (:func:`attended_pairs`): 4 D FLOPs a pair forward (QK^T, PV), 10 D backward (S, dV, dP, dK, dQ).
+
+Dispatch modes see them as ``torch.ops.svitt_ego.sparse_attention_fwd.default`` and ``..._bwd.default``;
+``hasattr(torch.ops.svitt_ego, "sparse_attention_fwd")`` says whether this module has registered them.
 """
 
 from __future__ import annotations
