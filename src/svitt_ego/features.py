@@ -497,9 +497,11 @@ def manifest_header(checkpoint: str | Path, digest: str, settings: Settings, sha
 
 
 def _foreign_files(folder: Path) -> list[str]:
+    from svitt_ego.run_folder import is_bookkeeping
+
     if not folder.is_dir():
         return []
-    return sorted(p.name for p in folder.iterdir() if p.name != ".lock" and not p.name.endswith(".tmp"))
+    return sorted(p.name for p in folder.iterdir() if not is_bookkeeping(p.name))
 
 
 def begin_folder(out: Path, header: dict, entries: dict[str, dict]) -> dict:
