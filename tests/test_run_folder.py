@@ -141,11 +141,15 @@ def test_a_users_files_named_like_staging_files_are_never_deleted(small_checkpoi
     assert _tree(d) == files and not (d / ".lock").exists()  # the refused folder as it was
 
 
-def test_a_run_into_a_users_folder_deletes_nothing_of_its(toy, tmp_path):
+@pytest.mark.parametrize("command", ["pretrain", "train-nlq"])
+def test_a_run_into_a_users_folder_deletes_nothing_of_its(request, tmp_path, command):
     run = tmp_path / "run"
     run.mkdir()
     files = _users_files(run)
-    assert _pretrain(toy, run) == 0
+    if command == "pretrain":
+        assert _pretrain(request.getfixturevalue("toy"), run) == 0
+    else:
+        assert _train_nlq(request.getfixturevalue("nlq"), run) == 0
     assert {name: text for name, text in _tree(run).items() if name in files} == files
 
 

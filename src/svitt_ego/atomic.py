@@ -29,7 +29,8 @@ class WriteError(OSError):
     def __init__(self, path: str | Path, cause: BaseException):
         self.path = Path(path)
         lines = str(cause).strip().splitlines()
-        self.reason = getattr(cause, "strerror", None) or (lines[0] if lines else type(cause).__name__)
+        self.reason = (getattr(cause, "reason", None) or getattr(cause, "strerror", None)  # a WriteError: its reason
+                       or (lines[0] if lines else type(cause).__name__))
         super().__init__(f"{path}: could not write ({self.reason})")
 
 

@@ -84,7 +84,7 @@ class RunLock:
 
     def try_acquire(self, wait: Callable[[str], None] | None = None) -> str | None:
         """Take the lock; returns None, or why not (naming the holder). With ``wait``, a lock held by
-        another run is waited for instead, after ``wait(why)``."""
+        another run is waited for instead, after ``wait(holder)``."""
         import fcntl
 
         while True:
@@ -93,12 +93,11 @@ class RunLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
-                why = (f"{self.path.parent} is in use by another run ({holder}); wait for it to end or choose "
-                       "another folder")
                 if wait is None:
                     os.close(fd)
-                    return why
-                wait(why)
+                    return (f"{self.path.parent} is in use by another run ({holder}); wait for it to end or choose "
+                            "another folder")
+                wait(holder)
                 fcntl.flock(fd, fcntl.LOCK_EX)
             if _same_file(fd, self.path):
                 break
@@ -149,7 +148,7 @@ def run_folder(folder: str | Path, command: str, fresh: bool = False, wait: Call
     """Hold ``folder`` for ``command`` for the block (made if missing; yields its path).
 
     On entering, in this order: take the lock (refused, naming the holder, if another process holds
-    it; with ``wait``, ``wait(why)`` is called and the lock waited for); refuse any symbolic link
+    it; with ``wait``, ``wait(holder)`` is called and the lock waited for); refuse any symbolic link
     directly inside the folder (the folder itself may be a link, to another disk say); with
     ``fresh``, empty the folder if ``command`` made it (its :func:`marker`) and refuse it if it holds
     anything else; then remove the staging files a killed run listed in the folder's journal.
@@ -216,14 +215,21 @@ def _refuse_links(folder: Path) -> str | None:
     return None
 
 
+def start_afresh(folder: Path, command: str) -> None:
+    """Empty a held ``folder`` (all but the guard's lock and journal) if ``command`` made it, then mark it;
+    refuse anyone else's."""
+    error = _refuse_links(folder) or _start_afresh(folder, command)
+    if error:
+        raise RunFolderError(error)
+
+
 def _start_afresh(folder: Path, command: str) -> str | None:
-    """Empty ``folder`` (all but the lock) if ``command`` made it, then mark it; refuse anyone else's."""
-    entries = [p for p in folder.iterdir() if p.name != LOCK]
+    entries = [p for p in folder.iterdir() if p.name not in (LOCK, JOURNAL)]
     if entries and not (folder / marker(command)).exists():
         return (f"{folder} exists and was not made by svitt-ego {command}; move it away or choose another "
                 "folder")
     for entry in entries:
-        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     os.close(open_no_follow(folder / marker(command), os.O_WRONLY | os.O_CREAT))
     return None
 
