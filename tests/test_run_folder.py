@@ -423,6 +423,27 @@ def test_a_number_argument_is_within_its_bounds_or_refused(text):
         assert holds(value), (parse, text, value)
 
 
+@pytest.mark.parametrize("argv", [
+    ["predict-nlq", "features", "--annotations", "a.json", "--zero-shot", "--output", "a.json"],
+    ["eval-nlq", "sub.json", "--annotations", "a.json", "--output", "sub.json"],
+    ["eval-mcq", "model.pt", "--output", "model.pt"],
+    ["visualize", "model.pt", "v.mp4", "--start", "0", "--end", "1", "--out", "v.mp4"],
+    ["epic-mir-relevancy", "--annotations", "features", "--out", "r.npy", "--compare", "r.npy"],
+    ["extract-features", "model.pt", "features", "--out", "features"],
+    ["train-nlq", "features", "--annotations", "a.json", "--out", "features"],
+    ["search", "model.pt", "features", "drawer", "--cache", "features"],
+])
+def test_no_command_writes_over_one_of_its_inputs(tmp_path, capsys, monkeypatch, argv):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "features").mkdir()
+    for name in ("a.json", "sub.json", "model.pt", "v.mp4", "r.npy"):
+        (tmp_path / name).write_text(name)
+    output = argv[-1]
+    _one_line_error(capsys, lambda: main(argv), f"{output} is also an input of this command")
+    assert all((tmp_path / name).read_text() == name for name in ("a.json", "sub.json", "model.pt", "v.mp4", "r.npy"))
+    assert os.listdir(tmp_path / "features") == []
+
+
 # --------------------------------------------------------------------------- the guard's own rules
 
 

@@ -203,6 +203,17 @@ def test_refusals_are_one_line_exit_2(world, tmp_path, capsys):
         assert status == 2 and err.count("\n") == 1 and message in err, (argv, err)
 
 
+def test_an_output_is_never_one_of_the_searched_videos(world, tmp_path, capsys):
+    shutil.copytree(world.videos, tmp_path / "videos")
+    victim = tmp_path / "videos" / "kitchen.mp4"
+    saved = victim.read_bytes()
+    for source, option in ((victim, "--html"), (tmp_path / "videos", "--html"), (tmp_path / "videos", "--png")):
+        status, _, err = _main(capsys, "search", world.model, source, "drawer", "--cache", tmp_path / "cache",
+                               option, victim)
+        assert status == 2 and err.count("\n") == 1 and f"{victim} is also an input of this command" in err
+    assert victim.read_bytes() == saved and not (tmp_path / "cache").exists()
+
+
 def test_unreadable_videos_are_named_and_counted_and_the_others_searched(world, tmp_path, capsys):
     listing = tmp_path / "videos.txt"
     listing.write_text(f"{world.kitchen}\n{world.root / 'junk' / 'broken.mp4'}\n{tmp_path / 'gone.mp4'}\n")

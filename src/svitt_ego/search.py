@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from svitt_ego.atomic import refuse_input_as_output
 from svitt_ego.data.errors import MetadataError
 from svitt_ego.features import (FORMAT, MANIFEST, FeatureFolder, FeatureFolderError, Settings, WindowExtractor,
                                 check_numbers, expected_tensors, extract_into, feature_file, is_chunk_folder,
@@ -318,6 +319,13 @@ def search_videos(checkpoint: str | Path, source: str | Path, queries: list[str]
     return ranked(queries, per_query), failed
 
 
+def searched_videos(source: str | Path) -> list[str]:
+    """The videos a search of ``source`` reads: a feature folder's sources, or the videos listed."""
+    if is_feature_folder(source):
+        return [info["source"] for info in FeatureFolder(source).manifest["videos"].values()]
+    return [str(path) for path in list_videos([source]).values()]
+
+
 def format_moments(results: list[QueryResult]) -> str:
     """A table per query: rank, video, start and end (seconds and m:ss.s), score."""
     lines = []
@@ -474,6 +482,9 @@ def run_search(checkpoint: str | Path, source: str | Path, queries: list[str], m
         raise MetadataError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if pairs is not None and mode != "clips":
         raise MetadataError("--pairs takes --mode clips")
+    if html is not None or png is not None:
+        for output in (html, png):
+            refuse_input_as_output(output, searched_videos(source))
     if mode == "moments":
         results, failed = search_videos(checkpoint, source, queries, top_k, cache, how)
         print(format_moments(results))
