@@ -69,7 +69,8 @@ def test_an_export_replaces_an_earlier_one_whole_and_never_mixes_with_other_file
     data["videos"] = data["videos"][:1]
     other.write_text(json.dumps(data))
     status, err = _export(capsys, tmp_path / "features", tmp_path / "out", annotations, other)
-    assert status == 2 and err.count("\n") == 1 and f"{annotations} and {other} would both be written as nlq.jsonl" in err
+    assert status == 2 and err.count("\n") == 1
+    assert f"{annotations} and {other} would both be written as nlq.jsonl" in err
     assert not (tmp_path / "out").exists()
 
     subset = tmp_path / "nlq_val.json"

@@ -1,14 +1,33 @@
-"""The run-folder guard: one writer per folder, nothing written through a link, a killed writer's staging
-files removed, a folder deleted only by the command that made it, resumes checked against saved settings.
+"""The run-folder guard: one writer per folder, nothing written through a link, nothing deleted that a
+run of ours did not stage, a folder emptied only by the command that made it, resumes checked against
+saved settings.
 
-Every command that writes a folder of its own (``pretrain``, ``train-nlq``, ``demo``, ``prepare-videos``,
-feature extraction) enters it through :func:`run_folder`::
+Every command that writes a folder of its own enters it through :func:`run_folder`, and writes
+through :mod:`svitt_ego.atomic` (a staged name of its own comes from
+:func:`svitt_ego.atomic.staging_path`)::
 
     with run_folder(out, "train-nlq"):            # refused if another process holds ``out``
         saved = ...                               # the settings the folder's state was made with
         refuse_changes(out / "last.pt", saved, current, allow_change)
         metrics = MetricsFile(out / "metrics.jsonl")
+        atomic_torch_save(state, out / "last.pt") # its temporary file is journaled before it exists
         ...
+
+    with run_folder(out, "export-nlq-features", fresh=True):   # new, empty, or this command's: emptied
+        ...
+    with run_folder(entry, "search", wait=show):  # waits (after ``show(holder)``) instead of refusing
+
+The rules every writer gets from it:
+
+- **One writer**: ``.lock`` (flock, naming its holder); the kernel releases it when the holder dies.
+- **No links** directly inside the folder (the folder itself may be one).
+- **Only its maker empties it** (``fresh``): a folder holding anything else without the command's
+  :func:`marker` is refused.
+- **Only journaled staging files are removed**: each staged name is appended to the folder's
+  ``.staging-journal`` and fsynced before it is created (:class:`StagingJournal`); at the next entry,
+  after the checks above, exactly what it lists is removed (inside the folder, through no link). A
+  folder without a journal (new, or an earlier version's) holds no staging files of ours.
+- **A refused folder is left as it was**: the lock file this entry created is removed again.
 
 Under torchrun every rank enters; rank 0 does the work and every rank raises the same error.
 """
@@ -87,6 +106,7 @@ class RunLock:
         another run is waited for instead, after ``wait(holder)``."""
         import fcntl
 
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd, self.created = self._open()
             try:
@@ -111,7 +131,6 @@ class RunLock:
     def _open(self) -> tuple[int, bool]:
         """The lock file's descriptor, and whether this call created it."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666), True
         except FileExistsError:
             return open_no_follow(self.path, os.O_RDWR), False
