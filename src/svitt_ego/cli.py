@@ -524,7 +524,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # The options a command writes to; every other path on its command line is an input, never written over.
-OUTPUTS = ("output", "out", "html", "png", "cache")
+OUTPUTS = ("output", "out", "dst", "html", "png", "cache")
 NOT_PATHS = ("func", "command", "overrides", "queries")
 
 
