@@ -161,43 +161,50 @@ def file_digest(path: Path) -> str:
         return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def entry_files(key: str) -> list[str]:
-    """The files of a cache entry that its digest covers."""
-    return [MANIFEST, f"videos/{key}.safetensors"]
+def entry_digests(entry: Path, key: str) -> dict[str, str | None]:
+    """The sha256 of each file of cache entry ``entry`` that its seal covers (None: missing)."""
+    files = (entry / MANIFEST, feature_file(entry, key))
+    return {str(f.relative_to(entry)): file_digest(f) if f.is_file() else None for f in files}
 
 
-def write_entry_digest(entry: Path, key: str, identity: dict) -> None:
-    """Seal a complete cache entry: its source identity and the sha256 of each of its files."""
+def seal_entry(entry: Path, key: str, identity: dict) -> None:
+    """Seal a complete cache entry (written last): its source identity and the sha256 of its files."""
     from svitt_ego.atomic import atomic_write_json
 
-    atomic_write_json(entry / ENTRY_DIGEST, {"identity": identity,
-                                             "files": {name: file_digest(entry / name) for name in entry_files(key)}})
+    atomic_write_json(entry / ENTRY_DIGEST, {"identity": identity, "files": entry_digests(entry, key)})
 
 
 def is_cached(entry: Path, key: str, header: dict, identity: dict) -> bool:
-    """Whether ``entry`` holds the complete features of ``key`` made with ``header``'s settings and weights
-    from the video of ``identity``: its digest names that identity and the sha256 of its files, and its
-    files hold what the manifest says. An entry that does not is logged (unless it was never finished)."""
-    from svitt_ego.data.errors import load_json
-
+    """Whether ``entry`` is sealed and holds the complete features of ``key`` made with ``header``'s
+    settings and weights from the video of ``identity`` (:func:`check_entry`); one that is sealed but
+    does not is logged."""
     if not (entry / ENTRY_DIGEST).is_file():
-        return False
+        return False  # new, or never finished
     try:
-        sealed = load_json(entry / ENTRY_DIGEST, FeatureFolderError, "cache entry digest")
-        files = {name: file_digest(entry / name) if (entry / name).is_file() else None for name in entry_files(key)}
-        if not isinstance(sealed, dict) or sealed.get("identity") != identity or sealed.get("files") != files:
-            raise FeatureFolderError(f"{entry}: its files or its source differ from its {ENTRY_DIGEST}")
-        manifest = FeatureFolder(entry).manifest
-        info = manifest["videos"].get(key)
-        if (any(manifest.get(k) != v for k, v in header.items() if k != "checkpoint") or info is None
-                or info.get("identity") != {k: identity[k] for k in ("video", "size", "mtime_ns")}
-                or str(Path(info["source"]).resolve()) != identity["video"]
-                or not is_complete(feature_file(entry, key), expected_tensors(manifest, info["windows"]))):
-            raise FeatureFolderError(f"{entry}: does not hold the features of {identity['video']} its digest names")
+        check_entry(entry, key, header, identity)
     except (FeatureFolderError, OSError) as err:
         log.warning("%s; extracting it again", err)
         return False
     return True
+
+
+def check_entry(entry: Path, key: str, header: dict, identity: dict) -> None:
+    """One line unless ``entry``'s seal names ``identity`` and the sha256 of its files as they are, its
+    manifest has ``header``'s settings and weights and names the video of ``identity`` as ``key``'s
+    source, and the features file holds what the manifest says."""
+    from svitt_ego.data.errors import load_json
+
+    sealed = load_json(entry / ENTRY_DIGEST, FeatureFolderError, "cache entry seal")
+    if sealed != {"identity": identity, "files": entry_digests(entry, key)}:
+        raise FeatureFolderError(f"{entry}: its files or its video differ from what its {ENTRY_DIGEST} says")
+    manifest = FeatureFolder(entry).manifest
+    info = manifest["videos"].get(key)
+    if (any(manifest.get(k) != v for k, v in header.items() if k != "checkpoint") or info is None
+            or info.get("identity") != {k: identity[k] for k in ("video", "size", "mtime_ns")}
+            or str(Path(info["source"]).resolve()) != identity["video"]
+            or not is_complete(feature_file(entry, key), expected_tensors(manifest, info["windows"]))):
+        raise FeatureFolderError(f"{entry}: does not hold the features of {identity['video']} its {ENTRY_DIGEST} "
+                                 "names")
 
 
 @dataclass(frozen=True)
@@ -231,8 +238,7 @@ def cached_features(checkpoint: str | Path, videos: dict[str, Path], cache: str 
         if entry.is_symlink():
             raise FeatureFolderError(f"{entry} is a symbolic link; a cache entry is a folder svitt-ego search made: "
                                      "remove it")
-        with run_folder(entry, "search", wait=lambda holder, entry=entry: print(
-                f"waiting for another search to finish {entry} ({holder})", flush=True)):
+        with run_folder(entry, "search", wait=_waiting_for(entry)):  # one search extracts it, others wait
             if is_cached(entry, key, header, identity):
                 reused += 1
                 print(f"reused {entry} for {path}")
@@ -243,12 +249,16 @@ def cached_features(checkpoint: str | Path, videos: dict[str, Path], cache: str 
                 if key in manifest["failed"]:
                     failed[str(path)] = manifest["failed"][key]
                     continue
-                write_entry_digest(entry, key, identity)
+                seal_entry(entry, key, identity)
                 print(f"extracted {path} into {entry}")
             found.append((FeatureFolder(entry), key))
     print(f"cache {cache}: {reused} reused, {len(found) - reused} extracted, {len(failed)} unreadable"
           + "".join(f"\n  {why}" for why in failed.values()))
     return model, found, failed
+
+
+def _waiting_for(entry: Path):
+    return lambda holder: print(f"waiting for another search to finish {entry} ({holder})", flush=True)
 
 
 # --------------------------------------------------------------------------- frames for the page
