@@ -5,8 +5,6 @@ import fcntl
 import json
 import os
 import shutil
-import subprocess
-import sys
 import threading
 from fractions import Fraction
 from pathlib import Path
@@ -155,16 +153,6 @@ def test_a_second_search_waits_for_the_entry_another_is_extracting_then_reuses_i
     status, out, _ = _main(capsys, *argv)
     assert status == 0 and seen == [] and f"waiting for another search to finish {entry}" in out
     assert f"reused {entry}" in out and _table(out) == _table(first)
-
-
-def test_two_searches_sharing_a_cache_both_finish_and_extract_each_video_once(world, tmp_path):
-    cache = tmp_path / "cache"
-    argv = [sys.executable, "-m", "svitt_ego.cli", "search", world.model, world.kitchen, "drawer", "--cache", cache]
-    runs = [subprocess.Popen(list(map(str, argv)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for _ in range(2)]
-    outputs = [run.communicate(timeout=120) for run in runs]
-    assert [run.returncode for run in runs] == [0, 0], outputs
-    assert sorted("1 extracted" in out for out, _ in outputs) == [False, True] and len(list(cache.iterdir())) == 1
 
 
 def test_a_chunk_folder_is_cached_by_its_chunks_and_shown_from_them(world, video_root, tmp_path, monkeypatch, capsys):
