@@ -289,10 +289,9 @@ class StagingJournal:
         """Remove what the journal lists that is still there, then the journal; returns what was removed."""
         if not os.path.lexists(self.path):
             return []
-        fd = open_no_follow(self.path, os.O_RDONLY)
-        with os.fdopen(fd, "rb") as f:
-            lines = f.read().decode(errors="replace").splitlines()
-        removed = [path for path in map(self._listed, lines) if path is not None and _remove(path)]
+        with os.fdopen(open_no_follow(self.path, os.O_RDONLY), "rb") as f:  # line by line: it may be long
+            listed = (self._listed(line.decode(errors="replace")) for line in f)
+            removed = [path for path in listed if path is not None and _remove(path)]
         self.path.unlink()
         fsync_folder(self.folder)
         if removed:
