@@ -23,7 +23,7 @@ from svitt_ego.config import Config, ConfigError, load_config
 from svitt_ego.data.egoclip import COLUMNS, read_egoclip
 from svitt_ego.data.egomcq import read_egomcq
 from svitt_ego.data.errors import MetadataError
-from svitt_ego.data.video import VIDEO_UID_REGEX
+from svitt_ego.data.errors import VIDEO_UID_REGEX
 from svitt_ego.nlq.annotations import NLQFormatError, read_nlq
 
 

@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from svitt_ego.untrusted import one_line
+
 
 class WriteError(OSError):
     """A file could not be written (disk full, no permission, ...)."""
@@ -25,7 +27,7 @@ class WriteError(OSError):
         self.path = Path(path)
         lines = str(cause).strip().splitlines()
         self.reason = getattr(cause, "strerror", None) or (lines[0] if lines else type(cause).__name__)
-        super().__init__(f"{path}: could not write ({self.reason})")
+        super().__init__(one_line(f"{path}: could not write ({self.reason})"))
 
 
 def fsync_folder(folder: str | Path) -> None:

@@ -23,8 +23,9 @@ from PIL import Image
 
 from svitt_ego.atomic import atomic_write, atomic_write_text
 from svitt_ego.config import Config, ConfigError
-from svitt_ego.data.errors import MetadataError
-from svitt_ego.data.video import VIDEO_UID_RULE, VideoReadError, is_video_uid, read_frames_by_index
+from svitt_ego.data.errors import MetadataError, video_uid
+from svitt_ego.data.video import VideoReadError, read_frames_by_index
+from svitt_ego.untrusted import shown
 from svitt_ego.distributed import is_main, setup_distributed
 from svitt_ego.evaluate import load_for_eval
 from svitt_ego.models import SViTTEgo
@@ -168,7 +169,7 @@ def _field(where: str, name: str, value: str, parse, rule: str):
     try:
         return parse(value)
     except (ValueError, OverflowError):
-        raise MetadataError(f"{where}, field '{name}': expected {rule}, got {value[:200]!r}") from None
+        raise MetadataError(f"{where}, field '{name}': expected {rule}, got {shown(value)}") from None
 
 
 def _seconds(value: str) -> float:
@@ -194,9 +195,7 @@ def _natural(value: str) -> int:
 def _clip(path: Path, line: int, row: dict) -> MIRClip:
     where = f"{path}, line {line}"
     for name in ("participant_id", "video_id"):
-        if not is_video_uid(row[name]):
-            raise MetadataError(f"{where}, field '{name}': expected a folder name ({VIDEO_UID_RULE}), "
-                                f"got {row[name][:200]!r}")
+        video_uid(row[name], f"{where}, field '{name}'")
     if not row["narration_id"] or not row["narration"].strip():
         raise MetadataError(f"{where}, field '{'narration_id' if not row['narration_id'] else 'narration'}': empty")
     start, stop = (_field(where, name, row[name], _seconds, "a time HH:MM:SS.ss")
@@ -223,7 +222,7 @@ def read_mir_annotations(folder: str | Path) -> MIRAnnotations:
     for line, row in read_csv_rows(test, TEST_COLUMNS):
         clip = _clip(test, line, row)
         if clip.narration_id in row_of:
-            raise MetadataError(f"{test}, line {line}, field 'narration_id': {clip.narration_id!r} repeats "
+            raise MetadataError(f"{test}, line {line}, field 'narration_id': {shown(clip.narration_id)} repeats "
                                 f"the clip of row {row_of[clip.narration_id] + 1}")
         row_of[clip.narration_id] = len(clips)
         clips.append(clip)
@@ -232,7 +231,7 @@ def read_mir_annotations(folder: str | Path) -> MIRAnnotations:
     columns = []
     for line, row in read_csv_rows(sentences, ("narration_id",)):
         if row["narration_id"] not in row_of:
-            raise MetadataError(f"{sentences}, line {line}, field 'narration_id': {row['narration_id'][:200]!r} "
+            raise MetadataError(f"{sentences}, line {line}, field 'narration_id': {shown(row['narration_id'])} "
                                 f"is not a clip of {test.name}")
         columns.append(row_of[row["narration_id"]])
     if not columns:

@@ -32,6 +32,7 @@ from svitt_ego.features import (FORMAT, MANIFEST, FeatureFolder, FeatureFolderEr
                                 is_complete, list_videos, load_model, manifest_header, model_of, model_settings,
                                 open_video)
 from svitt_ego.search_page import Moment, QueryResult, browser_playable, format_time
+from svitt_ego.untrusted import printable, shown
 
 log = logging.getLogger(__name__)
 
@@ -203,14 +204,14 @@ def cached_features(checkpoint: str | Path, videos: dict[str, Path], cache: str 
         entry = Path(cache) / cache_key(path, digest, settings, how.chunk_seconds)
         if is_cached(entry, key, header):
             reused += 1
-            print(f"reused {entry} for {path}")
+            print(f"reused {entry} for {printable(path)}")
         else:
             manifest = extract_into(entry, header, {key: lambda path=path: open_video(path, how.chunk_seconds)},
                                     extractor, command="search", summary=False)
             if key in manifest["failed"]:
                 failed[str(path)] = manifest["failed"][key]
                 continue
-            print(f"extracted {path} into {entry}")
+            print(f"extracted {printable(path)} into {entry}")
         found.append((FeatureFolder(entry), key))
     print(f"cache {cache}: {reused} reused, {len(found) - reused} extracted, {len(failed)} unreadable"
           + "".join(f"\n  {why}" for why in failed.values()))
@@ -290,17 +291,22 @@ def format_moments(results: list[QueryResult]) -> str:
     lines = []
     for result in results:
         width = _name_width(result)
-        lines += [f"query: {result.query}",
+        lines += [f"query: {printable(result.query)}",
                   f"{'rank':>4s}  {'video':{width}s}{'start':>9s}{'end':>9s}  {'m:ss.s':19s}{'score':>7s}"]
-        lines += [f"{rank:>4d}  {Path(m.video).name:{width}s}{m.start:>9.2f}{m.end:>9.2f}  "
+        lines += [f"{rank:>4d}  {_name(m):{width}s}{m.start:>9.2f}{m.end:>9.2f}  "
                   f"{format_time(m.start) + ' - ' + format_time(m.end):19s}{m.score:>7.3f}"
                   for rank, m in enumerate(result.moments, start=1)]
         lines += ["  (no moments)"] if not result.moments else []
     return "\n".join(lines)
 
 
+def _name(moment: Moment) -> str:
+    """A moment's file name as printed: escaped (a name may hold a terminal's escape sequences)."""
+    return printable(Path(moment.video).name)
+
+
 def _name_width(result: QueryResult) -> int:
-    return max([12] + [len(Path(m.video).name) + 2 for m in result.moments])
+    return max([12] + [len(_name(m)) + 2 for m in result.moments])
 
 
 # --------------------------------------------------------------------------- svitt-ego search --mode clips
@@ -330,7 +336,7 @@ def read_pairs(path: str | Path, clips: list[Path]) -> Pairs:
             raise MetadataError(f"{where}, field 'text': empty")
         clip = index.get((path.parent / video).resolve()) if video else None
         if clip is None:
-            raise MetadataError(f"{where}, field 'video': {video[:200]!r} is not one of the clips searched "
+            raise MetadataError(f"{where}, field 'video': {shown(video)} is not one of the clips searched "
                                 f"(a path relative to {path.parent} or absolute)")
         true.append((texts.setdefault(text, len(texts)), clip))
     if not true:
@@ -421,8 +427,8 @@ def format_clips(results: list[QueryResult]) -> str:
     lines = []
     for result in results:
         width = _name_width(result)
-        lines += [f"query: {result.query}", f"{'rank':>4s}  {'clip':{width}s}{'length':>9s}{'score':>8s}"]
-        lines += [f"{rank:>4d}  {Path(m.video).name:{width}s}{m.end:>9.2f}{m.score:>8.3f}"
+        lines += [f"query: {printable(result.query)}", f"{'rank':>4s}  {'clip':{width}s}{'length':>9s}{'score':>8s}"]
+        lines += [f"{rank:>4d}  {_name(m):{width}s}{m.end:>9.2f}{m.score:>8.3f}"
                   for rank, m in enumerate(result.moments, start=1)]
     return "\n".join(lines)
 

@@ -34,8 +34,7 @@ import pyarrow.parquet as pq
 import torch
 
 from svitt_ego.atomic import atomic_write
-from svitt_ego.data.errors import MetadataError
-from svitt_ego.data.video import VIDEO_UID_REGEX, VIDEO_UID_RULE
+from svitt_ego.data.errors import VIDEO_UID_REGEX, VIDEO_UID_RULE, MetadataError
 
 COLUMNS = ("clip_idx", "video_uid", "video_dur", "narration_source", "narration_ind",
            "narration_time", "clip_start", "clip_end", "clip_text", "tag_verb", "tag_noun")

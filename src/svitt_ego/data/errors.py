@@ -3,12 +3,40 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+
+from svitt_ego.untrusted import one_line, shown
+
+# A video id is one plain folder name under the video root: ASCII letters, digits, '_', '-' and
+# '.', not starting with '.' or '-' (so never '', '.', '..', a hidden name or a path), at most 128
+# characters. The same rule, as an RE2 pattern, checks whole metadata columns.
+VIDEO_UID_REGEX = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
+VIDEO_UID_RULE = "letters, digits, '_', '-' and '.', not starting with '.' or '-', at most 128 characters"
 
 
 class MetadataError(ValueError):
     """``egoclip.csv``, ``egomcq.json`` or a tokenizer's ``vocab.txt`` is missing or malformed.
-    The message is one line that names the file, the line (or question) and the field."""
+    The message is one line that names the file, the line (or question) and the field (see
+    :func:`svitt_ego.untrusted.one_line`)."""
+
+    def __init__(self, message: str):
+        super().__init__(one_line(message))
+
+
+def is_video_uid(value) -> bool:
+    """Whether ``value`` may name a video folder under the video root (see ``VIDEO_UID_REGEX``)."""
+    return isinstance(value, str) and re.fullmatch(VIDEO_UID_REGEX, value) is not None
+
+
+def video_uid(value, where: str, error: type[Exception] | None = None) -> str:
+    """``value`` if it is a video id (an id read from annotations: it names a folder or file inside the
+    video folder, never a path out of it); else ``error`` (:class:`MetadataError`) in one line,
+    ``where`` naming the file, the line (or the entry) and the field. Every reader of ids uses it."""
+    if not is_video_uid(value):
+        raise (error or MetadataError)(f"{where}: {shown(value)} is not a video id ({VIDEO_UID_RULE}); "
+                                       "ids name plain folders or files inside the video folder, never a path")
+    return value
 
 
 def regular_file(path: str | Path, error: type[Exception], what: str) -> Path:
