@@ -17,7 +17,7 @@ import torch
 
 from svitt_ego.atomic import atomic_write_text
 from svitt_ego.config import Config
-from svitt_ego.data.errors import MetadataError, video_uid
+from svitt_ego.data.errors import MetadataError, checked_id
 from svitt_ego.data.video import read_frames_by_index
 from svitt_ego.untrusted import shown
 from svitt_ego.distributed import is_main, setup_distributed
@@ -126,7 +126,7 @@ def read_charades_annotations(folder: str | Path) -> CharadesAnnotations:
     videos = []
     for line, row in read_csv_rows(test, ("id", "actions", "length")):
         where = f"{test}, line {line}"
-        video_uid(row["id"], f"{where}, field 'id'")
+        checked_id(row["id"], f"{where}, field 'id'")
         try:
             length = float(row["length"])
         except ValueError:

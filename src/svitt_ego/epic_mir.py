@@ -23,7 +23,7 @@ from PIL import Image
 
 from svitt_ego.atomic import atomic_write, atomic_write_text
 from svitt_ego.config import Config, ConfigError
-from svitt_ego.data.errors import MetadataError, video_uid
+from svitt_ego.data.errors import MetadataError, checked_id
 from svitt_ego.data.video import VideoReadError, read_frames_by_index
 from svitt_ego.untrusted import shown
 from svitt_ego.distributed import is_main, setup_distributed
@@ -195,7 +195,7 @@ def _natural(value: str) -> int:
 def _clip(path: Path, line: int, row: dict) -> MIRClip:
     where = f"{path}, line {line}"
     for name in ("participant_id", "video_id"):
-        video_uid(row[name], f"{where}, field '{name}'")
+        checked_id(row[name], f"{where}, field '{name}'")
     if not row["narration_id"] or not row["narration"].strip():
         raise MetadataError(f"{where}, field '{'narration_id' if not row['narration_id'] else 'narration'}': empty")
     start, stop = (_field(where, name, row[name], _seconds, "a time HH:MM:SS.ss")

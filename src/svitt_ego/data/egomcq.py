@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from svitt_ego.config import Config
-from svitt_ego.data.errors import MetadataError, load_json, video_uid
+from svitt_ego.data.errors import MetadataError, checked_id, load_json
 from svitt_ego.data.tokenizer import tokenize
 from svitt_ego.data.transforms import eval_transform
 from svitt_ego.data.video import read_clip_frames
@@ -74,7 +74,7 @@ def _question(qid: str, entry, where: str) -> MCQQuestion:
 def _clip(row, where: str, name: str, need_text: bool) -> Clip:
     if not isinstance(row, dict):
         raise MetadataError(f"{where}, field '{name}': expected an EgoClip row (an object), got {type(row).__name__}")
-    uid = video_uid(row.get("video_uid"), f"{where}, field '{name}.video_uid'")
+    uid = checked_id(row.get("video_uid"), f"{where}, field '{name}.video_uid'")
     start, end = (_number(row.get(key), f"{where}, field '{name}.{key}'") for key in ("clip_start", "clip_end"))
     if end < start:
         raise MetadataError(f"{where}, field '{name}.clip_end': {end} is before clip_start {start}")

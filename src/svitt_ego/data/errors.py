@@ -29,14 +29,20 @@ def is_video_uid(value) -> bool:
     return isinstance(value, str) and re.fullmatch(VIDEO_UID_REGEX, value) is not None
 
 
-def video_uid(value, where: str, error: type[Exception] | None = None) -> str:
-    """``value`` if it is a video id (an id read from annotations: it names a folder or file inside the
-    video folder, never a path out of it); else ``error`` (:class:`MetadataError`) in one line,
-    ``where`` naming the file, the line (or the entry) and the field. Every reader of ids uses it."""
+def checked_id(value, where: str, error: type[Exception] | None = None) -> str:
+    """``value`` if it is an id by ``VIDEO_UID_REGEX``; else ``error`` (:class:`MetadataError`) in one
+    line, ``where`` naming the file, the line (or the entry) and the field. Every reader of ids from
+    annotations (video ids, which name folders or files inside ``--videos``; clip and annotation ids,
+    which name output files) checks them with it, so that none names a path outside its folder."""
     if not is_video_uid(value):
-        raise (error or MetadataError)(f"{where}: {shown(value)} is not a video id ({VIDEO_UID_RULE}); "
-                                       "ids name plain folders or files inside the video folder, never a path")
+        raise (error or MetadataError)(f"{where}: {not_an_id(value)}")
     return value
+
+
+def not_an_id(value) -> str:
+    """Why ``value`` is refused as an id (the readers that check whole columns at once say it too)."""
+    return (f"{shown(value)} is not an id ({VIDEO_UID_RULE}): an id names a plain folder or file inside its "
+            "folder, never a path")
 
 
 def regular_file(path: str | Path, error: type[Exception], what: str) -> Path:

@@ -18,7 +18,7 @@ import pandas as pd
 
 from svitt_ego.data.egoclip import read_egoclip
 from svitt_ego.data.egomcq import read_egomcq
-from svitt_ego.data.errors import MetadataError, load_json, video_uid
+from svitt_ego.data.errors import MetadataError, checked_id, load_json
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def read_videos(path: str | Path) -> tuple[str, dict[str, float | None]]:
 def _episodic_uids(path: Path, videos: list) -> list[str]:
     uids = []
     for i, video in enumerate(videos):
-        uids.append(video_uid(video.get("video_uid") if isinstance(video, dict) else None,
+        uids.append(checked_id(video.get("video_uid") if isinstance(video, dict) else None,
                               f"{path}: videos[{i}], field 'video_uid'"))
     return uids
 
@@ -125,7 +125,7 @@ def read_uid_list(path: str | Path) -> list[str]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        uids.append(video_uid(line, f"{path}, line {number}"))
+        uids.append(checked_id(line, f"{path}, line {number}"))
     if not uids:
         raise MetadataError(f"{path}: the video uid list is empty")
     return uids

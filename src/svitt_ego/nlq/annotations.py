@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from svitt_ego.data.errors import MetadataError, video_uid
+from svitt_ego.data.errors import MetadataError, checked_id
 from svitt_ego.data.errors import load_json as _load_json
 from svitt_ego.untrusted import shown
 
@@ -89,7 +89,7 @@ def _items(obj: dict, key: str, where: str) -> list:
 
 def _uid(obj: dict, key: str, where: str) -> str:
     """An id that names files of its own (features, checkpoints): never a path."""
-    return video_uid(obj.get(key), f"{where}: field '{key}'", NLQFormatError)
+    return checked_id(obj.get(key), f"{where}: field '{key}'", NLQFormatError)
 
 
 def _answer(query: dict, where: str) -> tuple[float | None, float | None]:
