@@ -3,6 +3,7 @@ it writes (checked in Chromium and decoded), and clip retrieval with Recall@K wo
 
 import os
 import shutil
+import time
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +19,8 @@ from svitt_ego.cli import main
 from svitt_ego.config import load_config
 from svitt_ego.features import WindowExtractor
 from svitt_ego.models import create_model
-from svitt_ego.search import Extraction, best_moments, recall_at, run_contrast, search_videos
+from svitt_ego.search import (MOMENT_LENGTHS, Extraction, best_moments, recall_at, run_contrast, search_videos,
+                              segment_iou)
 from svitt_ego.search_page import THUMB_HEIGHT, format_time
 
 QUERIES = ["when did I open the drawer?", "where is the cup?"]
@@ -56,6 +58,40 @@ def test_best_moments_by_hand():
     # The best single window, 3, has 0.9 - (1.0 + 0.1) / 2 = 0.35 only.
     scores = torch.tensor([0.0, 0.8, 1.0, 0.9, 0.1])
     assert best_moments(scores, top_k=2) == [(1, 4, pytest.approx(0.7)), (2, 3, pytest.approx(0.5))]
+
+
+def _best_moments_by_all_pairs(scores, top_k, iou_threshold=0.5):
+    """best_moments as first written: every run against every kept run (O(runs x k))."""
+    spans, values = [], []
+    for length in (n for n in MOMENT_LENGTHS if n <= len(scores)):
+        starts = torch.arange(len(scores) - length + 1)
+        spans.append(torch.stack([starts, starts + length], 1).double())  # [first, last + 1)
+        values.append(run_contrast(scores, length))
+    spans, values, chosen = torch.cat(spans), torch.cat(values), []
+    for i in values.argsort(descending=True).tolist():
+        if all(segment_iou(spans[i], spans[j][None])[0] <= iou_threshold for j in chosen):
+            chosen.append(i)
+            if len(chosen) == top_k:
+                break
+    return [(int(spans[i, 0]), int(spans[i, 1]) - 1, float(values[i])) for i in chosen]
+
+
+@pytest.mark.parametrize("windows, top_ks", [(1, (1, 5)), (2, (1, 5)), (3, (2, 10**6)), (7, (1, 3, 10**6)),
+                                             (40, (1, 5, 20, 10**6)), (300, (1, 5, 40))])
+def test_best_moments_keeps_what_comparing_every_pair_keeps(windows, top_ks):
+    scores = torch.rand(windows, generator=torch.Generator().manual_seed(windows))
+    for top_k in top_ks:
+        assert best_moments(scores, top_k) == _best_moments_by_all_pairs(scores, top_k), top_k
+
+
+def test_best_moments_of_an_hour_at_any_k_is_prompt():
+    scores = torch.rand(3600, generator=torch.Generator().manual_seed(0))  # an hour at a window a second
+    start = time.perf_counter()
+    kept = best_moments(scores, 10**6)
+    assert time.perf_counter() - start < 10  # about 1 s on 2 CPU cores; comparing every pair: hours
+    spans = [(first, last + 1) for first, last, _ in kept]
+    assert len(kept) < sum(3600 - n + 1 for n in MOMENT_LENGTHS) and len(set(spans)) == len(spans)
+    assert [score for *_, score in kept] == sorted((score for *_, score in kept), reverse=True)
 
 
 def test_a_run_with_nothing_outside_it_scores_zero():

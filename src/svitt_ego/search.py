@@ -72,24 +72,36 @@ def run_contrast(scores: torch.Tensor, length: int) -> torch.Tensor:
 
 def best_moments(scores: torch.Tensor, top_k: int, iou_threshold: float = 0.5) -> list[tuple[int, int, float]]:
     """The ``top_k`` best runs ``(first, last, contrast)`` of windows by :func:`run_contrast`; a run
-    overlapping a better one by more than ``iou_threshold`` is dropped."""
-    candidates, values = [], []
+    overlapping a better one by more than ``iou_threshold`` (at least 0) is dropped.
+
+    The work is bounded whatever ``top_k``: no more runs than exist are kept, and a run is compared only
+    with the kept runs that can overlap it, those starting less than the longest run before it (at most
+    ``2 * 32`` starts of 6 lengths each), so suppression costs O(runs) after the sort."""
+    spans, values = [], []
     for length in MOMENT_LENGTHS:
         if length > len(scores):
             break
         starts = torch.arange(len(scores) - length + 1)
-        candidates.append(torch.stack([starts, starts + length - 1], 1))
+        spans.append(torch.stack([starts, starts + length - 1], 1))
         values.append(run_contrast(scores, length))
-    candidates, values = torch.cat(candidates).double(), torch.cat(values)
-    chosen = []
+    spans, values = torch.cat(spans).tolist(), torch.cat(values)
+    chosen: list[int] = []
+    kept_at: dict[int, list[int]] = {}  # first window -> the kept runs starting there
     for i in values.argsort(descending=True).tolist():
-        span = candidates[i] + torch.tensor([0.0, 1.0])  # a run covers [first, last + 1)
-        if all(segment_iou(span, (candidates[j] + torch.tensor([0.0, 1.0]))[None])[0] <= iou_threshold
-               for j in chosen):
+        first, last = spans[i]
+        near = (j for start in range(first - MOMENT_LENGTHS[-1] + 1, last + 1) for j in kept_at.get(start, ()))
+        if all(_run_iou(spans[i], spans[j]) <= iou_threshold for j in near):
             chosen.append(i)
+            kept_at.setdefault(first, []).append(i)
             if len(chosen) == top_k:
                 break
-    return [(int(candidates[i, 0]), int(candidates[i, 1]), float(values[i])) for i in chosen]
+    return [(*spans[i], float(values[i])) for i in chosen]
+
+
+def _run_iou(one: list[int], other: list[int]) -> float:
+    """IoU of two runs of windows, each covering ``[first, last + 1)`` (as :func:`segment_iou` computes it)."""
+    inter = max(0, min(one[1], other[1]) - max(one[0], other[0]) + 1)
+    return inter / (max(one[1], other[1]) - min(one[0], other[0]) + 1)
 
 
 def moment_seconds(features: FeatureFolder, key: str, first: int, last: int) -> tuple[float, float]:
