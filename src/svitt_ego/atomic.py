@@ -3,8 +3,9 @@ onto the target, then the folder fsynced.
 
 A reader (or a resumed run) sees the old file or the whole new one, never a part of one, also
 after a crash; writers in several processes never share a temporary file. A write that fails (a full
-disk: ``OSError`` from the file system, ``RuntimeError`` from ``torch.save``) is a :class:`WriteError`
-naming the file, which the CLI reports in one line.
+disk: ``OSError`` from the file system, ``RuntimeError`` from ``torch.save``, ``SafetensorError``,
+``lmdb.Error``, Arrow's errors: whatever the writer raises) is a :class:`WriteError` naming the file,
+which the CLI reports in one line.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         fsync_folder(path.parent)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, (OSError, RuntimeError)):
+        if isinstance(err, Exception) and not isinstance(err, WriteError):  # not an interrupt
             raise WriteError(path, err) from err
         raise
     return path

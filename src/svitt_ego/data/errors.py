@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -43,6 +44,18 @@ def not_an_id(value) -> str:
     """Why ``value`` is refused as an id (the readers that check whole columns at once say it too)."""
     return (f"{shown(value)} is not an id ({VIDEO_UID_RULE}): an id names a plain folder or file inside its "
             "folder, never a path")
+
+
+def json_number(value) -> float | None:
+    """A JSON number (an int or a float, not a bool) as a finite float; None for anything else, an
+    integer too large for a float (400 digits) included."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def regular_file(path: str | Path, error: type[Exception], what: str) -> Path:

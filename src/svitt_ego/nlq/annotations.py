@@ -10,12 +10,11 @@ the official metric scores them so; training clamps its targets to the clip.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from svitt_ego.data.errors import MetadataError, checked_id
+from svitt_ego.data.errors import MetadataError, checked_id, json_number
 from svitt_ego.data.errors import load_json as _load_json
 from svitt_ego.untrusted import shown
 
@@ -72,9 +71,10 @@ def _number(obj: dict, key: str, where: str, required: bool = True) -> float | N
     value = obj.get(key)
     if value is None and not required:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    number = json_number(value)
+    if number is None:
         raise NLQFormatError(f"{where}: field '{key}' must be a finite number, got {shown(value)}")
-    return float(value)
+    return number
 
 
 def _items(obj: dict, key: str, where: str) -> list:
