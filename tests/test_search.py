@@ -294,3 +294,27 @@ def test_a_pairs_file_without_its_columns_is_refused(world, tmp_path, capsys):
     pairs.write_text("clip,caption\nkitchen.mp4,A\n")
     status, _, err = _main(capsys, "search", world.model, world.videos, "--mode", "clips", "--pairs", pairs)
     assert status == 2 and f"{pairs}, line 1: missing column(s) video, text" in err
+
+
+@pytest.mark.parametrize("clips, paired, refusal", [
+    (["broken.mp4"], "broken.mp4", "none of its 1 clips could be read; the first unreadable: "),
+    (["broken.mp4", "kitchen.mp4"], "broken.mp4", "none of the clips its pairs name could be read (1 unreadable), "
+                                                  "so Recall@K has no query"),
+])
+def test_pairs_with_no_readable_clip_are_one_line_not_nan(world, tmp_path, capsys, clips, paired, refusal):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    for name in clips:
+        shutil.copy(world.root / "junk" / "broken.mp4" if name == "broken.mp4" else world.kitchen, folder / name)
+    pairs = _pairs(tmp_path / "pairs.csv", f"{folder / paired},A\n")
+    status, out, err = _main(capsys, "search", world.model, folder, "--mode", "clips", "--pairs", pairs)
+    last = err.splitlines()[-1]  # after the progress bar
+    assert status == 2 and last.startswith("svitt-ego: error: ") and refusal in last and "nan" not in out, err
+
+
+def test_names_with_escape_sequences_print_escaped(world, tmp_path, capsys):
+    video = shutil.copy(world.kitchen, tmp_path / "\x1b]0;x\x07\x1b[2J.mp4")
+    status, out, _ = _main(capsys, "search", world.model, video, "drawer", "--top-k", "1", "--cache", tmp_path / "c")
+    assert status == 0 and "\x1b" not in out and "\x07" not in out
+    assert f"extracted {tmp_path}/\\x1b]0;x\\x07\\x1b[2J.mp4 into" in out
+    assert _table(out)[2].split()[1] == "\\x1b]0;x\\x07\\x1b[2J.mp4"

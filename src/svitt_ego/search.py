@@ -226,7 +226,7 @@ def cached_features(checkpoint: str | Path, videos: dict[str, Path], cache: str 
             print(f"extracted {printable(path)} into {entry}")
         found.append((FeatureFolder(entry), key))
     print(f"cache {cache}: {reused} reused, {len(found) - reused} extracted, {len(failed)} unreadable"
-          + "".join(f"\n  {why}" for why in failed.values()))
+          + "".join(f"\n  {printable(why)}" for why in failed.values()))
     return model, found, failed
 
 
@@ -426,6 +426,7 @@ def search_clips(checkpoint: str | Path, source: str | Path, queries: list[str],
     videos, skipped = embed_clips(model, clips, WholeClipReader(model.config.vision.num_frames), cfg, device,
                                   how.batch_size, "skip", "clips")
     readable = [i for i in range(len(clips)) if i not in skipped]
+    _refuse_unreadable(source, pairs, clips, skipped, truth.truth[:, readable] if truth is not None else None)
     similarity = (embed_texts(model, texts, cfg, device) @ videos[readable].T).double().numpy()
     lengths = {i: clip_length(clips[i]) for i in readable}
     results = [QueryResult(text, [Moment(str(clips[readable[c]]), 0.0, lengths[readable[c]], float(row[c]))
@@ -433,6 +434,17 @@ def search_clips(checkpoint: str | Path, source: str | Path, queries: list[str],
                for text, row in zip(texts, similarity)]
     recall = recall_at(similarity, truth.truth[:, readable]) if truth is not None else None
     return results, {str(clips[i]): why for i, why in skipped.items()}, recall
+
+
+def _refuse_unreadable(source, pairs, clips: list[Path], skipped: dict[int, str], truth: np.ndarray | None) -> None:
+    """One line when no clip could be read, or (with ``pairs``) none of the clips the pairs name: no ranking
+    and no Recall@K (0 / 0) exist then."""
+    first = f"; the first unreadable: {next(iter(skipped.values()))}" if skipped else ""
+    if len(skipped) == len(clips):
+        raise MetadataError(f"{source}: none of its {len(clips)} clips could be read{first}")
+    if truth is not None and not truth.any():
+        raise MetadataError(f"{pairs}: none of the clips its pairs name could be read ({len(skipped)} unreadable), "
+                            f"so Recall@K has no query{first}")
 
 
 def format_clips(results: list[QueryResult]) -> str:
@@ -466,7 +478,7 @@ def run_search(checkpoint: str | Path, source: str | Path, queries: list[str], m
         results, failed, recall = search_clips(checkpoint, source, queries, top_k, pairs, how)
         print(format_clips(results) if pairs is None else format_recall(recall))
         print(f"{len(results)} texts; {len(failed)} unreadable clips left out"
-              + "".join(f"\n  {why}" for why in failed.values()))
+              + "".join(f"\n  {printable(why)}" for why in failed.values()))
     if html is not None or png is not None:
         add_frames(results, how.chunk_seconds)
     if html is not None:
