@@ -79,7 +79,7 @@ def read_csv_rows(path: Path, columns: tuple[str, ...]):
                                     "fields of the header")
             yield reader.line_num, row
     except csv.Error as err:
-        raise MetadataError(f"{path}, line {reader.line_num}: not valid CSV: {err}") from None
+        raise MetadataError(f"{path}, line {max(reader.line_num, 1)}: not valid CSV: {err}") from None
 
 
 class ClipFrames(Dataset):
