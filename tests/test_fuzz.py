@@ -297,23 +297,25 @@ MIR_HEADER = ",".join(epic_mir.TEST_COLUMNS).encode() + b"\n"
 CHARADES_HEADER = b"id,subject,scene,quality,relevance,verified,script,objects,descriptions,actions,length\n"
 
 
-@given(_bytes_after(MIR_HEADER, MIR_HEADER + b'P01_01_0,P01,P01_01,00:00:01.00,00:00:01.00,00:00:02.50,60,150,'),
-       _bytes_after(b"narration_id,narration\n"))
-def test_ek100_csvs_of_any_bytes_parse_or_are_one_line(folder, test, sentences):
-    (folder / epic_mir.TEST_CSV).write_bytes(test)
-    (folder / epic_mir.SENTENCE_CSV).write_bytes(sentences)
-    try:
-        epic_mir.read_mir_annotations(folder)
-    except MetadataError as err:
-        _one_line(err, folder)
+# Each annotation reader of CSV files and the files it reads, as any bytes after a plausible start.
+CSV_READERS = {
+    "EK-100": (epic_mir.read_mir_annotations, {
+        epic_mir.TEST_CSV: _bytes_after(MIR_HEADER, MIR_HEADER + b"P01_01_0,P01,P01_01,00:00:01.00,00:00:01.00,"),
+        epic_mir.SENTENCE_CSV: _bytes_after(b"narration_id,narration\n")}),
+    "Charades-Ego": (charades_ego.read_charades_annotations, {
+        charades_ego.TEST_CSV: _bytes_after(CHARADES_HEADER, CHARADES_HEADER + b"AB12EGO,S,K,7,7,Yes,s,o,d,"),
+        charades_ego.CLASSES_TXT: _bytes_after(b"c000 ")}),
+}
 
 
-@given(_bytes_after(CHARADES_HEADER, CHARADES_HEADER + b"AB12EGO,S,K,7,7,Yes,s,o,d,"), _bytes_after(b"c000 "))
-def test_charades_files_of_any_bytes_parse_or_are_one_line(folder, test, classes):
-    (folder / charades_ego.TEST_CSV).write_bytes(test)
-    (folder / charades_ego.CLASSES_TXT).write_bytes(classes)
+@pytest.mark.parametrize("reader", CSV_READERS)
+@given(data=st.data())
+def test_annotation_csvs_of_any_bytes_parse_or_are_one_line(folder, reader, data):
+    read, files = CSV_READERS[reader]
+    for name, contents in files.items():
+        (folder / name).write_bytes(data.draw(contents, label=name))
     try:
-        charades_ego.read_charades_annotations(folder)
+        read(folder)
     except MetadataError as err:
         _one_line(err, folder)
 
