@@ -183,7 +183,8 @@ def test_a_relevancy_matrix_larger_than_memory_is_refused_saying_what_it_needs(t
     toy = tmp_path / "toy"
     make_toy_benchmarks(toy, seed=0, num_videos=2)
     monkeypatch.setattr(epic_mir, "physical_memory", lambda: 1000)
-    line = _one_line(*_main(capsys, "epic-mir-relevancy", "--annotations", toy / "epic_mir", "--out", tmp_path / "r.npy"))
+    line = _one_line(*_main(capsys, "epic-mir-relevancy", "--annotations", toy / "epic_mir",
+                            "--out", tmp_path / "r.npy"))
     assert "sentences needs about 0.0 GiB of memory to build, more than this machine's 0.0 GiB" in line
     assert not (tmp_path / "r.npy").exists()
 

@@ -255,7 +255,8 @@ def check_relevancy_fits(clips: int, columns: int) -> None:
     need, have = RELEVANCY_BUILD_MATRICES * 8 * clips * columns, physical_memory()
     if need > have:
         raise MetadataError(f"the relevancy matrix of {clips} clips x {columns} sentences needs about "
-                            f"{need / 2**30:.1f} GiB of memory to build, more than this machine's {have / 2**30:.1f} GiB")
+                            f"{need / 2**30:.1f} GiB of memory to build, more than this machine's "
+                            f"{have / 2**30:.1f} GiB")
 
 
 def build_relevancy(annotations: MIRAnnotations) -> np.ndarray:

@@ -36,6 +36,7 @@ from svitt_ego.data.errors import MetadataError
 from svitt_ego.data.errors import load_json as _load_json
 from svitt_ego.data.transforms import eval_transform
 from svitt_ego.models.pruning import num_kept
+from svitt_ego.untrusted import printable
 
 log = logging.getLogger(__name__)
 
@@ -614,7 +615,7 @@ def extract_into(out: str | Path, header: dict, jobs: dict[str, Callable[[], Vid
         manifest = decide_on_main(lambda: _finish(out, failed))
     if is_main() and summary:
         print(f"{len(manifest['videos'])} {noun} have features in {out}, "
-              f"{len(failed)} unreadable" + "".join(f"\n  {key}: {why}" for key, why in failed.items()))
+              f"{len(failed)} unreadable" + "".join(f"\n  {printable(key)}: {why}" for key, why in failed.items()))
     return manifest
 
 

@@ -1,4 +1,5 @@
-"""The error the metadata readers raise for a missing or malformed file, and the JSON loading they share."""
+"""The error the metadata readers raise for a missing or malformed file, and what they share: the JSON
+loading, the one check of ids read from annotations (:func:`checked_id`) and of JSON numbers."""
 
 from __future__ import annotations
 
