@@ -100,6 +100,19 @@ def test_a_full_disk_while_writing_features_is_one_line(model_and_video, tmp_pat
     assert "StorageFull" in _one_line(*_main(capsys, *argv))
 
 
+def test_a_full_disk_while_exporting_to_lmdb_is_one_line(tmp_path, monkeypatch, capsys):
+    from test_nlq_model import _feature_folder
+
+    def full(*args, **kwargs):
+        raise lmdb.Error("mdb_env_open: No space left on device")
+
+    annotations = _feature_folder(tmp_path / "features")
+    monkeypatch.setattr(lmdb, "open", full)
+    line = _one_line(*_main(capsys, "export-nlq-features", tmp_path / "features", "--to", "groundnlq",
+                            tmp_path / "out", "--annotations", annotations))
+    assert "data.mdb: could not write (mdb_env_open: No space left on device)" in line
+
+
 # --------------------------------------------------------------------------- CSV, JSON and numbers
 
 
