@@ -88,7 +88,7 @@ def test_best_moments_of_an_hour_at_any_k_is_prompt():
     scores = torch.rand(3600, generator=torch.Generator().manual_seed(0))  # an hour at a window a second
     start = time.perf_counter()
     kept = best_moments(scores, 10**6)
-    assert time.perf_counter() - start < 10  # about 1 s on 2 CPU cores; comparing every pair: hours
+    assert time.perf_counter() - start < 10  # comparing every kept pair: 21,500 runs x 10,000 kept
     spans = [(first, last + 1) for first, last, _ in kept]
     assert len(kept) < sum(3600 - n + 1 for n in MOMENT_LENGTHS) and len(set(spans)) == len(spans)
     assert [score for *_, score in kept] == sorted((score for *_, score in kept), reverse=True)
