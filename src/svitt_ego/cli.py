@@ -11,6 +11,8 @@ import logging
 import math
 import sys
 
+from svitt_ego.untrusted import one_line
+
 
 class _Parser(argparse.ArgumentParser):
     """A bad argument gets one line and exit status 2, as every other bad input does."""
@@ -549,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         refuse_inputs_as_outputs(args)
         return args.func(args)
     except _user_errors() as err:
-        print(f"svitt-ego: error: {err}", file=sys.stderr)
+        print(f"svitt-ego: error: {one_line(str(err))}", file=sys.stderr)
         return 2
 
 
