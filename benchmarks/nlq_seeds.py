@@ -2,10 +2,11 @@
 
 Takes a ``svitt-ego demo`` folder (its pretrained model in ``run/model`` and its ``toy_data``),
 extracts the window features of the toy NLQ clips once, then trains the grounding model with the
-NLQ demo's settings (``svitt_ego.nlq.demo.TOY_SETTINGS``) once per seed and scores the held-out
-split with the official metric. It uses only what every version of the NLQ code has had
-(``extract_nlq_features``, ``train_nlq``, ``predict_moments``, ``evaluate_nlq``), so the same
-script measures another checkout of the code: put its ``src`` first on ``PYTHONPATH``.
+NLQ demo's settings (``svitt_ego.nlq.demo.TOY_SETTINGS`` and ``toy_stage``) once per seed and
+scores the held-out split with the official metric. It uses ``extract_nlq_features``,
+``train_nlq``, ``predict_moments`` and ``evaluate_nlq``, so the same script measures another
+checkout with the same interface (per-stage schedules, from the commit that added
+``svitt_ego.nlq.recipe``): put its ``src`` first on ``PYTHONPATH``.
 
 ``--arms half narrations`` compares GroundNLQ's narration pretraining with none, on an honest split: the
 toy world's NLQ training videos are also its EgoClip videos, so the training videos are cut in
@@ -172,11 +173,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="features and results (default DEMO/nlq_seeds)")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="none: the baselines only")
     parser.add_argument("--epochs", type=int, default=None,
-                        help="NLQ training (fine-tuning) epochs (default: the NLQ demo's)")
+                        help="NLQ training (fine-tuning) epochs after the warm-up (default: the NLQ demo's)")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=["all"],
                         help="all: the NLQ training videos; half: every other one; narrations: the narrations of "
                              "the other half first, then half")
-    parser.add_argument("--pretrain-epochs", type=int, default=10)
+    parser.add_argument("--pretrain-epochs", type=int, default=10, help="after the warm-up")
     parser.add_argument("--jitter", action=argparse.BooleanOptionalAction, default=True,
                         help="GroundNLQ's temporal jittering of the narration queries")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the NLQ demo's)")
@@ -190,9 +191,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from svitt_ego.atomic import atomic_write_json
-    from svitt_ego.nlq.demo import EPOCHS, TOY_SETTINGS
+    from svitt_ego.nlq.demo import EPOCHS, TOY_SETTINGS, toy_stage
     from svitt_ego.nlq.features import extract_nlq_features
-    from svitt_ego.nlq.train import Stage
 
     toy, out = args.demo / "toy_data", args.out or args.demo / "nlq_seeds"
     out.mkdir(parents=True, exist_ok=True)
@@ -213,19 +213,19 @@ def main() -> None:
                          batch_size=args.batch_size)
     print(f"extracted in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
 
-    args.epochs = args.epochs or EPOCHS
-    arms = {"all": (f"all training videos, {args.epochs} ep", [Stage([str(train)], args.epochs)])}
+    args.epochs = EPOCHS if args.epochs is None else args.epochs
+    schedule = {"lr": args.lr, "warmup_epochs": args.warmup_epochs}
+    stage = lambda files, epochs, **more: toy_stage(files, epochs, **schedule, **more)  # noqa: E731
+    arms = {"all": (f"all training videos, {args.epochs} ep", [stage([train], args.epochs)])}
     if split:
-        arms["half"] = (f"half, no pretraining, {args.epochs} ep", [Stage([str(finetune)], args.epochs)])
+        arms["half"] = (f"half, no pretraining, {args.epochs} ep", [stage([finetune], args.epochs)])
         arms["narrations"] = (f"half, narrations {args.pretrain_epochs} ep{', jittered' * args.jitter} first",
-                              [Stage([str(narrations)], args.pretrain_epochs, jitter=args.jitter),
-                               Stage([str(finetune)], args.epochs)])
+                              [stage([narrations], args.pretrain_epochs, jitter=args.jitter),
+                               stage([finetune], args.epochs)])
     for name, row in anchors(out / "features", train, val).items():
         print(f"{name} (deterministic): " + ", ".join(f"{m} {row[m]:.1f}" for m in METRICS), flush=True)
-    changes = {"lr": args.lr, "warmup_epochs": args.warmup_epochs}  # only those given: older code lacks some
-    base = replace(TOY_SETTINGS, **{k: v for k, v in changes.items() if v is not None},
-                   model={**TOY_SETTINGS.model, **model_settings(args.model)})
-    print(f"grounding model: {base} (seed aside)", flush=True)
+    base = replace(TOY_SETTINGS, model={**TOY_SETTINGS.model, **model_settings(args.model)})
+    print(f"grounding model: {base} (seed aside); stages: {[s for _, s in arms.values()]}", flush=True)
     results: dict[str, list[dict]] = {}
     for name, stages in (arms[arm] for arm in args.arms):
         for seed in args.seeds:
