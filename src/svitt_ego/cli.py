@@ -159,7 +159,8 @@ def _cmd_extract_nlq_features(args: argparse.Namespace) -> int:
     from svitt_ego.nlq.features import extract_nlq_features
 
     meta = extract_nlq_features(args.checkpoint, args.annotations, args.videos, args.out, window=args.window,
-                                stride=args.stride, batch_size=args.batch_size, chunk_seconds=args.chunk_seconds)
+                                stride=args.stride, batch_size=args.batch_size, chunk_seconds=args.chunk_seconds,
+                                text=args.text)
     return 1 if meta["failed"] else 0
 
 
@@ -385,6 +386,10 @@ def _add_nlq_commands(sub) -> None:
     p.add_argument("--stride", type=positive_int, default=4, help="frames between window starts")
     p.add_argument("--batch-size", type=positive_int, default=32, help="windows per forward pass")
     p.add_argument("--chunk-seconds", type=positive_float, default=600.0)
+    p.add_argument("--text", nargs="+", default=["svitt-ego"], metavar="ENCODER",
+                   help="the queries' token states: 'clip FOLDER' (a local Hugging Face CLIPTextModel and its "
+                        "tokenizer, GroundNLQ's text features, 512-d float32 for ViT-B/32) or 'svitt-ego' (the "
+                        "checkpoint's text encoder; the default)")
     p.set_defaults(func=_cmd_extract_nlq_features)
 
     from svitt_ego.nlq.recipe import recipe_help

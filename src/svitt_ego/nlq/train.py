@@ -52,7 +52,7 @@ class TrainSettings:
 RESUMABLE_CHANGES = ("settings.max_nonfinite",)
 # What a feature folder's manifest says about the features' meaning (not about which clips it holds).
 FEATURE_KEYS = ("format", "checkpoint", "weights_digest", "what", "window", "stride", "frames", "fps", "dtype",
-                "dimension", "text_dimension", "time_convention")
+                "dimension", "text_dimension", "text_encoder", "time_convention")
 # Bounds on the sizes that the weights' shapes do not show, or that are looped over before they are checked.
 MAX_LEVELS, MAX_TEXT_LAYERS = 16, 64  # also the bound on stem_layers
 
@@ -367,6 +367,20 @@ def _train_nlq(features, stages, out, settings, resume, device, val, allow_confi
     return model
 
 
+def check_inputs(checkpoint: str | Path, state: dict, config: GroundingConfig, features: NLQFeatures) -> None:
+    """Refuse features the checkpoint's model cannot read, or whose queries another text encoder made."""
+    where = features.folder / "manifest.json"
+    for name, ours, theirs in (("video", config.video_dim, features.manifest["dimension"]),
+                               ("text", config.text_dim, features.manifest["text_dimension"])):
+        if ours != theirs:
+            raise NLQFormatError(f"{checkpoint}: the model reads {name} features of dimension {ours}, {where} holds "
+                                 f"{theirs}")
+    trained_on = (state.get("features") or {}).get("text_encoder", features.manifest["text_encoder"])
+    if trained_on != features.manifest["text_encoder"]:
+        raise NLQFormatError(f"{checkpoint}: trained on queries encoded by {trained_on}, {where} holds queries "
+                             f"encoded by {features.manifest['text_encoder']}")
+
+
 @torch.no_grad()
 def predict_moments(model: GroundingModel, features: NLQFeatures, queries: list[NLQQuery], clips: dict,
                     batch_size: int = 8, top_k: int = 5, device: torch.device | str = "cpu") -> list[dict]:
@@ -396,10 +410,11 @@ def predict_nlq(features_dir: str | Path, checkpoint: str | Path, annotations: s
     from svitt_ego.atomic import atomic_write_json
     from svitt_ego.device import default_device
 
-    model, _ = load_grounding(checkpoint)
+    model, state = load_grounding(checkpoint)
+    features = NLQFeatures(features_dir)
+    check_inputs(checkpoint, state, model.config, features)
     parsed = read_nlq(annotations)
-    results = predict_moments(model, NLQFeatures(features_dir), parsed.queries, parsed.clips, batch_size, top_k,
-                              default_device())
+    results = predict_moments(model, features, parsed.queries, parsed.clips, batch_size, top_k, default_device())
     submission = make_submission(results)
     atomic_write_json(output, submission)
     return submission
