@@ -150,14 +150,16 @@ def test_decode_by_hand():
 
 
 def _feature_folder(root, num_clips=6, windows=24, dim=8):
-    """A features folder where the answer's windows carry the query's code (learnable)."""
+    """A features folder where the answer's windows carry the query's code (learnable); ``windows``
+    is every clip's length, or a list of them."""
     generator = torch.Generator().manual_seed(0)
     settings = Settings("pooled", 4, 4, 4)
     header = {**manifest_header(root / "ckpt", "sha256:" + "0" * 64, settings, [dim]), "text_dimension": dim}
-    info = {"source": "v", "fps": 10.0, "first_frame": 0, "frames": 4 * windows, "windows": windows}
-    begin_folder(root, header, {f"c{c}": info for c in range(num_clips)})
+    lengths = windows if isinstance(windows, list) else [windows] * num_clips
+    begin_folder(root, header, {f"c{c}": {"source": "v", "fps": 10.0, "first_frame": 0, "frames": 4 * n, "windows": n}
+                                for c, n in enumerate(lengths)})
     videos = []
-    for c in range(num_clips):
+    for c, windows in enumerate(lengths):
         video = 0.1 * torch.randn(windows, dim, generator=generator)
         queries = []
         for k, (a, b) in enumerate([(2 + c % 4, 6 + c % 4), (12, 20)]):

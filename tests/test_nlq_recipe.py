@@ -10,7 +10,7 @@ import torch
 from svitt_ego import cli
 from svitt_ego.nlq.model import GroundingConfig, GroundingModel, from_groundnlq
 from svitt_ego.nlq.recipe import RECIPES, recipe_help, recipe_table
-from svitt_ego.nlq.train import _learning_rate
+from svitt_ego.nlq.train import Stage, TrainSettings, _learning_rate, train_nlq
 
 DATA = Path(__file__).parent / "data"
 DOCS = Path(__file__).parents[1] / "docs" / "nlq.md"
@@ -128,3 +128,32 @@ def test_padding_does_not_change_the_outputs():
     assert errors[352] < 1e-5 and errors[640] < 1e-5, errors
     assert errors[320] > 1e-2, errors
 
+
+
+def test_micro_batches_take_the_batchs_step(tmp_path):
+    """A batch of 6 in parts of 1 and of 4 (clips of 24, 40 and 24 windows: each part pads to its
+    own length) gives the gradients, losses and normaliser of the batch at once: the gradients of
+    the sums, divided by the normaliser of all the batch's positives. Drop path off (its draws
+    follow the parts)."""
+    from svitt_ego.nlq.features import NLQFeatures
+    from svitt_ego.nlq.train import _backward, training_queries
+    from test_nlq_model import SMALL, _feature_folder
+
+    annotations = _feature_folder(tmp_path, num_clips=3, windows=[24, 40, 24])
+    features = NLQFeatures(tmp_path)
+    chosen = training_queries(features, [annotations])
+    torch.manual_seed(0)
+    model = GroundingModel(GroundingConfig(video_dim=8, text_dim=8, **{**SMALL, "drop_path": 0.0})).train()
+    results = {}
+    for parts in (None, 1, 4):
+        model.zero_grad(set_to_none=True)
+        losses = _backward(model, features, chosen, TrainSettings(micro_batch=parts), torch.device("cpu"))
+        results[parts] = losses, {name: p.grad.clone() for name, p in model.named_parameters()}
+    (whole, grads), normalizer = results[None], results[None][0]["normalizer"]
+    assert whole["positives"] > 0 and normalizer == pytest.approx(0.9 * 200 + 0.1 * whole["positives"])
+    for parts in (1, 4):
+        losses, parted = results[parts]
+        assert losses["normalizer"] == pytest.approx(normalizer) and losses["positives"] == whole["positives"]
+        assert float(losses["loss"]) == pytest.approx(float(whole["loss"].detach()), rel=1e-5)
+        for name, grad in grads.items():
+            torch.testing.assert_close(parted[name], grad, atol=1e-7, rtol=1e-4, msg=name)

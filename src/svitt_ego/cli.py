@@ -181,7 +181,8 @@ def _cmd_train_nlq(args: argparse.Namespace) -> int:
                            jitter=args.jitter)] if args.pretrain else []
     stages.append(recipe_stage("finetune" if args.pretrain else "scratch", args.annotations, epochs=args.epochs,
                                lr=args.lr, batch_size=args.batch_size, warmup_epochs=args.warmup_epochs))
-    settings = TrainSettings(seed=args.seed, max_nonfinite=args.max_nonfinite, max_windows=args.max_windows)
+    settings = TrainSettings(seed=args.seed, max_nonfinite=args.max_nonfinite, max_windows=args.max_windows,
+                             micro_batch=args.micro_batch)
     train_nlq(args.features, stages, args.out, settings,
               resume=args.resume, device=args.device, val=args.val, allow_config_change=args.allow_config_change)
     return 0
@@ -417,6 +418,9 @@ def _add_nlq_commands(sub) -> None:
                    help="GroundNLQ's temporal jittering of the --pretrain answers (default: on, the recipe's)")
     p.add_argument("--max-windows", type=positive_int, default=None,
                    help="crop longer training clips to this many windows around the answer (default: whole clips)")
+    p.add_argument("--micro-batch", type=positive_int, default=None,
+                   help="queries per forward pass: a batch is run in parts and their gradients summed, the same "
+                        "step in less memory (default: the whole batch at once)")
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--max-nonfinite", type=nonnegative_int, default=10,
                    help="steps skipped for a non-finite loss or gradient before the run stops")

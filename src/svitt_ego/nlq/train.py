@@ -43,13 +43,14 @@ class TrainSettings:
     """What holds for every stage of a run (a stage's schedule is its :class:`Stage`)."""
     weight_decay: float = 0.05  # on convolution weights only
     max_windows: int | None = None  # crop longer training clips around the moment to this (None: never)
+    micro_batch: int | None = None  # queries per forward pass: a batch's gradients summed over its parts
     seed: int = 0
     model: dict = field(default_factory=dict)  # GroundingConfig fields other than the dimensions
     max_nonfinite: int = 10  # steps skipped for a non-finite loss or gradient before the run stops
 
 
 # What may differ between a run and its resumption; any other setting, stage or feature key is refused.
-RESUMABLE_CHANGES = ("settings.max_nonfinite",)
+RESUMABLE_CHANGES = ("settings.max_nonfinite", "settings.micro_batch")
 # What a feature folder's manifest says about the features' meaning (not about which clips it holds).
 FEATURE_KEYS = ("format", "checkpoint", "weights_digest", "what", "window", "stride", "frames", "fps", "dtype",
                 "dimension", "text_dimension", "text_encoder", "time_convention")
@@ -160,6 +161,32 @@ def _optimizer(model: GroundingModel, settings: TrainSettings, lr: float) -> tor
     return torch.optim.AdamW(groups, lr=lr)
 
 
+def _backward(model: GroundingModel, features: NLQFeatures, chosen: list[NLQQuery], settings: TrainSettings,
+              device: torch.device) -> dict:
+    """Forward and backward of one batch, ``settings.micro_batch`` queries at a time; the gradients
+    are the whole batch's (its losses summed over all its points, divided by the loss normaliser
+    updated with all its positives), however it is split: each part's sums are backpropagated and
+    the gradients divided by that normaliser at the end. Returns the batch's losses."""
+    size, parts = settings.micro_batch or len(chosen), []
+    for j in range(0, len(chosen), size):
+        batch = collate(features, chosen[j:j + size], model.padded_length, settings.max_windows)
+        losses = grounding_loss(_forward(model, batch, device), batch["moments"].to(device), model.config,
+                                float(model.loss_normalizer))
+        (losses["loss"] if size >= len(chosen) else losses["loss"] * losses["normalizer"]).backward()
+        parts.append(losses)
+    if len(parts) == 1:
+        return parts[0]
+    cfg, positives = model.config, sum(part["positives"] for part in parts)
+    normalizer = cfg.loss_norm_momentum * float(model.loss_normalizer) + (1 - cfg.loss_norm_momentum) * max(positives, 1)
+    for parameter in model.parameters():
+        if parameter.grad is not None:
+            parameter.grad.div_(normalizer)
+    total = {key: sum(part[key].detach() * part["normalizer"] for part in parts) / normalizer
+             for key in ("loss", "cls", "reg")}
+    return {**total, "normalizer": normalizer, "positives": positives,
+            "zero_offsets": sum(part["zero_offsets"] for part in parts)}
+
+
 def _train_epoch(model, optimizer, features, queries, settings, stage: Stage, position: tuple[int, int],
                  device: torch.device, nonfinite: int) -> tuple[dict, int]:
     """One epoch of ``stage`` at ``position`` (stage index, epoch); returns its mean losses and the
@@ -174,15 +201,12 @@ def _train_epoch(model, optimizer, features, queries, settings, stage: Stage, po
         chosen = [queries[j] for j in order[i * stage.batch_size:(i + 1) * stage.batch_size]]
         if stage.jitter:
             chosen = [_jittered(features, q) for q in chosen]
-        batch = collate(features, chosen, model.padded_length, settings.max_windows)
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(stage.lr, epoch * steps + i, stage.warmup_epochs * steps,
                                          stage.total_epochs * steps)
-        losses = grounding_loss(_forward(model, batch, device), batch["moments"].to(device), model.config,
-                                float(model.loss_normalizer))
-        model.loss_normalizer.fill_(losses["normalizer"])
         optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
+        losses = _backward(model, features, chosen, settings, device)
+        model.loss_normalizer.fill_(losses["normalizer"])
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         if not (torch.isfinite(losses["loss"]) and torch.isfinite(norm)):
             optimizer.zero_grad(set_to_none=True)
