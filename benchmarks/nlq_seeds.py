@@ -183,7 +183,8 @@ def long_clip_split(features_dir: Path, files: list[Path], windows: int, out: Pa
     for path, p, plan in zip(files, parsed, plans):
         videos = []
         for name, group, asked in plan:
-            write_tensors(feature_file(out / "features", name), {"features": torch.cat([features.video(u) for u in group])})
+            video = torch.cat([features.video(uid) for uid in group])
+            write_tensors(feature_file(out / "features", name), {"features": video})
             seen = [text for uid in group for text in set(texts[uid])]
             annotations, offset = [], 0
             for uid in group:

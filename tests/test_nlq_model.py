@@ -26,6 +26,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def groundnlq_reference() -> tuple[GroundingConfig, dict, dict]:
+    """The committed GroundNLQ reference: our config for its sizes, its state dict (as GroundNLQ
+    names it, in float32) and the file's tensors (inputs, outputs)."""
+    meta = json.loads((DATA / "groundnlq_reference.json").read_text())
+    ref = torch.load(DATA / "groundnlq_reference.pt", weights_only=True)
+    c, arch = meta["config"], meta["config"]["backbone_arch"]
+    cfg = GroundingConfig(video_dim=c["input_vid_dim"], text_dim=c["input_txt_dim"], hidden=c["embd_dim"],
+                          num_heads=c["n_head"], window=c["n_mha_win_size"], text_layers=arch[1],
+                          stem_layers=arch[2], levels=arch[4] + 1, head_layers=c["head_num_layers"])
+    state = {k.removeprefix("int8/"): v.float() * 2.0 ** -ref[k.replace("int8/", "exponent/")].item()
+             for k, v in ref.items() if k.startswith("int8/")}
+    return cfg, state, ref
+
+
 def test_matches_groundnlq_outputs():
     """GroundNLQ's own code (houzhijian/GroundNLQ, the commit in groundnlq_reference.json) gave
     these outputs: its ``LocPointTransformer`` was built outside this repository at hidden 128
@@ -34,15 +48,9 @@ def test_matches_groundnlq_outputs():
     random and rounded to ``int8 * 2 ** -exponent`` (stored so), the model was put in eval mode
     and run backbone -> neck -> heads on the stored input (two rows, the second padded in video
     and text), and each level's classification logits and regression offsets were saved."""
+    cfg, state, ref = groundnlq_reference()
     meta = json.loads((DATA / "groundnlq_reference.json").read_text())
-    ref = torch.load(DATA / "groundnlq_reference.pt", weights_only=True)
-    c, arch = meta["config"], meta["config"]["backbone_arch"]
-    cfg = GroundingConfig(video_dim=c["input_vid_dim"], text_dim=c["input_txt_dim"], hidden=c["embd_dim"],
-                          num_heads=c["n_head"], window=c["n_mha_win_size"], text_layers=arch[1],
-                          stem_layers=arch[2], levels=arch[4] + 1, head_layers=c["head_num_layers"])
-    assert [list(cfg.regress_range(level)) for level in range(cfg.levels)] == c["regression_range"]
-    state = {k.removeprefix("int8/"): v.float() * 2.0 ** -ref[k.replace("int8/", "exponent/")].item()
-             for k, v in ref.items() if k.startswith("int8/")}
+    assert [list(cfg.regress_range(level)) for level in range(cfg.levels)] == meta["config"]["regression_range"]
     model = GroundingModel(cfg)
     model.load_state_dict(from_groundnlq(state, cfg))  # strict: every name mapped, every shape fits
     with torch.no_grad():

@@ -1,7 +1,6 @@
 """GroundNLQ's recipe per stage (defaults, docs, the schedule), its state dicts without drop path,
 and outputs that do not depend on how much padding a clip gets."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,9 +9,9 @@ import torch
 from svitt_ego import cli
 from svitt_ego.nlq.model import GroundingConfig, GroundingModel, from_groundnlq
 from svitt_ego.nlq.recipe import RECIPES, recipe_help, recipe_table
-from svitt_ego.nlq.train import Stage, TrainSettings, _learning_rate, train_nlq
+from svitt_ego.nlq.train import TrainSettings, _learning_rate
+from test_nlq_model import groundnlq_reference
 
-DATA = Path(__file__).parent / "data"
 DOCS = Path(__file__).parents[1] / "docs" / "nlq.md"
 
 
@@ -75,23 +74,11 @@ def test_the_schedule_counts_warmup_as_groundnlq_does():
     assert _learning_rate(lr, warmup + 30, warmup, total) == pytest.approx(1e-8 + (lr - 1e-8) / 2)  # half-way
 
 
-def _reference():
-    meta = json.loads((DATA / "groundnlq_reference.json").read_text())
-    ref = torch.load(DATA / "groundnlq_reference.pt", weights_only=True)
-    c, arch = meta["config"], meta["config"]["backbone_arch"]
-    cfg = GroundingConfig(video_dim=c["input_vid_dim"], text_dim=c["input_txt_dim"], hidden=c["embd_dim"],
-                          num_heads=c["n_head"], window=c["n_mha_win_size"], text_layers=arch[1],
-                          stem_layers=arch[2], levels=arch[4] + 1, head_layers=c["head_num_layers"])
-    state = {k.removeprefix("int8/"): v.float() * 2.0 ** -ref[k.replace("int8/", "exponent/")].item()
-             for k, v in ref.items() if k.startswith("int8/")}
-    return cfg, state, ref
-
-
 def test_a_groundnlq_state_without_drop_path_loads_and_adds_its_branches_unscaled():
     """GroundNLQ builds no AffineDropPath (no ``drop_path_*.scale``) at droppath 0: its state dict
     loads strictly into ours at drop_path 0, which has no ``gamma_*``, and in eval mode gives
     what the drop-path model gives with every scale at 1."""
-    cfg, state, ref = _reference()
+    cfg, state, ref = groundnlq_reference()
     plain = {k: v for k, v in state.items() if ".drop_path_" not in k}
     assert len(plain) < len(state)
     no_drop = GroundingModel(GroundingConfig(**{**cfg.to_dict(), "drop_path": 0.0}))
@@ -112,7 +99,7 @@ def test_padding_does_not_change_the_outputs():
     padded to our length for it (352) and to 640: the same outputs at every valid point as
     GroundNLQ's. With the next multiple of 32 alone (320) the deepest level has no padded point and
     its last points read the array's end instead (off by 0.1)."""
-    cfg, state, ref = _reference()
+    cfg, state, ref = groundnlq_reference()
     model = GroundingModel(cfg)
     model.load_state_dict(from_groundnlq(state, cfg))
     assert model.padded_length(300) == 352 and model.padded_length(320) == 352

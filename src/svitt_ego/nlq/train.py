@@ -176,8 +176,8 @@ def _backward(model: GroundingModel, features: NLQFeatures, chosen: list[NLQQuer
         parts.append(losses)
     if len(parts) == 1:
         return parts[0]
-    cfg, positives = model.config, sum(part["positives"] for part in parts)
-    normalizer = cfg.loss_norm_momentum * float(model.loss_normalizer) + (1 - cfg.loss_norm_momentum) * max(positives, 1)
+    momentum, positives = model.config.loss_norm_momentum, sum(part["positives"] for part in parts)
+    normalizer = momentum * float(model.loss_normalizer) + (1 - momentum) * max(positives, 1)
     for parameter in model.parameters():
         if parameter.grad is not None:
             parameter.grad.div_(normalizer)
