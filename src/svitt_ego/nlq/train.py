@@ -16,6 +16,7 @@ import logging
 import math
 import pickle
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -100,7 +101,8 @@ def training_queries(features: NLQFeatures, files: list) -> list[NLQQuery]:
     return queries
 
 
-def collate(features: NLQFeatures, queries: list[NLQQuery], padded_length, max_windows: int | None = None,
+def collate(features: NLQFeatures, queries: list[NLQQuery], padded_length: Callable[[int], int],
+            max_windows: int | None = None,
             generator: torch.Generator | None = None) -> dict:
     """Padded video [B, T, D], text [B, L, C], their masks, moments [B, 2] (window indices) and offsets.
 
