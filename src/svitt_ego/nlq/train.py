@@ -102,8 +102,7 @@ def training_queries(features: NLQFeatures, files: list) -> list[NLQQuery]:
 
 
 def collate(features: NLQFeatures, queries: list[NLQQuery], padded_length: Callable[[int], int],
-            max_windows: int | None = None,
-            generator: torch.Generator | None = None) -> dict:
+            max_windows: int | None = None, generator: torch.Generator | None = None) -> dict:
     """Padded video [B, T, D], text [B, L, C], their masks, moments [B, 2] (window indices) and offsets.
 
     ``T`` is ``padded_length(longest clip)`` (:meth:`GroundingModel.padded_length`).
