@@ -95,26 +95,27 @@ def test_a_groundnlq_state_without_drop_path_loads_and_adds_its_branches_unscale
 
 
 def test_padding_does_not_change_the_outputs():
-    """The reference's second row (300 valid windows, GroundNLQ padded it to its max_seq_len 512)
-    padded to our length for it (352) and to 640: the same outputs at every valid point as
-    GroundNLQ's. With the next multiple of 32 alone (320) the deepest level has no padded point and
-    its last points read the array's end instead (off by 0.1)."""
+    """The reference's second row (300 valid windows, 4 valid tokens; GroundNLQ padded it to its
+    max_seq_len 512 and to the batch's 7 tokens) padded to our lengths for it (352 windows, 5
+    tokens) and to 640 windows and 12 tokens: the same outputs at every valid point as GroundNLQ's.
+    With the next multiple of 32 alone (320) the deepest level has no padded point and its last
+    points read the array's end instead (off by 0.1); so do the query's with no padded token."""
     cfg, state, ref = groundnlq_reference()
     model = GroundingModel(cfg)
     model.load_state_dict(from_groundnlq(state, cfg))
     assert model.padded_length(300) == 352 and model.padded_length(320) == 352
-    video, text = ref["input/video"].float().transpose(1, 2)[1:, :300], ref["input/text"].float().transpose(1, 2)[1:]
+    video, text = ref["input/video"].float().transpose(1, 2)[1:, :300], ref["input/text"].float().transpose(1, 2)[1:, :4]
     errors = {}
-    for length in (320, 352, 640):
+    for length, tokens in ((320, 5), (352, 5), (640, 12), (352, 4)):
         padded = torch.nn.functional.pad(video, (0, 0, 0, length - 300))
         with torch.no_grad():
-            outputs = model.eval()(padded, torch.arange(length)[None] < 300, text, ref["input/text_mask"][1:])
-        errors[length] = max((out[key][0, :valid] - ref[f"output/{key}.{level}"][1, :valid]).abs().max().item()
-                             for level, out in enumerate(outputs) for valid in [int(out["mask"][0].sum())]
-                             for key in ("logits", "offsets"))
-    assert errors[352] < 1e-5 and errors[640] < 1e-5, errors
-    assert errors[320] > 1e-2, errors
-
+            outputs = model.eval()(padded, torch.arange(length)[None] < 300,
+                                   torch.nn.functional.pad(text, (0, 0, 0, tokens - 4)), torch.arange(tokens)[None] < 4)
+        errors[length, tokens] = max(
+            (out[key][0, :valid] - ref[f"output/{key}.{level}"][1, :valid]).abs().max().item()
+            for level, out in enumerate(outputs) for valid in [int(out["mask"][0].sum())] for key in ("logits", "offsets"))
+    assert errors[352, 5] < 1e-5 and errors[640, 12] < 1e-5, errors
+    assert errors[320, 5] > 1e-2 and errors[352, 4] > 1e-3, errors
 
 
 def test_micro_batches_take_the_batchs_step(tmp_path):
@@ -144,3 +145,35 @@ def test_micro_batches_take_the_batchs_step(tmp_path):
         assert float(losses["loss"]) == pytest.approx(float(whole["loss"].detach()), rel=1e-5)
         for name, grad in grads.items():
             torch.testing.assert_close(parted[name], grad, atol=1e-7, rtol=1e-4, msg=name)
+
+
+def test_a_querys_outputs_do_not_depend_on_its_batch(tmp_path):
+    """Clips of 24 and 40 windows, queries of 2 and 5 tokens: each row's outputs in a batch of both
+    are its outputs alone (every row keeps a padded window and a padded token after its own; with
+    GroundNLQ's padding the shorter row's would move)."""
+    from svitt_ego.features import write_tensors
+    from svitt_ego.nlq.annotations import read_nlq
+    from svitt_ego.nlq.features import NLQFeatures, text_file
+    from svitt_ego.nlq.train import collate
+    from test_nlq_model import SMALL, _feature_folder
+
+    annotations = _feature_folder(tmp_path, num_clips=2, windows=[24, 40])
+    queries = [q for q in read_nlq(annotations).queries if q.query_idx == 0]
+    write_tensors(text_file(tmp_path, queries[1]), {"states": torch.randn(5, 8).half()})
+    features = NLQFeatures(tmp_path)
+    torch.manual_seed(0)
+    # unscaled residual branches (no drop path) and trained-like LayerNorm biases, so padding is not 0
+    model = GroundingModel(GroundingConfig(video_dim=8, text_dim=8, **{**SMALL, "drop_path": 0.0})).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            torch.nn.init.normal_(module.bias, std=0.5)
+    run = lambda chosen: model(*(collate(features, chosen, model.padded_length)[k]  # noqa: E731
+                                 for k in ("video", "video_mask", "text", "text_mask")))
+    with torch.no_grad():
+        together = run(queries)
+        for row, query in enumerate(queries):
+            for level, (both, alone) in enumerate(zip(together, run([query]))):
+                valid = int(alone["mask"][0].sum())
+                torch.testing.assert_close(both["logits"][row, :valid], alone["logits"][0, :valid], atol=1e-5, rtol=0)
+                torch.testing.assert_close(both["offsets"][row, :valid], alone["offsets"][0, :valid], atol=1e-5,
+                                           rtol=0)

@@ -105,7 +105,9 @@ def collate(features: NLQFeatures, queries: list[NLQQuery], padded_length: Calla
             max_windows: int | None = None, generator: torch.Generator | None = None) -> dict:
     """Padded video [B, T, D], text [B, L, C], their masks, moments [B, 2] (window indices) and offsets.
 
-    ``T`` is ``padded_length(longest clip)`` (:meth:`GroundingModel.padded_length`).
+    ``T`` is ``padded_length(longest clip)`` (:meth:`GroundingModel.padded_length`), ``L`` the
+    longest query's tokens and one more: every row keeps a padded point after its last valid one,
+    so a query's outputs do not depend on the other rows of its batch.
     With ``max_windows`` a longer clip is cut to a random crop of that many windows that holds
     as much of the moment as fits; ``offsets`` says where each row starts in its clip.
     """
@@ -129,9 +131,10 @@ def collate(features: NLQFeatures, queries: list[NLQQuery], padded_length: Calla
     video = torch.nn.functional.pad(video, (0, 0, 0, length - video.shape[1]))
     lengths = torch.tensor([len(v) for v in videos])
     text_lengths = torch.tensor([len(t) for t in texts])
-    return {"video": video, "video_mask": torch.arange(length)[None] < lengths[:, None],
-            "text": pad_sequence(texts, batch_first=True),
-            "text_mask": torch.arange(max(text_lengths))[None] < text_lengths[:, None],
+    text_length = int(text_lengths.max()) + 1  # a padded token after every query, as for the video
+    text = torch.nn.functional.pad(pad_sequence(texts, batch_first=True), (0, 0, 0, 1))
+    return {"video": video, "video_mask": torch.arange(length)[None] < lengths[:, None], "text": text,
+            "text_mask": torch.arange(text_length)[None] < text_lengths[:, None],
             "moments": torch.stack(moments), "offsets": torch.tensor(offsets)}
 
 
