@@ -202,7 +202,7 @@ def model_overrides(overrides: list[str] | tuple) -> tuple[dict, list[str]]:
 
 def load_for_eval(checkpoint: str | Path, config: str | None = None,
                   overrides: list[str] | tuple = ()) -> tuple[SViTTEgo, Config]:
-    """A model and its config from a training checkpoint (``.pt``) or a ``save_pretrained`` folder.
+    """A model (in eval mode) and its config from a training checkpoint (``.pt``) or a ``save_pretrained`` folder.
 
     The model's settings come from the checkpoint; ``model.`` overrides rebuild it from its
     weights (e.g. ``model.vision.num_frames=8`` re-inflates the bias tables, as
