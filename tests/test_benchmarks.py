@@ -57,7 +57,7 @@ def smallest_runs(demo: Path, tmp: Path) -> dict[str, tuple]:
                            "--steps", "1", "--image-size", "64", "--anchor-width", "64", "--anchor-depth", "2",
                            "--anchor-heads", "2"), _ratios_are_to_the_anchor),
         "vtm_probe.py": ((model, toy, "--steps", "1", "--batches", "1", "--candidates", "mean"), "candidate"),
-        "nlq_seeds.py": ((demo, "--out", tmp / "seeds", "--videos", "4", "--seeds", "0", "1", "--epochs", "1",
+        "nlq_seeds.py": ((demo, "--output", tmp / "seeds", "--videos", "4", "--seeds", "0", "1", "--epochs", "1",
                           "--arms", "all", "half", "narrations", "--pretrain-epochs", "1"),
                          _three_arms_two_seeds_honest_split),
         "nlq_memory.py": (("--windows", "64", "128", "--hidden", "16", "--levels", "3", "--video-dim", "8",

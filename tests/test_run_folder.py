@@ -205,7 +205,7 @@ def trained(nlq, tmp_path_factory):
 
 
 def _train_nlq(nlq, out, *args, features="features0"):
-    return main(["train-nlq", str(nlq / features), "--annotations", str(nlq / "nlq.json"), "--out", str(out),
+    return main(["train-nlq", str(nlq / features), "--annotations", str(nlq / "nlq.json"), "--output", str(out),
                  "--epochs", "1", *args])
 
 
@@ -317,17 +317,17 @@ def test_a_crafted_grounding_checkpoint_is_refused_before_anything_is_built(nlq,
     (["visualize", "C.pt", "V.mp4", "--start", "-1", "--end", "2"], "--start"),
     (["visualize", "C.pt", "V.mp4", "--start", "0", "--end", "inf"], "--end"),
     (["demo", "--workdir", "D", "--epochs", "0"], "--epochs"),
-    (["extract-nlq-features", "C.pt", "--annotations", "A", "--videos", "V", "--out", "D", "--window", "3",
+    (["extract-nlq-features", "C.pt", "--annotations", "A", "--videos", "V", "--output", "D", "--window", "3",
       "--stride", "0"], "--stride"),
-    (["extract-nlq-features", "C.pt", "--annotations", "A", "--videos", "V", "--out", "D", "--batch-size", "0"],
+    (["extract-nlq-features", "C.pt", "--annotations", "A", "--videos", "V", "--output", "D", "--batch-size", "0"],
      "--batch-size"),
-    (["extract-nlq-features", "C.pt", "--annotations", "A", "--videos", "V", "--out", "D", "--chunk-seconds",
+    (["extract-nlq-features", "C.pt", "--annotations", "A", "--videos", "V", "--output", "D", "--chunk-seconds",
       "-600"], "--chunk-seconds"),
-    (["train-nlq", "F", "--annotations", "A", "--out", "D", "--batch-size", "0"], "--batch-size"),
-    (["train-nlq", "F", "--annotations", "A", "--out", "D", "--lr", "nan"], "--lr"),
-    (["train-nlq", "F", "--annotations", "A", "--out", "D", "--epochs", "0"], "--epochs"),
-    (["train-nlq", "F", "--annotations", "A", "--out", "D", "--pretrain-epochs", "-1"], "--pretrain-epochs"),
-    (["train-nlq", "F", "--annotations", "A", "--out", "D", "--seed", str(2**64)], "--seed"),
+    (["train-nlq", "F", "--annotations", "A", "--output", "D", "--batch-size", "0"], "--batch-size"),
+    (["train-nlq", "F", "--annotations", "A", "--output", "D", "--lr", "nan"], "--lr"),
+    (["train-nlq", "F", "--annotations", "A", "--output", "D", "--epochs", "0"], "--epochs"),
+    (["train-nlq", "F", "--annotations", "A", "--output", "D", "--pretrain-epochs", "-1"], "--pretrain-epochs"),
+    (["train-nlq", "F", "--annotations", "A", "--output", "D", "--seed", str(2**64)], "--seed"),
     (["predict-nlq", "F", "--annotations", "A", "--output", "O", "--zero-shot", "--top-k", "0"], "--top-k"),
     (["search", "C.pt", "F", "a query", "--top-k", "0"], "--top-k"),
     (["search", "C.pt", "V.mp4", "a query", "--cache", "D", "--stride", "0"], "--stride"),

@@ -110,7 +110,7 @@ def test_a_chunk_folder_is_cached_by_its_chunks_and_shown_from_them(world, video
 
 
 def test_the_same_moments_from_raw_videos_and_from_their_feature_folder(world, tmp_path, capsys):
-    assert main(["extract-features", world.model, str(world.videos), "--out", str(tmp_path / "features")]) == 0
+    assert main(["extract-features", world.model, str(world.videos), "--output", str(tmp_path / "features")]) == 0
     raw, failed = search_videos(world.model, world.videos, QUERIES, 3, tmp_path / "cache")
     folder, _ = search_videos(world.model, tmp_path / "features", QUERIES, 3)
     assert failed == {}
@@ -126,8 +126,8 @@ def test_the_same_moments_from_raw_videos_and_from_their_feature_folder(world, t
 
 
 def test_refusals_are_one_line_exit_2(world, tmp_path, capsys):
-    assert main(["extract-features", world.model, str(world.kitchen), "--out", str(tmp_path / "pooled")]) == 0
-    assert main(["extract-features", world.model, str(world.kitchen), "--out", str(tmp_path / "tokens"),
+    assert main(["extract-features", world.model, str(world.kitchen), "--output", str(tmp_path / "pooled")]) == 0
+    assert main(["extract-features", world.model, str(world.kitchen), "--output", str(tmp_path / "tokens"),
                  "--what", "tokens"]) == 0
     cases = {
         ("search", world.root / "other", tmp_path / "pooled", "drawer"): "the features were extracted with weights",

@@ -38,7 +38,7 @@ from svitt_ego.config import Config, ConfigError
 from svitt_ego.data.dataset import EgoClipDataset, EpochSampler, collate_egoclip
 from svitt_ego.data.tokenizer import load_tokenizer
 from svitt_ego.data.video_uids import warn_shared_eval_videos
-from svitt_ego.device import autocast, to_device
+from svitt_ego.device import autocast, pick_device, to_device
 from svitt_ego.distributed import (barrier, decide_on_main, is_main, rank, setup_distributed, true_on_every_rank,
                                    world_size)
 from svitt_ego.evaluate import egomcq_score, evaluate_egomcq
@@ -384,13 +384,13 @@ def start(run: Run, resume: bool, allow_config_change: bool) -> TrainState:
     return state
 
 
-def pretrain(cfg: Config, resume: bool = False, allow_config_change: bool = False) -> dict:
+def pretrain(cfg: Config, resume: bool = False, allow_config_change: bool = False, device: str | None = None) -> dict:
     """Pretrain with ``cfg``; returns the last EgoMCQ accuracies (empty without evaluation).
 
     ``resume`` continues the run in ``train.output_dir`` from ``last.pt``; a config that changes
-    what the saved state means is refused unless ``allow_config_change``.
+    what the saved state means is refused unless ``allow_config_change``. ``device``: :func:`pick_device`.
     """
-    _, _, device = setup_distributed()
+    _, _, device = setup_distributed(pick_device(device))
     out = Path(cfg.train.output_dir)
     if not resume and decide_on_main((out / "last.pt").exists):
         raise FileExistsError(f"{out} already holds a run ({out / 'last.pt'}); pass --resume to continue it, "

@@ -296,7 +296,7 @@ def train_nlq(features_dir: str | Path, stages: list[Stage], out: str | Path, se
 def _train_nlq(features, stages, out, settings, resume, device, val, allow_config_change) -> GroundingModel:
     last, meaning = out / "last.pt", run_settings(features, stages, settings, val)
     if last.exists() and not resume:
-        raise FileExistsError(f"{last} exists: pass --resume to continue it, or another --out")
+        raise FileExistsError(f"{last} exists: pass --resume to continue it, or another --output")
     torch.manual_seed(settings.seed)
     cfg = GroundingConfig(video_dim=features.manifest["dimension"], text_dim=features.manifest["text_dimension"],
                           **settings.model)
@@ -365,15 +365,16 @@ def predict_moments(model: GroundingModel, features: NLQFeatures, queries: list[
 
 
 def predict_nlq(features_dir: str | Path, checkpoint: str | Path, annotations: str | Path, output: str | Path,
-                top_k: int = 5, batch_size: int = 8) -> dict:
-    """``svitt-ego predict-nlq``: write the official submission for every query of ``annotations``."""
+                top_k: int = 5, batch_size: int = 8, device: str | None = None) -> dict:
+    """``svitt-ego predict-nlq``: write the official submission for every query of ``annotations``, the model
+    run on ``device`` (:func:`~svitt_ego.device.pick_device`)."""
     from svitt_ego.atomic import atomic_write_json
-    from svitt_ego.device import default_device
+    from svitt_ego.device import pick_device
 
     model, _ = load_grounding(checkpoint)
     parsed = read_nlq(annotations)
     results = predict_moments(model, NLQFeatures(features_dir), parsed.queries, parsed.clips, batch_size, top_k,
-                              default_device())
+                              pick_device(device))
     submission = make_submission(results)
     atomic_write_json(output, submission)
     return submission
