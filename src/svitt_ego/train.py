@@ -173,9 +173,10 @@ class MetricsLogger:
     def _reset(self) -> None:
         self.tic, self.clips, self.skipped = time.perf_counter(), 0, 0
 
-    def progress(self, loader: DataLoader, epoch: int, initial: int, total: int) -> tqdm:
-        return tqdm(loader, desc=f"epoch {epoch}", disable=not self.enabled, dynamic_ncols=True,
-                    initial=initial, total=total)
+    def progress(self, epoch: int, initial: int, total: int) -> tqdm:
+        """The epoch's bar, counted by hand (one update per batch taken), so that it ends at its total
+        even when the loop stops at the run's last step."""
+        return tqdm(desc=f"epoch {epoch}", disable=not self.enabled, dynamic_ncols=True, initial=initial, total=total)
 
     def count(self, batch: dict) -> None:
         self.clips += batch["frames"].shape[0] * world_size()
@@ -295,11 +296,12 @@ def train_one_epoch(run: Run, state: TrainState) -> float | None:
                         collate_fn=collate_egoclip(run.tokenizer, cfg.model.text.max_length),
                         num_workers=cfg.data.num_workers, pin_memory=run.device.type == "cuda", drop_last=True,
                         generator=torch.Generator().manual_seed(t.seed + state.epoch))
-    progress = run.logger.progress(loader, state.epoch, state.batch_in_epoch, run.sampler.batches_per_epoch)
+    progress = run.logger.progress(state.epoch, state.batch_in_epoch, run.sampler.batches_per_epoch)
     loss_sum, trained = torch.zeros((), dtype=torch.float64, device=run.device), 0
-    for batch in progress:
+    for batch in loader:
         batch = to_device(batch, run.device)
         state.batch_in_epoch += 1
+        progress.update()
         run.logger.count(batch)
         accumulate = state.batch_in_epoch % t.grad_accum != 0
         try:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
+from tqdm import tqdm
 
 from svitt_ego.atomic import atomic_torch_save
 from svitt_ego.checkpoint import write_on_main
@@ -148,7 +149,8 @@ def _train_epoch(model, optimizer, features, queries, settings, stage: Stage, po
     steps = math.ceil(len(queries) / settings.batch_size)
     sums, trained = {"loss": 0.0, "cls": 0.0, "reg": 0.0}, 0
     positives, zero_offsets = 0, torch.zeros(2, dtype=torch.long)
-    for i in range(steps):
+    for i in tqdm(range(steps), desc=f"stage {index} epoch {epoch + 1}/{stage.epochs}", unit="step", leave=False,
+                  dynamic_ncols=True):
         chosen = [queries[j] for j in order[i * settings.batch_size:(i + 1) * settings.batch_size]]
         if stage.jitter:
             chosen = [_jittered(features, q) for q in chosen]
