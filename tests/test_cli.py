@@ -85,3 +85,23 @@ def test_pick_device(monkeypatch):
     with pytest.raises(ConfigError, match=r"^--device gpu0: ") as err:
         pick_device("gpu0")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("cores, threads", [(1, "1"), (2, "1"), (3, "1"), (8, "4")])
+def test_commands_give_torch_half_the_cores_unless_told(monkeypatch, cores, threads):
+    from svitt_ego import threads as module
+
+    monkeypatch.setattr(module, "usable_cores", lambda: cores)
+    env = {}
+    assert module.configure_threads(env, modules={}) == threads and env == {"OMP_NUM_THREADS": threads}
+    env = {"OMP_NUM_THREADS": "3"}  # the user's own setting wins
+    assert module.configure_threads(env, modules={}) == "3" and env == {"OMP_NUM_THREADS": "3"}
+    env = {}  # torch already loaded: the variable would not apply, so it is not set
+    assert module.configure_threads(env, modules={"torch": torch}) is None and env == {}
+
+
+def test_every_command_sets_its_threads_before_it_runs(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr("svitt_ego.threads.configure_threads", lambda: calls.append("threads"))
+    assert main(["info", "--list"]) == 0 and calls == ["threads"]
+    assert main(["--version"]) == 0 and calls == ["threads"]  # argparse's own exits need none

@@ -234,6 +234,6 @@ def test_regenerating_deletes_only_what_the_manifest_lists(root, tmp_path):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_rendering_shows_a_bar_that_ends_at_its_total(monkeypatch, workers):
     bars = record_bars(monkeypatch, toy)
-    monkeypatch.setattr(toy, "_workers", lambda: workers)
+    monkeypatch.setattr(toy, "usable_cores", lambda: workers)
     toy.render_all(math.sqrt, [(4.0,), (9.0,), (16.0,)], "squares")
     assert [(bar.desc, bar.n, bar.total) for bar in bars] == [("squares", 3, 3)]

@@ -594,6 +594,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
     except SystemExit as exit:  # argparse's own exit: --help, or a bad argument (one line, status 2)
         return exit.code if isinstance(exit.code, int) else 2
+    from svitt_ego.threads import configure_threads
+
+    configure_threads()  # before the command loads torch
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

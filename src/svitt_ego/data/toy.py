@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from svitt_ego.atomic import atomic_write_json, atomic_write_text
 from svitt_ego.data.video import is_video_uid
+from svitt_ego.threads import usable_cores
 
 VERSION = 2  # 2: 240 short videos instead of 60 long ones
 FPS = 10
@@ -580,16 +581,9 @@ scene is still, apart from a slight camera jitter.
 
 # ---------------------------------------------------------------- entry point
 
-def _workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
-
-
 def render_all(render: Callable, jobs: list[tuple], desc: str) -> None:
     """``render(*job)`` for every job, in worker processes when there are several cores, with a progress bar."""
-    workers = min(_workers(), len(jobs))
+    workers = min(usable_cores(), len(jobs))
     with tqdm(total=len(jobs), desc=desc, unit="video", dynamic_ncols=True) as progress:
         if workers > 1:
             with concurrent.futures.ProcessPoolExecutor(workers) as pool:
