@@ -188,6 +188,7 @@ def test_demo_epochs_set_the_pretraining_length(tmp_path):
 
     assert demo_config(tmp_path, quick=True).train.epochs == 2
     assert demo_config(tmp_path, quick=True, epochs=7).train.epochs == 7
+    assert demo_config(tmp_path, quick=False).train.keep_checkpoints == 1  # one step-*.pt beside last.pt, best.pt
 
 
 def test_the_epoch_bar_ends_at_its_total(toy, tmp_path, monkeypatch):
