@@ -11,7 +11,7 @@ from svitt_ego.config import ConfigError
 from svitt_ego.device import pick_device
 
 # The commands that run a model, each with --device.
-RUN_A_MODEL = {"pretrain", "eval-mcq", "visualize", "extract-features", "extract-nlq-features", "train-nlq",
+RUN_A_MODEL = {"demo", "pretrain", "eval-mcq", "visualize", "extract-features", "extract-nlq-features", "train-nlq",
                "predict-nlq", "search", "eval-epic-mir", "eval-charades-ego"}
 
 

@@ -189,11 +189,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                               "first, then run --task nlq", "--epochs")
         from svitt_ego.nlq.demo import demo_nlq
 
-        demo_nlq(args.workdir, quick=args.quick)
+        demo_nlq(args.workdir, quick=args.quick, device=args.device)
         return 0
     from svitt_ego.demo import demo
 
-    demo(args.workdir, quick=args.quick, epochs=args.epochs)
+    demo(args.workdir, quick=args.quick, epochs=args.epochs, device=args.device)
     return 0
 
 
@@ -423,6 +423,7 @@ def _add_pretraining_commands(sub) -> None:
                         "10 takes twice as long and trains the multimodal encoder further)")
     p.add_argument("--task", choices=["pretrain", "nlq"], default="pretrain",
                    help="nlq: ground queries with the pretrained demo model (pretraining it first if missing)")
+    _add_device(p)
     p.set_defaults(func=_cmd_demo)
 
 
