@@ -53,6 +53,10 @@ def smallest_runs(demo: Path, tmp: Path) -> dict[str, tuple]:
         "objectives.py": (("--quick", "--seeds", "0", "--arms", "egonce", "--workdir", tmp), "mean +- standard error"),
         "saliency.py": (("--demo", demo, "--max-clips", "2"), "pretrained"),
         "search_toy.py": (("--demo", demo, "--videos", "2"), "random moment"),
+        "search_scene_cuts.py": (("--demo", demo, "--videos", "1", "--seconds", "4", "--cut-every", "2"),
+                                 "match (now)"),
+        "threads.py": (("--demo", demo, "--fraction", "0.5", "--loads", "idle", "--settings", "one"),
+                       _one_thread_one_time),
         "train_step.py": (("--device", "cpu", "--runs", "vit_b:4", "tiny:4", "encoder:tiny:4", "--clips", "1",
                            "--steps", "1", "--image-size", "64", "--anchor-width", "64", "--anchor-depth", "2",
                            "--anchor-heads", "2"), _ratios_are_to_the_anchor),
@@ -103,6 +107,11 @@ def _three_arms_two_seeds_honest_split(out: str) -> None:
     assert len(re.findall(r", seed [01]: R@1 IoU=0.3 ", out)) == 6, out
     table = out.split("mean +- standard error\n")[1].splitlines()
     assert len(table) == 4 and all(len(re.findall(r"\d+\.\d \+- \d+\.\d", row)) == 5 for row in table[1:]), out
+
+
+def _one_thread_one_time(out: str) -> None:
+    row = out.splitlines()[-1].split()
+    assert row[:2] == ["one", "1"] and float(row[2]) > 0, out
 
 
 def _memory_ratio_is_to_the_first_row(out: str) -> None:
