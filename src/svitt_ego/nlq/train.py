@@ -149,8 +149,8 @@ def _train_epoch(model, optimizer, features, queries, settings, stage: Stage, po
     steps = math.ceil(len(queries) / settings.batch_size)
     sums, trained = {"loss": 0.0, "cls": 0.0, "reg": 0.0}, 0
     positives, zero_offsets = 0, torch.zeros(2, dtype=torch.long)
-    for i in tqdm(range(steps), desc=f"stage {index} epoch {epoch + 1}/{stage.epochs}", unit="step", leave=False,
-                  dynamic_ncols=True):
+    bar = f"stage {index} epoch {epoch + 1}/{stage.epochs}"
+    for i in tqdm(range(steps), desc=bar, unit="step", dynamic_ncols=True):
         chosen = [queries[j] for j in order[i * settings.batch_size:(i + 1) * settings.batch_size]]
         if stage.jitter:
             chosen = [_jittered(features, q) for q in chosen]
