@@ -31,7 +31,7 @@ default 2,560). ``--stride 1`` extracts four times as many windows per second as
     python benchmarks/nlq_seeds.py demo_run --validation --lr 1e-3 --model drop_path=0   # a setting to try
     python benchmarks/nlq_seeds.py demo_run --arms half narrations # narrations vs none (one process an arm works too)
     python benchmarks/nlq_seeds.py demo_run --long-clips 2560 --crop 1280 --stride 1   # whole vs cropped
-    PYTHONPATH=/path/to/other/checkout/src python benchmarks/nlq_seeds.py demo_run --out other
+    PYTHONPATH=/path/to/other/checkout/src python benchmarks/nlq_seeds.py demo_run --output other
 """
 
 from __future__ import annotations
@@ -266,7 +266,7 @@ def _table(arms: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("demo", type=Path, help="a `svitt-ego demo` folder (run/model, toy_data)")
-    parser.add_argument("--out", type=Path, default=None, help="features and results (default DEMO/nlq_seeds)")
+    parser.add_argument("--output", type=Path, default=None, help="features and results (default DEMO/nlq_seeds)")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="none: the baselines only")
     parser.add_argument("--epochs", type=int, default=None,
                         help="NLQ training (fine-tuning) epochs after the warm-up (default: the NLQ demo's)")
@@ -298,7 +298,7 @@ def main() -> None:
     from svitt_ego.nlq.annotations import read_nlq
     from svitt_ego.nlq.train import TrainSettings, recipe_stage
 
-    toy, out = args.demo / "toy_data", args.out or args.demo / "nlq_seeds"
+    toy, out = args.demo / "toy_data", args.output or args.demo / "nlq_seeds"
     out.mkdir(parents=True, exist_ok=True)
     train, val = toy / "nlq_train.json", toy / "nlq_val.json"
     if args.videos is not None:

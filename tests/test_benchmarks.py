@@ -53,11 +53,15 @@ def smallest_runs(demo: Path, tmp: Path) -> dict[str, tuple]:
         "objectives.py": (("--quick", "--seeds", "0", "--arms", "egonce", "--workdir", tmp), "mean +- standard error"),
         "saliency.py": (("--demo", demo, "--max-clips", "2"), "pretrained"),
         "search_toy.py": (("--demo", demo, "--videos", "2"), "random moment"),
+        "search_scene_cuts.py": (("--demo", demo, "--videos", "1", "--seconds", "4", "--cut-every", "2"),
+                                 "match (now)"),
+        "threads.py": (("--demo", demo, "--fraction", "0.5", "--loads", "idle", "--settings", "one"),
+                       _one_thread_one_time),
         "train_step.py": (("--device", "cpu", "--runs", "vit_b:4", "tiny:4", "encoder:tiny:4", "--clips", "1",
                            "--steps", "1", "--image-size", "64", "--anchor-width", "64", "--anchor-depth", "2",
                            "--anchor-heads", "2"), _ratios_are_to_the_anchor),
         "vtm_probe.py": ((model, toy, "--steps", "1", "--batches", "1", "--candidates", "mean"), "candidate"),
-        "nlq_seeds.py": ((demo, "--out", tmp / "seeds", "--videos", "4", "--seeds", "0", "1", "--epochs", "1",
+        "nlq_seeds.py": ((demo, "--output", tmp / "seeds", "--videos", "4", "--seeds", "0", "1", "--epochs", "1",
                           "--arms", "all", "half", "narrations", "--pretrain-epochs", "1"),
                          _three_arms_two_seeds_honest_split),
         "nlq_memory.py": (("--windows", "64", "128", "--hidden", "16", "--levels", "3", "--video-dim", "8",
@@ -103,6 +107,11 @@ def _three_arms_two_seeds_honest_split(out: str) -> None:
     assert len(re.findall(r", seed [01]: R@1 IoU=0.3 ", out)) == 6, out
     table = out.split("mean +- standard error\n")[1].splitlines()
     assert len(table) == 4 and all(len(re.findall(r"\d+\.\d \+- \d+\.\d", row)) == 5 for row in table[1:]), out
+
+
+def _one_thread_one_time(out: str) -> None:
+    row = out.splitlines()[-1].split()
+    assert row[:2] == ["one", "1"] and float(row[2]) > 0, out
 
 
 def _memory_ratio_is_to_the_first_row(out: str) -> None:
@@ -195,7 +204,7 @@ def test_nlq_seeds_long_clips_are_the_clips_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_nlq_seeds_long_clips_smallest_run(demo_folder, tmp_path):
-    out = _run("benchmarks/nlq_seeds.py", demo_folder, "--out", tmp_path / "long", "--videos", "2", "--seeds", "0",
+    out = _run("benchmarks/nlq_seeds.py", demo_folder, "--output", tmp_path / "long", "--videos", "2", "--seeds", "0",
                "--long-clips", "64", "--crop", "32", "--epochs", "1", "--warmup-epochs", "0", "--model", "hidden=32",
                "levels=3")
     lengths = re.findall(r"^(training|held-out) long clips: \d+ clips, (\d+) queries, (\d+)-(\d+) windows", out,

@@ -41,7 +41,7 @@ def test_extract_nlq_features_refuses_a_video_id_outside_videos(tmp_path, capsys
     uid = _outside(tmp_path, form)
     (tmp_path / "nlq.json").write_text(json.dumps(_nlq(uid)))
     status = main(["extract-nlq-features", str(tmp_path / "model"), "--annotations", str(tmp_path / "nlq.json"),
-                   "--videos", str(tmp_path / "a" / "b" / "videos"), "--out", str(tmp_path / "out")])
+                   "--videos", str(tmp_path / "a" / "b" / "videos"), "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1, err
     assert f"videos[0]: field 'video_uid': {not_an_id(uid)}" in err
@@ -142,7 +142,7 @@ def test_a_1_mb_clip_uid_is_echoed_shortened_in_one_line(tmp_path, capsys):
     data["videos"][0]["clips"][0]["clip_uid"] = clip_uid
     (tmp_path / "nlq.json").write_text(json.dumps(data))
     status = main(["extract-nlq-features", str(tmp_path / "model"), "--annotations", str(tmp_path / "nlq.json"),
-                   "--videos", str(tmp_path), "--out", str(tmp_path / "out")])
+                   "--videos", str(tmp_path), "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1 and "field 'clip_uid'" in err
     assert err.count("c") < SHOWN_CHARACTERS + 40 and len(err) < 1000, len(err)

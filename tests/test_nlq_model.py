@@ -5,6 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import record_bars
+
+import svitt_ego.nlq.train as nlq_train
 from svitt_ego.nlq import evaluate_nlq
 from svitt_ego.features import Settings, begin_folder, feature_file, manifest_header, write_tensors
 from svitt_ego.nlq.annotations import NLQQuery, parse_nlq
@@ -307,3 +310,12 @@ def test_jittered_training_differs(tmp_path):
     plain = train_nlq(tmp_path / "features", [_stage(annotations, 1)], tmp_path / "a", SETTINGS)
     jittered = train_nlq(tmp_path / "features", [_stage(annotations, 1, jitter=True)], tmp_path / "b", SETTINGS)
     assert not torch.equal(plain.stem[0].attn.q.weight, jittered.stem[0].attn.q.weight)
+
+
+def test_every_epoch_has_a_bar_that_ends_at_its_total(tmp_path, monkeypatch):
+    bars = record_bars(monkeypatch, nlq_train)
+    annotations = str(_feature_folder(tmp_path / "features"))
+    train_nlq(tmp_path / "features", [Stage([annotations], 2)], tmp_path / "run", SETTINGS)
+    steps = math.ceil(len(json.loads(Path(annotations).read_text())["videos"]) * 2 / SETTINGS.batch_size)
+    assert [(bar.n, bar.total) for bar in bars] == [(steps, steps)] * 2 and steps > 1
+    assert [bar.desc for bar in bars] == ["stage 0 epoch 1/2", "stage 0 epoch 2/2"]

@@ -37,7 +37,7 @@ def _stages(argv: list[str], monkeypatch) -> list:
     seen = {}
     monkeypatch.setattr("svitt_ego.nlq.train.train_nlq", lambda features, stages, out, settings, **kw:
                         seen.update(stages=stages, settings=settings))
-    assert cli.main(["train-nlq", "feats", "--out", "run", *argv]) == 0
+    assert cli.main(["train-nlq", "feats", "--output", "run", *argv]) == 0
     return seen["stages"], seen["settings"]
 
 
@@ -60,7 +60,7 @@ def test_train_nlq_defaults_are_the_recipe_per_stage(monkeypatch, capsys):
 
 @pytest.mark.parametrize("argv", [["--lr", "0"], ["--pretrain-batch-size", "0"], ["--warmup-epochs", "-1"]])
 def test_a_recipe_value_out_of_range_is_one_line_exit_2(argv, capsys):
-    assert cli.main(["train-nlq", "feats", "--out", "run", "--annotations", "t.json", *argv]) == 2
+    assert cli.main(["train-nlq", "feats", "--output", "run", "--annotations", "t.json", *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and argv[0] in err
 

@@ -78,7 +78,7 @@ def test_clip_text_features_are_extracted_trained_on_and_kept_apart(world, clip_
     for clip in answered["videos"][0]["clips"]:
         clip["annotations"][0]["language_queries"][0].update(clip_start_sec=0.2, clip_end_sec=0.8)
     (tmp_path / "answered.json").write_text(json.dumps(answered))
-    assert main(["train-nlq", str(out), "--annotations", str(tmp_path / "answered.json"), "--out",
+    assert main(["train-nlq", str(out), "--annotations", str(tmp_path / "answered.json"), "--output",
                  str(tmp_path / "run"), "--epochs", "1", "--warmup-epochs", "0"]) == 0  # reads 512-d text
     svitt = tmp_path / "svittf"
     assert _extract(world, svitt) == 0
@@ -88,7 +88,7 @@ def test_clip_text_features_are_extracted_trained_on_and_kept_apart(world, clip_
     assert main(predict) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "text features of dimension 512" in err
-    assert main(["train-nlq", str(svitt), "--annotations", str(tmp_path / "answered.json"), "--out",
+    assert main(["train-nlq", str(svitt), "--annotations", str(tmp_path / "answered.json"), "--output",
                  str(tmp_path / "run"), "--epochs", "2", "--warmup-epochs", "0", "--resume"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "text_encoder 'clip sha256:" in err and "-> 'svitt-ego'" in err

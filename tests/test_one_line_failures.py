@@ -95,7 +95,7 @@ def test_a_full_disk_while_writing_features_is_one_line(model_and_video, tmp_pat
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     root = model_and_video
-    argv = ([command, root / "model", root / "a.mp4", "--out", tmp_path / "f"] if command == "extract-features"
+    argv = ([command, root / "model", root / "a.mp4", "--output", tmp_path / "f"] if command == "extract-features"
             else [command, root / "model", root / "a.mp4", "drawer", "--cache", tmp_path / "c"])
     assert "StorageFull" in _one_line(*_main(capsys, *argv))
 
@@ -197,7 +197,7 @@ def test_a_relevancy_matrix_larger_than_memory_is_refused_saying_what_it_needs(t
     make_toy_benchmarks(toy, seed=0, num_videos=2)
     monkeypatch.setattr(epic_mir, "physical_memory", lambda: 1000)
     line = _one_line(*_main(capsys, "epic-mir-relevancy", "--annotations", toy / "epic_mir",
-                            "--out", tmp_path / "r.npy"))
+                            "--output", tmp_path / "r.npy"))
     assert "sentences needs about 0.0 GiB of memory to build, more than this machine's 0.0 GiB" in line
     assert not (tmp_path / "r.npy").exists()
 

@@ -23,8 +23,8 @@ from svitt_ego.cli import main
 from svitt_ego.config import load_config
 from svitt_ego.features import WindowExtractor
 from svitt_ego.models import create_model
-from svitt_ego.search import (MOMENT_LENGTHS, Extraction, best_moments, recall_at, run_contrast, search_videos,
-                              segment_iou)
+from svitt_ego.search import (MOMENT_LENGTHS, Extraction, best_moments, match_score, recall_at, run_contrast,
+                              search_folder, search_videos, segment_iou)
 from svitt_ego.search_page import THUMB_HEIGHT, format_time
 
 QUERIES = ["when did I open the drawer?", "where is the cup?"]
@@ -58,10 +58,48 @@ def _table(out: str) -> list[str]:
 
 def test_best_moments_by_hand():
     # Runs of 1, 2, 4 windows, inside mean less the mean of one window on either side: [1, 4] 0.7 - 0;
-    # [0, 3] 0.675 - 0.1 = 0.575 overlaps it by 0.6 (dropped); [2, 3] 0.95 - (0.8 + 0.1) / 2 = 0.5, IoU 0.5 (kept).
-    # The best single window, 3, has 0.9 - (1.0 + 0.1) / 2 = 0.35 only.
+    # [0, 3] 0.675 - 0.1 = 0.575 overlaps it by IoU 0.6 (dropped); [2, 3] 0.95 - (0.8 + 0.1) / 2 = 0.5 and
+    # [1, 2] 0.9 - (0 + 0.9) / 2 = 0.45 overlap it by IoU exactly 0.5 (dropped: suppression is at IoU >= 0.5).
+    # Next comes the single window 3: 0.9 - (1.0 + 0.1) / 2 = 0.35, IoU 0.25.
     scores = torch.tensor([0.0, 0.8, 1.0, 0.9, 0.1])
-    assert best_moments(scores, top_k=2) == [(1, 4, pytest.approx(0.7)), (2, 3, pytest.approx(0.5))]
+    assert best_moments(scores, top_k=2) == [(1, 4, pytest.approx(0.7)), (3, 3, pytest.approx(0.35))]
+
+
+class _Windows:
+    """A feature folder of 'projected' rows whose cosines with the query [1, 0] are given, a window a second."""
+
+    manifest = {"what": "projected"}
+
+    def __init__(self, cosines: dict[str, list[float]]):
+        self.cosines = {k: torch.tensor(v, dtype=torch.float64) for k, v in cosines.items()}
+
+    def keys(self):
+        return list(self.cosines)
+
+    def info(self, key):
+        return {"frames": len(self.cosines[key]), "fps": 1.0, "source": key}
+
+    def features(self, key):
+        c = self.cosines[key]
+        return torch.stack([c, (1 - c ** 2).sqrt()], 1)
+
+    def to_seconds(self, key, window):
+        return window + 0.5
+
+
+def test_moments_of_different_videos_rank_by_their_match_not_their_contrast():
+    """A video with cuts steps between scene levels whatever the query: its moment [4, 7] stands out by
+    0.3 - 0.1 = 0.2, the smooth video's best, window 5, by only 0.45 - 0.4 = 0.05; but the smooth
+    video's moment matches the query better (mean cosine 0.45 against 0.3), and it ranks first."""
+    folder = _Windows({"cuts": [0.1] * 4 + [0.3] * 4 + [0.1] * 4, "smooth": [0.4] * 5 + [0.45] + [0.4] * 6})
+    cut_column, smooth_column = (folder.cosines[k].float() for k in ("cuts", "smooth"))
+    assert best_moments(cut_column, 1) == [(4, 7, pytest.approx(0.2))]
+    assert best_moments(smooth_column, 1) == [(5, 5, pytest.approx(0.05))]
+    assert match_score(cut_column, 4, 7) == pytest.approx(0.3)
+    assert match_score(smooth_column, 5, 5) == pytest.approx(0.45)
+    found = search_folder(None, folder, torch.tensor([[1.0, 0.0]]), top_k=1)[0]
+    assert [(m.video, m.start, m.end, round(m.score, 6)) for m in sorted(found, key=lambda m: -m.score)] == \
+        [("smooth", 5.0, 6.0, 0.45), ("cuts", 4.0, 8.0, 0.3)]
 
 
 def _best_moments_by_all_pairs(scores, top_k, iou_threshold=0.5):
@@ -207,7 +245,7 @@ def test_a_chunk_folder_is_cached_by_its_chunks_and_shown_from_them(world, video
 
 
 def test_the_same_moments_from_raw_videos_and_from_their_feature_folder(world, tmp_path, capsys):
-    assert main(["extract-features", world.model, str(world.videos), "--out", str(tmp_path / "features")]) == 0
+    assert main(["extract-features", world.model, str(world.videos), "--output", str(tmp_path / "features")]) == 0
     raw, failed = search_videos(world.model, world.videos, QUERIES, 3, tmp_path / "cache")
     folder, _ = search_videos(world.model, tmp_path / "features", QUERIES, 3)
     assert failed == {}
@@ -223,8 +261,8 @@ def test_the_same_moments_from_raw_videos_and_from_their_feature_folder(world, t
 
 
 def test_refusals_are_one_line_exit_2(world, tmp_path, capsys):
-    assert main(["extract-features", world.model, str(world.kitchen), "--out", str(tmp_path / "pooled")]) == 0
-    assert main(["extract-features", world.model, str(world.kitchen), "--out", str(tmp_path / "tokens"),
+    assert main(["extract-features", world.model, str(world.kitchen), "--output", str(tmp_path / "pooled")]) == 0
+    assert main(["extract-features", world.model, str(world.kitchen), "--output", str(tmp_path / "tokens"),
                  "--what", "tokens"]) == 0
     cases = {
         ("search", world.root / "other", tmp_path / "pooled", "drawer"): "the features were extracted with weights",

@@ -19,6 +19,7 @@ from svitt_ego.atomic import atomic_write_text
 from svitt_ego.config import Config
 from svitt_ego.data.errors import MetadataError, checked_id
 from svitt_ego.data.video import read_frames_by_index
+from svitt_ego.device import pick_device
 from svitt_ego.distributed import is_main, setup_distributed
 from svitt_ego.evaluate import load_for_eval
 from svitt_ego.models import SViTTEgo
@@ -182,9 +183,10 @@ def evaluate_charades_ego(model: SViTTEgo, cfg: Config, device: torch.device, an
 
 def run_charades_ego(checkpoint: str | Path, annotations: str | Path, videos: str | Path, num_frames: int = 16,
                      batch_size: int = 16, on_error: str = "fail", workers: int = 4,
-                     output: str | Path | None = None) -> dict:
-    """``svitt-ego eval-charades-ego``: evaluate, print the table, optionally write JSON."""
-    _, _, device = setup_distributed()
+                     output: str | Path | None = None, device: str | None = None) -> dict:
+    """``svitt-ego eval-charades-ego``: evaluate on ``device`` (:func:`pick_device`), print the table,
+    optionally write JSON."""
+    _, _, device = setup_distributed(pick_device(device))
     charades = read_charades_annotations(annotations)
     model, cfg = load_for_eval(checkpoint, overrides=[f"model.vision.num_frames={num_frames}",
                                                                    f"data.num_workers={workers}"])

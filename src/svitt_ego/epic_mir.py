@@ -26,6 +26,7 @@ from svitt_ego.atomic import atomic_write, atomic_write_text
 from svitt_ego.config import Config, ConfigError
 from svitt_ego.data.errors import MetadataError, checked_id
 from svitt_ego.data.video import VideoReadError, read_frames_by_index
+from svitt_ego.device import pick_device
 from svitt_ego.distributed import is_main, setup_distributed
 from svitt_ego.evaluate import load_for_eval
 from svitt_ego.models import SViTTEgo
@@ -343,7 +344,7 @@ def write_relevancy(annotations_folder: str | Path, out: str | Path, compare: st
     """``svitt-ego epic-mir-relevancy``: build the matrix from the CSVs, write it as ``.npy``; with
     ``compare``, report its largest difference from a distributed matrix."""
     if Path(out).suffix != ".npy":
-        raise ConfigError(f"--out {out}: the relevancy matrix is written as .npy (no pickle)", "--out")
+        raise ConfigError(f"--output {out}: the relevancy matrix is written as .npy (no pickle)", "--output")
     matrix = build_relevancy(read_mir_annotations(annotations_folder))
 
     def save(tmp: Path) -> None:
@@ -433,12 +434,12 @@ def format_epic_mir(rows: dict[str, dict]) -> str:
 def run_epic_mir(checkpoint: str | Path, annotations: str | Path, videos: str | Path | None = None,
                  frames_root: str | Path | None = None, relevancy: str | Path | None = None, num_frames: int = 4,
                  batch_size: int = 32, on_error: str = "fail", workers: int = 4,
-                 output: str | Path | None = None) -> dict:
+                 output: str | Path | None = None, device: str | None = None) -> dict:
     """``svitt-ego eval-epic-mir``: evaluate, print the table, optionally write JSON."""
     if (videos is None) == (frames_root is None):
         raise ValueError("give exactly one of videos and frames_root")
     protocol = "videos" if videos is not None else "frames"
-    _, _, device = setup_distributed()
+    _, _, device = setup_distributed(pick_device(device))
     mir = read_mir_annotations(annotations)
     shape = (len(mir.clips), len(mir.columns))
     matrix = build_relevancy(mir) if relevancy is None else load_relevancy(relevancy, shape)

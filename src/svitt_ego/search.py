@@ -2,10 +2,11 @@
 
 **Moments.** Every window of a video is embedded as ``encode_video`` embeds a clip (the pooled
 feature through the video projection, L2-normalised) and scored by its cosine with the query's
-``encode_text`` embedding. A moment is a run of ``2 ** j`` windows (1 to 32) scored by how much its
+``encode_text`` embedding. A moment is a run of ``2 ** j`` windows (1 to 32) chosen by how much its
 windows stand out from their surroundings (:func:`run_contrast`: inside mean less outside mean; the
 inside mean alone never prefers a run to its best window); a video's best moments are kept with
-non-maximum suppression. The windows come
+non-maximum suppression, then scored and ranked across videos by their match with the query
+(:func:`match_score`: the inside mean, which a video's scene cuts do not raise). The windows come
 from a feature folder (:mod:`svitt_ego.features`), either given or made once per video and
 extraction setting in a cache folder (:func:`cached_features`).
 
@@ -75,7 +76,7 @@ def run_contrast(scores: torch.Tensor, length: int) -> torch.Tensor:
 
 def best_moments(scores: torch.Tensor, top_k: int, iou_threshold: float = 0.5) -> list[tuple[int, int, float]]:
     """The ``top_k`` best runs ``(first, last, contrast)`` of windows by :func:`run_contrast`; a run
-    overlapping a better one by more than ``iou_threshold`` (at least 0) is dropped.
+    overlapping a better one by ``iou_threshold`` or more is dropped.
 
     The work is bounded whatever ``top_k``: no more runs than exist are kept, and a run is compared only
     with the kept runs that can overlap it, those starting less than the longest run before it (at most
@@ -93,7 +94,7 @@ def best_moments(scores: torch.Tensor, top_k: int, iou_threshold: float = 0.5) -
     for i in values.argsort(descending=True).tolist():
         first, last = spans[i]
         near = (j for start in range(first - MOMENT_LENGTHS[-1] + 1, last + 1) for j in kept_at.get(start, ()))
-        if all(_run_iou(spans[i], spans[j]) <= iou_threshold for j in near):
+        if all(_run_iou(spans[i], spans[j]) < iou_threshold for j in near):
             chosen.append(i)
             kept_at.setdefault(first, []).append(i)
             if len(chosen) == top_k:
@@ -105,6 +106,14 @@ def _run_iou(one: list[int], other: list[int]) -> float:
     """IoU of two runs of windows, each covering ``[first, last + 1)`` (as :func:`segment_iou` computes it)."""
     inter = max(0, min(one[1], other[1]) - max(one[0], other[0]) + 1)
     return inter / (max(one[1], other[1]) - min(one[0], other[0]) + 1)
+
+
+def match_score(scores: torch.Tensor, first: int, last: int) -> float:
+    """How well the run ``[first, last]`` of windows matches the query: the mean of its windows' scores
+    (cosines). Unlike the contrast that chose the run, it does not depend on the rest of its video, so
+    moments of different videos compare: a video with scene cuts, whose scores step up and down whatever
+    the query, gets no lead from them."""
+    return float(scores[first:last + 1].double().mean())
 
 
 def moment_seconds(features: FeatureFolder, key: str, first: int, last: int) -> tuple[float, float]:
@@ -148,9 +157,11 @@ def search_folder(model, features: FeatureFolder, queries: torch.Tensor, top_k: 
         length = info["frames"] / info["fps"]
         scores = video_embeddings(model, features, key) @ queries.T
         for q in range(len(queries)):
-            for first, last, score in best_moments(scores[:, q].contiguous(), top_k):
+            column = scores[:, q].contiguous()
+            for first, last, _ in best_moments(column, top_k):
                 start, end = moment_seconds(features, key, first, last)
-                found[q].append(Moment(video_path(features, key), max(start, 0.0), min(end, length), score))
+                found[q].append(Moment(video_path(features, key), max(start, 0.0), min(end, length),
+                                       match_score(column, first, last)))
     return found
 
 

@@ -197,6 +197,9 @@ class SViTTEgo(nn.Module):
         frames (the bias tables are interpolated along time) or
         ``{"vision": {"k_random": 5}}`` changes the sparsity.
 
+        The model comes back in eval mode (dropout and drop path off), as transformers' models do:
+        call ``.train()`` before fine-tuning it.
+
         A config, weights file or vocabulary that is missing, not a regular file or malformed,
         or a config whose sizes do not fit the weights (checked before the model is built), is a
         one-line error naming the file.
@@ -217,7 +220,7 @@ class SViTTEgo(nn.Module):
                         overrides: dict | None = None) -> "SViTTEgo":
         """A model of config ``cfg`` (changed by ``overrides``, as in :meth:`from_pretrained`) holding
         ``state``, the weights of a model of config ``cfg`` (checked by :func:`check_fits` before
-        the model is built)."""
+        the model is built), in eval mode."""
         check_fits(cfg, state, source)
         if overrides:
             cfg = model_config_from_dict(_merge(cfg, overrides), "overrides")
@@ -230,7 +233,7 @@ class SViTTEgo(nn.Module):
         if report.missing or report.unexpected:
             raise CheckpointError(f"{source}: checkpoint does not match the model: missing "
                                   f"{report.missing[:5]}, unexpected {report.unexpected[:5]}")
-        return model
+        return model.eval()
 
     def describe(self) -> str:
         """Parameter counts per part, in millions."""

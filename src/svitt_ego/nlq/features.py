@@ -58,7 +58,8 @@ def _clip_jobs(annotation_files: list) -> tuple[dict[str, NLQClip], dict[str, li
 
 def extract_nlq_features(checkpoint: str | Path, annotation_files: list, videos: str | Path, out: str | Path,
                          window: int = 4, stride: int = 4, batch_size: int = 32,
-                         chunk_seconds: float = 600.0, text: list[str] | None = None) -> dict:
+                         chunk_seconds: float = 600.0, text: list[str] | None = None,
+                         device: str | None = None) -> dict:
     """Write the features of every clip of ``annotation_files`` and of its queries; returns the manifest.
 
     ``text`` names the queries' encoder (:func:`svitt_ego.nlq.text.text_encoder`: ``["svitt-ego"]``,
@@ -66,11 +67,12 @@ def extract_nlq_features(checkpoint: str | Path, annotation_files: list, videos:
     encoder are fixed in the manifest before the first feature, and a resumed run checks every file
     against them (see :func:`svitt_ego.features.extract_into`).
     """
+    from svitt_ego.device import pick_device
     from svitt_ego.distributed import setup_distributed
 
     check_numbers(window=window, stride=stride, batch_size=batch_size)
     clips, queries = _clip_jobs(annotation_files)
-    _, _, device = setup_distributed()
+    _, _, device = setup_distributed(pick_device(device))
     model, digest = load_model(checkpoint)
     settings = Settings("pooled", window, stride, window)
     extractor = WindowExtractor(model, settings, batch_size, device)

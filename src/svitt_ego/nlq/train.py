@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
+from tqdm import tqdm
 
 from svitt_ego.atomic import atomic_torch_save
 from svitt_ego.checkpoint import write_on_main
@@ -201,7 +202,8 @@ def _train_epoch(model, optimizer, features, queries, settings, stage: Stage, po
     steps = math.ceil(len(queries) / stage.batch_size)
     sums, trained = {"loss": 0.0, "cls": 0.0, "reg": 0.0}, 0
     positives, zero_offsets = 0, torch.zeros(2, dtype=torch.long)
-    for i in range(steps):
+    bar = f"stage {index} epoch {epoch + 1}/{stage.epochs}"
+    for i in tqdm(range(steps), desc=bar, unit="step", dynamic_ncols=True):
         chosen = [queries[j] for j in order[i * stage.batch_size:(i + 1) * stage.batch_size]]
         if stage.jitter:
             chosen = [_jittered(features, q) for q in chosen]
@@ -347,7 +349,7 @@ def train_nlq(features_dir: str | Path, stages: list[Stage], out: str | Path, se
 def _train_nlq(features, stages, out, settings, resume, device, val, allow_config_change) -> GroundingModel:
     last, meaning = out / "last.pt", run_settings(features, stages, settings, val)
     if last.exists() and not resume:
-        raise FileExistsError(f"{last} exists: pass --resume to continue it, or another --out")
+        raise FileExistsError(f"{last} exists: pass --resume to continue it, or another --output")
     torch.manual_seed(settings.seed)
     cfg = GroundingConfig(video_dim=features.manifest["dimension"], text_dim=features.manifest["text_dimension"],
                           **settings.model)
@@ -433,16 +435,17 @@ def predict_moments(model: GroundingModel, features: NLQFeatures, queries: list[
 
 
 def predict_nlq(features_dir: str | Path, checkpoint: str | Path, annotations: str | Path, output: str | Path,
-                top_k: int = 5, batch_size: int = 8) -> dict:
-    """``svitt-ego predict-nlq``: write the official submission for every query of ``annotations``."""
+                top_k: int = 5, batch_size: int = 8, device: str | None = None) -> dict:
+    """``svitt-ego predict-nlq``: write the official submission for every query of ``annotations``, the model
+    run on ``device`` (:func:`~svitt_ego.device.pick_device`)."""
     from svitt_ego.atomic import atomic_write_json
-    from svitt_ego.device import default_device
+    from svitt_ego.device import pick_device
 
     model, state = load_grounding(checkpoint)
     features = NLQFeatures(features_dir)
     check_inputs(checkpoint, state, model.config, features)
     parsed = read_nlq(annotations)
-    results = predict_moments(model, features, parsed.queries, parsed.clips, batch_size, top_k, default_device())
+    results = predict_moments(model, features, parsed.queries, parsed.clips, batch_size, top_k, pick_device(device))
     submission = make_submission(results)
     atomic_write_json(output, submission)
     return submission
