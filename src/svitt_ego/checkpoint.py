@@ -80,13 +80,14 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint's contents, read without running code: anything but tensors and plain values is refused."""
+def load_checkpoint(path: str | Path, allowed: list = ()) -> dict:
+    """A checkpoint's contents, read without running code: anything but tensors and plain values is refused.
+    ``allowed`` admits more globals, as ``torch.serialization.safe_globals`` takes them (inert stand-ins)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
+        with torch.serialization.safe_globals([*NUMPY_ARRAY_GLOBALS, *allowed]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
