@@ -101,6 +101,9 @@ class TextConfig:
     # video tokens for multimodal pruning (q_m): the [CLS] state (BERT, SViTT) or the mean over the text
     # tokens (a model whose [CLS] is nearly the same for every sentence cannot match with its [CLS]).
     fusion_pooling: str = "cls"
+    # The masked-language-model head; a model converted from a retrieval checkpoint (SViTT's BertModel
+    # text side) has none, and then cannot be pretrained with loss.mlm_weight > 0.
+    mlm_head: bool = True
     # Keep the word embeddings (and so the tied MLM decoder) fixed: on a CPU their
     # dense gradient and optimizer state are a large share of a small model's step.
     freeze_word_embeddings: bool = False
@@ -122,6 +125,9 @@ class ModelConfig:
     embed_dim: int = 256
     temperature: float = 0.07
     learn_temperature: bool = True
+    # A model folder (save_pretrained, convert-svitt) whose weights start the model instead of the BEiT /
+    # BERT folders; its sizes must be this config's (the bias tables follow num_frames).
+    init_from: Optional[str] = None
 
 
 @dataclass

@@ -14,14 +14,14 @@ the tensors' shapes and the checkpoint's ``config`` (docs/svitt_checkpoints.md l
 from __future__ import annotations
 
 import logging
-import math
+import pickle
 import re
 from pathlib import Path
 
 import torch
 
 from svitt_ego.checkpoint import CheckpointError, load_checkpoint
-from svitt_ego.config import ConfigError, ModelConfig, TextConfig, VisionConfig
+from svitt_ego.config import Config, ConfigError, ModelConfig, TextConfig, VisionConfig, validate
 from svitt_ego.models.position_bias import CLS_POSITION, RelativePositionBias3D
 from svitt_ego.models.weights import beit_to_video_encoder, bert_to_svitt
 
@@ -32,7 +32,11 @@ log = logging.getLogger(__name__)
 
 
 class _Inert:
-    """Stands in for an OmegaConf class while unpickling: holds the state the pickle gives it, runs nothing."""
+    """Stands in for an OmegaConf class while unpickling: holds the state the pickle gives it, runs nothing.
+    Unpickling makes it without calling it (``cls.__new__``); a pickle that calls it is refused."""
+
+    def __init__(self, *args, **kwargs):
+        raise pickle.UnpicklingError("a pickle called an OmegaConf class (SViTT's config only names them)")
 
     def __setstate__(self, state):
         self.__dict__.update(state if isinstance(state, dict) else {"_state": state})
@@ -158,7 +162,8 @@ def svitt_to_ours(state: dict[str, torch.Tensor], cfg: ModelConfig, source: str,
         from svitt_ego.models.model import SViTTEgo
 
         own = set(SViTTEgo(cfg).state_dict())
-    unused = [k for k in out if k not in own] + [f"(SViTT's) {k}" for k in parts[""]]
+    source_name = {id(v): k for k, v in state.items()}  # unplaced tensors pass through the tables as they are
+    unused = [source_name.get(id(v), k) for k, v in out.items() if k not in own] + list(parts[""])
     if unused and not allow_unused:
         raise CheckpointError(f"{source}: {len(unused)} tensors have no place in the model: {', '.join(unused[:8])}"
                               f"{' ...' if len(unused) > 8 else ''} (--allow-unused drops them)")
@@ -195,20 +200,31 @@ def vision_config(state: dict[str, torch.Tensor], config: dict) -> VisionConfig:
     width = state["vision_encoder.embeddings.cls_token"].shape[-1]
     patch = state["vision_encoder.embeddings.patch_embeddings.projection.weight"].shape[-1]
     layer = "vision_encoder.encoder.layer.0."
+    frames, grid = _frames_and_grid(state, layer, _number(config, "image_res", 224) // patch)
     table = state[f"{layer}attention.attention.relative_position_bias.relative_position_bias_table"]
-    image_size = _number(config, "image_res", 224)
-    spatial = (2 * (image_size // patch) - 1) ** 2
-    if image_size % patch or (table.shape[0] - 3) % spatial or ((table.shape[0] - 3) // spatial) % 2 == 0:
-        raise CheckpointError(f"the relative position table ({table.shape[0]} rows) fits no number of frames at "
-                              f"image_res {image_size} with {patch}-pixel patches")
-    cfg = VisionConfig(image_size=image_size, patch_size=patch, width=width, num_heads=table.shape[1],
-                       num_frames=((table.shape[0] - 3) // spatial + 1) // 2,
+    cfg = VisionConfig(image_size=grid * patch, patch_size=patch, width=width, num_heads=table.shape[1],
+                       num_frames=frames,
                        depth=len(_layers(state, r"vision_encoder\.encoder\.layer\.(\d+)\.")),
                        mlp_ratio=state[f"{layer}intermediate.dense.weight"].shape[0] / width,
                        layer_norm_eps=float(args.get("layer_norm_eps", 1e-12)),
                        drop_path=float(args.get("drop_path_rate", 0.1)), pooling="mean")
     _sparsity(cfg, args)
     return cfg
+
+
+def _frames_and_grid(state: dict[str, torch.Tensor], layer: str, grid: int) -> tuple[int, int]:
+    """SViTT's frames and patch grid from the bias table's rows, ``(2T-1)(2G-1)^2 + 3``, and its index's size,
+    ``T G^2 + 1`` (without the index, ``grid`` is G: the config's image_res over the patch size)."""
+    bias = f"{layer}attention.attention.relative_position_bias."
+    rows = state[f"{bias}relative_position_bias_table"].shape[0] - 3
+    index = state.get(f"{bias}relative_position_index")
+    grids = [grid] if index is None else [g for g in range(1, index.shape[0]) if (index.shape[0] - 1) % (g * g) == 0]
+    for g in grids:
+        frames = (rows // (2 * g - 1) ** 2 + 1) // 2
+        if g >= 1 and (2 * frames - 1) * (2 * g - 1) ** 2 == rows and (index is None or frames * g * g + 1 == index.shape[0]):
+            return frames, g
+    raise CheckpointError(f"the relative position table ({rows + 3} rows) fits no number of frames on a patch grid "
+                          f"({'its index has ' + str(index.shape[0]) + ' rows' if index is not None else f'{grid}x{grid}'})")
 
 
 def _sparsity(cfg: VisionConfig, args: dict) -> None:
@@ -222,7 +238,7 @@ def _sparsity(cfg: VisionConfig, args: dict) -> None:
     if keep < 1 and args.get("token_keep_strategy", "cls_attn") != "cls_attn":
         raise ConfigError(f"vision_encoder_args.token_keep_strategy={args['token_keep_strategy']}: only cls_attn "
                           "is reproduced; not converted")
-    cfg.keep_rate, cfg.prune_layers = keep, [int(i) for i in args.get("token_drop_loc", [3, 6, 9])]
+    cfg.keep_rate, cfg.prune_layers = keep, [int(i) for i in args.get("token_drop_loc", [3, 6, 9])] if keep < 1 else []
     if args.get("sparse_random_attn") is None:
         cfg.attention = "dense"
         return
@@ -233,7 +249,7 @@ def _sparsity(cfg: VisionConfig, args: dict) -> None:
                           "around and score block m+r's keys against block m-r's values; only 1 is reproduced")
 
 
-def text_config(state: dict[str, torch.Tensor], config: dict, vocab: str | None, text_heads: int) -> TextConfig:
+def text_config(state: dict[str, torch.Tensor], config: dict, text_heads: int) -> TextConfig:
     """BERT's sizes from the tensors (its heads from ``text_encoder_args`` or ``text_heads``), the text
     length from ``max_txt_l``, no multimodal pruning unless ``text_encoder_args`` asks for it."""
     args = _section(config, "text_encoder_args")
@@ -248,7 +264,7 @@ def text_config(state: dict[str, torch.Tensor], config: dict, vocab: str | None,
                      max_position_embeddings=state[f"{bert}embeddings.position_embeddings.weight"].shape[0],
                      type_vocab_size=state[f"{bert}embeddings.token_type_embeddings.weight"].shape[0],
                      layer_norm_eps=float(args.get("layer_norm_eps", 1e-12)), max_length=int(max_length),
-                     keep_rate=1.0, tokenizer=vocab)
+                     keep_rate=1.0, mlm_head="text_encoder.cls.predictions.bias" in state)
     keep = float(args.get("token_keep_rate", 1))
     if keep < 1:
         first = len(layers) - len(fusion)
@@ -260,21 +276,53 @@ def text_config(state: dict[str, torch.Tensor], config: dict, vocab: str | None,
     return cfg
 
 
-def svitt_model_config(state: dict[str, torch.Tensor], config: dict, vocab: str | None = None,
-                       text_heads: int = 12) -> ModelConfig:
+def svitt_model_config(state: dict[str, torch.Tensor], config: dict, text_heads: int = 12) -> ModelConfig:
     """Our model config for SViTT's ``state`` and plain ``config`` (see :func:`read_svitt_checkpoint`)."""
     for key in ("vision_encoder.embeddings.cls_token", "vision_proj.weight", "temp"):
         if key not in state:
             raise CheckpointError(f"not a SViTT checkpoint: no '{key}' (found {', '.join(sorted(state)[:5])} ...)")
-    return ModelConfig(vision=vision_config(state, config), text=text_config(state, config, vocab, text_heads),
+    return ModelConfig(vision=vision_config(state, config), text=text_config(state, config, text_heads),
                        embed_dim=state["vision_proj.weight"].shape[0], temperature=float(state["temp"]),
                        learn_temperature=True)
+
+
+def svitt_vocab(vocab: str | Path | None, config: dict, vocab_size: int) -> str:
+    """The folder of the BERT ``vocab.txt``: ``vocab``, else the checkpoint's ``text_encoder`` when that is a
+    local folder; checked against the word embeddings."""
+    from svitt_ego.data.tokenizer import read_vocab
+
+    folder = vocab or config.get("text_encoder")
+    if not folder or not (Path(folder) / "vocab.txt").is_file():
+        where = f"--vocab {vocab}" if vocab else f"the checkpoint's text_encoder {folder!r}"
+        raise FileNotFoundError(f"no BERT vocabulary: {where} is not a local folder with vocab.txt; give --vocab "
+                                "FOLDER (SViTT uses bert-base-uncased's)")
+    read_vocab(Path(folder) / "vocab.txt", vocab_size)
+    return str(folder)
+
+
+def model_overrides(texts: list[str]) -> dict:
+    """``["model.vision.k_random=5"]`` -> ``{"vision": {"k_random": 5}}``; a key outside ``model.`` is refused."""
+    from svitt_ego.config import parse_override
+
+    nested: dict = {}
+    for text in texts:
+        key, value = parse_override(text)
+        if not key.startswith("model."):
+            raise ConfigError(f"{key}: only model.* settings describe a converted model", key)
+        *parents, last = key.split(".")[1:]
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return nested
 
 
 def convert_svitt(checkpoint: str | Path, output: str | Path, vocab: str | Path | None = None,
                   overrides: dict | None = None, text_heads: int = 12, allow_unused: bool = False) -> Path:
     """Write SViTT's ``checkpoint`` as our model folder ``output`` (a new or empty folder), loadable by
-    :meth:`SViTTEgo.from_pretrained`; ``overrides`` (as there) change the model config after it is read."""
+    :meth:`SViTTEgo.from_pretrained`, with the BERT vocabulary of :func:`svitt_vocab`; ``overrides`` (as
+    there, e.g. :func:`model_overrides`) change the model config after it is read; ``text_heads`` is
+    BERT's head count when the checkpoint's config does not give it."""
     from svitt_ego.models.model import SViTTEgo
 
     output = Path(output)
@@ -282,11 +330,16 @@ def convert_svitt(checkpoint: str | Path, output: str | Path, vocab: str | Path 
         raise FileExistsError(f"{output}: exists and is not an empty folder; convert-svitt writes a new one")
     state, config = read_svitt_checkpoint(checkpoint)
     try:
-        cfg = svitt_model_config(state, config, str(vocab) if vocab else None, text_heads)
+        cfg = svitt_model_config(state, config, text_heads)
     except KeyError as err:
         raise CheckpointError(f"{checkpoint}: not a SViTT checkpoint: no '{err.args[0]}'") from None
     except ConfigError as err:
         raise ConfigError(f"{checkpoint}: {err}") from None
+    try:
+        validate(Config(model=cfg))
+    except ConfigError as err:
+        raise ConfigError(f"{checkpoint}: the model config read from it: {err}") from None
+    cfg.text.tokenizer = svitt_vocab(vocab, config, cfg.text.vocab_size)
     ours = svitt_to_ours(state, cfg, str(checkpoint), allow_unused)
     model = SViTTEgo.from_state_dict(cfg, ours, str(checkpoint), overrides)
     return model.save_pretrained(output)

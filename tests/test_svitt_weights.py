@@ -1,0 +1,204 @@
+"""SViTT's checkpoints converted to our model folders, checked against SViTT's own code.
+
+The fixture ``tests/data/svitt/`` was made outside this repository by SViTT's own code: JerryYLi/svitt at
+commit c8806b3, its ``Singularity`` pretraining model (models/model_pretrain.py) built from
+``configs/pretrain_webvid.yaml`` with BEiT-B / BERT-base shapes made tiny: BEiT 4 layers, width 32, 2 heads,
+MLP 64, 32x32 images of 8x8 patches, 2 frames (32 patch tokens), relative position bias, mean pooling;
+``vision_encoder_args`` token_keep_rate 0.5 at layer 1, sparse_local_attn 1, sparse_random_attn 1,
+attn_block_size 8; BERT 4 layers (fusion_layer 2), width 32, 2 heads, intermediate 64, vocabulary 1000,
+40 positions; embed_dim 16, temp 0.05. A subclass only replaced its two builders, which download BEiT and
+BERT from the Hugging Face hub, by local configs (``BeitModel(BeitConfig(**vision_encoder_args),
+num_frames=2)`` and ``BertForMaskedLM(config_bert.json updated by text_encoder_args)``) and its widths
+(fixed at 768 in its base class). The weights are random (seed 0), saved as its tasks/pretrain.py saves
+(``model``, ``optimizer``, ``scheduler``, ``scaler``, its OmegaConf ``config``, ``epoch``,
+``global_step``): ``svitt_tiny.pth``. ``svitt_tiny_outputs.pt`` holds fixed inputs (2 videos, 2 texts, one
+padded, a masked copy) and what its code computed on them, in eval mode: the video and text embeddings
+(``F.normalize(vision_proj(pooled))``, ``F.normalize(text_proj(text [CLS]))``), the VTM logits
+(``itm_head`` on the fused [CLS]) and the MLM logits (``text_encoder(mode="fusion", return_logits=True)``
+on the masked text), once by the same weights with sparsity off (``sparse_random_attn`` None, keep rate 1)
+and once with it on, with the random blocks its ``sparse_attention`` drew in each layer (``attn_idx``:
+recorded by wrapping ``Tensor.topk`` during the forward; with K_l = 1 its first column is the query's own
+block). Its environment: Python 3.11, torch 2.13 (CPU), transformers 4.15.0, omegaconf 2.1.1, einops 0.8,
+zcurve 0.0.4, numpy-hilbert-curve 1.0.1; transformers 4.15 pins tokenizers < 0.11, which has no wheel for
+Python 3.11, so the script hid ``tokenizers`` (``sys.modules["tokenizers"] = None``; SViTT's model code never
+uses it). Nothing of SViTT's code is changed or stored here.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from svitt_ego.checkpoint import CheckpointError
+from svitt_ego.cli import main
+from svitt_ego.config import ConfigError, load_config
+from svitt_ego.data.tokenizer import minilm_path
+from svitt_ego.models import SViTTEgo, create_model
+from svitt_ego.models.block_pattern import BlockPattern
+from svitt_ego.models.svitt_weights import convert_svitt, read_svitt_checkpoint, svitt_model_config
+
+DATA = Path(__file__).parent / "data" / "svitt"
+CKPT = DATA / "svitt_tiny.pth"
+
+
+@pytest.fixture(scope="module")
+def vocab(tmp_path_factory) -> Path:
+    """A 1000-token BERT vocabulary (MiniLM's first 1000 lines: the special tokens are among them)."""
+    folder = tmp_path_factory.mktemp("vocab")
+    lines = (minilm_path() / "vocab.txt").read_text().splitlines()[:1000]
+    (folder / "vocab.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    return torch.load(DATA / "svitt_tiny_outputs.pt", weights_only=True)
+
+
+def _outputs(model: SViTTEgo, ref: dict) -> dict[str, torch.Tensor]:
+    mask = ref["attention_mask"]
+    with torch.no_grad():
+        video = model.forward_video(ref["video"])
+        text = model.forward_text(ref["input_ids"], mask)
+        return {"video_embedding": model.video_embedding(video), "text_embedding": model.text_embedding(text, mask),
+                "vtm_logits": model.vtm_logits(text, mask, video.tokens),
+                "mlm_logits": model.mlm_logits(ref["masked_ids"], mask, video.tokens)}
+
+
+def _assert_close(got: dict, expected: dict) -> None:
+    for name, value in expected.items():
+        assert (got[name] - value).abs().max().item() < 1e-4, name
+
+
+def test_sparsity_off_equals_svitts_own_forward(tmp_path, vocab, reference):
+    dense = {"vision": {"attention": "dense", "keep_rate": 1.0}}
+    model = SViTTEgo.from_pretrained(convert_svitt(CKPT, tmp_path / "m", vocab=vocab, overrides=dense)).eval()
+    _assert_close(_outputs(model, reference), reference["dense"])
+
+
+def test_sparsity_on_equals_svitts_own_forward_given_its_random_blocks(tmp_path, vocab, reference):
+    assert main(["convert-svitt", str(CKPT), str(tmp_path / "m"), "--vocab", str(vocab)]) == 0
+    model = SViTTEgo.from_pretrained(tmp_path / "m").eval()
+    v = model.config.vision
+    assert (v.attention, v.k_local, v.k_random, v.block_size, v.keep_rate, v.prune_layers) == ("sparse", 1, 1, 8, 0.5, [1])
+    assert (model.config.text.keep_rate, model.config.text.max_length, model.temp.item()) == (1.0, 32, pytest.approx(0.05))
+    patterns = [BlockPattern(idx, torch.ones_like(idx, dtype=torch.bool), v.block_size) for idx in reference["attn_idx"]]
+    model.visual.block_patterns = lambda num_tokens, device: patterns
+    got = _outputs(model, reference)
+    _assert_close(got, reference["sparse"])
+    assert (got["vtm_logits"] - reference["dense"]["vtm_logits"]).abs().max() > 0.1  # the sparsity mattered
+
+
+def test_a_crafted_pickle_is_refused_without_running(tmp_path, capsys):
+    target = tmp_path / "written"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(target), "w"))
+
+    torch.save({"model": {"temp": torch.tensor(0.1)}, "config": Payload()}, tmp_path / "evil.pth")
+    assert main(["convert-svitt", str(tmp_path / "evil.pth"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert not target.exists() and not (tmp_path / "out").exists()
+    assert len(err.splitlines()) == 1 and "refused to load" in err
+
+
+def test_a_stand_in_called_with_arguments_is_refused(tmp_path):
+    """The OmegaConf stand-ins are inert: a pickle that calls one is refused, not run."""
+    data = (b"\x80\x02}q\x00(X\x05\x00\x00\x00modelq\x01}X\x06\x00\x00\x00configq\x02comegaconf.dictconfig\n"
+            b"DictConfig\nX\x06\x00\x00\x00rm -rf\x85Rq\x03u.")
+    pickle.loads(data.replace(b"omegaconf.dictconfig\nDictConfig", b"builtins\nstr"))  # well formed
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    torch.save({"x": 1}, buffer)
+    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as src, zipfile.ZipFile(tmp_path / "c.pth", "w") as dst:
+        for item in src.infolist():
+            dst.writestr(item, data if item.filename.endswith("data.pkl") else src.read(item))
+    with pytest.raises(CheckpointError, match="refused to load"):
+        read_svitt_checkpoint(tmp_path / "c.pth")
+
+
+def _resave(tmp_path: Path, name: str, change) -> Path:
+    state, config = read_svitt_checkpoint(CKPT)
+    path = tmp_path / name
+    torch.save(change(dict(state)), path)
+    return path
+
+
+@pytest.mark.parametrize("wrap", [lambda s: s, lambda s: {f"module.{k}": v for k, v in s.items()},
+                                  lambda s: {"state_dict": s}])
+def test_wrapped_layouts_convert_to_the_same_weights(tmp_path, vocab, wrap):
+    path = _resave(tmp_path, "w.pth", wrap)
+    # Without its config the sparsity and text length fall back to no sparsity and 32 tokens, and BERT's
+    # heads come from the flag.
+    folder = convert_svitt(path, tmp_path / "m", vocab=vocab, text_heads=2)
+    model = SViTTEgo.from_pretrained(folder)
+    assert model.config.vision.attention == "dense"
+    reference = SViTTEgo.from_pretrained(convert_svitt(CKPT, tmp_path / "r", vocab=vocab))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+def test_derived_copies_are_checked_and_unplaced_keys_listed(tmp_path, vocab, capsys):
+    def tamper(state):
+        state["text_encoder.bert.embeddings.position_ids"] = state["text_encoder.bert.embeddings.position_ids"] + 1
+        return state
+
+    bad = _resave(tmp_path, "bad.pth", tamper)
+    assert main(["convert-svitt", str(bad), str(tmp_path / "a"), "--vocab", str(vocab), "--text-heads", "2"]) == 2
+    assert "'text_encoder.bert.embeddings.position_ids' is not what SViTT derives" in capsys.readouterr().err
+    extra = _resave(tmp_path, "extra.pth", lambda s: {**s, "text_encoder.bert.pooler.dense.weight": torch.ones(2)})
+    assert main(["convert-svitt", str(extra), str(tmp_path / "b"), "--vocab", str(vocab), "--text-heads", "2"]) == 2
+    assert "text_encoder.bert.pooler.dense.weight" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    assert main(["convert-svitt", str(extra), str(tmp_path / "b"), "--vocab", str(vocab), "--text-heads", "2",
+                 "--allow-unused"]) == 0
+
+
+def test_a_retrieval_checkpoint_converts_without_an_mlm_head(tmp_path, vocab, capsys):
+    def retrieval(state):  # SViTT's retrieval model: BertModel, no "bert." prefix, no "cls."
+        return {k.replace("text_encoder.bert.", "text_encoder."): v for k, v in state.items()
+                if not k.startswith("text_encoder.cls.")}
+
+    folder = convert_svitt(_resave(tmp_path, "r.pth", retrieval), tmp_path / "m", vocab=vocab, text_heads=2)
+    model = SViTTEgo.from_pretrained(folder)
+    assert model.mlm_head is None and model.encode_text(["a cup"]).shape == (1, 16)
+    with pytest.raises(ConfigError, match="no MLM head"):
+        model.mlm_logits(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3), torch.zeros(1, 5, 32))
+
+
+def test_settings_svitt_runs_that_we_do_not_reproduce_are_refused_naming_them():
+    state, config = read_svitt_checkpoint(CKPT)
+    for change, named in (({"token_3d_order": "zcurve"}, "token_3d_order=zcurve"),
+                          ({"sparse_local_attn": 3}, "sparse_local_attn=3"),
+                          ({"token_keep_strategy": "random"}, "token_keep_strategy=random")):
+        args = {**config["vision_encoder_args"], **change}
+        with pytest.raises(ConfigError, match=named):
+            svitt_model_config(state, {**config, "vision_encoder_args": args})
+
+
+def test_an_existing_folder_is_not_overwritten(tmp_path, vocab, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert main(["convert-svitt", str(CKPT), str(tmp_path / "mine"), "--vocab", str(vocab)]) == 2
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    assert main(["convert-svitt", str(CKPT), str(tmp_path / "m"), "--vocab", str(tmp_path / "nothing")]) == 2
+    assert "no BERT vocabulary" in capsys.readouterr().err
+
+
+def test_init_from_starts_a_model_from_a_converted_folder(tmp_path, vocab):
+    folder = convert_svitt(CKPT, tmp_path / "m", vocab=vocab)
+    saved = SViTTEgo.from_pretrained(folder)
+    cfg = saved.config
+    cfg.init_from, cfg.text.tokenizer, cfg.vision.num_frames = str(folder), None, 4
+    model = create_model(cfg)
+    assert model.config.text.tokenizer == str(folder)
+    assert torch.equal(model.text_proj.weight, saved.text_proj.weight)
+    assert model.visual.blocks[0].attn.rel_pos_bias.table.shape[0] > saved.visual.blocks[0].attn.rel_pos_bias.table.shape[0]
+    other = load_config("tiny", [f"model.init_from={folder}"]).model
+    with pytest.raises(CheckpointError, match="does not fit"):
+        create_model(other)
