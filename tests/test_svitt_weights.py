@@ -26,6 +26,7 @@ uses it). Nothing of SViTT's code is changed or stored here.
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -202,3 +203,35 @@ def test_init_from_starts_a_model_from_a_converted_folder(tmp_path, vocab):
     other = load_config("tiny", [f"model.init_from={folder}"]).model
     with pytest.raises(CheckpointError, match="does not fit"):
         create_model(other)
+
+
+# The fixture's sizes as overrides of a run's config (what `pretrain model.init_from=...` needs).
+FIXTURE_SIZES = ["model.vision.width=32", "model.vision.num_heads=2", "model.vision.depth=4",
+                 "model.vision.image_size=32", "model.vision.patch_size=8", "model.vision.num_frames=2",
+                 "model.vision.mlp_ratio=2.0", "model.vision.block_size=8", "model.vision.prune_layers=[1]",
+                 "model.text.width=32", "model.text.depth=4", "model.text.num_fusion_layers=2", "model.text.num_heads=2",
+                 "model.text.intermediate_size=64", "model.text.vocab_size=1000", "model.text.max_position_embeddings=40",
+                 "model.text.pretrained=null", "model.text.tokenizer=null", "model.vision.pretrained=null",
+                 "model.vision.pooling=mean", "model.embed_dim=16"]
+
+
+@pytest.mark.slow
+def test_every_command_runs_on_a_converted_folder(tmp_path, vocab, capsys):
+    """fixture -> convert-svitt -> extract-features, search, eval-mcq, and pretrain initialised from it."""
+    from svitt_ego.data.toy import make_toy_data, toy_data_overrides
+
+    toy = make_toy_data(tmp_path / "toy", seed=1, num_videos=6)
+    model = str(tmp_path / "model")
+    assert main(["convert-svitt", str(CKPT), model, "--vocab", str(vocab)]) == 0
+    assert main(["extract-features", model, str(toy / "videos"), "--out", str(tmp_path / "features")]) == 0
+    capsys.readouterr()
+    assert main(["search", model, str(tmp_path / "features"), "open the drawer", "--top-k", "2"]) == 0
+    assert len([line for line in capsys.readouterr().out.splitlines() if line.strip()]) >= 2
+    out = tmp_path / "mcq.json"
+    assert main(["eval-mcq", model, *toy_data_overrides(toy), "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert 0 <= result["inter"] <= 100 and result["num_inter"] >= 1
+    run = ["pretrain", "--config", "tiny", *toy_data_overrides(toy), *FIXTURE_SIZES, f"model.init_from={model}",
+           f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1", "train.batch_size=2", "data.num_workers=0",
+           "train.eval_every_epoch=false", "train.precision=fp32"]
+    assert main(run) == 0 and (tmp_path / "run" / "last.pt").exists()
