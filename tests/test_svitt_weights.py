@@ -38,7 +38,7 @@ from svitt_ego.cli import main
 from svitt_ego.config import ConfigError, load_config
 from svitt_ego.data.tokenizer import minilm_path
 from svitt_ego.models import SViTTEgo, create_model
-from svitt_ego.models.block_pattern import BlockPattern
+from svitt_ego.models.block_pattern import BlockPattern, block_pattern_from_noise
 from svitt_ego.models.svitt_weights import convert_svitt, read_svitt_checkpoint, svitt_model_config
 
 DATA = Path(__file__).parent / "data" / "svitt"
@@ -86,11 +86,34 @@ def test_sparsity_on_equals_svitts_own_forward_given_its_random_blocks(tmp_path,
     v = model.config.vision
     assert (v.attention, v.k_local, v.k_random, v.block_size, v.keep_rate, v.prune_layers) == ("sparse", 1, 1, 8, 0.5, [1])
     assert (model.config.text.keep_rate, model.config.text.max_length, model.temp.item()) == (1.0, 32, pytest.approx(0.05))
-    patterns = [BlockPattern(idx, torch.ones_like(idx, dtype=torch.bool), v.block_size) for idx in reference["attn_idx"]]
-    model.visual.block_patterns = lambda num_tokens, device: patterns
-    got = _outputs(model, reference)
+    assert v.svitt_blocks
+    got = _outputs(_with_blocks(model, reference["attn_idx"]), reference)
     _assert_close(got, reference["sparse"])
     assert (got["vtm_logits"] - reference["dense"]["vtm_logits"]).abs().max() > 0.1  # the sparsity mattered
+
+
+def _with_blocks(model: SViTTEgo, attn_idx: list[torch.Tensor]) -> SViTTEgo:
+    """``model`` attending to the key blocks SViTT drew (its ``attn_idx``, one [blocks, K_l + K_r] per layer)."""
+    v = model.config.vision
+    patterns = [BlockPattern(idx, torch.ones_like(idx, dtype=torch.bool), v.block_size, v.svitt_blocks)
+                for idx in attn_idx]
+    model.visual.block_patterns = lambda num_tokens, device: patterns
+    return model
+
+
+def test_svitts_padded_keys_and_repeated_own_block_are_reproduced(tmp_path, vocab, reference):
+    """SViTT run with keep rate 0.7 (23 tokens after pruning: a partial last block, whose zero-padded keys
+    join its softmax) and K_r = 3 over 3 blocks (each query block takes its own block again)."""
+    quirks = {"vision": {"keep_rate": 0.7, "k_random": 3}}
+    model = SViTTEgo.from_pretrained(convert_svitt(CKPT, tmp_path / "m", vocab=vocab, overrides=quirks)).eval()
+    _assert_close(_outputs(_with_blocks(model, reference["quirks_attn_idx"]), reference), reference["quirks"])
+    model.config.vision.svitt_blocks = False  # our own blocks: masked padding, no repeated block
+    plain = _outputs(_with_blocks(model, reference["quirks_attn_idx"][:2]
+                                  + [idx[:, 1:] for idx in reference["quirks_attn_idx"][2:]]), reference)
+    assert (plain["vtm_logits"] - reference["quirks"]["vtm_logits"]).abs().max() > 1e-4
+    # Our draw gives SViTT's blocks where it has no choice left: 3 blocks, K_r = 3, the own block twice.
+    ours = block_pattern_from_noise(torch.rand(3, 3), 8, 1, 3, svitt_blocks=True).key_blocks
+    assert torch.equal(ours.sort(1).values, reference["quirks_attn_idx"][2].sort(1).values)
 
 
 def test_a_crafted_pickle_is_refused_without_running(tmp_path, capsys):

@@ -57,6 +57,10 @@ class VisionConfig:
     k_random: int = 3
     block_size: int = 56
     backend: str = "auto"
+    # SViTT's own block attention, for its checkpoints (convert-svitt sets it): the zero-padded keys of a
+    # partial last block join the softmax and a query block short of K_r others takes its own again
+    # (svitt_ego.models.block_pattern). K_l = 1 only; runs on the blocked backend whatever ``backend`` says.
+    svitt_blocks: bool = False
     eval_seed: int = 0
     # Node sparsity. keep_rate=1.0 turns it off.
     keep_rate: float = 0.7
@@ -257,6 +261,8 @@ def _validate_vision(v: VisionConfig) -> None:
     _choice("model.vision.attention", v.attention, ("sparse", "dense"))
     _check("model.vision.k_local", v.k_local >= 1 and v.k_local % 2 == 1, "odd and >= 1", v.k_local)
     _check("model.vision.k_random", v.k_random >= 0, ">= 0", v.k_random)
+    _check("model.vision.k_local", not v.svitt_blocks or v.k_local == 1, "1 with model.vision.svitt_blocks",
+           v.k_local)
     _choice("model.vision.backend", v.backend, ("auto", "reference", "blocked", "triton", "flex"))
     _check("model.vision.eval_seed", 0 <= v.eval_seed < 2**31, "in [0, 2**31)", v.eval_seed)
     _check("model.vision.keep_rate", 0 < v.keep_rate <= 1, "in (0, 1]", v.keep_rate)

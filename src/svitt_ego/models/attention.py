@@ -90,12 +90,14 @@ def blocked_attention(q, k, v, positions, rel_bias: RelativePositionBias3D, patt
     kg = torch.cat([k_cls, kb[:, :, idx].reshape(B, H, nb, W * G, D)], dim=3)
     vg = torch.cat([v_cls, vb[:, :, idx].reshape(B, H, nb, W * G, D)], dim=3)
 
-    patch_pos = F.pad(positions[:, 1:], (0, pad), value=0).view(-1, nb, G)
+    # SViTT's padded keys look up the patch -> [CLS] bias; ours are masked below.
+    padding = CLS_POSITION if pattern.svitt_blocks else 0
+    patch_pos = F.pad(positions[:, 1:], (0, pad), value=padding).view(-1, nb, G)
     key_pos = patch_pos[:, idx].reshape(-1, nb, W * G)
     key_pos = torch.cat([key_pos.new_full((key_pos.shape[0], nb, 1), CLS_POSITION), key_pos], dim=2)
     bias = rel_bias(patch_pos, key_pos).transpose(1, 2)  # [B', H, nb, G, 1 + W*G]
 
-    token_ok = torch.arange(nb * G, device=q.device).view(nb, G) < n
+    token_ok = torch.arange(nb * G, device=q.device).view(nb, G) < (nb * G if pattern.svitt_blocks else n)
     key_ok = (token_ok[idx] & pattern.valid[:, :, None]).reshape(nb, W * G)
     key_ok = torch.cat([key_ok.new_ones(nb, 1), key_ok], dim=1)
 

@@ -243,7 +243,7 @@ def _sparsity(cfg: VisionConfig, args: dict) -> None:
         cfg.attention = "dense"
         return
     cfg.k_local, cfg.k_random = int(args.get("sparse_local_attn", 1)), int(args["sparse_random_attn"])
-    cfg.block_size = int(args.get("attn_block_size", 1))
+    cfg.block_size, cfg.svitt_blocks = int(args.get("attn_block_size", 1)), True
     if cfg.k_local != 1:
         raise ConfigError(f"vision_encoder_args.sparse_local_attn={cfg.k_local}: SViTT's local blocks wrap "
                           "around and score block m+r's keys against block m-r's values; only 1 is reproduced")

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from svitt_ego.config import VisionConfig
-from svitt_ego.models.attention import dense_attention, reference_attention, resolve_backend
+from svitt_ego.models.attention import blocked_attention, dense_attention, reference_attention, resolve_backend
 from svitt_ego.models.block_pattern import BlockPattern, block_pattern_from_noise, sample_block_pattern
 from svitt_ego.models.position_bias import CLS_POSITION, RelativePositionBias3D
 from svitt_ego.models.pruning import num_kept, prune_tokens
@@ -62,7 +62,9 @@ class VideoAttention(nn.Module):
         B, N, C = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         q, k, v = F.linear(x, self.qkv.weight, bias).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        if self.backend == "reference":
+        if pattern is not None and pattern.svitt_blocks:
+            attend = blocked_attention  # the one backend that computes SViTT's blocks
+        elif self.backend == "reference":
             attend = reference_attention
         elif pattern is None:
             attend = dense_attention
@@ -141,12 +143,13 @@ class VideoEncoder(nn.Module):
             return None
         cfg = self.cfg
         if self.training:
-            return sample_block_pattern(num_tokens, cfg.block_size, cfg.k_local, cfg.k_random, device=device)
+            return sample_block_pattern(num_tokens, cfg.block_size, cfg.k_local, cfg.k_random, device=device,
+                                        svitt_blocks=cfg.svitt_blocks)
         key = (layer, num_tokens, str(torch.device(device)))
         if key not in self._eval_patterns:
             generator = torch.Generator().manual_seed(cfg.eval_seed * EVAL_SEED_STRIDE + layer)
             self._eval_patterns[key] = sample_block_pattern(num_tokens, cfg.block_size, cfg.k_local,
-                                                            cfg.k_random, generator, device)
+                                                            cfg.k_random, generator, device, cfg.svitt_blocks)
         return self._eval_patterns[key]
 
     def block_patterns(self, num_tokens: int, device: torch.device) -> list[BlockPattern | None]:
@@ -157,7 +160,8 @@ class VideoEncoder(nn.Module):
         cfg = self.cfg
         blocks = [math.ceil(n / cfg.block_size) for n in counts]
         noise = torch.rand(len(counts), blocks[0], blocks[0], device=device)
-        return [block_pattern_from_noise(noise[layer, :nb, :nb], cfg.block_size, cfg.k_local, cfg.k_random)
+        return [block_pattern_from_noise(noise[layer, :nb, :nb], cfg.block_size, cfg.k_local, cfg.k_random,
+                                         cfg.svitt_blocks)
                 for layer, nb in enumerate(blocks)]
 
     def tokens_per_layer(self, num_tokens: int) -> list[int]:
