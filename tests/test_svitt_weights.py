@@ -84,8 +84,9 @@ def test_sparsity_on_equals_svitts_own_forward_given_its_random_blocks(tmp_path,
     assert main(["convert-svitt", str(CKPT), str(tmp_path / "m"), "--vocab", str(vocab)]) == 0
     model = SViTTEgo.from_pretrained(tmp_path / "m").eval()
     v = model.config.vision
-    assert (v.attention, v.k_local, v.k_random, v.block_size, v.keep_rate, v.prune_layers) == ("sparse", 1, 1, 8, 0.5, [1])
-    assert (model.config.text.keep_rate, model.config.text.max_length, model.temp.item()) == (1.0, 32, pytest.approx(0.05))
+    assert (v.attention, v.k_local, v.k_random, v.block_size, v.keep_rate) == ("sparse", 1, 1, 8, 0.5)
+    assert (v.prune_layers, model.config.text.keep_rate, model.config.text.max_length) == ([1], 1.0, 32)
+    assert model.temp.item() == pytest.approx(0.05)
     assert v.svitt_blocks
     got = _outputs(_with_blocks(model, reference["attn_idx"]), reference)
     _assert_close(got, reference["sparse"])
@@ -197,7 +198,7 @@ def test_a_retrieval_checkpoint_converts_without_an_mlm_head(tmp_path, vocab, ca
 
 def test_settings_svitt_runs_that_we_do_not_reproduce_are_refused_naming_them():
     state, config = read_svitt_checkpoint(CKPT)
-    for change, named in (({"token_3d_order": "zcurve"}, "token_3d_order=zcurve"),
+    for change, named in (({"token_3d_order": "zcurve"}, "vision_encoder_args.token_3d_order=zcurve"),
                           ({"sparse_local_attn": 3}, "sparse_local_attn=3"),
                           ({"token_keep_strategy": "random"}, "token_keep_strategy=random")):
         args = {**config["vision_encoder_args"], **change}
@@ -222,7 +223,8 @@ def test_init_from_starts_a_model_from_a_converted_folder(tmp_path, vocab):
     model = create_model(cfg)
     assert model.config.text.tokenizer == str(folder)
     assert torch.equal(model.text_proj.weight, saved.text_proj.weight)
-    assert model.visual.blocks[0].attn.rel_pos_bias.table.shape[0] > saved.visual.blocks[0].attn.rel_pos_bias.table.shape[0]
+    tables = [m.visual.blocks[0].attn.rel_pos_bias.table for m in (model, saved)]
+    assert tables[0].shape[0] > tables[1].shape[0]  # inflated to 4 frames
     other = load_config("tiny", [f"model.init_from={folder}"]).model
     with pytest.raises(CheckpointError, match="does not fit"):
         create_model(other)
@@ -232,10 +234,11 @@ def test_init_from_starts_a_model_from_a_converted_folder(tmp_path, vocab):
 FIXTURE_SIZES = ["model.vision.width=32", "model.vision.num_heads=2", "model.vision.depth=4",
                  "model.vision.image_size=32", "model.vision.patch_size=8", "model.vision.num_frames=2",
                  "model.vision.mlp_ratio=2.0", "model.vision.block_size=8", "model.vision.prune_layers=[1]",
-                 "model.text.width=32", "model.text.depth=4", "model.text.num_fusion_layers=2", "model.text.num_heads=2",
-                 "model.text.intermediate_size=64", "model.text.vocab_size=1000", "model.text.max_position_embeddings=40",
-                 "model.text.pretrained=null", "model.text.tokenizer=null", "model.vision.pretrained=null",
-                 "model.vision.pooling=mean", "model.embed_dim=16"]
+                 "model.vision.pooling=mean", "model.vision.pretrained=null", "model.text.width=32",
+                 "model.text.depth=4", "model.text.num_fusion_layers=2", "model.text.num_heads=2",
+                 "model.text.intermediate_size=64", "model.text.vocab_size=1000",
+                 "model.text.max_position_embeddings=40", "model.text.pretrained=null", "model.text.tokenizer=null",
+                 "model.embed_dim=16"]
 
 
 @pytest.mark.slow

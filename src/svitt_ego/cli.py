@@ -327,11 +327,12 @@ def _add_pretraining_commands(sub) -> None:
                    help="resume even though settings that change the saved state's meaning differ (logged)")
     p.set_defaults(func=_cmd_pretrain)
 
-    p = sub.add_parser("convert-svitt", help="a checkpoint SViTT's code wrote (SViTT's, SViTT-Ego's) as a model folder")
+    p = sub.add_parser("convert-svitt",
+                       help="a checkpoint SViTT's code wrote (SViTT's, SViTT-Ego's) as a model folder")
     p.add_argument("checkpoint", help="the .pth file (read without running code)")
     p.add_argument("output", help="the model folder to write (new or empty)")
     p.add_argument("--vocab", default=None,
-                   help="a local BERT folder with vocab.txt (default: the checkpoint's text_encoder, if a local folder)")
+                   help="a local BERT folder with vocab.txt (default: the checkpoint's text_encoder if local)")
     p.add_argument("--text-heads", type=positive_int, default=12,
                    help="BERT's attention heads when the checkpoint's config does not say (default: 12, BERT-base)")
     p.add_argument("--allow-unused", action="store_true",

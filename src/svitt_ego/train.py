@@ -264,7 +264,8 @@ def build_run(cfg: Config, device: torch.device) -> Run:
     seed_everything(cfg.train.seed)
     if cfg.loss.mlm_weight > 0 and not cfg.model.text.mlm_head:
         raise ConfigError(f"loss.mlm_weight={cfg.loss.mlm_weight} needs an MLM head, and model.text.mlm_head is "
-                          "false (a model converted from a retrieval checkpoint); set loss.mlm_weight=0", "loss.mlm_weight")
+                          "false (a model converted from a retrieval checkpoint); set loss.mlm_weight=0",
+                          "loss.mlm_weight")
     model = create_model(cfg.model).to(device)  # with model.init_from, it names the tokenizer
     tokenizer = load_tokenizer(cfg.model.text)
     objective = PretrainingObjective(model, cfg, tokenizer).to(device)

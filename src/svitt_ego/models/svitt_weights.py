@@ -213,27 +213,37 @@ def vision_config(state: dict[str, torch.Tensor], config: dict) -> VisionConfig:
 
 
 def _frames_and_grid(state: dict[str, torch.Tensor], layer: str, grid: int) -> tuple[int, int]:
-    """SViTT's frames and patch grid from the bias table's rows, ``(2T-1)(2G-1)^2 + 3``, and its index's size,
-    ``T G^2 + 1`` (without the index, ``grid`` is G: the config's image_res over the patch size)."""
+    """SViTT's frames T and patch grid G from the bias table's rows, ``(2T-1)(2G-1)^2 + 3``, and its index's
+    size, ``T G^2 + 1`` (without the index, G is ``grid``: the config's image_res over the patch size)."""
     bias = f"{layer}attention.attention.relative_position_bias."
     rows = state[f"{bias}relative_position_bias_table"].shape[0] - 3
     index = state.get(f"{bias}relative_position_index")
-    grids = [grid] if index is None else [g for g in range(1, index.shape[0]) if (index.shape[0] - 1) % (g * g) == 0]
-    for g in grids:
+    tokens = None if index is None else index.shape[0] - 1
+    for g in [grid] if tokens is None else [g for g in range(1, tokens + 1) if tokens % (g * g) == 0]:
         frames = (rows // (2 * g - 1) ** 2 + 1) // 2
-        if g >= 1 and (2 * frames - 1) * (2 * g - 1) ** 2 == rows and (index is None or frames * g * g + 1 == index.shape[0]):
+        if (2 * frames - 1) * (2 * g - 1) ** 2 == rows and tokens in (None, frames * g * g):
             return frames, g
-    raise CheckpointError(f"the relative position table ({rows + 3} rows) fits no number of frames on a patch grid "
-                          f"({'its index has ' + str(index.shape[0]) + ' rows' if index is not None else f'{grid}x{grid}'})")
+    given = f"a {grid}x{grid} grid" if tokens is None else f"{tokens} tokens (its index)"
+    raise CheckpointError(f"the relative position table ({rows + 3} rows) fits no number of frames on {given}")
+
+
+# SViTT settings (in vision_encoder_args / text_encoder_args) whose other values we do not reproduce.
+ONLY = {"vision_encoder_args": {"hidden_act": "gelu", "num_cls_tokens": 1, "token_3d_order": "none"},
+        "text_encoder_args": {"hidden_act": "gelu", "position_embedding_type": "absolute"}}
+
+
+def _refuse_unreproduced(config: dict) -> None:
+    for section, settings in ONLY.items():
+        for key, value in settings.items():
+            got = _section(config, section).get(key, value)
+            if got != value:
+                raise ConfigError(f"{section}.{key}={got}: SViTT ran with a setting this model does not reproduce "
+                                  f"(only {value}); not converted")
 
 
 def _sparsity(cfg: VisionConfig, args: dict) -> None:
     """SViTT's edge and node sparsity settings (``vision_encoder_args``) as ours; one we do not reproduce
     is refused, naming it."""
-    order = args.get("token_3d_order", "none")
-    if order != "none":
-        raise ConfigError(f"vision_encoder_args.token_3d_order={order}: SViTT's {order} token order is not "
-                          "reproduced; not converted")
     keep = float(args.get("token_keep_rate", 1))
     if keep < 1 and args.get("token_keep_strategy", "cls_attn") != "cls_attn":
         raise ConfigError(f"vision_encoder_args.token_keep_strategy={args['token_keep_strategy']}: only cls_attn "
@@ -268,10 +278,10 @@ def text_config(state: dict[str, torch.Tensor], config: dict, text_heads: int) -
     keep = float(args.get("token_keep_rate", 1))
     if keep < 1:
         first = len(layers) - len(fusion)
-        if list(args.get("token_drop_loc", [9])) != [first] or args.get("token_keep_strategy", "cls_attn") != "cls_attn":
-            raise ConfigError(f"text_encoder_args: multimodal pruning at layers {args.get('token_drop_loc', [9])} by "
-                              f"{args.get('token_keep_strategy', 'cls_attn')}: only cls_attn in the first fusion "
-                              f"layer ({first}) is reproduced; not converted")
+        where, strategy = list(args.get("token_drop_loc", [9])), args.get("token_keep_strategy", "cls_attn")
+        if where != [first] or strategy != "cls_attn":
+            raise ConfigError(f"text_encoder_args: multimodal pruning at layers {where} by {strategy}: only "
+                              f"cls_attn in the first fusion layer ({first}) is reproduced; not converted")
         cfg.keep_rate = keep
     return cfg
 
@@ -281,6 +291,7 @@ def svitt_model_config(state: dict[str, torch.Tensor], config: dict, text_heads:
     for key in ("vision_encoder.embeddings.cls_token", "vision_proj.weight", "temp"):
         if key not in state:
             raise CheckpointError(f"not a SViTT checkpoint: no '{key}' (found {', '.join(sorted(state)[:5])} ...)")
+    _refuse_unreproduced(config)
     return ModelConfig(vision=vision_config(state, config), text=text_config(state, config, text_heads),
                        embed_dim=state["vision_proj.weight"].shape[0], temperature=float(state["temp"]),
                        learn_temperature=True)
