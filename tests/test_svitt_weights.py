@@ -243,10 +243,12 @@ FIXTURE_SIZES = ["model.vision.width=32", "model.vision.num_heads=2", "model.vis
 
 @pytest.mark.slow
 def test_every_command_runs_on_a_converted_folder(tmp_path, vocab, capsys):
-    """fixture -> convert-svitt -> extract-features, search, eval-mcq, and pretrain initialised from it."""
-    from svitt_ego.data.toy import make_toy_data, toy_data_overrides
+    """fixture -> convert-svitt -> extract-features, search, eval-mcq, visualize, extract-nlq-features,
+    eval-epic-mir, eval-charades-ego on the toy world, and pretrain initialised from the folder."""
+    from svitt_ego.data.toy import toy_data_overrides
+    from svitt_ego.data.toy_benchmarks import make_toy_world
 
-    toy = make_toy_data(tmp_path / "toy", seed=1, num_videos=6)
+    toy = make_toy_world(tmp_path / "toy", seed=1, num_videos=6)
     model = str(tmp_path / "model")
     assert main(["convert-svitt", str(CKPT), model, "--vocab", str(vocab)]) == 0
     assert main(["extract-features", model, str(toy / "videos"), "--out", str(tmp_path / "features")]) == 0
@@ -257,6 +259,14 @@ def test_every_command_runs_on_a_converted_folder(tmp_path, vocab, capsys):
     assert main(["eval-mcq", model, *toy_data_overrides(toy), "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     assert 0 <= result["inter"] <= 100 and result["num_inter"] >= 1
+    video = next((toy / "videos").iterdir())
+    assert main(["visualize", model, str(video), "--start", "0", "--end", "2", "--text", "open the drawer",
+                 "--out", str(tmp_path / "figure.png")]) == 0
+    assert main(["extract-nlq-features", model, "--annotations", str(toy / "nlq_val.json"), "--videos",
+                 str(toy / "videos"), "--out", str(tmp_path / "nlq"), "--window", "2", "--stride", "2"]) == 0
+    for command, folder in (("eval-epic-mir", "epic_mir"), ("eval-charades-ego", "charades_ego")):
+        assert main([command, model, "--annotations", str(toy / folder), "--videos", str(toy / folder / "videos"),
+                     "--workers", "0", "--output", str(tmp_path / f"{folder}.json")]) == 0
     run = ["pretrain", "--config", "tiny", *toy_data_overrides(toy), *FIXTURE_SIZES, f"model.init_from={model}",
            f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1", "train.batch_size=2", "data.num_workers=0",
            "train.eval_every_epoch=false", "train.precision=fp32"]
