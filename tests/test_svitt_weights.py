@@ -196,6 +196,20 @@ def test_a_retrieval_checkpoint_converts_without_an_mlm_head(tmp_path, vocab, ca
         model.mlm_logits(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3), torch.zeros(1, 5, 32))
 
 
+def test_what_is_not_recognised_is_named_in_one_line(tmp_path, vocab, capsys):
+    state, _ = read_svitt_checkpoint(CKPT)
+    cases = {"ours.pt": {"model": {"visual.cls_token": torch.zeros(1, 1, 4)}, "step": 3},
+             "list.pth": [1, 2],
+             "unresolved.pth": {"model": state, "config": {"vision_encoder_args": {"token_keep_rate": "${rate}"}}}}
+    expected = {"ours.pt": "no 'vision_encoder.embeddings.cls_token'", "list.pth": "not a SViTT checkpoint",
+                "unresolved.pth": "a value of its config cannot be read"}
+    for name, content in cases.items():
+        torch.save(content, tmp_path / name)
+        assert main(["convert-svitt", str(tmp_path / name), str(tmp_path / "out"), "--vocab", str(vocab)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and name in err and expected[name] in err, err
+
+
 def test_settings_svitt_runs_that_we_do_not_reproduce_are_refused_naming_them():
     state, config = read_svitt_checkpoint(CKPT)
     for change, named in (({"token_3d_order": "zcurve"}, "vision_encoder_args.token_3d_order=zcurve"),

@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 from svitt_ego.checkpoint import CheckpointError, load_checkpoint
-from svitt_ego.config import Config, ConfigError, ModelConfig, TextConfig, VisionConfig, validate
+from svitt_ego.config import Config, ConfigError, ModelConfig, TextConfig, VisionConfig, parse_override, validate
+from svitt_ego.data.tokenizer import read_vocab
+from svitt_ego.models.model import SViTTEgo
 from svitt_ego.models.position_bias import CLS_POSITION, RelativePositionBias3D
 from svitt_ego.models.weights import beit_to_video_encoder, bert_to_svitt
 
@@ -159,8 +161,6 @@ def svitt_to_ours(state: dict[str, torch.Tensor], cfg: ModelConfig, source: str,
     for prefix in PARTS:
         out.update({PARTS[prefix] + k: v for k, v in parts.pop(prefix, {}).items()})
     with torch.device("meta"):
-        from svitt_ego.models.model import SViTTEgo
-
         own = set(SViTTEgo(cfg).state_dict())
     source_name = {id(v): k for k, v in state.items()}  # unplaced tensors pass through the tables as they are
     unused = [source_name.get(id(v), k) for k, v in out.items() if k not in own] + list(parts[""])
@@ -290,7 +290,7 @@ def svitt_model_config(state: dict[str, torch.Tensor], config: dict, text_heads:
     """Our model config for SViTT's ``state`` and plain ``config`` (see :func:`read_svitt_checkpoint`)."""
     for key in ("vision_encoder.embeddings.cls_token", "vision_proj.weight", "temp"):
         if key not in state:
-            raise CheckpointError(f"not a SViTT checkpoint: no '{key}' (found {', '.join(sorted(state)[:5])} ...)")
+            raise CheckpointError(f"not a SViTT checkpoint: no '{key}' (it has {', '.join(sorted(state)[:5])}, ...)")
     _refuse_unreproduced(config)
     return ModelConfig(vision=vision_config(state, config), text=text_config(state, config, text_heads),
                        embed_dim=state["vision_proj.weight"].shape[0], temperature=float(state["temp"]),
@@ -300,8 +300,6 @@ def svitt_model_config(state: dict[str, torch.Tensor], config: dict, text_heads:
 def svitt_vocab(vocab: str | Path | None, config: dict, vocab_size: int) -> str:
     """The folder of the BERT ``vocab.txt``: ``vocab``, else the checkpoint's ``text_encoder`` when that is a
     local folder; checked against the word embeddings."""
-    from svitt_ego.data.tokenizer import read_vocab
-
     folder = vocab or config.get("text_encoder")
     if not folder or not (Path(folder) / "vocab.txt").is_file():
         where = f"--vocab {vocab}" if vocab else f"the checkpoint's text_encoder {folder!r}"
@@ -313,8 +311,6 @@ def svitt_vocab(vocab: str | Path | None, config: dict, vocab_size: int) -> str:
 
 def model_overrides(texts: list[str]) -> dict:
     """``["model.vision.k_random=5"]`` -> ``{"vision": {"k_random": 5}}``; a key outside ``model.`` is refused."""
-    from svitt_ego.config import parse_override
-
     nested: dict = {}
     for text in texts:
         key, value = parse_override(text)
@@ -334,22 +330,19 @@ def convert_svitt(checkpoint: str | Path, output: str | Path, vocab: str | Path 
     :meth:`SViTTEgo.from_pretrained`, with the BERT vocabulary of :func:`svitt_vocab`; ``overrides`` (as
     there, e.g. :func:`model_overrides`) change the model config after it is read; ``text_heads`` is
     BERT's head count when the checkpoint's config does not give it."""
-    from svitt_ego.models.model import SViTTEgo
-
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise FileExistsError(f"{output}: exists and is not an empty folder; convert-svitt writes a new one")
     state, config = read_svitt_checkpoint(checkpoint)
     try:
         cfg = svitt_model_config(state, config, text_heads)
+        validate(Config(model=cfg))
     except KeyError as err:
         raise CheckpointError(f"{checkpoint}: not a SViTT checkpoint: no '{err.args[0]}'") from None
-    except ConfigError as err:
-        raise ConfigError(f"{checkpoint}: {err}") from None
-    try:
-        validate(Config(model=cfg))
-    except ConfigError as err:
-        raise ConfigError(f"{checkpoint}: the model config read from it: {err}") from None
+    except (CheckpointError, ConfigError) as err:
+        raise type(err)(f"{checkpoint}: {err}") from None
+    except (ValueError, TypeError) as err:  # e.g. an interpolation where its config should hold a number
+        raise ConfigError(f"{checkpoint}: a value of its config cannot be read ({err})") from None
     cfg.text.tokenizer = svitt_vocab(vocab, config, cfg.text.vocab_size)
     ours = svitt_to_ours(state, cfg, str(checkpoint), allow_unused)
     model = SViTTEgo.from_state_dict(cfg, ours, str(checkpoint), overrides)
