@@ -285,3 +285,14 @@ def test_every_command_runs_on_a_converted_folder(tmp_path, vocab, capsys):
            f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1", "train.batch_size=2", "data.num_workers=0",
            "train.eval_every_epoch=false", "train.precision=fp32"]
     assert main(run) == 0 and (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("blocks, repeated", [(3, True), (4, False), (2, False)])
+def test_svitt_blocks_repeat_the_own_block_only_where_svitt_does(blocks, repeated):
+    """SViTT's topk of K_r = 3 over the other blocks' noise takes the own block again only with exactly 3
+    blocks (with 2 its topk fails; we take each block once)."""
+    pattern = block_pattern_from_noise(torch.rand(blocks, blocks), 8, 1, 3, svitt_blocks=True)
+    for row, (keys, valid) in enumerate(zip(pattern.key_blocks.tolist(), pattern.valid.tolist())):
+        chosen = [k for k, ok in zip(keys, valid) if ok]
+        assert set(chosen) == set(range(blocks))  # K_r = 3 takes every other block of at most 4
+        assert chosen.count(row) == (2 if repeated else 1)
