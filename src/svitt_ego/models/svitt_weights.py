@@ -207,7 +207,7 @@ def vision_config(state: dict[str, torch.Tensor], config: dict) -> VisionConfig:
                        depth=len(_layers(state, r"vision_encoder\.encoder\.layer\.(\d+)\.")),
                        mlp_ratio=state[f"{layer}intermediate.dense.weight"].shape[0] / width,
                        layer_norm_eps=float(args.get("layer_norm_eps", 1e-12)),
-                       drop_path=float(args.get("drop_path_rate", 0.1)), pooling="mean")
+                       drop_path=float(args.get("drop_path_rate", 0.1)), pooling="mean", svitt_blocks=True)
     _sparsity(cfg, args)
     return cfg
 
@@ -253,7 +253,7 @@ def _sparsity(cfg: VisionConfig, args: dict) -> None:
         cfg.attention = "dense"
         return
     cfg.k_local, cfg.k_random = int(args.get("sparse_local_attn", 1)), int(args["sparse_random_attn"])
-    cfg.block_size, cfg.svitt_blocks = int(args.get("attn_block_size", 1)), True
+    cfg.block_size = int(args.get("attn_block_size", 1))
     if cfg.k_local != 1:
         raise ConfigError(f"vision_encoder_args.sparse_local_attn={cfg.k_local}: SViTT's local blocks wrap "
                           "around and score block m+r's keys against block m-r's values; only 1 is reproduced")
@@ -292,6 +292,9 @@ def svitt_model_config(state: dict[str, torch.Tensor], config: dict, text_heads:
         if key not in state:
             raise CheckpointError(f"not a SViTT checkpoint: no '{key}' (it has {', '.join(sorted(state)[:5])}, ...)")
     _refuse_unreproduced(config)
+    if not config:
+        log.warning("the checkpoint holds no config: dense attention, no pruning, 32 text tokens, %d BERT heads "
+                    "unless KEY=VALUE settings say otherwise", text_heads)
     return ModelConfig(vision=vision_config(state, config), text=text_config(state, config, text_heads),
                        embed_dim=state["vision_proj.weight"].shape[0], temperature=float(state["temp"]),
                        learn_temperature=True)
