@@ -1,27 +1,35 @@
 """SViTT's checkpoints converted to our model folders, checked against SViTT's own code.
 
-The fixture ``tests/data/svitt/`` was made outside this repository by SViTT's own code: JerryYLi/svitt at
-commit c8806b3, its ``Singularity`` pretraining model (models/model_pretrain.py) built from
-``configs/pretrain_webvid.yaml`` with BEiT-B / BERT-base shapes made tiny: BEiT 4 layers, width 32, 2 heads,
-MLP 64, 32x32 images of 8x8 patches, 2 frames (32 patch tokens), relative position bias, mean pooling;
+The fixture ``tests/data/svitt/`` was made outside this repository by a script that ran SViTT's own code,
+JerryYLi/svitt at commit c8806b3, unchanged: its ``Singularity`` pretraining model
+(models/model_pretrain.py) built from ``configs/pretrain_webvid.yaml`` (loaded by OmegaConf) with
+BEiT-B / BERT-base shapes made tiny: BEiT 4 layers, width 32, 2 heads, MLP 64, 32x32 images of 8x8
+patches, 2 frames (32 patch tokens), relative position bias, mean pooling, layer scale 0.1;
 ``vision_encoder_args`` token_keep_rate 0.5 at layer 1, sparse_local_attn 1, sparse_random_attn 1,
-attn_block_size 8; BERT 4 layers (fusion_layer 2), width 32, 2 heads, intermediate 64, vocabulary 1000,
-40 positions; embed_dim 16, temp 0.05. A subclass only replaced its two builders, which download BEiT and
-BERT from the Hugging Face hub, by local configs (``BeitModel(BeitConfig(**vision_encoder_args),
-num_frames=2)`` and ``BertForMaskedLM(config_bert.json updated by text_encoder_args)``) and its widths
-(fixed at 768 in its base class). The weights are random (seed 0), saved as its tasks/pretrain.py saves
-(``model``, ``optimizer``, ``scheduler``, ``scaler``, its OmegaConf ``config``, ``epoch``,
-``global_step``): ``svitt_tiny.pth``. ``svitt_tiny_outputs.pt`` holds fixed inputs (2 videos, 2 texts, one
-padded, a masked copy) and what its code computed on them, in eval mode: the video and text embeddings
-(``F.normalize(vision_proj(pooled))``, ``F.normalize(text_proj(text [CLS]))``), the VTM logits
-(``itm_head`` on the fused [CLS]) and the MLM logits (``text_encoder(mode="fusion", return_logits=True)``
-on the masked text), once by the same weights with sparsity off (``sparse_random_attn`` None, keep rate 1)
-and once with it on, with the random blocks its ``sparse_attention`` drew in each layer (``attn_idx``:
-recorded by wrapping ``Tensor.topk`` during the forward; with K_l = 1 its first column is the query's own
-block). Its environment: Python 3.11, torch 2.13 (CPU), transformers 4.15.0, omegaconf 2.1.1, einops 0.8,
-zcurve 0.0.4, numpy-hilbert-curve 1.0.1; transformers 4.15 pins tokenizers < 0.11, which has no wheel for
-Python 3.11, so the script hid ``tokenizers`` (``sys.modules["tokenizers"] = None``; SViTT's model code never
-uses it). Nothing of SViTT's code is changed or stored here.
+attn_block_size 8; BERT (configs/config_bert.json updated by ``text_encoder_args``) 4 layers, fusion_layer
+2, width 32, 2 heads, intermediate 64, vocabulary 1000, 40 positions; embed_dim 16. A subclass replaced
+only its two builders, which download BEiT and BERT from the Hugging Face hub, by the same classes built
+from those local settings (``BeitModel(BeitConfig(**vision_encoder_args), add_pooling_layer=True,
+num_frames=2)`` plus its ``vision_layernorm``; ``BertForMaskedLM(bert_config)``), and its two widths
+(fixed at 768 in its base class). Every parameter was drawn from a seeded normal (LayerNorm weights
+around 1), ``temp`` set to 0.05, and the model saved as its tasks/pretrain.py saves (``model``,
+``optimizer``, ``scheduler``, ``scaler``, the OmegaConf ``config``, ``epoch``, ``global_step``):
+``svitt_tiny.pth``. ``svitt_tiny_outputs.pt`` holds fixed inputs (2 random videos, 2 texts of 8 token
+ids, one padded, and a copy with [MASK]s) and what its code computed on them in eval mode, reusing one
+``encode_image`` per model: the video and text embeddings (``F.normalize(vision_proj(pooled))``,
+``F.normalize(text_proj(text [CLS]))`` of its ``encode_image`` / ``encode_text``), the VTM logits
+(``itm_head`` on ``mode="fusion"``'s [CLS]) and the MLM logits (``text_encoder(mode="fusion",
+return_logits=True)`` on the masked text's ``mode="text"`` states). It did so for the same weights under
+three settings: sparsity off (``sparse_random_attn`` None, keep rate 1: ``dense``), the checkpoint's own
+(``sparse``), and keep rate 0.7 with sparse_random_attn 3 (``quirks``: 23 tokens after pruning leave a
+partial last block, and 3 blocks with K_r = 3 make each query block take its own again), recording the
+random blocks its ``sparse_attention`` drew in each layer by wrapping ``torch.Tensor.topk`` during the
+forward (``attn_idx``: the query's own block, SViTT's only local block at K_l = 1, then those picks).
+Its environment: Python 3.11.7, torch 2.13.0 (CPU; SViTT pins 1.10), transformers 4.15.0 (as SViTT pins),
+omegaconf 2.1.1, einops 0.8.2, zCurve 0.0.4, numpy-hilbert-curve 1.0.1, numpy 2.4. transformers 4.15 pins
+tokenizers < 0.11, which has no wheel for Python 3.11, so the script hid it (``sys.modules["tokenizers"] =
+None`` before importing transformers; SViTT's model code never uses it). Nothing of SViTT's code, nor the
+script, is stored here.
 """
 
 from __future__ import annotations
