@@ -267,6 +267,8 @@ FIXTURE_SIZES = ["model.vision.width=32", "model.vision.num_heads=2", "model.vis
 def test_every_command_runs_on_a_converted_folder(tmp_path, vocab, capsys):
     """fixture -> convert-svitt -> extract-features, search, eval-mcq, visualize, extract-nlq-features,
     eval-epic-mir, eval-charades-ego on the toy world, and pretrain initialised from the folder."""
+    from safetensors.torch import load_file
+
     from svitt_ego.data.toy import toy_data_overrides
     from svitt_ego.data.toy_benchmarks import make_toy_world
 
@@ -274,6 +276,8 @@ def test_every_command_runs_on_a_converted_folder(tmp_path, vocab, capsys):
     model = str(tmp_path / "model")
     assert main(["convert-svitt", str(CKPT), model, "--vocab", str(vocab)]) == 0
     assert main(["extract-features", model, str(toy / "videos"), "--out", str(tmp_path / "features")]) == 0
+    features = [load_file(f)["features"] for f in (tmp_path / "features" / "videos").iterdir()]
+    assert len(features) == 6 and all(f.shape[0] >= 1 and f.shape[1] == 32 for f in features)  # pooled: BEiT's width
     capsys.readouterr()
     assert main(["search", model, str(tmp_path / "features"), "open the drawer", "--top-k", "2"]) == 0
     assert len([line for line in capsys.readouterr().out.splitlines() if line.strip()]) >= 2
