@@ -20,9 +20,11 @@ ids, one padded, and a copy with [MASK]s) and what its code computed on them in 
 ``F.normalize(text_proj(text [CLS]))`` of its ``encode_image`` / ``encode_text``), the VTM logits
 (``itm_head`` on ``mode="fusion"``'s [CLS]) and the MLM logits (``text_encoder(mode="fusion",
 return_logits=True)`` on the masked text's ``mode="text"`` states). It did so for the same weights under
-three settings: sparsity off (``sparse_random_attn`` None, keep rate 1: ``dense``), the checkpoint's own
-(``sparse``), and keep rate 0.7 with sparse_random_attn 3 (``quirks``: 23 tokens after pruning leave a
-partial last block, and 3 blocks with K_r = 3 make each query block take its own again), recording the
+five settings: sparsity off (``sparse_random_attn`` None, keep rate 1: ``dense``), the checkpoint's own
+(``sparse``), keep rate 0.7 with sparse_random_attn 3 (``quirks``: 23 tokens after pruning leave a
+partial last block, and 3 blocks with K_r = 3 make each query block take its own again), and the
+checkpoint's with ``token_3d_order`` zcurve and hilbert (``orders``: the video embedding, the VTM logits,
+the order its encoder registered, and the one its ``_register_token_order`` gives 4 x 14 x 14), recording the
 random blocks its ``sparse_attention`` drew in each layer by wrapping ``torch.Tensor.topk`` during the
 forward (``attn_idx``: the query's own block, SViTT's only local block at K_l = 1, then those picks).
 Its environment: Python 3.11.7, torch 2.13.0 (CPU; SViTT pins 1.10), transformers 4.15.0 (as SViTT pins),
@@ -48,6 +50,7 @@ from svitt_ego.data.tokenizer import minilm_path
 from svitt_ego.models import SViTTEgo, create_model
 from svitt_ego.models.block_pattern import BlockPattern, block_pattern_from_noise
 from svitt_ego.models.svitt_weights import convert_svitt, read_svitt_checkpoint, svitt_model_config
+from svitt_ego.models.token_order import token_order
 
 DATA = Path(__file__).parent / "data" / "svitt"
 CKPT = DATA / "svitt_tiny.pth"
@@ -78,8 +81,8 @@ def _outputs(model: SViTTEgo, ref: dict) -> dict[str, torch.Tensor]:
 
 
 def _assert_close(got: dict, expected: dict) -> None:
-    for name, value in expected.items():
-        assert (got[name] - value).abs().max().item() < 1e-4, name
+    for name, value in got.items():
+        assert (value - expected[name]).abs().max().item() < 1e-4, name
 
 
 def test_sparsity_off_equals_svitts_own_forward(tmp_path, vocab, reference):
@@ -123,6 +126,24 @@ def test_svitts_padded_keys_and_repeated_own_block_are_reproduced(tmp_path, voca
     # Our draw gives SViTT's blocks where it has no choice left: 3 blocks, K_r = 3, the own block twice.
     ours = block_pattern_from_noise(torch.rand(3, 3), 8, 1, 3, svitt_blocks=True).key_blocks
     assert torch.equal(ours.sort(1).values, reference["quirks_attn_idx"][2].sort(1).values)
+
+
+@pytest.mark.parametrize("kind", ["zcurve", "hilbert"])
+def test_svitts_token_orders_are_reproduced(tmp_path, vocab, reference, kind):
+    """SViTT run with ``token_3d_order`` z-curve / Hilbert: the same order (also BEiT-B's 4 x 14 x 14, from
+    its own code) and the same outputs given its random blocks."""
+    ref = reference["orders"][kind]
+    assert torch.equal(token_order(kind, 4, 14), ref["order_4x14x14"])
+    model = SViTTEgo.from_pretrained(convert_svitt(CKPT, tmp_path / "m", vocab=vocab,
+                                                   overrides={"vision": {"token_order": kind}})).eval()
+    assert torch.equal(model.visual.token_order("cpu")[1:] - 1, ref["order"])
+    with torch.no_grad():
+        video = _with_blocks(model, ref["attn_idx"]).forward_video(reference["video"])
+        text = model.forward_text(reference["input_ids"], reference["attention_mask"])
+        vtm = model.vtm_logits(text, reference["attention_mask"], video.tokens)
+    _assert_close({"video_embedding": model.video_embedding(video), "vtm_logits": vtm}, ref)
+    assert (vtm - reference["sparse"]["vtm_logits"]).abs().max() > 1e-3  # the order mattered
+    assert torch.equal(video.kept_positions[0], video.kept_positions[0].sort(1).values)  # raster order out
 
 
 def test_a_crafted_pickle_is_refused_without_running(tmp_path, capsys):
@@ -220,7 +241,7 @@ def test_what_is_not_recognised_is_named_in_one_line(tmp_path, vocab, capsys):
 
 def test_settings_svitt_runs_that_we_do_not_reproduce_are_refused_naming_them():
     state, config = read_svitt_checkpoint(CKPT)
-    for change, named in (({"token_3d_order": "zcurve"}, "vision_encoder_args.token_3d_order=zcurve"),
+    for change, named in (({"num_cls_tokens": 2}, "vision_encoder_args.num_cls_tokens=2"),
                           ({"sparse_local_attn": 3}, "sparse_local_attn=3"),
                           ({"token_keep_strategy": "random"}, "token_keep_strategy=random")):
         args = {**config["vision_encoder_args"], **change}

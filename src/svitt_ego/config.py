@@ -61,6 +61,9 @@ class VisionConfig:
     # partial last block join the softmax and a query block short of K_r others takes its own again
     # (svitt_ego.models.block_pattern). K_l = 1 only; runs on the blocked backend whatever ``backend`` says.
     svitt_blocks: bool = False
+    # The order the patch tokens are cut into blocks in: frame-major raster, or SViTT's optional z-curve or
+    # Hilbert curve over (t, h, w) (svitt_ego.models.token_order); the output tokens are in raster order.
+    token_order: str = "raster"
     eval_seed: int = 0
     # Node sparsity. keep_rate=1.0 turns it off.
     keep_rate: float = 0.7
@@ -263,6 +266,7 @@ def _validate_vision(v: VisionConfig) -> None:
     _check("model.vision.k_random", v.k_random >= 0, ">= 0", v.k_random)
     _check("model.vision.k_local", not v.svitt_blocks or v.k_local == 1, "1 with model.vision.svitt_blocks",
            v.k_local)
+    _choice("model.vision.token_order", v.token_order, ("raster", "zcurve", "hilbert"))
     _choice("model.vision.backend", v.backend, ("auto", "reference", "blocked", "triton", "flex"))
     _check("model.vision.eval_seed", 0 <= v.eval_seed < 2**31, "in [0, 2**31)", v.eval_seed)
     _check("model.vision.keep_rate", 0 < v.keep_rate <= 1, "in (0, 1]", v.keep_rate)

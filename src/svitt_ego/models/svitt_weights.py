@@ -228,7 +228,7 @@ def _frames_and_grid(state: dict[str, torch.Tensor], layer: str, grid: int) -> t
 
 
 # SViTT settings (in vision_encoder_args / text_encoder_args) whose other values we do not reproduce.
-ONLY = {"vision_encoder_args": {"hidden_act": "gelu", "num_cls_tokens": 1, "token_3d_order": "none"},
+ONLY = {"vision_encoder_args": {"hidden_act": "gelu", "num_cls_tokens": 1},
         "text_encoder_args": {"hidden_act": "gelu", "position_embedding_type": "absolute"}}
 
 
@@ -244,6 +244,10 @@ def _refuse_unreproduced(config: dict) -> None:
 def _sparsity(cfg: VisionConfig, args: dict) -> None:
     """SViTT's edge and node sparsity settings (``vision_encoder_args``) as ours; one we do not reproduce
     is refused, naming it."""
+    order = args.get("token_3d_order", "none")
+    if order not in ("none", "zcurve", "hilbert"):
+        raise ConfigError(f"vision_encoder_args.token_3d_order={order}: not an order SViTT's code knows")
+    cfg.token_order = "raster" if order == "none" else order
     keep = float(args.get("token_keep_rate", 1))
     if keep < 1 and args.get("token_keep_strategy", "cls_attn") != "cls_attn":
         raise ConfigError(f"vision_encoder_args.token_keep_strategy={args['token_keep_strategy']}: only cls_attn "
