@@ -38,6 +38,19 @@ def text_batch(tokenizer, n: int, length: int, generator: torch.Generator) -> to
     return ids
 
 
+def objective_batch(n: int, seed: int) -> dict:
+    """A random batch of ``n`` clips for a :data:`SMALL_MODEL` ``PretrainingObjective`` (4 frames of 32x32)."""
+    from svitt_ego.data.tokenizer import load_tokenizer
+
+    g = torch.Generator().manual_seed(seed)
+    ids = text_batch(load_tokenizer(load_config("tiny", SMALL_MODEL).model.text), n, 8, g)
+    nouns = torch.randint(0, 3, (n, 2), generator=g)
+    nouns[::3, 1] = -1
+    return {"frames": torch.randn(n, 4, 3, 32, 32, generator=g), "input_ids": ids,
+            "attention_mask": torch.ones_like(ids), "nouns": nouns, "verbs": torch.randint(0, 2, (n, 1), generator=g),
+            "clip_idx": torch.arange(n)}
+
+
 # --------------------------------------------------------------------------- synthetic videos
 
 WIDTH, HEIGHT, BITS = 64, 48, 8

@@ -3,6 +3,7 @@ same rows from the CLI, from Python and from extract-nlq-features, resumption, r
 digest, and the feature-folder reader on malformed and arbitrary input."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -204,6 +205,25 @@ def test_a_folder_of_other_files_is_refused(small, tmp_path, capsys):
     assert main(["extract-features", str(small.root / "model"), str(tmp_path / "a.mp4"),
                  "--out", str(tmp_path / "out")]) == 2
     assert "holds meta.json but no manifest.json" in capsys.readouterr().err
+
+
+def test_a_video_of_the_same_name_from_another_source_is_refused_naming_both(small, tmp_path, capsys):
+    """Camera names repeat daily: day2/GX010001.mp4 (other frames, the same count) is not day1's."""
+    day1 = write_video(tmp_path / "day1" / "GX010001.mp4", [draw_code(j, 0) for j in range(8)], Fraction(10))
+    day2 = write_video(tmp_path / "day2" / "GX010001.mp4", [draw_code(j, 1) for j in range(8)], Fraction(10))
+    out, model = tmp_path / "f", str(small.root / "model")
+    assert main(["extract-features", model, str(tmp_path / "day1"), "--out", str(out)]) == 0
+    saved = feature_file(out, "GX010001").read_bytes()
+    capsys.readouterr()
+    assert main(["extract-features", model, str(tmp_path / "day2"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"GX010001 holds the features of {day1}, and {day2} has the same name" in err
+    assert load_features(out).info("GX010001")["source"] == str(day1)
+    assert feature_file(out, "GX010001").read_bytes() == saved
+    stat = day1.stat()
+    os.utime(day1, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))  # changed since
+    assert main(["extract-features", model, str(day1), "--out", str(out)]) == 2
+    assert "video GX010001 differs from the one its features were made of (mtime_ns" in capsys.readouterr().err
 
 
 def test_list_videos(tmp_path):

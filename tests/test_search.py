@@ -1,8 +1,11 @@
 """``svitt-ego search``: raw videos through the cache, feature folders, the page and the contact sheet
 it writes (checked in Chromium and decoded), and clip retrieval with Recall@K worked by hand."""
 
+import fcntl
+import json
 import os
 import shutil
+import threading
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +16,7 @@ import torch
 from browser import Cards, load
 from helpers import SMALL_MODEL, draw_code, write_video
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from svitt_ego.cli import main
 from svitt_ego.config import load_config
@@ -94,6 +98,63 @@ def test_raw_videos_are_extracted_once_per_file_state_and_setting(world, tmp_pat
     assert status == 0 and len(seen) == 3 and "1 reused" in again  # the earlier entries are intact
 
 
+def _cached(world, tmp_path, capsys):
+    """A copy of the kitchen video, the search of it through a cache, its output and the cache's one entry."""
+    video, cache = shutil.copy(world.kitchen, tmp_path / "kitchen.mp4"), tmp_path / "cache"
+    argv = ["search", world.model, video, *QUERIES, "--top-k", "2", "--cache", cache]
+    status, out, _ = _main(capsys, *argv)
+    assert status == 0
+    return argv, out, next(cache.iterdir())
+
+
+def test_a_cache_entry_whose_files_or_source_were_changed_is_extracted_again(world, tmp_path, monkeypatch, capsys):
+    argv, first, entry = _cached(world, tmp_path, capsys)
+    seen = _count_extractions(monkeypatch)
+    manifest = json.loads((entry / "manifest.json").read_text())
+    manifest["videos"]["kitchen"]["source"] = str(world.root / "videos" / "garage.avi")  # another video
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    status, out, _ = _main(capsys, *argv)
+    assert status == 0 and seen == ["kitchen.mp4"] and "extracted" in out and _table(out) == _table(first)
+
+    features = load_file(entry / "videos" / "kitchen.safetensors")["features"]
+    save_file({"features": torch.ones_like(features)}, entry / "videos" / "kitchen.safetensors")  # right shape
+    status, out, _ = _main(capsys, *argv)
+    assert status == 0 and len(seen) == 2 and "extracted" in out and _table(out) == _table(first)
+    assert "reused" in _main(capsys, *argv)[1] and len(seen) == 2
+
+
+def test_a_cache_entry_that_is_a_link_is_refused_and_its_target_untouched(world, tmp_path, capsys):
+    argv, _, entry = _cached(world, tmp_path, capsys)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    for name in ("movie.mkv.part", ".notes.txt.tmp", ".x.0123456789abcdef.tmp"):
+        (victim / name).write_text("precious")
+    shutil.rmtree(entry)
+    entry.symlink_to(victim)
+    status, _, err = _main(capsys, *argv)
+    assert status == 2 and err.count("\n") == 1 and f"{entry} is a symbolic link" in err
+    assert sorted(p.name for p in victim.iterdir()) == [".notes.txt.tmp", ".x.0123456789abcdef.tmp", "movie.mkv.part"]
+
+
+def test_a_second_search_waits_for_the_entry_another_is_extracting_then_reuses_it(world, tmp_path, monkeypatch,
+                                                                                  capsys):
+    argv, first, entry = _cached(world, tmp_path, capsys)
+    done = shutil.move(entry, tmp_path / "extracted")
+    entry.mkdir()
+    lock = open(entry / ".lock", "a")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another search, extracting the entry
+
+    def finish():
+        shutil.copytree(done, entry, dirs_exist_ok=True)
+        lock.close()
+
+    seen = _count_extractions(monkeypatch)
+    threading.Timer(1.0, finish).start()
+    status, out, _ = _main(capsys, *argv)
+    assert status == 0 and seen == [] and f"waiting for another search to finish {entry}" in out
+    assert f"reused {entry}" in out and _table(out) == _table(first)
+
+
 def test_a_chunk_folder_is_cached_by_its_chunks_and_shown_from_them(world, video_root, tmp_path, monkeypatch, capsys):
     folder = shutil.copytree(video_root / "v1", tmp_path / "v1")  # 0.mp4, 1.mp4: 2 s each at 30 fps
     seen = _count_extractions(monkeypatch)
@@ -140,6 +201,17 @@ def test_refusals_are_one_line_exit_2(world, tmp_path, capsys):
     for argv, message in cases.items():
         status, out, err = _main(capsys, *argv)
         assert status == 2 and err.count("\n") == 1 and message in err, (argv, err)
+
+
+def test_an_output_is_never_one_of_the_searched_videos(world, tmp_path, capsys):
+    shutil.copytree(world.videos, tmp_path / "videos")
+    victim = tmp_path / "videos" / "kitchen.mp4"
+    saved = victim.read_bytes()
+    for source, option in ((victim, "--html"), (tmp_path / "videos", "--html"), (tmp_path / "videos", "--png")):
+        status, _, err = _main(capsys, "search", world.model, source, "drawer", "--cache", tmp_path / "cache",
+                               option, victim)
+        assert status == 2 and err.count("\n") == 1 and f"{victim} is also an input of this command" in err
+    assert victim.read_bytes() == saved and not (tmp_path / "cache").exists()
 
 
 def test_unreadable_videos_are_named_and_counted_and_the_others_searched(world, tmp_path, capsys):

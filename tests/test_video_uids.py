@@ -72,6 +72,13 @@ def test_the_command_lists_each_video_once_less_the_excluded(files, tmp_path, ca
     assert collect_videos([files["mq"]], [listing]).uids == ["m1"]  # a .txt uid list excludes too
 
 
+def test_the_list_never_replaces_an_annotation_file(files, tmp_path, capsys):
+    saved = files["nlq"].read_bytes()
+    assert main(["video-uids", str(files["nlq"]), "--output", str(files["nlq"])]) == 2
+    assert f"{files['nlq']} is also an input of this command" in capsys.readouterr().err
+    assert files["nlq"].read_bytes() == saved
+
+
 @pytest.mark.parametrize("content, message", [
     ('{"videos": [{"video_uid": "x", "clips": [{"annotations": [{"something": 1}]}]}]}', "cannot tell NLQ, MQ"),
     ('[1, 2]', "not an EgoClip, EgoMCQ, NLQ, MQ or VQ file"),

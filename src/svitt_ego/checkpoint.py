@@ -31,6 +31,7 @@ RESUMABLE_CHANGES = (
     "train.max_nonfinite", "train.log_every", "data.egomcq", "data.video_root", "data.num_workers",
     "data.on_error", "data.lax_metadata", "model.vision.backend", "model.vision.grad_checkpointing",
     "model.vision.pretrained", "model.text.pretrained", "eval.",
+    "train.shard_optimizer",  # where the AdamW state lives: the checkpoint holds it whole either way
 )
 
 
@@ -132,6 +133,13 @@ def check_resume(path: Path, state: dict, cfg: Config, allow_change: bool) -> No
 # --------------------------------------------------------------------------- the checkpointer
 
 
+def _whole_state(obj) -> dict | None:
+    """``obj.state_dict()``; for a sharded optimizer (``sharding.ShardedAdamW``, which has
+    ``full_state_dict``) its whole state gathered on rank 0, None elsewhere."""
+    gather = getattr(obj, "full_state_dict", None)
+    return gather() if gather is not None else obj.state_dict()
+
+
 class Checkpointer:
     """Saves and restores a run's state in its folder: ``step-<N>.pt`` (the newest ``keep`` of them),
     ``last.pt`` and ``best.pt``. Rank 0 writes; every rank learns whether the write worked, so a failed
@@ -147,7 +155,7 @@ class Checkpointer:
 
     def save(self, name: str, train_state: dict, cfg: Config) -> None:
         rng = gather_objects(rng_state())  # every rank's, so that each resumes its own stream
-        state = {**{key: obj.state_dict() for key, obj in self.objects.items()}, **train_state,
+        state = {**{key: _whole_state(obj) for key, obj in self.objects.items()}, **train_state,
                  "rng": rng, "config": cfg.to_dict(), "world_size": world_size()}
         write_on_main(self.folder / name, lambda: self._write(name, state))
 

@@ -546,6 +546,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# The options a command writes to; every other path on its command line is an input, never written over.
+OUTPUTS = ("output", "out", "dst", "html", "png", "cache")
+NOT_PATHS = ("func", "command", "overrides", "queries")
+
+
+def refuse_inputs_as_outputs(args: argparse.Namespace) -> None:
+    """One line when an output of the command (:data:`OUTPUTS`) is the same file or folder as a path it
+    reads (``search v.mp4 --html v.mp4``, ``narration-queries --train x.json --output x.json``)."""
+    from svitt_ego.atomic import refuse_input_as_output
+
+    inputs = [value for name, given in vars(args).items() if name not in OUTPUTS + NOT_PATHS
+              for value in (given if isinstance(given, list) else [given]) if isinstance(value, str)]
+    for name in OUTPUTS:
+        refuse_input_as_output(getattr(args, name, None), inputs)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
@@ -553,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         return exit.code if isinstance(exit.code, int) else 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        refuse_inputs_as_outputs(args)
         return args.func(args)
     except _user_errors() as err:
         print(f"svitt-ego: error: {err}", file=sys.stderr)

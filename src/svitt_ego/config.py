@@ -192,6 +192,9 @@ class TrainConfig:
     max_nonfinite: int = 10
     log_every: int = 10
     seed: int = 0
+    # Under torchrun, each rank keeps the AdamW state of its share of the parameters only (ZeRO-1,
+    # docs/training.md); a memory layout, so a run may resume with it toggled. One process: no effect.
+    shard_optimizer: bool = False
 
 
 @dataclass

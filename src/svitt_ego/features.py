@@ -110,6 +110,7 @@ class VideoSource:
     count: int
     read: Callable[[np.ndarray], torch.Tensor]
     first: int = 0
+    path: Path | None = None  # the file or chunk folder read, if any
 
     def times(self, indices: torch.Tensor) -> np.ndarray:
         """Video seconds of frames ``indices`` (the middle of each frame's display time)."""
@@ -121,7 +122,18 @@ class VideoSource:
         return dataclasses.replace(self, fps=fps, count=count, first=first)
 
     def info(self) -> dict:
-        return {"source": self.name, "fps": self.fps, "first_frame": self.first, "frames": self.count}
+        """What a feature manifest says of the video (and its :func:`video_identity`, when read from a path)."""
+        identity = {"identity": video_identity(self.path)} if self.path is not None else {}
+        return {"source": self.name, "fps": self.fps, "first_frame": self.first, "frames": self.count, **identity}
+
+
+def video_identity(path: Path) -> dict:
+    """What a video's features depend on in the file system: its resolved path, total size and
+    latest modification (a chunk folder: over its chunks)."""
+    files = sorted(path.glob("*.mp4")) if path.is_dir() else [path]
+    stats = [f.stat() for f in files]
+    return {"video": str(path.resolve()), "size": sum(s.st_size for s in stats),
+            "mtime_ns": max(s.st_mtime_ns for s in stats)}
 
 
 def probe(path: str | Path) -> tuple[float, int]:
@@ -140,7 +152,8 @@ def file_source(path: str | Path) -> VideoSource:
     if not path.is_file():
         raise VideoReadError(f"{path}: no such video file")
     fps, count = probe(path)
-    return VideoSource(str(path), fps, count, lambda times: torch.from_numpy(np.stack(read_chunk_frames(path, times))))
+    return VideoSource(str(path), fps, count, lambda times: torch.from_numpy(np.stack(read_chunk_frames(path, times))),
+                       path=path)
 
 
 def chunk_folder_source(folder: str | Path, chunk_seconds: float = 600.0,
@@ -163,7 +176,8 @@ def chunk_folder_source(folder: str | Path, chunk_seconds: float = 600.0,
             chunk += 1
     if count <= 0:
         raise VideoReadError(f"{folder}: no frames")
-    return VideoSource(str(folder), fps, count, lambda times: read_frames(root, uid, times, chunk_seconds), first)
+    return VideoSource(str(folder), fps, count, lambda times: read_frames(root, uid, times, chunk_seconds), first,
+                       folder)
 
 
 def tensor_source(frames: torch.Tensor, fps: float, name: str = "frames") -> VideoSource:
@@ -389,12 +403,19 @@ def check_manifest(data, where: str) -> dict:
         frames = check_field(info, "frames", is_whole, "a whole number >= 1", at)
         check_field(info, "windows", lambda v: is_whole(v) and v == num_windows(frames, data["stride"]),
                     f"ceil(frames / stride) = {num_windows(frames, data['stride'])}", at)
+        if "identity" in info:  # written since the folders of earlier versions
+            check_field(info, "identity", _is_identity, "{'video': path, 'size': bytes, 'mtime_ns': time}", at)
     failed = check_field(data, "failed", lambda v: isinstance(v, dict) and all(isinstance(m, str)
                                                                                for m in v.values()),
                          "an object of messages", where)
     for key in failed:
         check_key(key, where)
     return data
+
+
+def _is_identity(value) -> bool:
+    return (isinstance(value, dict) and set(value) == {"video", "size", "mtime_ns"} and isinstance(value["video"], str)
+            and is_whole(value["size"], 0) and is_whole(value["mtime_ns"], 0))
 
 
 def read_manifest(folder: str | Path) -> dict:
@@ -497,9 +518,11 @@ def manifest_header(checkpoint: str | Path, digest: str, settings: Settings, sha
 
 
 def _foreign_files(folder: Path) -> list[str]:
+    from svitt_ego.run_folder import is_bookkeeping
+
     if not folder.is_dir():
         return []
-    return sorted(p.name for p in folder.iterdir() if p.name != ".lock" and not p.name.endswith(".tmp"))
+    return sorted(p.name for p in folder.iterdir() if not is_bookkeeping(p.name))
 
 
 def begin_folder(out: Path, header: dict, entries: dict[str, dict]) -> dict:
@@ -516,10 +539,8 @@ def begin_folder(out: Path, header: dict, entries: dict[str, dict]) -> dict:
                                      "resume with the same ones or use another --out folder")
         for key, info in entries.items():
             old = manifest["videos"].get(key)
-            if old is not None and any(old[k] != info[k] for k in COMPARED):
-                listed = "; ".join(f"{k} {old[k]!r} -> {info[k]!r}" for k in COMPARED if old[k] != info[k])
-                raise FeatureFolderError(f"{path}: video {key} differs from the one its features were made of "
-                                         f"({listed}); use another --out folder")
+            if old is not None:
+                _refuse_another_source(path, key, old, info)
     else:
         others = _foreign_files(out)
         if others:
@@ -530,6 +551,21 @@ def begin_folder(out: Path, header: dict, entries: dict[str, dict]) -> dict:
     manifest["failed"] = {k: v for k, v in manifest["failed"].items() if k not in entries}
     _write_manifest(out, manifest)
     return manifest
+
+
+def _refuse_another_source(path: Path, key: str, old: dict, new: dict) -> None:
+    """Refuse ``new`` as video ``key`` of a folder whose features of ``key`` came from ``old``: another source
+    (by resolved path), the same file changed since (size or modification time), or other frames."""
+    was = old.get("identity", {"video": str(Path(old["source"]).resolve())})
+    now = new.get("identity", {"video": str(Path(new["source"]).resolve())})
+    if was["video"] != now["video"]:
+        raise FeatureFolderError(f"{path}: {key} holds the features of {was['video']}, and {now['video']} has the "
+                                 "same name; extract it into another --out folder to keep both")
+    changed = [f"{k} {was[k]!r} -> {now[k]!r}" for k in ("size", "mtime_ns") if k in was and was[k] != now.get(k)]
+    changed += [f"{k} {old[k]!r} -> {new[k]!r}" for k in COMPARED if old[k] != new[k]]
+    if changed:
+        raise FeatureFolderError(f"{path}: video {key} differs from the one its features were made of "
+                                 f"({'; '.join(changed)}); use another --out folder")
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:

@@ -26,11 +26,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from svitt_ego.atomic import refuse_input_as_output
 from svitt_ego.data.errors import MetadataError
 from svitt_ego.features import (FORMAT, MANIFEST, FeatureFolder, FeatureFolderError, Settings, WindowExtractor,
                                 check_numbers, expected_tensors, extract_into, feature_file, is_chunk_folder,
                                 is_complete, list_videos, load_model, manifest_header, model_of, model_settings,
-                                open_video)
+                                open_video, video_identity)
+from svitt_ego.run_folder import run_folder, start_afresh
 from svitt_ego.search_page import Moment, QueryResult, browser_playable, format_time
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ MOMENT_LENGTHS = (1, 2, 4, 8, 16, 32)  # windows
 STRIP_FRAMES = 4  # frames shown per moment on the page and the contact sheet
 RECALL_AT = (1, 5, 10)
 MODES = ("moments", "clips")
+ENTRY_DIGEST = "entry.json"  # a complete cache entry's seal
 
 
 # --------------------------------------------------------------------------- moments of windows
@@ -141,37 +144,67 @@ def search_folder(model, features: FeatureFolder, queries: torch.Tensor, top_k: 
 # --------------------------------------------------------------------------- the cache of raw videos
 
 
-def video_identity(path: Path) -> dict:
-    """What a video's features depend on in the file system: its resolved path, total size and
-    latest modification (a chunk folder: over its chunks)."""
-    files = sorted(path.glob("*.mp4")) if path.is_dir() else [path]
-    stats = [f.stat() for f in files]
-    return {"video": str(path.resolve()), "size": sum(s.st_size for s in stats),
-            "mtime_ns": max(s.st_mtime_ns for s in stats)}
+def cache_identity(path: Path, digest: str, settings: Settings, chunk_seconds: float) -> dict:
+    """Everything a video's features depend on: :func:`~svitt_ego.features.video_identity`, the weights
+    digest, every extraction setting and the format."""
+    return {**video_identity(path), "weights_digest": digest, **asdict(settings), "chunk_seconds": chunk_seconds,
+            "format": FORMAT}
 
 
-def cache_key(path: Path, digest: str, settings: Settings, chunk_seconds: float) -> str:
-    """The name of a video's cache entry: the sha256 of the canonical JSON of everything its features
-    depend on (:func:`video_identity`, the weights digest, every extraction setting, the format)."""
-    identity = {**video_identity(path), "weights_digest": digest, **asdict(settings), "chunk_seconds": chunk_seconds,
-                "format": FORMAT}
+def cache_key(identity: dict) -> str:
+    """The name of a video's cache entry: the sha256 of the canonical JSON of its :func:`cache_identity`."""
     return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def is_cached(entry: Path, key: str, header: dict) -> bool:
-    """Whether ``entry`` holds the complete features of ``key`` made with ``header``'s settings and weights."""
-    if not (entry / MANIFEST).is_file():
-        return False
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def entry_digests(entry: Path, key: str) -> dict[str, str | None]:
+    """The sha256 of each file of cache entry ``entry`` that its seal covers (None: missing)."""
+    files = (entry / MANIFEST, feature_file(entry, key))
+    return {str(f.relative_to(entry)): file_digest(f) if f.is_file() else None for f in files}
+
+
+def seal_entry(entry: Path, key: str, identity: dict) -> None:
+    """Seal a complete cache entry (written last): its source identity and the sha256 of its files."""
+    from svitt_ego.atomic import atomic_write_json
+
+    atomic_write_json(entry / ENTRY_DIGEST, {"identity": identity, "files": entry_digests(entry, key)})
+
+
+def is_cached(entry: Path, key: str, header: dict, identity: dict) -> bool:
+    """Whether ``entry`` is sealed and holds the complete features of ``key`` made with ``header``'s
+    settings and weights from the video of ``identity`` (:func:`check_entry`); one that is sealed but
+    does not is logged."""
+    if not (entry / ENTRY_DIGEST).is_file():
+        return False  # new, or never finished
     try:
-        manifest = FeatureFolder(entry).manifest
-    except FeatureFolderError as err:
+        check_entry(entry, key, header, identity)
+    except (FeatureFolderError, OSError) as err:
         log.warning("%s; extracting it again", err)
         return False
-    if any(manifest.get(k) != v for k, v in header.items() if k != "checkpoint"):
-        return False
+    return True
+
+
+def check_entry(entry: Path, key: str, header: dict, identity: dict) -> None:
+    """One line unless ``entry``'s seal names ``identity`` and the sha256 of its files as they are, its
+    manifest has ``header``'s settings and weights and names the video of ``identity`` as ``key``'s
+    source, and the features file holds what the manifest says."""
+    from svitt_ego.data.errors import load_json
+
+    sealed = load_json(entry / ENTRY_DIGEST, FeatureFolderError, "cache entry seal")
+    if sealed != {"identity": identity, "files": entry_digests(entry, key)}:
+        raise FeatureFolderError(f"{entry}: its files or its video differ from what its {ENTRY_DIGEST} says")
+    manifest = FeatureFolder(entry).manifest
     info = manifest["videos"].get(key)
-    return (info is not None and key not in manifest["failed"]
-            and is_complete(feature_file(entry, key), expected_tensors(manifest, info["windows"])))
+    if (any(manifest.get(k) != v for k, v in header.items() if k != "checkpoint") or info is None
+            or info.get("identity") != {k: identity[k] for k in ("video", "size", "mtime_ns")}
+            or str(Path(info["source"]).resolve()) != identity["video"]
+            or not is_complete(feature_file(entry, key), expected_tensors(manifest, info["windows"]))):
+        raise FeatureFolderError(f"{entry}: does not hold the features of {identity['video']} its {ENTRY_DIGEST} "
+                                 "names")
 
 
 @dataclass(frozen=True)
@@ -200,21 +233,32 @@ def cached_features(checkpoint: str | Path, videos: dict[str, Path], cache: str 
         if not (path.is_file() or is_chunk_folder(path)):
             failed[str(path)] = f"{path}: no such video file or chunk folder"
             continue
-        entry = Path(cache) / cache_key(path, digest, settings, how.chunk_seconds)
-        if is_cached(entry, key, header):
-            reused += 1
-            print(f"reused {entry} for {path}")
-        else:
-            manifest = extract_into(entry, header, {key: lambda path=path: open_video(path, how.chunk_seconds)},
-                                    extractor, command="search", summary=False)
-            if key in manifest["failed"]:
-                failed[str(path)] = manifest["failed"][key]
-                continue
-            print(f"extracted {path} into {entry}")
-        found.append((FeatureFolder(entry), key))
+        identity = cache_identity(path, digest, settings, how.chunk_seconds)
+        entry = Path(cache) / cache_key(identity)
+        if entry.is_symlink():
+            raise FeatureFolderError(f"{entry} is a symbolic link; a cache entry is a folder svitt-ego search made: "
+                                     "remove it")
+        with run_folder(entry, "search", wait=_waiting_for(entry)):  # one search extracts it, others wait
+            if is_cached(entry, key, header, identity):
+                reused += 1
+                print(f"reused {entry} for {path}")
+            else:
+                start_afresh(entry, "search")  # an entry search made: emptied; anything else: refused
+                manifest = extract_into(entry, header, {key: lambda path=path: open_video(path, how.chunk_seconds)},
+                                        extractor, command="search", summary=False)
+                if key in manifest["failed"]:
+                    failed[str(path)] = manifest["failed"][key]
+                    continue
+                seal_entry(entry, key, identity)
+                print(f"extracted {path} into {entry}")
+            found.append((FeatureFolder(entry), key))
     print(f"cache {cache}: {reused} reused, {len(found) - reused} extracted, {len(failed)} unreadable"
           + "".join(f"\n  {why}" for why in failed.values()))
     return model, found, failed
+
+
+def _waiting_for(entry: Path):
+    return lambda holder: print(f"waiting for another search to finish {entry} ({holder})", flush=True)
 
 
 # --------------------------------------------------------------------------- frames for the page
@@ -283,6 +327,13 @@ def search_videos(checkpoint: str | Path, source: str | Path, queries: list[str]
         for q, moments in enumerate(search_folder(model, features, embedded, top_k, [key])):
             per_query[q] += moments
     return ranked(queries, per_query), failed
+
+
+def searched_videos(source: str | Path) -> list[str]:
+    """The videos a search of ``source`` reads: a feature folder's sources, or the videos listed."""
+    if is_feature_folder(source):
+        return [info["source"] for info in FeatureFolder(source).manifest["videos"].values()]
+    return [str(path) for path in list_videos([source]).values()]
 
 
 def format_moments(results: list[QueryResult]) -> str:
@@ -441,6 +492,9 @@ def run_search(checkpoint: str | Path, source: str | Path, queries: list[str], m
         raise MetadataError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if pairs is not None and mode != "clips":
         raise MetadataError("--pairs takes --mode clips")
+    if html is not None or png is not None:
+        for output in (html, png):
+            refuse_input_as_output(output, searched_videos(source))
     if mode == "moments":
         results, failed = search_videos(checkpoint, source, queries, top_k, cache, how)
         print(format_moments(results))

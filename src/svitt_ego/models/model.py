@@ -12,14 +12,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from svitt_ego.atomic import atomic_copy, atomic_write, atomic_write_json, fsync_folder
+from svitt_ego.atomic import atomic_copy, atomic_write, atomic_write_json, fsync_folder, staging_path
 from svitt_ego.checkpoint import CheckpointError
 from svitt_ego.config import Config, ConfigError, ModelConfig, apply, validate
 from svitt_ego.data.errors import load_json
@@ -166,8 +165,8 @@ class SViTTEgo(nn.Module):
                                   "the whole folder, so give it a new or empty one")
         folder.parent.mkdir(parents=True, exist_ok=True)
         ready, retired = _swap_names(folder)
-        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-        staging.chmod(0o755)  # mkdtemp makes it private
+        staging = staging_path(folder, suffix="")  # journaled in a held run folder (svitt_ego.run_folder)
+        staging.mkdir(mode=0o755)
         try:
             self._write_pretrained(staging)
             shutil.rmtree(ready, ignore_errors=True)

@@ -20,8 +20,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from svitt_ego.config import VisionConfig
-from svitt_ego.models.attention import blocked_attention, dense_attention, reference_attention, resolve_backend
+from svitt_ego.models.attention import dense_attention, reference_attention, resolve_backend
 from svitt_ego.models.block_pattern import BlockPattern, block_pattern_from_noise, sample_block_pattern
+from svitt_ego.models.blocked import blocked_attention
 from svitt_ego.models.position_bias import CLS_POSITION, RelativePositionBias3D
 from svitt_ego.models.pruning import gather_tokens, num_kept, prune_tokens
 from svitt_ego.models.token_order import token_order
