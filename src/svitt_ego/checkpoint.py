@@ -30,7 +30,7 @@ RESUMABLE_CHANGES = (
     "train.output_dir", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every_epoch",
     "train.max_nonfinite", "train.log_every", "data.egomcq", "data.video_root", "data.num_workers",
     "data.on_error", "data.lax_metadata", "model.vision.backend", "model.vision.grad_checkpointing",
-    "model.vision.pretrained", "model.text.pretrained", "eval.",
+    "model.vision.pretrained", "model.text.pretrained", "model.init_from", "eval.",
     "train.shard_optimizer",  # where the AdamW state lives: the checkpoint holds it whole either way
 )
 
