@@ -146,6 +146,16 @@ def test_svitts_token_orders_are_reproduced(tmp_path, vocab, reference, kind):
     assert torch.equal(video.kept_positions[0], video.kept_positions[0].sort(1).values)  # raster order out
 
 
+def test_omegaconf_configs_are_read_as_plain_values():
+    """The fixture's config (OmegaConf 2.1.1, as SViTT pins) and ``omegaconf_2_3_config.pth``: a ``temp`` and
+    configs/pretrain_webvid.yaml with token_3d_order zcurve, saved by OmegaConf 2.3.0's pickling."""
+    for path, order in ((CKPT, "none"), (DATA / "omegaconf_2_3_config.pth", "zcurve")):
+        _, config = read_svitt_checkpoint(path)
+        assert config["vision_encoder_args"]["token_3d_order"] == order
+        assert config["max_txt_l"] == {"image": 32, "video": 32} and config["optimizer"]["opt_betas"] == [0.9, 0.999]
+        assert config["data_root"] == "${oc.env:SL_DATA_DIR}"  # an interpolation stays a string
+
+
 def test_a_crafted_pickle_is_refused_without_running(tmp_path, capsys):
     target = tmp_path / "written"
 
