@@ -151,3 +151,57 @@ def test_nlq_seeds_model_settings_take_each_fields_type():
         module.model_settings(["video_dim=8"])
     with pytest.raises(SystemExit, match="--model stem_layers=2.5: not a whole number"):
         module.model_settings(["stem_layers=2.5"])
+
+
+def test_nlq_seeds_long_clips_are_the_clips_end_to_end(tmp_path):
+    """Six 24-window clips (two queries each, answers at known windows), five for training and one
+    held out: long clips of at least 40 windows. Every kept answer points at the same windows, and
+    the same features, in its long clip as in its clip; the held-out file's one clip is filled up
+    with training clips whose queries are not asked."""
+    import json
+
+    import torch
+
+    from svitt_ego.nlq.annotations import read_nlq
+    from svitt_ego.nlq.features import NLQFeatures
+    from test_nlq_model import _feature_folder
+
+    nlq = json.loads(_feature_folder(tmp_path / "features").read_text())
+    files = []
+    for name, videos in (("nlq_train.json", nlq["videos"][:5]), ("nlq_val.json", nlq["videos"][5:])):
+        files.append(tmp_path / name)
+        files[-1].write_text(json.dumps({"videos": videos}))
+    train, val = _nlq_seeds().long_clip_split(tmp_path / "features", files, 40, tmp_path / "long")
+    source, long = NLQFeatures(tmp_path / "features"), NLQFeatures(tmp_path / "long" / "features")
+    assert [len(long.video(uid)) for uid in read_nlq(train).clips] == [48, 72]  # 2 clips, then the last 3
+    held_out = read_nlq(val)
+    assert [len(long.video(uid)) for uid in held_out.clips] == [48]  # c5 filled up with a training clip
+    originals = {(q.clip_uid, q.query_idx): q for f in files for q in read_nlq(f).queries}
+    checked = 0
+    for path in (train, val):
+        for q in read_nlq(path).queries:
+            clip_uid = q.annotation_uid.split("_")[0]
+            original = originals[(clip_uid, q.query_idx)]
+            shifts = [long.to_index(q.clip_uid, t) - source.to_index(clip_uid, t0)
+                      for t, t0 in ((q.start, original.start), (q.end, original.end))]
+            offset = round(shifts[0])
+            assert shifts == pytest.approx([offset, offset], abs=1e-6) and offset % 24 == 0
+            torch.testing.assert_close(long.video(q.clip_uid)[offset:offset + 24], source.video(clip_uid))
+            torch.testing.assert_close(long.text(q), source.text(original))
+            checked += 1
+    assert {q.annotation_uid.split("_")[0] for q in held_out.queries} == {"c5"}
+    assert checked == len(read_nlq(train).queries) + len(held_out.queries) > 0
+
+
+@pytest.mark.slow
+def test_nlq_seeds_long_clips_smallest_run(demo_folder, tmp_path):
+    out = _run("benchmarks/nlq_seeds.py", demo_folder, "--out", tmp_path / "long", "--videos", "2", "--seeds", "0",
+               "--long-clips", "64", "--crop", "32", "--epochs", "1", "--warmup-epochs", "0", "--model", "hidden=32",
+               "levels=3")
+    lengths = re.findall(r"^(training|held-out) long clips: \d+ clips, (\d+) queries, (\d+)-(\d+) windows", out,
+                         re.MULTILINE)
+    assert [name for name, *_ in lengths] == ["training", "held-out"], out
+    assert all(int(queries) > 0 and int(low) >= 64 for _, queries, low, _ in lengths), out
+    assert re.search(r"^whole clips, 0 \+ 1 ep, seed 0: R@1 IoU=0.3 ", out, re.MULTILINE), out
+    assert re.search(r"^cropped to 32, 0 \+ 1 ep, seed 0: R@1 IoU=0.3 ", out, re.MULTILINE), out
+    assert "max_windows=32" in out and "lr=0.0001, batch_size=4" in out, out  # the recipe's from-scratch stage

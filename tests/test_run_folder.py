@@ -270,16 +270,16 @@ def trained(nlq, tmp_path_factory):
 
 def _train_nlq(nlq, out, *args, features="features0"):
     return main(["train-nlq", str(nlq / features), "--annotations", str(nlq / "nlq.json"), "--out", str(out),
-                 "--epochs", "1", *args])
+                 "--epochs", "1", "--warmup-epochs", "0", *args])
 
 
 def test_train_nlq_resume_refuses_other_settings_naming_them(nlq, trained, tmp_path, capsys):
     out = shutil.copytree(trained, tmp_path / "run")
     saved = (out / "last.pt").read_bytes()
-    changed = ("--resume", "--lr", "0.5", "--batch-size", "4", "--seed", "3", "--epochs", "2")
+    changed = ("--resume", "--lr", "0.5", "--batch-size", "8", "--seed", "3", "--epochs", "2")
     _one_line_error(capsys, lambda: _train_nlq(nlq, out, *changed),
-                    "last.pt was saved with other settings: settings.batch_size 2 -> 4, settings.lr 5e-05 -> 0.5, "
-                    "settings.seed 0 -> 3, stages.0.epochs 1 -> 2;", "--allow-config-change")
+                    "last.pt was saved with other settings: settings.seed 0 -> 3, stages.0.batch_size 4 -> 8, "
+                    "stages.0.epochs 1 -> 2, stages.0.lr 0.0001 -> 0.5;", "--allow-config-change")
     _one_line_error(capsys, lambda: _train_nlq(nlq, out, "--resume", features="features1"), "features.checkpoint")
     assert (out / "last.pt").read_bytes() == saved
     assert _train_nlq(nlq, out, "--resume", "--epochs", "2", "--allow-config-change") == 0

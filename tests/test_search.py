@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +23,8 @@ from svitt_ego.cli import main
 from svitt_ego.config import load_config
 from svitt_ego.features import WindowExtractor
 from svitt_ego.models import create_model
-from svitt_ego.search import Extraction, best_moments, recall_at, run_contrast, search_videos
+from svitt_ego.search import (MOMENT_LENGTHS, Extraction, best_moments, recall_at, run_contrast, search_videos,
+                              segment_iou)
 from svitt_ego.search_page import THUMB_HEIGHT, format_time
 
 QUERIES = ["when did I open the drawer?", "where is the cup?"]
@@ -60,6 +62,40 @@ def test_best_moments_by_hand():
     # The best single window, 3, has 0.9 - (1.0 + 0.1) / 2 = 0.35 only.
     scores = torch.tensor([0.0, 0.8, 1.0, 0.9, 0.1])
     assert best_moments(scores, top_k=2) == [(1, 4, pytest.approx(0.7)), (2, 3, pytest.approx(0.5))]
+
+
+def _best_moments_by_all_pairs(scores, top_k, iou_threshold=0.5):
+    """best_moments as first written: every run against every kept run (O(runs x k))."""
+    spans, values = [], []
+    for length in (n for n in MOMENT_LENGTHS if n <= len(scores)):
+        starts = torch.arange(len(scores) - length + 1)
+        spans.append(torch.stack([starts, starts + length], 1).double())  # [first, last + 1)
+        values.append(run_contrast(scores, length))
+    spans, values, chosen = torch.cat(spans), torch.cat(values), []
+    for i in values.argsort(descending=True).tolist():
+        if all(segment_iou(spans[i], spans[j][None])[0] <= iou_threshold for j in chosen):
+            chosen.append(i)
+            if len(chosen) == top_k:
+                break
+    return [(int(spans[i, 0]), int(spans[i, 1]) - 1, float(values[i])) for i in chosen]
+
+
+@pytest.mark.parametrize("windows, top_ks", [(1, (1, 5)), (2, (1, 5)), (3, (2, 10**6)), (7, (1, 3, 10**6)),
+                                             (40, (1, 5, 20, 10**6)), (300, (1, 5, 40))])
+def test_best_moments_keeps_what_comparing_every_pair_keeps(windows, top_ks):
+    scores = torch.rand(windows, generator=torch.Generator().manual_seed(windows))
+    for top_k in top_ks:
+        assert best_moments(scores, top_k) == _best_moments_by_all_pairs(scores, top_k), top_k
+
+
+def test_best_moments_of_an_hour_at_any_k_is_prompt():
+    scores = torch.rand(3600, generator=torch.Generator().manual_seed(0))  # an hour at a window a second
+    start = time.perf_counter()
+    kept = best_moments(scores, 10**6)
+    assert time.perf_counter() - start < 10  # comparing every kept pair: 21,500 runs x 10,000 kept
+    spans = [(first, last + 1) for first, last, _ in kept]
+    assert len(kept) < sum(3600 - n + 1 for n in MOMENT_LENGTHS) and len(set(spans)) == len(spans)
+    assert [score for *_, score in kept] == sorted((score for *_, score in kept), reverse=True)
 
 
 def test_a_run_with_nothing_outside_it_scores_zero():
@@ -330,3 +366,27 @@ def test_a_pairs_file_without_its_columns_is_refused(world, tmp_path, capsys):
     pairs.write_text("clip,caption\nkitchen.mp4,A\n")
     status, _, err = _main(capsys, "search", world.model, world.videos, "--mode", "clips", "--pairs", pairs)
     assert status == 2 and f"{pairs}, line 1: missing column(s) video, text" in err
+
+
+@pytest.mark.parametrize("clips, paired, refusal", [
+    (["broken.mp4"], "broken.mp4", "none of its 1 clips could be read; the first unreadable: "),
+    (["broken.mp4", "kitchen.mp4"], "broken.mp4", "none of the clips its pairs name could be read (1 unreadable), "
+                                                  "so Recall@K has no query"),
+])
+def test_pairs_with_no_readable_clip_are_one_line_not_nan(world, tmp_path, capsys, clips, paired, refusal):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    for name in clips:
+        shutil.copy(world.root / "junk" / "broken.mp4" if name == "broken.mp4" else world.kitchen, folder / name)
+    pairs = _pairs(tmp_path / "pairs.csv", f"{folder / paired},A\n")
+    status, out, err = _main(capsys, "search", world.model, folder, "--mode", "clips", "--pairs", pairs)
+    last = err.splitlines()[-1]  # after the progress bar
+    assert status == 2 and last.startswith("svitt-ego: error: ") and refusal in last and "nan" not in out, err
+
+
+def test_names_with_escape_sequences_print_escaped(world, tmp_path, capsys):
+    video = shutil.copy(world.kitchen, tmp_path / "\x1b]0;x\x07\x1b[2J.mp4")
+    status, out, _ = _main(capsys, "search", world.model, video, "drawer", "--top-k", "1", "--cache", tmp_path / "c")
+    assert status == 0 and "\x1b" not in out and "\x07" not in out
+    assert f"extracted {tmp_path}/\\x1b]0;x\\x07\\x1b[2J.mp4 into" in out
+    assert _table(out)[2].split()[1] == "\\x1b]0;x\\x07\\x1b[2J.mp4"

@@ -22,6 +22,7 @@ from svitt_ego.atomic import atomic_copy, atomic_write
 from svitt_ego.config import Config
 from svitt_ego.distributed import decide_on_main, gather_objects, rank, world_size
 from svitt_ego.run_folder import refuse_changes, settings_changes
+from svitt_ego.untrusted import one_line
 
 # Settings that may change between a run and its resumption: where things are written or read from,
 # how often to log or save, how errors are handled. Any other change alters what the saved state means
@@ -37,6 +38,9 @@ RESUMABLE_CHANGES = (
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, unsafe to load or cannot be written."""
+
+    def __init__(self, message: str):
+        super().__init__(one_line(message))
 
 
 _NUMPY_CORE = getattr(np, "_core", None) or np.core

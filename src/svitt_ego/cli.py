@@ -11,6 +11,8 @@ import logging
 import math
 import sys
 
+from svitt_ego.untrusted import one_line
+
 
 class _Parser(argparse.ArgumentParser):
     """A bad argument gets one line and exit status 2, as every other bad input does."""
@@ -168,7 +170,8 @@ def _cmd_extract_nlq_features(args: argparse.Namespace) -> int:
     from svitt_ego.nlq.features import extract_nlq_features
 
     meta = extract_nlq_features(args.checkpoint, args.annotations, args.videos, args.out, window=args.window,
-                                stride=args.stride, batch_size=args.batch_size, chunk_seconds=args.chunk_seconds)
+                                stride=args.stride, batch_size=args.batch_size, chunk_seconds=args.chunk_seconds,
+                                text=args.text)
     return 1 if meta["failed"] else 0
 
 
@@ -182,11 +185,16 @@ def _cmd_extract_features(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_nlq(args: argparse.Namespace) -> int:
-    from svitt_ego.nlq.train import Stage, TrainSettings, train_nlq
+    from svitt_ego.nlq.train import TrainSettings, recipe_stage, train_nlq
 
-    stages = [Stage(args.pretrain, args.pretrain_epochs, jitter=args.jitter)] if args.pretrain else []
-    settings = TrainSettings(batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_nonfinite=args.max_nonfinite)
-    train_nlq(args.features, [*stages, Stage(args.annotations, args.epochs)], args.out, settings,
+    stages = [recipe_stage("pretrain", args.pretrain, epochs=args.pretrain_epochs, lr=args.pretrain_lr,
+                           batch_size=args.pretrain_batch_size, warmup_epochs=args.pretrain_warmup_epochs,
+                           jitter=args.jitter)] if args.pretrain else []
+    stages.append(recipe_stage("finetune" if args.pretrain else "scratch", args.annotations, epochs=args.epochs,
+                               lr=args.lr, batch_size=args.batch_size, warmup_epochs=args.warmup_epochs))
+    settings = TrainSettings(seed=args.seed, max_nonfinite=args.max_nonfinite, max_windows=args.max_windows,
+                             micro_batch=args.micro_batch)
+    train_nlq(args.features, stages, args.out, settings,
               resume=args.resume, device=args.device, val=args.val, allow_config_change=args.allow_config_change)
     return 0
 
@@ -404,18 +412,40 @@ def _add_nlq_commands(sub) -> None:
     p.add_argument("--stride", type=positive_int, default=4, help="frames between window starts")
     p.add_argument("--batch-size", type=positive_int, default=32, help="windows per forward pass")
     p.add_argument("--chunk-seconds", type=positive_float, default=600.0)
+    p.add_argument("--text", nargs="+", default=["svitt-ego"], metavar="ENCODER",
+                   help="the queries' token states: 'clip FOLDER' (a local Hugging Face CLIPTextModel and its "
+                        "tokenizer, GroundNLQ's text features, 512-d float32 for ViT-B/32) or 'svitt-ego' (the "
+                        "checkpoint's text encoder; the default)")
     p.set_defaults(func=_cmd_extract_nlq_features)
 
-    p = sub.add_parser("train-nlq", help="train the NLQ grounding model on extracted features")
+    from svitt_ego.nlq.recipe import recipe_help
+
+    p = sub.add_parser("train-nlq", help="train the NLQ grounding model on extracted features",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=recipe_help())
     p.add_argument("features")
-    p.add_argument("--annotations", nargs="+", required=True, help="NLQ-format training files")
+    p.add_argument("--annotations", nargs="+", required=True,
+                   help="NLQ-format training files (nlq_train.json, or nlq_train.json nlq_val.json for the test "
+                        "server)")
     p.add_argument("--out", required=True)
-    p.add_argument("--epochs", type=positive_int, default=10)
+    stage = "(default: the recipe's, fine-tuning after --pretrain, else from scratch)"
+    p.add_argument("--epochs", type=positive_int, default=None, help=f"epochs after the warm-up {stage}")
+    p.add_argument("--warmup-epochs", type=nonnegative_int, default=None, help=f"warm-up epochs {stage}")
+    p.add_argument("--batch-size", type=positive_int, default=None, help=f"queries per step {stage}")
+    p.add_argument("--lr", type=positive_float, default=None, help=f"peak learning rate {stage}")
     p.add_argument("--pretrain", nargs="+", default=None,
                    help="NLQ-format files (e.g. narration queries) to train on first; the heads restart after")
-    p.add_argument("--pretrain-epochs", type=positive_int, default=10)
-    p.add_argument("--batch-size", type=positive_int, default=2)
-    p.add_argument("--lr", type=positive_float, default=5e-5)
+    pretrain = "of the --pretrain stage (default: the recipe's)"
+    p.add_argument("--pretrain-epochs", type=positive_int, default=None, help=f"epochs after the warm-up {pretrain}")
+    p.add_argument("--pretrain-warmup-epochs", type=nonnegative_int, default=None, help=f"warm-up epochs {pretrain}")
+    p.add_argument("--pretrain-batch-size", type=positive_int, default=None, help=f"queries per step {pretrain}")
+    p.add_argument("--pretrain-lr", type=positive_float, default=None, help=f"peak learning rate {pretrain}")
+    p.add_argument("--jitter", action=argparse.BooleanOptionalAction, default=None,
+                   help="GroundNLQ's temporal jittering of the --pretrain answers (default: on, the recipe's)")
+    p.add_argument("--max-windows", type=positive_int, default=None,
+                   help="crop longer training clips to this many windows around the answer (default: whole clips)")
+    p.add_argument("--micro-batch", type=positive_int, default=None,
+                   help="queries per forward pass: a batch is run in parts and their gradients summed, the same "
+                        "step in less memory (default: the whole batch at once)")
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--max-nonfinite", type=nonnegative_int, default=10,
                    help="steps skipped for a non-finite loss or gradient before the run stops")
@@ -424,7 +454,6 @@ def _add_nlq_commands(sub) -> None:
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even though settings, stages or features differ from the run's own (logged)")
     p.add_argument("--val", default=None, help="an NLQ file with answers: score every epoch, keep OUT/best.pt")
-    p.add_argument("--jitter", action="store_true", help="GroundNLQ's temporal jittering of the --pretrain answers")
     p.set_defaults(func=_cmd_train_nlq)
 
     p = sub.add_parser("predict-nlq", help="write an official NLQ submission")
@@ -572,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         refuse_inputs_as_outputs(args)
         return args.func(args)
     except _user_errors() as err:
-        print(f"svitt-ego: error: {err}", file=sys.stderr)
+        print(f"svitt-ego: error: {one_line(str(err))}", file=sys.stderr)
         return 2
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import math
-import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+from svitt_ego.untrusted import one_line, shown
 
 PRESETS = importlib.resources.files("svitt_ego") / "configs"  # shipped in the package (package data)
 # The largest size (width, depth, batch size, ...) a config may hold, so that no size overflows
@@ -33,7 +34,7 @@ class ConfigError(ValueError):
     not valid YAML. ``key`` is the dotted key at fault, when there is one."""
 
     def __init__(self, message: str, key: str | None = None):
-        super().__init__(message)
+        super().__init__(one_line(message))
         self.key = key
 
 
@@ -225,7 +226,7 @@ def _choice(key: str, value: Any, choices: tuple) -> None:
 
 def _check(key: str, ok: bool, what: str, value: Any) -> None:
     if not ok:
-        raise ConfigError(f"{key}: must be {what}, got {_short(value)}", key)
+        raise ConfigError(f"{key}: must be {what}, got {shown(value)}", key)
 
 
 def _positive_ints(prefix: str, section: Any, names: tuple[str, ...]) -> None:
@@ -361,7 +362,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             (item,) = typing.get_args(annotation)
             return [_coerce(f"{key}[{i}]", x, item) for i, x in enumerate(value)]
     name = getattr(annotation, "__name__", str(annotation))
-    raise ConfigError(f"{key}: expected {name}, got {_short(value)}", key)
+    raise ConfigError(f"{key}: expected {name}, got {shown(value)}", key)
 
 
 def _finite_float(value: Any) -> float | None:
@@ -373,19 +374,6 @@ def _finite_float(value: Any) -> float | None:
     except (ValueError, OverflowError):
         return None
     return number if math.isfinite(number) else None
-
-
-# Bounds the repr of a value in a message: a few items per level, a few levels, and so a few
-# hundred characters, however large the value (one a YAML alias or a pickle's shared reference
-# makes exponentially large).
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 80, 80, 40
-_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 6
-
-
-def _short(value: Any) -> str:
-    text = _REPR.repr(value)
-    return text if len(text) <= 200 else text[:200] + "..."
 
 
 class _ConfigLoader(yaml.SafeLoader):
@@ -403,12 +391,12 @@ def _set(obj: Any, path: list[str], value: Any, prefix: str = "") -> None:
     key = f"{prefix}{path[0]}"
     fields = {f.name: f for f in dataclasses.fields(obj)}
     if path[0] not in fields:
-        raise ConfigError(f"unknown config key {_short(key)} (known: {', '.join(fields)})", key)
+        raise ConfigError(f"unknown config key {shown(key)} (known: {', '.join(fields)})", key)
     current = getattr(obj, path[0])
     if dataclasses.is_dataclass(current):
         if len(path) == 1:
             if not isinstance(value, dict):
-                raise ConfigError(f"{key}: expected a mapping, got {_short(value)}", key)
+                raise ConfigError(f"{key}: expected a mapping, got {shown(value)}", key)
             for sub, subvalue in value.items():
                 _set(current, [str(sub)], subvalue, key + ".")
         else:
@@ -416,17 +404,17 @@ def _set(obj: Any, path: list[str], value: Any, prefix: str = "") -> None:
         return
     if len(path) > 1:
         full_key = f"{key}.{'.'.join(path[1:])}"
-        raise ConfigError(f"unknown config key {_short(full_key)} ('{key}' is not a section)", full_key)
+        raise ConfigError(f"unknown config key {shown(full_key)} ('{key}' is not a section)", full_key)
     setattr(obj, path[0], _coerce(key, value, fields[path[0]].type))
 
 
 def apply(cfg: Config, updates: dict, prefix: str = "") -> Config:
     """Merge a nested mapping (as read from YAML) into ``cfg``."""
     if not isinstance(updates, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {_short(updates)}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {shown(updates)}")
     for key, value in updates.items():
         if not isinstance(key, str):
-            raise ConfigError(f"{prefix.rstrip('.') or 'config'}: keys must be strings, got {_short(key)}")
+            raise ConfigError(f"{prefix.rstrip('.') or 'config'}: keys must be strings, got {shown(key)}")
         _set(cfg, [key], value, prefix)
     return cfg
 
@@ -442,7 +430,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         return key, yaml.load(raw, Loader=_ConfigLoader)  # noqa: S506 - a safe loader
     except (yaml.YAMLError, RecursionError, ValueError) as err:  # ValueError: an integer too long to convert
-        raise ConfigError(f"override {_short(text)}: the value is not valid YAML ({_yaml_problem(err)})", key) from None
+        raise ConfigError(f"override {shown(text)}: the value is not valid YAML ({_yaml_problem(err)})", key) from None
 
 
 def preset_names() -> list[str]:

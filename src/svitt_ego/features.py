@@ -36,6 +36,7 @@ from svitt_ego.data.errors import MetadataError
 from svitt_ego.data.errors import load_json as _load_json
 from svitt_ego.data.transforms import eval_transform
 from svitt_ego.models.pruning import num_kept
+from svitt_ego.untrusted import printable
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,8 @@ def file_source(path: str | Path) -> VideoSource:
 def chunk_folder_source(folder: str | Path, chunk_seconds: float = 600.0,
                         span: Callable[[float], tuple[int, int]] | None = None) -> VideoSource:
     """A prepared video ``ROOT/<video_uid>/<k>.mp4``: all its frames, or ``span(fps) = (first, count)``."""
-    from svitt_ego.data.video import VIDEO_UID_RULE, VideoReadError, chunk_path, is_video_uid, read_frames
+    from svitt_ego.data.errors import VIDEO_UID_RULE, is_video_uid
+    from svitt_ego.data.video import VideoReadError, chunk_path, read_frames
 
     folder = Path(folder)
     root, uid = folder.parent, folder.name
@@ -650,7 +652,7 @@ def extract_into(out: str | Path, header: dict, jobs: dict[str, Callable[[], Vid
         manifest = decide_on_main(lambda: _finish(out, failed))
     if is_main() and summary:
         print(f"{len(manifest['videos'])} {noun} have features in {out}, "
-              f"{len(failed)} unreadable" + "".join(f"\n  {key}: {why}" for key, why in failed.items()))
+              f"{len(failed)} unreadable" + "".join(f"\n  {printable(key)}: {why}" for key, why in failed.items()))
     return manifest
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from svitt_ego.atomic import atomic_write_json, atomic_write_text
-from svitt_ego.data.video import is_video_uid
+from svitt_ego.data.errors import is_video_uid
 
 VERSION = 2  # 2: 240 short videos instead of 60 long ones
 FPS = 10
