@@ -26,6 +26,7 @@ from svitt_ego.data.tokenizer import read_vocab
 from svitt_ego.models.model import SViTTEgo
 from svitt_ego.models.position_bias import CLS_POSITION, RelativePositionBias3D
 from svitt_ego.models.weights import beit_to_video_encoder, bert_to_svitt
+from svitt_ego.untrusted import one_line
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,8 @@ def svitt_to_ours(state: dict[str, torch.Tensor], cfg: ModelConfig, source: str,
         raise CheckpointError(f"{source}: {len(unused)} tensors have no place in the model: {', '.join(unused[:8])}"
                               f"{' ...' if len(unused) > 8 else ''} (--allow-unused drops them)")
     if unused:
-        log.warning("%s: dropped %d tensors with no place in the model: %s", source, len(unused), ", ".join(unused[:8]))
+        log.warning("%s", one_line(f"{source}: dropped {len(unused)} tensors with no place in the model: "
+                                   f"{', '.join(unused[:8])}"))
     return {k: v for k, v in out.items() if k in own}
 
 
