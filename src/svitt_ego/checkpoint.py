@@ -31,7 +31,7 @@ RESUMABLE_CHANGES = (
     "train.output_dir", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every_epoch",
     "train.max_nonfinite", "train.log_every", "data.egomcq", "data.video_root", "data.num_workers",
     "data.on_error", "data.lax_metadata", "model.vision.backend", "model.vision.grad_checkpointing",
-    "model.vision.pretrained", "model.text.pretrained", "eval.",
+    "model.vision.pretrained", "model.text.pretrained", "model.init_from", "eval.",
     "train.shard_optimizer",  # where the AdamW state lives: the checkpoint holds it whole either way
 )
 
@@ -85,13 +85,14 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint's contents, read without running code: anything but tensors and plain values is refused."""
+def load_checkpoint(path: str | Path, allowed: list = ()) -> dict:
+    """A checkpoint's contents, read without running code: anything but tensors and plain values is refused.
+    ``allowed`` admits more globals, as ``torch.serialization.safe_globals`` takes them (inert stand-ins)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
+        with torch.serialization.safe_globals([*NUMPY_ARRAY_GLOBALS, *allowed]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -163,6 +163,15 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert_svitt(args: argparse.Namespace) -> int:
+    from svitt_ego.models.svitt_weights import convert_svitt, model_overrides
+
+    folder = convert_svitt(args.checkpoint, args.output, vocab=args.vocab, overrides=model_overrides(args.overrides),
+                           text_heads=args.text_heads, allow_unused=args.allow_unused)
+    print(f"convert-svitt: wrote {folder}")
+    return 0
+
+
 def _cmd_eval_mcq(args: argparse.Namespace) -> int:
     from svitt_ego.evaluate import run_egomcq
 
@@ -379,6 +388,20 @@ def _add_pretraining_commands(sub) -> None:
                    help="resume even though settings that change the saved state's meaning differ (logged)")
     _add_device(p)
     p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("convert-svitt",
+                       help="a checkpoint SViTT's code wrote (SViTT's, SViTT-Ego's) as a model folder")
+    p.add_argument("checkpoint", help="the .pth file (read without running code)")
+    p.add_argument("output", help="the model folder to write (new or empty)")
+    p.add_argument("--vocab", default=None,
+                   help="a local BERT folder with vocab.txt (default: the checkpoint's text_encoder if local)")
+    p.add_argument("--text-heads", type=positive_int, default=12,
+                   help="BERT's attention heads when the checkpoint's config does not say (default: 12, BERT-base)")
+    p.add_argument("--allow-unused", action="store_true",
+                   help="drop the checkpoint's tensors that have no place in the model instead of refusing")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="model settings to change after reading, e.g. model.vision.num_frames=8")
+    p.set_defaults(func=_cmd_convert_svitt)
 
     p = sub.add_parser("eval-mcq", help="EgoMCQ accuracy (inter / intra) of a checkpoint")
     p.add_argument("checkpoint", help="a training checkpoint (.pt) or a save_pretrained folder")

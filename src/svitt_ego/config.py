@@ -58,6 +58,13 @@ class VisionConfig:
     k_random: int = 3
     block_size: int = 56
     backend: str = "auto"
+    # SViTT's own block attention, for its checkpoints (convert-svitt sets it): the zero-padded keys of a
+    # partial last block join the softmax and a query block short of K_r others takes its own again
+    # (svitt_ego.models.block_pattern). K_l = 1 only; runs on the blocked backend whatever ``backend`` says.
+    svitt_blocks: bool = False
+    # The order the patch tokens are cut into blocks in: frame-major raster, or SViTT's optional z-curve or
+    # Hilbert curve over (t, h, w) (svitt_ego.models.token_order); the output tokens are in raster order.
+    token_order: str = "raster"
     eval_seed: int = 0
     # Node sparsity. keep_rate=1.0 turns it off.
     keep_rate: float = 0.7
@@ -102,6 +109,9 @@ class TextConfig:
     # video tokens for multimodal pruning (q_m): the [CLS] state (BERT, SViTT) or the mean over the text
     # tokens (a model whose [CLS] is nearly the same for every sentence cannot match with its [CLS]).
     fusion_pooling: str = "cls"
+    # The masked-language-model head; a model converted from a retrieval checkpoint (SViTT's BertModel
+    # text side) has none, and then cannot be pretrained with loss.mlm_weight > 0.
+    mlm_head: bool = True
     # Keep the word embeddings (and so the tied MLM decoder) fixed: on a CPU their
     # dense gradient and optimizer state are a large share of a small model's step.
     freeze_word_embeddings: bool = False
@@ -123,6 +133,9 @@ class ModelConfig:
     embed_dim: int = 256
     temperature: float = 0.07
     learn_temperature: bool = True
+    # A model folder (save_pretrained, convert-svitt) whose weights start the model instead of the BEiT /
+    # BERT folders; its sizes must be this config's (the bias tables follow num_frames).
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -255,6 +268,9 @@ def _validate_vision(v: VisionConfig) -> None:
     _choice("model.vision.attention", v.attention, ("sparse", "dense"))
     _check("model.vision.k_local", v.k_local >= 1 and v.k_local % 2 == 1, "odd and >= 1", v.k_local)
     _check("model.vision.k_random", v.k_random >= 0, ">= 0", v.k_random)
+    _check("model.vision.k_local", not v.svitt_blocks or v.k_local == 1, "1 with model.vision.svitt_blocks",
+           v.k_local)
+    _choice("model.vision.token_order", v.token_order, ("raster", "zcurve", "hilbert"))
     _choice("model.vision.backend", v.backend, ("auto", "reference", "blocked", "triton", "flex"))
     _check("model.vision.eval_seed", 0 <= v.eval_seed < 2**31, "in [0, 2**31)", v.eval_seed)
     _check("model.vision.keep_rate", 0 < v.keep_rate <= 1, "in (0, 1]", v.keep_rate)

@@ -273,8 +273,12 @@ def _adamw(t) -> type[torch.optim.Optimizer]:
 
 def build_run(cfg: Config, device: torch.device) -> Run:
     seed_everything(cfg.train.seed)
+    if cfg.loss.mlm_weight > 0 and not cfg.model.text.mlm_head:
+        raise ConfigError(f"loss.mlm_weight={cfg.loss.mlm_weight} needs an MLM head, and model.text.mlm_head is "
+                          "false (a model converted from a retrieval checkpoint); set loss.mlm_weight=0",
+                          "loss.mlm_weight")
+    model = create_model(cfg.model).to(device)  # with model.init_from, it names the tokenizer
     tokenizer = load_tokenizer(cfg.model.text)
-    model = create_model(cfg.model).to(device)
     objective = PretrainingObjective(model, cfg, tokenizer).to(device)
     # The gradients are views into DDP's buckets: no second copy of them (0.76 GiB for the paper's model).
     wrapped = (nn.parallel.DistributedDataParallel(objective, gradient_as_bucket_view=True)
