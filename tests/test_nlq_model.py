@@ -315,7 +315,8 @@ def test_jittered_training_differs(tmp_path):
 def test_every_epoch_has_a_bar_that_ends_at_its_total(tmp_path, monkeypatch):
     bars = record_bars(monkeypatch, nlq_train)
     annotations = str(_feature_folder(tmp_path / "features"))
-    train_nlq(tmp_path / "features", [Stage([annotations], 2)], tmp_path / "run", SETTINGS)
-    steps = math.ceil(len(json.loads(Path(annotations).read_text())["videos"]) * 2 / SETTINGS.batch_size)
+    stage = Stage([annotations], 2, lr=1e-3, batch_size=4)
+    train_nlq(tmp_path / "features", [stage], tmp_path / "run", SETTINGS)
+    steps = math.ceil(len(json.loads(Path(annotations).read_text())["videos"]) * 2 / stage.batch_size)
     assert [(bar.n, bar.total) for bar in bars] == [(steps, steps)] * 2 and steps > 1
     assert [bar.desc for bar in bars] == ["stage 0 epoch 1/2", "stage 0 epoch 2/2"]
