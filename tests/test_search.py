@@ -111,7 +111,7 @@ def _best_moments_by_all_pairs(scores, top_k, iou_threshold=0.5):
         values.append(run_contrast(scores, length))
     spans, values, chosen = torch.cat(spans), torch.cat(values), []
     for i in values.argsort(descending=True).tolist():
-        if all(segment_iou(spans[i], spans[j][None])[0] <= iou_threshold for j in chosen):
+        if all(segment_iou(spans[i], spans[j][None])[0] < iou_threshold for j in chosen):
             chosen.append(i)
             if len(chosen) == top_k:
                 break
