@@ -1,0 +1,276 @@
+"""Will it fit? The peak GPU memory of one pretraining step, predicted on a machine without a GPU.
+
+:func:`plan_memory` runs the trainer's own step (:class:`~svitt_ego.objective.PretrainingObjective`
+forward with hard negatives, backward, :func:`~svitt_ego.train.optimizer_step` with fused AdamW and
+the gradient scaler) on fake tensors through :mod:`svitt_ego.memory_engine` and returns the peak
+by part; :func:`largest_batch` finds the largest ``train.batch_size`` that fits a card.
+docs/memory.md lists what is substituted and the reserve constants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from svitt_ego.config import Config, ConfigError, load_config
+from svitt_ego.device import AUTOCAST_DTYPES
+from svitt_ego.memory_engine import StepContext, StepParts, gib, measure_step
+from svitt_ego.models import SViTTEgo, VideoEncoder
+from svitt_ego.objective import PretrainingObjective
+from svitt_ego.train import build_optimizer, optimizer_step
+
+# What a card needs besides the step's peak (docs/memory.md): the CUDA context (outside
+# max_memory_allocated), and the caching allocator's fragmentation (reserved over allocated).
+CUDA_CONTEXT_BYTES = int(0.75 * 2**30)
+FRAGMENTATION = 0.10
+# BERT's special ids ([PAD], [UNK], [CLS], [SEP], [MASK]): all the objective reads of a tokenizer.
+BERT_TOKENS = SimpleNamespace(all_special_ids=[0, 100, 101, 102, 103], mask_token_id=103)
+# The operator namespace of the fused kernel (a ``torch.library.custom_op``).
+KERNEL_NAMESPACE = "svitt_ego::"
+UNITS = {"": 2**30, "gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6, "tib": 2**40, "tb": 10**12}
+MAX_BATCH = 4096
+
+
+@dataclass
+class MemoryPlan:
+    """The predicted peak of one training step on one GPU, by part, in bytes."""
+
+    batch_size: int
+    world_size: int
+    backend: str
+    precision: str
+    peak_bytes: int
+    parts: dict[str, int]
+    where: str  # forward, backward or optimizer
+    saved_bytes: int  # activations kept for backward at the end of the forward
+    clips: int  # clips per step (the batch and its hard negatives)
+    flops_per_clip: float  # the whole step (forward + backward), counted
+    video_flops_per_clip: float  # the video encoder's share
+    dense_flops_per_clip: float  # the same encoder without edge or node sparsity, same tokens
+    notes: list[str]
+
+    @property
+    def peak_gib(self) -> float:
+        return gib(self.peak_bytes)
+
+    def needed_bytes(self) -> float:
+        """The card memory this step needs: the peak plus the reserve (docs/memory.md)."""
+        return self.peak_bytes * (1 + FRAGMENTATION) + CUDA_CONTEXT_BYTES
+
+    def to_dict(self) -> dict:
+        return {"peak_gib": self.peak_gib, "parts": {k: gib(v) for k, v in self.parts.items()},
+                "peak_during": self.where, "saved_for_backward_gib": gib(self.saved_bytes),
+                "needed_gib": gib(self.needed_bytes()), "batch_size": self.batch_size,
+                "clips_per_step": self.clips, "world_size": self.world_size, "backend": self.backend,
+                "precision": self.precision, "train_gflops_per_clip": self.flops_per_clip / 1e9,
+                "video_train_gflops_per_clip": self.video_flops_per_clip / 1e9,
+                "dense_video_train_gflops_per_clip": self.dense_flops_per_clip / 1e9, "notes": self.notes}
+
+
+def parse_memory(text: str) -> int:
+    """``12GB``, ``11.5GiB``, ``24000MiB``, ``12`` (GiB) -> bytes; ConfigError if it does not parse."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match and UNITS.get(match.group(2).lower())
+    if not unit or float(match.group(1)) <= 0:
+        raise ConfigError(f"--gpu-memory: expected a size such as 12GB, 11.5GiB or 24000MiB, got {text!r}")
+    return int(float(match.group(1)) * unit)
+
+
+def kernel_operator_registered() -> bool:
+    """Whether the fused Triton kernel is registered as a PyTorch operator (FakeTensor runs need it)."""
+    import svitt_ego.models.attention  # noqa: F401  (registers the kernel's operators, where there are any)
+
+    return any(name.startswith(KERNEL_NAMESPACE) for name in torch._C._dispatch_get_all_op_names())
+
+
+def planning_backend(cfg: Config) -> tuple[str, list[str]]:
+    """The attention backend a GPU would run for ``cfg`` and notes on the choice: ``auto`` is the fused
+    kernel, whose memory the planner sees through its operator."""
+    backend, notes = cfg.model.vision.backend, []
+    if cfg.model.vision.attention != "sparse":
+        return backend, notes
+    if backend in ("auto", "triton") and not kernel_operator_registered():
+        if backend == "triton":
+            raise ConfigError("model.vision.backend=triton: the fused kernel is not registered as a PyTorch "
+                              "operator in this build, so its memory cannot be planned; use blocked",
+                              key="model.vision.backend")
+        notes.append("auto planned as blocked: the fused kernel is not registered as a PyTorch operator")
+        return "blocked", notes
+    return ("triton" if backend == "auto" else backend), notes
+
+
+def plan_memory(cfg: Config, world_size: int = 1) -> MemoryPlan:
+    """The peak memory of one training step of ``cfg`` on each of ``world_size`` GPUs."""
+    if world_size < 1:
+        raise ConfigError(f"--world-size: must be >= 1, got {world_size}")
+    backend, notes = planning_backend(cfg)
+    cfg = _with(cfg, "model", vision=dataclasses.replace(cfg.model.vision, backend=backend))
+    dtype = AUTOCAST_DTYPES.get(cfg.train.precision)
+    clips = 2 * cfg.train.batch_size
+    length = cfg.model.text.max_length
+    # MLM selects each of the length - 2 words ([CLS] and [SEP] never) with mlm_probability, at least one a row.
+    selected = max(clips, round(cfg.loss.mlm_probability * clips * (length - 2)))
+    with torch.device("meta"):
+        model = SViTTEgo(cfg.model)
+    objective = PretrainingObjective(model, cfg, BERT_TOKENS)
+
+    def build(context: StepContext) -> StepParts:
+        objective.to_empty(device="cpu").train()
+        with warnings.catch_warnings():  # its CUDA gradient scaler disables itself without CUDA: replaced below
+            warnings.simplefilter("ignore")
+            optimizer, scheduler, _ = build_optimizer(model, cfg, torch.device("cuda"), total_steps=10,
+                                                      steps_per_epoch=1)
+        scaler = torch.amp.GradScaler("cpu", enabled=cfg.train.precision == "fp16")
+        batch = _batch(cfg, clips)
+        forward = _Forward(objective, context, dtype)
+        return StepParts(model, optimizer, list(batch.values()),
+                         lambda: optimizer_step(forward, optimizer, scaler, scheduler, batch, cfg))
+
+    step = measure_step(build, (clips * length, selected))
+    parts = dict(step.parts)
+    peak = step.peak_bytes
+    if world_size > 1:
+        peak, notes = _distributed(cfg, parts, peak, world_size, model, notes)
+    video = sum(v for k, v in step.module_flops.items() if k.endswith(".visual"))
+    return MemoryPlan(cfg.train.batch_size, world_size, backend, cfg.train.precision, peak, parts, step.where,
+                      step.saved_bytes, clips, step.flops / clips, video / clips, dense_video_flops(cfg), notes)
+
+
+def _distributed(cfg: Config, parts: dict, peak: int, world_size: int, model: nn.Module,
+                 notes: list[str]) -> tuple[int, list[str]]:
+    """DDP's gradient buckets (a flat copy of every gradient, for the whole step) and, with
+    ``train.shard_optimizer``, each rank's share of the optimizer state."""
+    buckets = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    parts["DDP gradient buckets"] = buckets
+    peak += buckets
+    if getattr(cfg.train, "shard_optimizer", False):
+        kept = math.ceil(parts["optimizer state"] / world_size)
+        peak -= parts["optimizer state"] - kept
+        parts["optimizer state"] = kept
+        notes.append(f"optimizer state sharded over {world_size} ranks")
+    return peak, notes
+
+
+class _Forward(nn.Module):
+    """The objective's forward in the autocast a GPU would run (``optimizer_step``'s own autocast is a
+    no-op on the CPU)."""
+
+    def __init__(self, objective: nn.Module, context: StepContext, dtype: torch.dtype | None):
+        super().__init__()
+        self.objective, self.context, self.dtype = objective, context, dtype
+
+    def forward(self, batch: dict) -> dict:
+        with self.context.forward_autocast(self.dtype):
+            return self.objective(batch)
+
+
+def _batch(cfg: Config, clips: int) -> dict[str, torch.Tensor]:
+    """A collated batch's tensors (collate_egoclip's shapes and dtypes)."""
+    v, length = cfg.model.vision, cfg.model.text.max_length
+    return {"frames": torch.zeros(clips, v.num_frames, 3, v.image_size, v.image_size),
+            "input_ids": torch.zeros(clips, length, dtype=torch.long),
+            "attention_mask": torch.ones(clips, length, dtype=torch.long),
+            "nouns": torch.zeros(clips, 2, dtype=torch.long), "verbs": torch.zeros(clips, 1, dtype=torch.long),
+            "clip_idx": torch.arange(clips)}
+
+
+def dense_video_flops(cfg: Config) -> float:
+    """Training FLOPs (forward + backward) per clip of ``cfg``'s video encoder without edge or node sparsity
+    (a plain dense ViT on the same tokens), counted on one fake clip."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    v = dataclasses.replace(cfg.model.vision, attention="dense", keep_rate=1.0, prune_layers=[],
+                            grad_checkpointing=False)
+    with torch.device("meta"):
+        encoder = VideoEncoder(v)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        encoder.to_empty(device="cpu").train()
+        frames = torch.zeros(1, v.num_frames, 3, v.image_size, v.image_size)
+        with FlopCounterMode(display=False) as counter:
+            encoder(frames).pooled.sum().backward()
+    return counter.get_total_flops()
+
+
+def _with(cfg: Config, section: str, **changes) -> Config:
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)})
+
+
+# --------------------------------------------------------------------------- which batch fits
+
+
+@dataclass
+class Fit:
+    gpu_bytes: int
+    largest_batch: int  # 0: not even batch 1 fits
+    checkpointing_needed: bool  # the config's batch fits only with activation checkpointing
+    largest_batch_checkpointed: int | None  # with activation checkpointing, when that was needed
+
+
+def largest_batch(cfg: Config, gpu_bytes: int, world_size: int = 1) -> int:
+    """The largest ``train.batch_size`` whose predicted peak plus reserve fits ``gpu_bytes`` (0 if none).
+
+    The peak is affine in the batch (every activation scales with it); two small plans give the line,
+    and the candidate it gives is planned and stepped down until it fits."""
+
+    def needed(batch: int) -> float:
+        return plan_memory(_with(cfg, "train", batch_size=batch), world_size).needed_bytes()
+
+    one, two = needed(1), needed(2)
+    if one > gpu_bytes:
+        return 0
+    slope = max(two - one, 1.0)
+    batch = min(MAX_BATCH, max(1, int((gpu_bytes - one) // slope) + 1))
+    while batch > 2 and needed(batch) > gpu_bytes:
+        batch -= max(1, batch // 16)
+    return batch if batch > 2 or needed(batch) <= gpu_bytes else (2 if two <= gpu_bytes else 1)
+
+
+def fit(cfg: Config, gpu_bytes: int, world_size: int = 1) -> Fit:
+    """Which batch fits a card of ``gpu_bytes``, and whether the config's batch needs activation checkpointing."""
+    largest = largest_batch(cfg, gpu_bytes, world_size)
+    vision = cfg.model.vision
+    if largest >= cfg.train.batch_size or vision.grad_checkpointing:
+        return Fit(gpu_bytes, largest, False, None)
+    checkpointed = _with(cfg, "model", vision=dataclasses.replace(vision, grad_checkpointing=True))
+    with_ckpt = largest_batch(checkpointed, gpu_bytes, world_size)
+    return Fit(gpu_bytes, largest, with_ckpt >= cfg.train.batch_size, with_ckpt)
+
+
+def load_plan_config(preset: str, overrides: list[str]) -> Config:
+    """The config to plan: ``preset`` with ``overrides``; the batch bounded (1..MAX_BATCH)."""
+    cfg = load_config(preset, overrides)
+    if cfg.train.batch_size > MAX_BATCH:
+        raise ConfigError(f"train.batch_size: at most {MAX_BATCH} for planning, got {cfg.train.batch_size}",
+                          key="train.batch_size")
+    return cfg
+
+
+# --------------------------------------------------------------------------- report
+
+
+def format_plan(plan: MemoryPlan, fitted: Fit | None = None) -> str:
+    rows = [f"one training step: batch {plan.batch_size} + {plan.batch_size} hard negatives, {plan.precision}, "
+            f"backend {plan.backend}, world size {plan.world_size}"]
+    rows += [f"  {name:<32} {gib(size):7.2f} GiB" for name, size in plan.parts.items() if size]
+    rows.append(f"  {'peak (max_memory_allocated)':<32} {plan.peak_gib:7.2f} GiB   during the {plan.where}")
+    rows.append(f"  {'activations kept for backward':<32} {gib(plan.saved_bytes):7.2f} GiB   at the end of the forward")
+    rows.append(f"  {'card memory needed':<32} {gib(plan.needed_bytes()):7.2f} GiB   peak + {FRAGMENTATION:.0%} "
+                f"fragmentation + {gib(CUDA_CONTEXT_BYTES):.2f} GiB CUDA context")
+    rows.append(f"training GFLOPs per clip: {plan.flops_per_clip / 1e9:.1f} for the whole step; video encoder "
+                f"{plan.video_flops_per_clip / 1e9:.1f} against {plan.dense_flops_per_clip / 1e9:.1f} for it dense "
+                f"(x{plan.dense_flops_per_clip / max(plan.video_flops_per_clip, 1):.2f})")
+    if fitted is not None:
+        rows.append(f"on {gib(fitted.gpu_bytes):.2f} GiB: largest train.batch_size {fitted.largest_batch}"
+                    + (f"; with activation checkpointing {fitted.largest_batch_checkpointed}"
+                       if fitted.largest_batch_checkpointed is not None else "")
+                    + ("; activation checkpointing needed" if fitted.checkpointing_needed else ""))
+    rows += [f"note: {note}" for note in plan.notes]
+    return "\n".join(rows)
