@@ -64,8 +64,13 @@ class MemoryPlan:
         """The card memory this step needs: the peak plus the reserve (docs/memory.md)."""
         return self.peak_bytes * (1 + FRAGMENTATION) + CUDA_CONTEXT_BYTES
 
-    def to_dict(self) -> dict:
-        return {"peak_gib": self.peak_gib, "parts": {k: gib(v) for k, v in self.parts.items()},
+    def to_dict(self, fitted: "Fit | None" = None) -> dict:
+        """The plan as JSON (GiB); with ``fitted``, also the largest batch that fits the card."""
+        card = {} if fitted is None else {
+            "gpu_memory_gib": gib(fitted.gpu_bytes), "largest_batch": fitted.largest_batch,
+            "checkpointing_needed": fitted.checkpointing_needed,
+            "largest_batch_checkpointed": fitted.largest_batch_checkpointed}
+        return {**card, "peak_gib": self.peak_gib, "parts": {k: gib(v) for k, v in self.parts.items()},
                 "peak_during": self.where, "saved_for_backward_gib": gib(self.saved_bytes),
                 "needed_gib": gib(self.needed_bytes()), "batch_size": self.batch_size,
                 "clips_per_step": self.clips, "world_size": self.world_size, "backend": self.backend,
@@ -106,8 +111,9 @@ def planning_backend(cfg: Config) -> tuple[str, list[str]]:
     return ("triton" if backend == "auto" else backend), notes
 
 
-def plan_memory(cfg: Config, world_size: int = 1) -> MemoryPlan:
-    """The peak memory of one training step of ``cfg`` on each of ``world_size`` GPUs."""
+def plan_memory(cfg: Config, world_size: int = 1, dense_flops: bool = True) -> MemoryPlan:
+    """The peak memory of one training step of ``cfg`` on each of ``world_size`` GPUs (``dense_flops``:
+    also count the dense encoder's FLOPs, else 0)."""
     if world_size < 1:
         raise ConfigError(f"--world-size: must be >= 1, got {world_size}")
     backend, notes = planning_backend(cfg)
@@ -140,7 +146,8 @@ def plan_memory(cfg: Config, world_size: int = 1) -> MemoryPlan:
         peak, notes = _distributed(cfg, parts, peak, world_size, model, notes)
     video = sum(v for k, v in step.module_flops.items() if k.endswith(".visual"))
     return MemoryPlan(cfg.train.batch_size, world_size, backend, cfg.train.precision, peak, parts, step.where,
-                      step.saved_bytes, clips, step.flops / clips, video / clips, dense_video_flops(cfg), notes)
+                      step.saved_bytes, clips, step.flops / clips, video / clips,
+                      dense_video_flops(cfg) if dense_flops else 0.0, notes)
 
 
 def _distributed(cfg: Config, parts: dict, peak: int, world_size: int, model: nn.Module,
@@ -208,34 +215,54 @@ def _with(cfg: Config, section: str, **changes) -> Config:
 
 @dataclass
 class Fit:
+    """Which ``train.batch_size`` fits a card."""
+
     gpu_bytes: int
     largest_batch: int  # 0: not even batch 1 fits
     checkpointing_needed: bool  # the config's batch fits only with activation checkpointing
     largest_batch_checkpointed: int | None  # with activation checkpointing, when that was needed
 
 
-def largest_batch(cfg: Config, gpu_bytes: int, world_size: int = 1) -> int:
+def largest_batch(cfg: Config, gpu_bytes: int, world_size: int = 1, known: MemoryPlan | None = None) -> int:
     """The largest ``train.batch_size`` whose predicted peak plus reserve fits ``gpu_bytes`` (0 if none).
 
-    The peak is affine in the batch (every activation scales with it); two small plans give the line,
-    and the candidate it gives is planned and stepped down until it fits."""
+    Every activation scales with the batch, so the peak is nearly affine in it: each plan is aimed
+    where the line through the last two meets the card (``known``, a plan of ``cfg``, saves one),
+    between the largest batch known to fit and the smallest known not to, until they are adjacent."""
+    needed: dict[int, float] = {known.batch_size: known.needed_bytes()} if known else {}
 
-    def needed(batch: int) -> float:
-        return plan_memory(_with(cfg, "train", batch_size=batch), world_size).needed_bytes()
+    def need(batch: int) -> float:
+        if batch not in needed:
+            needed[batch] = plan_memory(_with(cfg, "train", batch_size=batch), world_size, False).needed_bytes()
+        return needed[batch]
 
-    one, two = needed(1), needed(2)
-    if one > gpu_bytes:
+    if need(1) > gpu_bytes:
         return 0
-    slope = max(two - one, 1.0)
-    batch = min(MAX_BATCH, max(1, int((gpu_bytes - one) // slope) + 1))
-    while batch > 2 and needed(batch) > gpu_bytes:
-        batch -= max(1, batch // 16)
-    return batch if batch > 2 or needed(batch) <= gpu_bytes else (2 if two <= gpu_bytes else 1)
+    fits, fails = 1, None  # the largest batch known to fit, the smallest known not to
+    probe = next((b for b in needed if b > 1), 2)
+    while fails is None or fails - fits > 1:
+        if need(probe) <= gpu_bytes:
+            fits = probe
+        else:
+            fails = probe
+        if fits >= MAX_BATCH:
+            return MAX_BATCH
+        probe = _next_probe(fits, fails, need(fits), need(fails) if fails else need(probe), probe, gpu_bytes)
+    return fits
 
 
-def fit(cfg: Config, gpu_bytes: int, world_size: int = 1) -> Fit:
+def _next_probe(fits: int, fails: int | None, at_fits: float, at_other: float, last: int, gpu_bytes: int) -> int:
+    """Where the line through the last two plans meets ``gpu_bytes``, kept strictly between ``fits`` and ``fails``."""
+    other = fails or last
+    slope = (at_other - at_fits) / (other - fits) if other != fits else 0.0
+    guess = fits + int((gpu_bytes - at_fits) // slope) if slope > 0 else 2 * fits
+    high = min(fails - 1, MAX_BATCH) if fails else MAX_BATCH
+    return min(high, max(fits + 1, guess if fails else max(guess, fits + 1)))
+
+
+def fit(cfg: Config, gpu_bytes: int, world_size: int = 1, known: MemoryPlan | None = None) -> Fit:
     """Which batch fits a card of ``gpu_bytes``, and whether the config's batch needs activation checkpointing."""
-    largest = largest_batch(cfg, gpu_bytes, world_size)
+    largest = largest_batch(cfg, gpu_bytes, world_size, known)
     vision = cfg.model.vision
     if largest >= cfg.train.batch_size or vision.grad_checkpointing:
         return Fit(gpu_bytes, largest, False, None)

@@ -5,8 +5,8 @@ This module imports nothing of svitt-ego, so that it can measure the step of ano
 builds today's step on it. docs/memory.md describes the substitutions; in short:
 
 * Every tensor is a ``FakeTensor`` on the CPU: shapes, dtypes and storages, no data. The step's
-  code runs unchanged; the model is built on ``meta`` and materialised as fake tensors
-  (:func:`fake_module`).
+  code runs unchanged; the model is built on ``meta`` (its initialisation needs no data) and
+  materialised as fake CPU tensors with ``Module.to_empty`` inside the step's builder.
 * CUDA's autocast policy: :func:`cuda_autocast` registers, for the CPU autocast dispatch key, the
   casts that CUDA autocast applies to each op of torch's own CUDA autocast list (fp16/bf16 for
   matrix products and convolutions, fp32 for norms, softmax, reductions, losses; the widest type
@@ -252,14 +252,6 @@ class MemoryTracker(TorchDispatchMode):
 
 
 # --------------------------------------------------------------------------- one step
-
-
-def fake_module(build: Callable[[], nn.Module]) -> nn.Module:
-    """``build()`` on the ``meta`` device, then its parameters and buffers as (fake) CPU tensors; call
-    inside a ``FakeTensorMode``."""
-    with torch.device("meta"):
-        module = build()
-    return module.to_empty(device="cpu")
 
 
 @dataclass
