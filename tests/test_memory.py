@@ -99,14 +99,13 @@ def test_tiny_preset_plan(tiny_plan):
     assert 0 < plan.video_flops_per_clip < plan.dense_flops_per_clip < plan.flops_per_clip
 
 
-def test_world_size_adds_ddp_buckets_and_shards_the_optimizer(tiny_plan, monkeypatch):
+def test_world_size_adds_ddp_buckets_and_shards_the_optimizer(tiny_plan):
     cfg, plan = tiny_plan
     parts, peak = dict(plan.parts), plan.peak_bytes
     peak8, _ = memory._distributed(cfg, parts, peak, 8, _meta_model(cfg), [])
     buckets = parts["DDP gradient buckets"]
     assert peak8 == peak + buckets and buckets > 0
-    sharded = memory._with(cfg, "train")
-    object.__setattr__(sharded.train, "shard_optimizer", True)
+    sharded = memory._with(cfg, "train", shard_optimizer=True)
     parts = dict(plan.parts)
     peak8s, notes = memory._distributed(sharded, parts, peak, 8, _meta_model(cfg), [])
     assert peak8s == peak8 - (plan.parts["optimizer state"] - parts["optimizer state"])
@@ -122,7 +121,7 @@ def test_largest_batch_search_monotonic(monkeypatch):
     """Against a slightly convex memory curve: the search finds exactly the largest fitting batch."""
     calls = []
 
-    def plan(cfg, world_size=1, dense_flops=True):
+    def plan(cfg, world_size=1, flops=True):
         calls.append(cfg.train.batch_size)
         b = cfg.train.batch_size
         return type("P", (), {"needed_bytes": lambda self: 2e9 + 0.5e9 * b + 0.004e9 * b * b})()

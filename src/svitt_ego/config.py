@@ -179,6 +179,7 @@ class TrainConfig:
     max_nonfinite: int = 10
     log_every: int = 10
     seed: int = 0
+    shard_optimizer: bool = False
 
 
 @dataclass

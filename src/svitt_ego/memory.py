@@ -18,10 +18,11 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
-from svitt_ego.config import Config, ConfigError, load_config
+from svitt_ego.config import Config, ConfigError, VisionConfig, load_config
 from svitt_ego.device import AUTOCAST_DTYPES
-from svitt_ego.memory_engine import StepContext, StepParts, gib, measure_step
+from svitt_ego.memory_engine import StepContext, StepParts, flop_counter, gib, measure_step
 from svitt_ego.models import SViTTEgo, VideoEncoder
 from svitt_ego.objective import PretrainingObjective
 from svitt_ego.train import build_optimizer, optimizer_step
@@ -52,8 +53,8 @@ class MemoryPlan:
     saved_bytes: int  # activations kept for backward at the end of the forward
     clips: int  # clips per step (the batch and its hard negatives)
     flops_per_clip: float  # the whole step (forward + backward), counted
-    video_flops_per_clip: float  # the video encoder's share
-    dense_flops_per_clip: float  # the same encoder without edge or node sparsity, same tokens
+    video_flops_per_clip: float  # the video encoder's forward + backward
+    dense_flops_per_clip: float  # the same encoder without edge or node sparsity, on the same tokens
     notes: list[str]
 
     @property
@@ -111,9 +112,9 @@ def planning_backend(cfg: Config) -> tuple[str, list[str]]:
     return ("triton" if backend == "auto" else backend), notes
 
 
-def plan_memory(cfg: Config, world_size: int = 1, dense_flops: bool = True) -> MemoryPlan:
-    """The peak memory of one training step of ``cfg`` on each of ``world_size`` GPUs (``dense_flops``:
-    also count the dense encoder's FLOPs, else 0)."""
+def plan_memory(cfg: Config, world_size: int = 1, flops: bool = True) -> MemoryPlan:
+    """The peak memory of one training step of ``cfg`` on each of ``world_size`` GPUs (``flops``: also
+    count the video encoder's training FLOPs per clip, sparse and dense, else 0)."""
     if world_size < 1:
         raise ConfigError(f"--world-size: must be >= 1, got {world_size}")
     backend, notes = planning_backend(cfg)
@@ -144,10 +145,11 @@ def plan_memory(cfg: Config, world_size: int = 1, dense_flops: bool = True) -> M
     peak = step.peak_bytes
     if world_size > 1:
         peak, notes = _distributed(cfg, parts, peak, world_size, model, notes)
-    video = sum(v for k, v in step.module_flops.items() if k.endswith(".visual"))
+    vision = cfg.model.vision
+    dense = dataclasses.replace(vision, attention="dense", keep_rate=1.0, prune_layers=[])
+    video, dense = (encoder_flops(vision), encoder_flops(dense)) if flops else (0.0, 0.0)
     return MemoryPlan(cfg.train.batch_size, world_size, backend, cfg.train.precision, peak, parts, step.where,
-                      step.saved_bytes, clips, step.flops / clips, video / clips,
-                      dense_video_flops(cfg) if dense_flops else 0.0, notes)
+                      step.saved_bytes, clips, step.flops / clips, video, dense, notes)
 
 
 def _distributed(cfg: Config, parts: dict, peak: int, world_size: int, model: nn.Module,
@@ -157,7 +159,7 @@ def _distributed(cfg: Config, parts: dict, peak: int, world_size: int, model: nn
     buckets = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     parts["DDP gradient buckets"] = buckets
     peak += buckets
-    if getattr(cfg.train, "shard_optimizer", False):
+    if cfg.train.shard_optimizer:
         kept = math.ceil(parts["optimizer state"] / world_size)
         peak -= parts["optimizer state"] - kept
         parts["optimizer state"] = kept
@@ -188,20 +190,14 @@ def _batch(cfg: Config, clips: int) -> dict[str, torch.Tensor]:
             "clip_idx": torch.arange(clips)}
 
 
-def dense_video_flops(cfg: Config) -> float:
-    """Training FLOPs (forward + backward) per clip of ``cfg``'s video encoder without edge or node sparsity
-    (a plain dense ViT on the same tokens), counted on one fake clip."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils.flop_counter import FlopCounterMode
-
-    v = dataclasses.replace(cfg.model.vision, attention="dense", keep_rate=1.0, prune_layers=[],
-                            grad_checkpointing=False)
+def encoder_flops(vision: VisionConfig) -> float:
+    """Training FLOPs (forward + backward) per clip of the video encoder ``vision``, counted on one fake clip."""
     with torch.device("meta"):
-        encoder = VideoEncoder(v)
+        encoder = VideoEncoder(vision)
     with FakeTensorMode(allow_non_fake_inputs=True):
         encoder.to_empty(device="cpu").train()
-        frames = torch.zeros(1, v.num_frames, 3, v.image_size, v.image_size)
-        with FlopCounterMode(display=False) as counter:
+        frames = torch.zeros(1, vision.num_frames, 3, vision.image_size, vision.image_size)
+        with flop_counter() as counter:
             encoder(frames).pooled.sum().backward()
     return counter.get_total_flops()
 
@@ -233,7 +229,7 @@ def largest_batch(cfg: Config, gpu_bytes: int, world_size: int = 1, known: Memor
 
     def need(batch: int) -> float:
         if batch not in needed:
-            needed[batch] = plan_memory(_with(cfg, "train", batch_size=batch), world_size, False).needed_bytes()
+            needed[batch] = plan_memory(_with(cfg, "train", batch_size=batch), world_size, flops=False).needed_bytes()
         return needed[batch]
 
     if need(1) > gpu_bytes:

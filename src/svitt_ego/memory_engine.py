@@ -264,6 +264,26 @@ class StepParts:
     step: Callable[[], None]  # one whole training step; the forward inside ``forward_autocast``
 
 
+class _NoModules:
+    """FlopCounterMode's module tracker, switched off: its gradient hooks on module outputs keep the
+    tensors an activation-checkpointed block recomputes alive (reference cycles), which no GPU run has."""
+
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        pass
+
+
+def flop_counter() -> FlopCounterMode:
+    """A FLOP counter of the total only (matrix products, convolutions, attention)."""
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _NoModules()
+    return counter
+
+
 @dataclass
 class StepMemory:
     peak_bytes: int
@@ -271,7 +291,6 @@ class StepMemory:
     where: str  # forward, backward or optimizer: where the peak is
     saved_bytes: int  # activations kept for backward at the end of the forward
     flops: int
-    module_flops: dict[str, int]
 
 
 class StepContext:
@@ -326,14 +345,13 @@ def measure_step(build: Callable[[StepContext], StepParts], selected: tuple[int,
         hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.track(p.grad, "gradients"))
                  for p in parts.model.parameters() if p.requires_grad]
         tracker.reset_peak()
-        counter = FlopCounterMode(display=False)
+        counter = flop_counter()
         with counter:
             parts.step()
         for hook in [*hooks, pre]:
             hook.remove()
     peak = tracker.peak
-    return StepMemory(peak.bytes, peak.parts, peak.where, context.saved_at_backward, counter.get_total_flops(),
-                      {k: sum(v.values()) for k, v in counter.get_flop_counts().items()})
+    return StepMemory(peak.bytes, peak.parts, peak.where, context.saved_at_backward, counter.get_total_flops())
 
 
 def _initialise_optimizer(optimizer: torch.optim.Optimizer, tracker: MemoryTracker) -> None:
