@@ -4,6 +4,8 @@
     python benchmarks/memory_calibration.py --checkout /tmp/svitt-894d359   # the five rows, then today's
     python benchmarks/memory_calibration.py --targets                       # only the paper-setting targets
     python benchmarks/memory_calibration.py --checkout DIR --rows tiny:4 --set model.vision.image_size=64  # a smoke
+    python benchmarks/memory_calibration.py --plan-gpu-rows RESULTS    # the GPU check: predictions, then
+    python benchmarks/memory_calibration.py --compare RESULTS          # beside train_step.py's peaks
 
 The planner's engine (``src/svitt_ego/memory_engine.py``, which imports nothing of svitt-ego) runs
 the step of 894d359 as that commit's ``benchmarks/train_step.py`` ran it: ``SViTTEgo`` and
@@ -14,6 +16,10 @@ the optimizer's state exists (the measurement reset the peak after two warm-up s
 ``torch.cuda.max_memory_allocated()`` on one H200 at that commit (benchmarks/RESULTS.md). Then the
 same rows through today's planner (:func:`svitt_ego.memory.plan_memory`: the trainer's own step,
 fused AdamW), and with ``--targets`` the paper's setting as the targets table reads it.
+
+In ``benchmarks/gpu_check.sh``, ``--plan-gpu-rows`` appends today's predictions (backend ``auto``)
+for the runs of ``GPU_ROWS`` to RESULTS while the GPU parts run, and ``--compare`` then appends,
+for each, the peak ``benchmarks/train_step.py`` measured for the same run in the same check.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ MEASURED_GB = {"svitt_ego_kr3:4": 10.32, "svitt_ego_kr5:4": 11.78, "dense:4": 15
 # The paper's setting at world size 8 (fused kernel and optimizer sharding where this build has them).
 TARGETS = {"svitt_ego_kr3:4": 6.0, "svitt_ego_kr5:4": 6.5, "svitt_ego_kr3:16": 13.0}
 TEXT_LENGTH, CLIPS = 32, 8
+# The runs the GPU check predicts and measures (train_step.py's --runs spelling).
+GPU_ROWS = ["svitt_ego_kr3:4", "svitt_ego_kr3:4:ckpt", "svitt_ego_kr5:4", "svitt_ego_kr3:16"]
 
 
 def old_step(spec: str, extra: list[str]):
@@ -125,10 +133,18 @@ def main() -> None:
     parser.add_argument("--targets", action="store_true",
                         help="print only the targets table: the paper's setting, world size 8, auto backend, "
                              "train.shard_optimizer=true")
+    parser.add_argument("--plan-gpu-rows", metavar="RESULTS",
+                        help="append today's predictions of the GPU check's runs to RESULTS (JSON lines)")
+    parser.add_argument("--compare", metavar="RESULTS",
+                        help="append predicted beside measured for the last GPU check recorded in RESULTS")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker, args.set)
+    if args.plan_gpu_rows:
+        return plan_gpu_rows(args.plan_gpu_rows, args.set)
+    if args.compare:
+        return compare(args.compare)
     if not args.targets:
         if args.checkout is None:
             parser.error("--checkout DIR (a checkout of 894d359) is needed for the calibration rows")
@@ -152,6 +168,47 @@ def calibrate(checkout: Path, rows: list[str], extra: list[str]) -> None:
         print(f"{spec:>22} {predicted:>9.2f} {measured_gib or float('nan'):>9.2f} {error:>7} {old['where']:>9} "
               f"{old['seconds']:>5.0f}   {now.peak_gib:.2f}")
         print(" " * 24 + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in old["parts"].items() if v))
+
+
+def plan_gpu_rows(results: str, extra: list[str]) -> None:
+    import torch
+
+    from svitt_ego.atomic import append_jsonl
+
+    if not torch.cuda.is_available():
+        print("no CUDA device: no measured step to compare the predictions with")
+        return
+    for spec in GPU_ROWS:
+        tic = time.perf_counter()
+        try:
+            plan = today(spec, extra, backend="auto")
+        except Exception as error:  # noqa: BLE001 - a row that fails is reported, the next one runs
+            row = {"part": "memory_plan", "run": spec, "error": f"{type(error).__name__}: {error}"[:200]}
+        else:
+            row = {"part": "memory_plan", "run": spec, "predicted_gib": plan.peak_gib, "backend": plan.backend,
+                   "parts_gib": {k: v / 2**30 for k, v in plan.parts.items()},
+                   "seconds": time.perf_counter() - tic}
+        print(json.dumps(row))
+        append_jsonl(results, row)
+
+
+def compare(results: str) -> None:
+    """Predicted beside measured, for the rows of the last check in ``results`` (after its last start row)."""
+    from svitt_ego.atomic import append_jsonl
+
+    rows = [json.loads(line) for line in Path(results).read_text().splitlines() if line.strip()]
+    last = max((i for i, row in enumerate(rows) if row.get("part") == "start"), default=-1)
+    rows = rows[last + 1:]
+    measured = {r["run"]: r["peak_gb"] * 1e9 / 2**30 for r in rows
+                if r.get("part") == "train_step" and r.get("peak_gb")}
+    for r in rows:
+        if r.get("part") == "memory_plan" and "predicted_gib" in r:
+            got = measured.get(r["run"])
+            row = {"part": "memory_check", "run": r["run"], "backend": r["backend"],
+                   "predicted_gib": r["predicted_gib"], "measured_gib": got,
+                   "error": r["predicted_gib"] / got - 1 if got else None}
+            print(json.dumps(row))
+            append_jsonl(results, row)
 
 
 def targets(extra: list[str]) -> None:
