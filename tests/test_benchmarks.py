@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import SMALL_MODEL
 
 from svitt_ego.config import load_config
 from svitt_ego.data.toy import make_toy_data, toy_data_overrides
@@ -49,6 +50,7 @@ def smallest_runs(demo: Path, tmp: Path) -> dict[str, tuple]:
         "egoclip_metadata.py": (("--rows", "2000", "--videos", "20"), "warm (from cache)"),
         "gpu_check.py": (("--device", "cpu", "--methods", "blocked", "--frames", "1", "--batch", "1", "--heads", "2",
                           "--dtypes", "float32"), " ok"),
+        "memory_calibration.py": (("--targets", "--set", *SMALL_MODEL), "svitt_ego_kr3:16"),
         "multimodal.py": ((model, toy, "--questions", "10"), "held-out VTM accuracy"),
         "objectives.py": (("--quick", "--seeds", "0", "--arms", "egonce", "--workdir", tmp), "mean +- standard error"),
         "saliency.py": (("--demo", demo, "--max-clips", "2"), "pretrained"),

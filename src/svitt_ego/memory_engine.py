@@ -13,8 +13,9 @@ builds today's step on it. docs/memory.md describes the substitutions; in short:
   for the "promote" ops), with CUDA's cache of casted weights, and turns CPU autocast's own
   casts off.
 * Data-dependent sizes are fixed (:class:`MemoryTracker`): a boolean mask of the MLM mask's size
-  selects the expected MLM count, any other mask all its elements (an upper bound); ``.item()`` of an integer or boolean flag reads 1 (the finite
-  check: "finite"), of a float reads 0 (the gradient scaler's ``found_inf``: no overflow).
+  selects the expected MLM count, any other mask all its elements (an upper bound); ``.item()`` of
+  an integer or boolean flag reads 1 (the finite check: "finite"), of a float 0 outside the
+  optimizer (the gradient scaler's ``found_inf``: no overflow) and 1 inside it (the step count).
 * Bytes are counted as the CUDA caching allocator counts ``max_memory_allocated``: each storage
   rounded up to 512 bytes.
 """
@@ -161,6 +162,8 @@ def cuda_autocast(cache: _CastCache):
 
 @dataclass
 class Peak:
+    """The largest total of live bytes so far, its parts, and the phase it fell in."""
+
     bytes: int = 0
     parts: dict[str, int] = field(default_factory=dict)
     where: str = ""
@@ -169,8 +172,7 @@ class Peak:
 class MemoryTracker(TorchDispatchMode):
     """Live storages, each counted as the CUDA allocator's block, by part; the peak and its parts.
 
-    Also fixes the data-dependent sizes (see the module docstring): ``selected`` rows for a boolean
-    mask index or ``nonzero``.
+    Also fixes the data-dependent sizes and values (see the module docstring).
     """
 
     def __init__(self, selected: tuple[int, int]):
@@ -179,8 +181,7 @@ class MemoryTracker(TorchDispatchMode):
         self.live: dict[int, list] = {}  # id(storage) -> [bytes, part, weakref]
         self.current = dict.fromkeys(PARTS, 0)
         self.peak = Peak()
-        self.phase = "setup"
-        self.default_part = "transient"
+        self.phase = "setup"  # then forward, backward, optimizer
 
     # -- storages
     def track(self, t: torch.Tensor, part: str | None = None) -> None:
@@ -188,24 +189,26 @@ class MemoryTracker(TorchDispatchMode):
         key = id(st)
         entry = self.live.get(key)
         if entry is not None and entry[2]() is st:
-            if part is not None and entry[1] != part:
-                self.current[entry[1]] -= entry[0]
-                self.current[part] += entry[0]
-                entry[1] = part
+            if part is not None:
+                self._move(entry, part)
             return
         size = block_bytes(st.nbytes())
-        entry = [size, part or self.default_part, None]
+        entry = [size, part or "transient", None]
         entry[2] = weakref.ref(st, lambda _, e=entry, k=key: self._free(k, e))
         self.live[key] = entry
         self.current[entry[1]] += size
         self._update()
 
-    def retag(self, t: torch.Tensor, part: str, only_from: tuple[str, ...] = ("transient",)) -> None:
+    def retag(self, t: torch.Tensor, part: str) -> None:
+        """Count ``t``'s storage as ``part`` if it is counted as transient (not a parameter, input, ...)."""
         entry = self.live.get(id(t.untyped_storage()))
-        if entry is not None and entry[1] in only_from:
-            self.current[entry[1]] -= entry[0]
-            self.current[part] += entry[0]
-            entry[1] = part
+        if entry is not None and entry[1] == "transient":
+            self._move(entry, part)
+
+    def _move(self, entry: list, part: str) -> None:
+        self.current[entry[1]] -= entry[0]
+        self.current[part] += entry[0]
+        entry[1] = part
 
     def _free(self, key: int, entry: list) -> None:
         if self.live.get(key) is entry:
