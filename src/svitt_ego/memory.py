@@ -9,6 +9,7 @@ docs/memory.md lists what is substituted and the reserve constants.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -23,7 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from svitt_ego.config import Config, ConfigError, VisionConfig, load_config
 from svitt_ego.device import AUTOCAST_DTYPES
 from svitt_ego.memory_engine import StepContext, StepParts, flop_counter, gib, measure_step
-from svitt_ego.models import SViTTEgo, VideoEncoder
+from svitt_ego.models import SViTTEgo, VideoEncoder, attention
 from svitt_ego.objective import PretrainingObjective
 from svitt_ego.train import build_optimizer, optimizer_step
 
@@ -37,6 +38,7 @@ BERT_TOKENS = SimpleNamespace(all_special_ids=[0, 100, 101, 102, 103], mask_toke
 KERNEL_NAMESPACE = "svitt_ego::"
 UNITS = {"": 2**30, "gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6, "tib": 2**40, "tb": 10**12}
 MAX_BATCH = 4096
+_MISSING = object()
 
 
 @dataclass
@@ -90,9 +92,8 @@ def parse_memory(text: str) -> int:
 
 
 def kernel_operator_registered() -> bool:
-    """Whether the fused Triton kernel is registered as a PyTorch operator (FakeTensor runs need it)."""
-    import svitt_ego.models.attention  # noqa: F401  (registers the kernel's operators, where there are any)
-
+    """Whether the fused Triton kernel is registered as a PyTorch operator (FakeTensor runs need it);
+    importing :mod:`svitt_ego.models.attention` registers it, where it is."""
     return any(name.startswith(KERNEL_NAMESPACE) for name in torch._C._dispatch_get_all_op_names())
 
 
@@ -140,7 +141,8 @@ def plan_memory(cfg: Config, world_size: int = 1, flops: bool = True) -> MemoryP
         return StepParts(model, optimizer, list(batch.values()),
                          lambda: optimizer_step(forward, optimizer, scaler, scheduler, batch, cfg))
 
-    step = measure_step(build, (clips * length, selected))
+    with _fused_kernel_taken(cfg, dtype):
+        step = measure_step(build, (clips * length, selected))
     parts = dict(step.parts)
     peak = step.peak_bytes
     if world_size > 1:
@@ -165,6 +167,27 @@ def _distributed(cfg: Config, parts: dict, peak: int, world_size: int, model: nn
         parts["optimizer state"] = kept
         notes.append(f"optimizer state sharded over {world_size} ranks")
     return peak, notes
+
+
+@contextlib.contextmanager
+def _fused_kernel_taken(cfg: Config, dtype: torch.dtype | None):
+    """With ``backend=triton``, the fused kernel's verdict taken as the GPU's ("it runs") for the planned
+    activations, so that the model calls its operator on fake CPU tensors; restored afterwards."""
+    v = cfg.model.vision
+    if v.backend != "triton" or dtype is None:
+        yield
+        return
+    key = (dtype, v.width // v.num_heads, v.block_size)
+    problems = attention._fused_problems
+    before = problems.get(key, _MISSING)
+    problems[key] = None
+    try:
+        yield
+    finally:
+        if before is _MISSING:
+            del problems[key]
+        else:
+            problems[key] = before
 
 
 class _Forward(nn.Module):
