@@ -19,11 +19,10 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from svitt_ego.config import Config, ConfigError, VisionConfig, load_config
 from svitt_ego.device import AUTOCAST_DTYPES
-from svitt_ego.memory_engine import StepContext, StepParts, flop_counter, gib, measure_step
+from svitt_ego.memory_engine import StepContext, StepParts, gib, measure_step, training_flops
 from svitt_ego.models import SViTTEgo, VideoEncoder, attention
 from svitt_ego.objective import PretrainingObjective
 from svitt_ego.train import build_optimizer, optimizer_step
@@ -141,15 +140,15 @@ def plan_memory(cfg: Config, world_size: int = 1, flops: bool = True) -> MemoryP
         return StepParts(model, optimizer, list(batch.values()),
                          lambda: optimizer_step(forward, optimizer, scaler, scheduler, batch, cfg))
 
+    vision = cfg.model.vision
+    dense = dataclasses.replace(vision, attention="dense", keep_rate=1.0, prune_layers=[])
     with _fused_kernel_taken(cfg, dtype):
         step = measure_step(build, (clips * length, selected))
+        video, dense = (encoder_flops(vision, dtype), encoder_flops(dense, dtype)) if flops else (0.0, 0.0)
     parts = dict(step.parts)
     peak = step.peak_bytes
     if world_size > 1:
         peak, notes = _distributed(cfg, parts, peak, world_size, model, notes)
-    vision = cfg.model.vision
-    dense = dataclasses.replace(vision, attention="dense", keep_rate=1.0, prune_layers=[])
-    video, dense = (encoder_flops(vision), encoder_flops(dense)) if flops else (0.0, 0.0)
     return MemoryPlan(cfg.train.batch_size, world_size, backend, cfg.train.precision, peak, parts, step.where,
                       step.saved_bytes, clips, step.flops / clips, video, dense, notes)
 
@@ -213,16 +212,12 @@ def _batch(cfg: Config, clips: int) -> dict[str, torch.Tensor]:
             "clip_idx": torch.arange(clips)}
 
 
-def encoder_flops(vision: VisionConfig) -> float:
+def encoder_flops(vision: VisionConfig, dtype: torch.dtype | None) -> float:
     """Training FLOPs (forward + backward) per clip of the video encoder ``vision``, counted on one fake clip."""
     with torch.device("meta"):
         encoder = VideoEncoder(vision)
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        encoder.to_empty(device="cpu").train()
-        frames = torch.zeros(1, vision.num_frames, 3, vision.image_size, vision.image_size)
-        with flop_counter() as counter:
-            encoder(frames).pooled.sum().backward()
-    return counter.get_total_flops()
+    frames = (1, vision.num_frames, 3, vision.image_size, vision.image_size)
+    return training_flops(encoder, lambda: torch.zeros(frames), lambda out: out.pooled.float().sum(), dtype)
 
 
 def _with(cfg: Config, section: str, **changes) -> Config:

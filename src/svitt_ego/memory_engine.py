@@ -287,6 +287,20 @@ def flop_counter() -> FlopCounterMode:
     return counter
 
 
+def training_flops(module: nn.Module, make_input: Callable[[], torch.Tensor],
+                   loss: Callable[[object], torch.Tensor], dtype: torch.dtype | None) -> int:
+    """Forward + backward FLOPs of ``module`` (built on ``meta``) on one fake input from ``make_input``,
+    under CUDA's autocast to ``dtype`` (None: fp32), the backward from ``loss(module(input))``."""
+    with FakeTensorMode(allow_non_fake_inputs=True), cuda_autocast(_CastCache()):
+        module.to_empty(device="cpu").train()
+        x = make_input()
+        with flop_counter() as counter:
+            with torch.autocast("cpu", dtype=dtype or torch.float16, enabled=dtype is not None):
+                out = loss(module(x))
+            out.backward()
+    return counter.get_total_flops()
+
+
 @dataclass
 class StepMemory:
     peak_bytes: int
