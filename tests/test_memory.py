@@ -154,10 +154,12 @@ def test_triton_without_its_operator_is_one_line(monkeypatch):
     cfg = memory.load_plan_config("tiny", ["model.vision.backend=triton"])
     with pytest.raises(ConfigError, match="not registered as a PyTorch operator"):
         memory.planning_backend(cfg)
-    auto = memory.load_plan_config("tiny", ["model.vision.backend=auto"])
+    auto = memory.load_plan_config("tiny", ["model.vision.backend=auto", "train.precision=fp16"])
     assert memory.planning_backend(auto)[0] == "blocked"
     monkeypatch.setattr(memory, "kernel_operator_registered", lambda: True)
     assert memory.planning_backend(auto)[0] == "triton"
+    fp32 = memory.load_plan_config("tiny", ["model.vision.backend=auto", "train.precision=fp32"])
+    assert memory.planning_backend(fp32)[0] == "blocked"  # as the GPU's auto: the kernel takes fp16 / bf16
 
 
 def test_cli_json(capsys, tmp_path):

@@ -102,6 +102,9 @@ def planning_backend(cfg: Config) -> tuple[str, list[str]]:
     backend, notes = cfg.model.vision.backend, []
     if cfg.model.vision.attention != "sparse":
         return backend, notes
+    if backend == "auto" and cfg.train.precision not in AUTOCAST_DTYPES:
+        notes.append("auto planned as blocked: the fused kernel takes fp16 or bf16 activations only")
+        return "blocked", notes
     if backend in ("auto", "triton") and not kernel_operator_registered():
         if backend == "triton":
             raise ConfigError("model.vision.backend=triton: the fused kernel is not registered as a PyTorch "
@@ -141,10 +144,10 @@ def plan_memory(cfg: Config, world_size: int = 1, flops: bool = True) -> MemoryP
                          lambda: optimizer_step(forward, optimizer, scaler, scheduler, batch, cfg))
 
     vision = cfg.model.vision
-    dense = dataclasses.replace(vision, attention="dense", keep_rate=1.0, prune_layers=[])
+    dense_vision = dataclasses.replace(vision, attention="dense", keep_rate=1.0, prune_layers=[])
     with _fused_kernel_taken(cfg, dtype):
         step = measure_step(build, (clips * length, selected))
-        video, dense = (encoder_flops(vision, dtype), encoder_flops(dense, dtype)) if flops else (0.0, 0.0)
+        video, dense = (encoder_flops(vision, dtype), encoder_flops(dense_vision, dtype)) if flops else (0, 0)
     parts = dict(step.parts)
     peak = step.peak_bytes
     if world_size > 1:
