@@ -27,7 +27,9 @@ from triton.runtime import interpreter  # noqa: E402
 
 from kernel_host_ops import layer_inputs  # noqa: E402  (benchmarks/, the script's folder)
 
+from svitt_ego.models import ops  # noqa: E402
 from svitt_ego.models import sparse_attention_triton as kernels  # noqa: E402
+from svitt_ego.models.attention import triton_attention  # noqa: E402
 
 DIM = 64
 COUNTS: Counter = Counter()
@@ -48,7 +50,7 @@ def _counting(create_atomic_rmw):
 def count_layer(frames: int, batch: int, heads: int, keep: float, per_sample: bool) -> Counter:
     """Atomics of one layer's backward: ``keep`` of the frames x 14 x 14 patch tokens, shared or per sample."""
     q, k, v, positions, bias, pattern = layer_inputs(batch, heads, frames, DIM, keep, per_sample)
-    out, _ = kernels.sparse_attention(q, k, v, positions, bias, pattern)
+    out, _ = triton_attention(q, k, v, positions, bias, pattern)
     COUNTS.clear()
     out.sum().backward()
     return Counter(COUNTS)
@@ -64,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     builder = interpreter.InterpreterBuilder
     builder.create_atomic_rmw = _counting(builder.create_atomic_rmw)
-    chunk = kernels.BATCH_CHUNK
+    chunk = ops.BATCH_CHUNK
     layers = [("shared positions", 1.0, False, chunk), ("shared positions, BATCH_CHUNK=1", 1.0, False, 1),
               (f"per-sample pruned, q_v={args.keep}", args.keep, True, chunk)]
     scale = args.model_heads / args.heads
@@ -72,11 +74,11 @@ def main() -> None:
           f"{args.model_heads} heads")
     print(f"{'layer':<34} {'table':>13} {'dQ':>13} {'dK/dV':>7} {'table, 12 heads':>16} {'all, 12 heads':>14}")
     for label, keep, per_sample, batch_chunk in layers:
-        kernels.BATCH_CHUNK = batch_chunk
+        ops.BATCH_CHUNK = batch_chunk
         c = count_layer(args.frames, args.batch, args.heads, keep, per_sample)
         print(f"{label:<34} {c['table']:>13,} {c['dQ']:>13,} {c['dK/dV']:>7,} {c['table'] * scale:>16,.0f} "
               f"{sum(c.values()) * scale:>14,.0f}", flush=True)
-    kernels.BATCH_CHUNK = chunk
+    ops.BATCH_CHUNK = chunk
 
 
 if __name__ == "__main__":

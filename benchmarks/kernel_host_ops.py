@@ -1,10 +1,11 @@
 """Host-side cost of the ``triton`` attention path: aten ops and host time per layer, kernels stubbed out.
 
-Every Triton launch of :mod:`svitt_ego.models.sparse_attention_triton` is replaced by a no-op, so
-what remains is what the host does around the kernels: allocations, layout glue, autograd. One
-attention layer runs forward + backward from its q, k, v (and bias table) to its output and
-``cls_probs``, with positions shared by the batch (unpruned) and per sample (pruned);
-``torch.profiler`` counts every aten op it records, nested ones included. The block pattern is an
+Every Triton launch of :mod:`svitt_ego.models.sparse_attention_triton` is replaced by a no-op (with
+``TRITON_INTERPRET=1``, under which the operators of :mod:`svitt_ego.models.ops` take the kernel path
+on the CPU rather than the blocked math), so what remains is what the host does around the kernels:
+allocations, layout glue, autograd. One attention layer runs forward + backward from its q, k, v
+(and bias table) to its output and ``cls_probs``, with positions shared by the batch (unpruned) and
+per sample (pruned); ``torch.profiler`` counts every aten op it records, nested ones included. The block pattern is an
 input (the encoder draws it once for all layers). Beside it, PyTorch's SDPA forward + backward on
 one head of 17 tokens, so that its time on the CPU is mostly the host's too.
 
@@ -15,18 +16,21 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 from collections import Counter
 
-import torch
-import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
+os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: the kernel path on the CPU
 
-from svitt_ego.models import sparse_attention_triton as kernels
-from svitt_ego.models.attention import triton_attention
-from svitt_ego.models.block_pattern import sample_block_pattern
-from svitt_ego.models.position_bias import RelativePositionBias3D
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from svitt_ego.models import sparse_attention_triton as kernels  # noqa: E402
+from svitt_ego.models.attention import triton_attention  # noqa: E402
+from svitt_ego.models.block_pattern import sample_block_pattern  # noqa: E402
+from svitt_ego.models.position_bias import RelativePositionBias3D  # noqa: E402
 
 GRID, G = 14, 56
 KERNELS = ["_forward_kernel", "_cls_forward_kernel", "_pattern_kernel", "_cls_backward_kernel",

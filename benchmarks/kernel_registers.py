@@ -23,11 +23,12 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
+from svitt_ego.models import ops
 from svitt_ego.models import sparse_attention_triton as kernels
 
 # Pointer element types other than the input dtype's; ``DTYPE`` stands for the input dtype.
-POINTERS = {"LSE": "fp32", "DQ": "fp32", "DTABLE": "fp32", "SLOTS": "fp32", "TABLE": "fp32", "SRC": "fp32",
-            "POS": "i64", "KEY_BLOCKS": "i64", "VALID": "i1", "PAIRS": "i32"}
+POINTERS = {"LSE": "fp32", "DELTA": "fp32", "DQ": "fp32", "DTABLE": "fp32", "SLOTS": "fp32", "TABLE": "fp32",
+            "SRC": "fp32", "POS": "i64", "KEY_BLOCKS": "i64", "VALID": "i1", "PAIRS": "i32"}
 TYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 STRIDE = re.compile(r"^s[a-z]{1,2}[bhn]$")  # strides of q, k, v, the output and its gradient
 
@@ -36,7 +37,7 @@ def kernel_cases(dtype: str) -> list[tuple[str, object, dict, dict]]:
     """(label, kernel, launch options, constexprs) for the model's shapes: G = 56, head dim 64, K_l + K_r = 4."""
     tile = dict(G=56, BLOCK=64, HEAD_DIM=64, BLOCK_D=64, WIDTH=4, GRID=14,
                 PRECISION="ieee" if dtype == "float32" else "tf32")
-    key = dict(tile, CHUNK=kernels.BATCH_CHUNK, HAS_DPROBS=False)
+    key = dict(tile, CHUNK=ops.BATCH_CHUNK, HAS_DPROBS=False)
     cls = dict(CHUNK=kernels.CLS_CHUNK, HEAD_DIM=64, BLOCK_D=64)
     backward, default = dict(num_warps=kernels.BACKWARD_WARPS), dict(num_warps=4)
     forward = {k: v for k, v in kernels.forward_options(getattr(torch, dtype)).items() if v is not None}

@@ -21,6 +21,21 @@ SMALL_MODEL = ["model.vision.width=48", "model.vision.num_heads=2", "model.visio
                "model.text.tokenizer=minilm", "model.embed_dim=16"]
 
 
+def record_bars(monkeypatch, module) -> list:
+    """Every tqdm bar ``module`` makes from now on, kept to look at after it closes."""
+    from tqdm import tqdm
+
+    bars = []
+
+    class Recorded(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(module, "tqdm", Recorded)
+    return bars
+
+
 def toy_config(toy: Path, out: Path, *overrides: str) -> Config:
     """The ``tiny`` preset at :data:`SMALL_MODEL` size on a toy dataset, writing into ``out``."""
     return load_config("tiny", toy_run_overrides(toy, out, *overrides))
@@ -36,6 +51,19 @@ def text_batch(tokenizer, n: int, length: int, generator: torch.Generator) -> to
     ids = torch.randint(1000, 2000, (n, length), generator=generator)
     ids[:, 0], ids[:, -1] = tokenizer.cls_token_id, tokenizer.sep_token_id
     return ids
+
+
+def objective_batch(n: int, seed: int) -> dict:
+    """A random batch of ``n`` clips for a :data:`SMALL_MODEL` ``PretrainingObjective`` (4 frames of 32x32)."""
+    from svitt_ego.data.tokenizer import load_tokenizer
+
+    g = torch.Generator().manual_seed(seed)
+    ids = text_batch(load_tokenizer(load_config("tiny", SMALL_MODEL).model.text), n, 8, g)
+    nouns = torch.randint(0, 3, (n, 2), generator=g)
+    nouns[::3, 1] = -1
+    return {"frames": torch.randn(n, 4, 3, 32, 32, generator=g), "input_ids": ids,
+            "attention_mask": torch.ones_like(ids), "nouns": nouns, "verbs": torch.randint(0, 2, (n, 1), generator=g),
+            "clip_idx": torch.arange(n)}
 
 
 # --------------------------------------------------------------------------- synthetic videos

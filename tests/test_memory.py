@@ -14,6 +14,7 @@ from svitt_ego import memory
 from svitt_ego.cli import main
 from svitt_ego.config import ConfigError
 from svitt_ego.memory_engine import StepParts, _CastCache, block_bytes, cuda_autocast, measure_step
+from svitt_ego.sharding import shard_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1000 * 1000 * 4  # a 1000 x 1000 fp32 weight
@@ -102,17 +103,21 @@ def test_tiny_preset_plan(tiny_plan):
     assert 0 < plan.video_flops_per_clip < plan.dense_flops_per_clip < plan.flops_per_clip
 
 
-def test_world_size_adds_ddp_buckets_and_shards_the_optimizer(tiny_plan):
+def test_world_size_keeps_gradients_in_ddp_buckets_and_shards_the_optimizer(tiny_plan):
+    """Under torchrun every trained parameter's gradient is in DDP's buckets all along; sharding keeps the
+    largest share of ZeroRedundancyOptimizer's partition (two fp32 moments an element)."""
     cfg, plan = tiny_plan
-    parts, peak = dict(plan.parts), plan.peak_bytes
-    peak8, _ = memory._distributed(cfg, parts, peak, 8, _meta_model(cfg), [])
-    buckets = parts["DDP gradient buckets"]
-    assert peak8 == peak + buckets and buckets > 0
-    sharded = memory._with(cfg, "train", shard_optimizer=True)
+    model = _meta_model(cfg)
+    trained = [p for p in model.parameters() if p.requires_grad]
     parts = dict(plan.parts)
-    peak8s, notes = memory._distributed(sharded, parts, peak, 8, _meta_model(cfg), [])
-    assert peak8s == peak8 - (plan.parts["optimizer state"] - parts["optimizer state"])
-    assert parts["optimizer state"] == -(-plan.parts["optimizer state"] // 8) and notes
+    peak8, _ = memory._distributed(cfg, parts, plan.peak_bytes, 8, model, [])
+    assert parts["gradients"] == sum(block_bytes(p.numel() * 4) for p in trained)
+    assert peak8 == plan.peak_bytes - plan.parts["gradients"] + parts["gradients"]
+    sharded, parts8 = memory._with(cfg, "train", shard_optimizer=True), dict(plan.parts)
+    peak8s, notes = memory._distributed(sharded, parts8, plan.peak_bytes, 8, model, [])
+    share = max(shard_sizes(memory.parameter_groups(model, cfg.train.weight_decay), 8))
+    assert parts8["optimizer state"] == 8 * share < plan.parts["optimizer state"] / 4
+    assert peak8s == peak8 - plan.parts["optimizer state"] + 8 * share and len(notes) == 2
 
 
 def _meta_model(cfg):

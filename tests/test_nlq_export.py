@@ -52,3 +52,40 @@ def test_mixed_frame_rates_and_shared_annotation_ids_are_refused(tmp_path, capsy
     (tmp_path / "shared.json").write_text(json.dumps(data))
     with pytest.raises(NLQFormatError, match="annotation_uid a0 is under clip c0 .* and clip c1"):
         export_groundnlq(tmp_path / "features", [tmp_path / "shared.json"], tmp_path / "out")
+
+
+def _export(capsys, features, out, *annotations):
+    capsys.readouterr()
+    status = main(["export-nlq-features", str(features), "--to", "groundnlq", str(out),
+                   "--annotations", *map(str, annotations)])
+    return status, capsys.readouterr().err
+
+
+def test_an_export_replaces_an_earlier_one_whole_and_never_mixes_with_other_files(tmp_path, capsys):
+    annotations = _feature_folder(tmp_path / "features")
+    other = tmp_path / "other" / "nlq.json"
+    other.parent.mkdir()
+    data = json.loads(annotations.read_text())
+    data["videos"] = data["videos"][:1]
+    other.write_text(json.dumps(data))
+    status, err = _export(capsys, tmp_path / "features", tmp_path / "out", annotations, other)
+    assert status == 2 and err.count("\n") == 1
+    assert f"{annotations} and {other} would both be written as nlq.jsonl" in err
+    assert not (tmp_path / "out").exists()
+
+    subset = tmp_path / "nlq_val.json"
+    subset.write_text(json.dumps(data))
+    assert _export(capsys, tmp_path / "features", tmp_path / "out", annotations, subset)[0] == 0
+    assert _export(capsys, tmp_path / "features", tmp_path / "out", subset)[0] == 0  # a subset, into the same folder
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")) == [
+        "groundnlq_dataset.yaml", "nlq_val.jsonl", "text_features", "video_features"]
+    env = lmdb.open(str(tmp_path / "out" / "text_features" / "data.mdb"), subdir=False, readonly=True, lock=False)
+    assert env.stat()["entries"] == 2  # the subset's queries only
+    env.close()
+
+    mine = tmp_path / "mine"
+    (mine / "video_features").mkdir(parents=True)
+    (mine / "video_features" / "data.mdb").write_bytes(b"a user's database")
+    status, err = _export(capsys, tmp_path / "features", mine, subset)
+    assert status == 2 and f"{mine} exists and was not made by svitt-ego export-nlq-features" in err
+    assert (mine / "video_features" / "data.mdb").read_bytes() == b"a user's database" and not (mine / ".lock").exists()

@@ -78,8 +78,10 @@ def test_extraction_window_contents_resume_and_unreadable(brightness, monkeypatc
     assert video.dtype == torch.float16
     expected = [[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16], [17, 18, 18, 18]]
     torch.testing.assert_close(video.float(), torch.tensor(expected, dtype=torch.float32), atol=0.3, rtol=0)
+    identity = manifest["videos"]["c1"].pop("identity")  # the chunk folder the clip was read from
     assert manifest["videos"]["c1"] == {"source": f"{tmp_path / 'videos' / 'v1'} (clip c1)", "fps": 10.0,
                                         "first_frame": 5, "frames": 14, "windows": 4}
+    assert identity["video"] == str((tmp_path / "videos" / "v1").resolve())
     assert manifest["checkpoint"] == str(checkpoint.resolve()) and manifest["text_dimension"] == 3
     assert "gone" in manifest["failed"]["c2"] and not feature_file(tmp_path / "out", "c2").exists()
     text = features.text(NLQQuery("c1", "ac1", 0, "", None, None))

@@ -139,7 +139,7 @@ def test_ids_that_would_name_paths_are_refused(tmp_path, field, value):
     (clip if field == "clip_uid" else clip["annotations"][0])[field] = value
     path = tmp_path / "nlq.json"
     path.write_text(json.dumps({"videos": [{"video_uid": "v1", "clips": [clip]}]}))
-    with pytest.raises(NLQFormatError, match=rf"field '{field}' must be an id .*got '{re.escape(value)}'"):
+    with pytest.raises(NLQFormatError, match=rf"field '{field}': '{re.escape(value)}' is not an id"):
         read_nlq(path)
 
 

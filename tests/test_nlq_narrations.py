@@ -65,3 +65,14 @@ def test_jitter_keeps_the_answer_inside_and_the_clip_around():
         factors.add(round((end - start) / 2))
     assert factors == set(range(1, 11))
     assert jitter(0.5, 1.5, 2.0, generator)[0] >= 0.0 and jitter(0.5, 1.5, 2.0, generator)[1] <= 2.0
+
+
+def test_narration_queries_never_write_over_an_input(tmp_path, capsys):
+    root = _write(tmp_path)
+    for output in ("egoclip.csv", "nlq_train.json"):
+        saved = (root / output).read_bytes()
+        assert main(["narration-queries", str(root / "egoclip.csv"), "--train", str(root / "nlq_train.json"),
+                     "--output", str(root / output)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{root / output} is also an input of this command" in err
+        assert (root / output).read_bytes() == saved

@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from helpers import SMALL_MODEL, toy_run_overrides, write_chunked_video
+from helpers import SMALL_MODEL, draw_code, toy_run_overrides, write_chunked_video, write_video
 
 from svitt_ego.cli import main
 from svitt_ego.config import load_config
@@ -49,6 +49,14 @@ def _held_by_another_run(folder):
 
 
 @pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("small") / "model"
+    torch.manual_seed(0)
+    create_model(load_config("tiny", SMALL_MODEL).model, load_pretrained=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     return make_toy_data(tmp_path_factory.mktemp("toy"), seed=1, num_videos=6)
 
@@ -76,14 +84,19 @@ def test_pretrain_writes_nothing_through_a_link_in_its_run_folder(toy, tmp_path,
 # --------------------------------------------------------------------------- staging files, metrics.jsonl
 
 
-def _plant_staging(run):
-    planted = [run / ".last.pt.x7k2m9q1.tmp", run / "model" / ".model.safetensors.p3n8v2c4.tmp",
-               run / ".model.h4j5k6l7", run / ".model.old.a1b2c3d4"]
-    for path in planted:
-        if path.name.endswith(".tmp"):
-            path.write_bytes(b"half a checkpoint")
-        else:
-            path.mkdir()
+def _killed_run_leftovers(run, command, *targets):
+    """What a run of ``command`` killed while writing ``targets`` leaves in ``run``: staged files (a folder for
+    a target ending in /) listed in its journal."""
+    from svitt_ego.atomic import staging_path
+    from svitt_ego.run_folder import run_folder
+
+    planted = []
+    with run_folder(run, command):
+        for target in targets:
+            staged = staging_path(run / target.rstrip("/"), "" if target.endswith("/") else ".tmp")
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            staged.mkdir() if target.endswith("/") else staged.write_bytes(b"half a checkpoint")
+            planted.append(staged)
     return planted
 
 
@@ -93,7 +106,7 @@ def test_staging_files_of_a_killed_run_are_removed_once_the_folder_is_held(toy, 
     run.symlink_to(tmp_path / "disk")  # an output_dir that is itself a link (to another disk) works
     assert _pretrain(toy, run) == 0
     assert (tmp_path / "disk" / "last.pt").is_file() and (tmp_path / "disk" / "model").is_dir()
-    planted = _plant_staging(run)
+    planted = _killed_run_leftovers(run, "pretrain", "last.pt", "model/model.safetensors", "model/")
     resume = ["pretrain", "--resume", "--allow-config-change", "--config", "tiny",
               *toy_run_overrides(toy, run, "train.max_steps=2")]
     with _held_by_another_run(run):  # nothing of its is touched
@@ -103,22 +116,73 @@ def test_staging_files_of_a_killed_run_are_removed_once_the_folder_is_held(toy, 
     assert not any(path.exists() for path in planted)
 
 
-def test_a_staged_model_folder_is_kept_while_it_may_be_the_only_copy(tmp_path):
-    from svitt_ego.run_folder import remove_staging
+def _users_files(folder):
+    """A user's files that look like staging files by name (issue 30's repro), and their contents."""
+    files = {name: b"x" for name in ("movie.mkv.part", "sub/deep/.notes.txt.tmp", ".photos.abcd1234/backup.jpg",
+                                     "thesis.docx", "Downloads/movie.mkv.part", ".model.0123456789abcdef/model.bin",
+                                     "photos/.a.jpg.0123456789abcdef.tmp")}
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(text)
+    return files
 
-    (tmp_path / ".model.old.a1b2c3d4" / "model").mkdir(parents=True)  # killed between save_pretrained's renames
-    (tmp_path / ".config.yaml.q9w8e7r6.tmp").write_text("half")
-    assert remove_staging(tmp_path) == [tmp_path / ".config.yaml.q9w8e7r6.tmp"]
-    assert (tmp_path / ".model.old.a1b2c3d4" / "model").is_dir()
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_users_files_named_like_staging_files_are_never_deleted(small_checkpoint, tmp_path, capsys):
+    d = tmp_path / "d"
+    d.mkdir()
+    files = _users_files(d)
+    video = write_video(tmp_path / "a.mp4", [draw_code(j, 0) for j in range(4)], Fraction(10))
+    _one_line_error(capsys, lambda: main(["extract-features", str(small_checkpoint), str(video), "--output", str(d)]),
+                    f"{d}: holds", "extract into a new or empty folder")
+    assert _tree(d) == files and not (d / ".lock").exists()  # the refused folder as it was
+
+
+@pytest.mark.parametrize("command", ["pretrain", "train-nlq"])
+def test_a_run_into_a_users_folder_deletes_nothing_of_its(request, tmp_path, command):
+    run = tmp_path / "run"
+    run.mkdir()
+    files = _users_files(run)
+    if command == "pretrain":
+        assert _pretrain(request.getfixturevalue("toy"), run) == 0
+    else:
+        assert _train_nlq(request.getfixturevalue("nlq"), run) == 0
+    assert {name: text for name, text in _tree(run).items() if name in files} == files
+
+
+def test_a_journal_removes_only_staged_names_inside_its_folder_reached_through_no_link(tmp_path):
+    from svitt_ego.run_folder import JOURNAL, StagingJournal
+
+    run, outside = tmp_path / "run", tmp_path / "outside"
+    staged = ".last.pt.0123456789abcdef.tmp"
+    for folder in (run / "sub", outside):
+        folder.mkdir(parents=True)
+        (folder / staged).write_text("x")
+    (run / "link").symlink_to(outside)
+    (run / "thesis.docx").write_text("x")
+    (run / ".x.0123456789abcdef.tmp").symlink_to(outside / staged)
+    listed = [f"../outside/{staged}", str(outside / staged), f"link/{staged}", "thesis.docx",
+              ".x.0123456789abcdef.tmp", f"sub/{staged}"]
+    (run / JOURNAL).write_text("".join(json.dumps(line) + "\n" for line in listed) + "not json\n")
+    assert StagingJournal(run).clean() == [run / "sub" / staged]
+    assert (outside / staged).exists() and (run / "thesis.docx").exists() and not (run / JOURNAL).exists()
 
 
 def test_prepare_videos_removes_its_part_files_at_the_next_start(tmp_path):
+    from svitt_ego.atomic import staging_path
+    from svitt_ego.run_folder import run_folder
+
     (tmp_path / "src").mkdir()
-    part = tmp_path / "dst" / "v" / ".0.mp4.4242.part"
-    part.parent.mkdir(parents=True)
-    part.write_bytes(b"half a chunk")
+    (tmp_path / "dst" / "v").mkdir(parents=True)
+    with run_folder(tmp_path / "dst", "prepare-videos"):  # killed while writing a chunk
+        part = staging_path(tmp_path / "dst" / "v" / "0.mp4", ".part")
+        part.write_bytes(b"half a chunk")
+    (tmp_path / "dst" / "v" / ".0.mp4.4242.part").write_bytes(b"not listed: not ours")
     assert main(["prepare-videos", str(tmp_path / "src"), str(tmp_path / "dst")]) == 0
-    assert not part.exists() and (tmp_path / "dst" / "v").is_dir()
+    assert not part.exists() and (tmp_path / "dst" / "v" / ".0.mp4.4242.part").exists()
 
 
 def test_a_resumed_run_logs_each_step_once(toy, tmp_path):
@@ -205,17 +269,17 @@ def trained(nlq, tmp_path_factory):
 
 
 def _train_nlq(nlq, out, *args, features="features0"):
-    return main(["train-nlq", str(nlq / features), "--annotations", str(nlq / "nlq.json"), "--out", str(out),
-                 "--epochs", "1", *args])
+    return main(["train-nlq", str(nlq / features), "--annotations", str(nlq / "nlq.json"), "--output", str(out),
+                 "--epochs", "1", "--warmup-epochs", "0", *args])
 
 
 def test_train_nlq_resume_refuses_other_settings_naming_them(nlq, trained, tmp_path, capsys):
     out = shutil.copytree(trained, tmp_path / "run")
     saved = (out / "last.pt").read_bytes()
-    changed = ("--resume", "--lr", "0.5", "--batch-size", "4", "--seed", "3", "--epochs", "2")
+    changed = ("--resume", "--lr", "0.5", "--batch-size", "8", "--seed", "3", "--epochs", "2")
     _one_line_error(capsys, lambda: _train_nlq(nlq, out, *changed),
-                    "last.pt was saved with other settings: settings.batch_size 2 -> 4, settings.lr 5e-05 -> 0.5, "
-                    "settings.seed 0 -> 3, stages.0.epochs 1 -> 2;", "--allow-config-change")
+                    "last.pt was saved with other settings: settings.seed 0 -> 3, stages.0.batch_size 4 -> 8, "
+                    "stages.0.epochs 1 -> 2, stages.0.lr 0.0001 -> 0.5;", "--allow-config-change")
     _one_line_error(capsys, lambda: _train_nlq(nlq, out, "--resume", features="features1"), "features.checkpoint")
     assert (out / "last.pt").read_bytes() == saved
     assert _train_nlq(nlq, out, "--resume", "--epochs", "2", "--allow-config-change") == 0
@@ -317,17 +381,17 @@ def test_a_crafted_grounding_checkpoint_is_refused_before_anything_is_built(nlq,
     (["visualize", "C.pt", "V.mp4", "--start", "-1", "--end", "2"], "--start"),
     (["visualize", "C.pt", "V.mp4", "--start", "0", "--end", "inf"], "--end"),
     (["demo", "--workdir", "D", "--epochs", "0"], "--epochs"),
-    (["extract-nlq-features", "C.pt", "--annotations", "A", "--videos", "V", "--out", "D", "--window", "3",
+    (["extract-nlq-features", "C.pt", "--annotations", "A", "--videos", "V", "--output", "D", "--window", "3",
       "--stride", "0"], "--stride"),
-    (["extract-nlq-features", "C.pt", "--annotations", "A", "--videos", "V", "--out", "D", "--batch-size", "0"],
+    (["extract-nlq-features", "C.pt", "--annotations", "A", "--videos", "V", "--output", "D", "--batch-size", "0"],
      "--batch-size"),
-    (["extract-nlq-features", "C.pt", "--annotations", "A", "--videos", "V", "--out", "D", "--chunk-seconds",
+    (["extract-nlq-features", "C.pt", "--annotations", "A", "--videos", "V", "--output", "D", "--chunk-seconds",
       "-600"], "--chunk-seconds"),
-    (["train-nlq", "F", "--annotations", "A", "--out", "D", "--batch-size", "0"], "--batch-size"),
-    (["train-nlq", "F", "--annotations", "A", "--out", "D", "--lr", "nan"], "--lr"),
-    (["train-nlq", "F", "--annotations", "A", "--out", "D", "--epochs", "0"], "--epochs"),
-    (["train-nlq", "F", "--annotations", "A", "--out", "D", "--pretrain-epochs", "-1"], "--pretrain-epochs"),
-    (["train-nlq", "F", "--annotations", "A", "--out", "D", "--seed", str(2**64)], "--seed"),
+    (["train-nlq", "F", "--annotations", "A", "--output", "D", "--batch-size", "0"], "--batch-size"),
+    (["train-nlq", "F", "--annotations", "A", "--output", "D", "--lr", "nan"], "--lr"),
+    (["train-nlq", "F", "--annotations", "A", "--output", "D", "--epochs", "0"], "--epochs"),
+    (["train-nlq", "F", "--annotations", "A", "--output", "D", "--pretrain-epochs", "-1"], "--pretrain-epochs"),
+    (["train-nlq", "F", "--annotations", "A", "--output", "D", "--seed", str(2**64)], "--seed"),
     (["predict-nlq", "F", "--annotations", "A", "--output", "O", "--zero-shot", "--top-k", "0"], "--top-k"),
     (["search", "C.pt", "F", "a query", "--top-k", "0"], "--top-k"),
     (["search", "C.pt", "V.mp4", "a query", "--cache", "D", "--stride", "0"], "--stride"),
@@ -357,6 +421,27 @@ def test_a_number_argument_is_within_its_bounds_or_refused(text):
             assert str(err).startswith("must be ") and str(err).endswith(repr(text))
             continue
         assert holds(value), (parse, text, value)
+
+
+@pytest.mark.parametrize("argv", [
+    ["predict-nlq", "features", "--annotations", "a.json", "--zero-shot", "--output", "a.json"],
+    ["eval-nlq", "sub.json", "--annotations", "a.json", "--output", "sub.json"],
+    ["eval-mcq", "model.pt", "--output", "model.pt"],
+    ["visualize", "model.pt", "v.mp4", "--start", "0", "--end", "1", "--output", "v.mp4"],
+    ["epic-mir-relevancy", "--annotations", "features", "--output", "r.npy", "--compare", "r.npy"],
+    ["extract-features", "model.pt", "features", "--output", "features"],
+    ["train-nlq", "features", "--annotations", "a.json", "--output", "features"],
+    ["search", "model.pt", "features", "drawer", "--cache", "features"],
+])
+def test_no_command_writes_over_one_of_its_inputs(tmp_path, capsys, monkeypatch, argv):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "features").mkdir()
+    for name in ("a.json", "sub.json", "model.pt", "v.mp4", "r.npy"):
+        (tmp_path / name).write_text(name)
+    output = argv[-1]
+    _one_line_error(capsys, lambda: main(argv), f"{output} is also an input of this command")
+    assert all((tmp_path / name).read_text() == name for name in ("a.json", "sub.json", "model.pt", "v.mp4", "r.npy"))
+    assert os.listdir(tmp_path / "features") == []
 
 
 # --------------------------------------------------------------------------- the guard's own rules

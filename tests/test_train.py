@@ -5,7 +5,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import SMALL_MODEL, text_batch
+from helpers import SMALL_MODEL
+from helpers import objective_batch as _batch
 
 from svitt_ego.config import load_config
 from svitt_ego.data.tokenizer import load_tokenizer
@@ -34,16 +35,6 @@ def test_no_weight_decay_on_biases_norms_and_tables():
     assert "visual.blocks.0.attn.q_bias" in no_decay_names and "visual.cls_token" in no_decay_names
     assert {names[id(p)] for p in decay["params"]} >= {"visual.blocks.0.attn.qkv.weight", "text_proj.weight"}
     assert decay["weight_decay"] == 0.02 and no_decay["weight_decay"] == 0.0
-
-
-def _batch(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    ids = text_batch(load_tokenizer(load_config("tiny", SMALL).model.text), n, 8, g)
-    nouns = torch.randint(0, 3, (n, 2), generator=g)
-    nouns[::3, 1] = -1
-    return {"frames": torch.randn(n, 4, 3, 32, 32, generator=g), "input_ids": ids,
-            "attention_mask": torch.ones_like(ids), "nouns": nouns, "verbs": torch.randint(0, 2, (n, 1), generator=g),
-            "clip_idx": torch.arange(n)}
 
 
 def _objective(overrides=()):

@@ -13,7 +13,7 @@ import torch
 import triton
 from attention_helpers import attention_inputs, max_relative_error, outputs_and_grads
 
-from svitt_ego.models import sparse_attention_triton
+from svitt_ego.models import ops, sparse_attention_triton
 from svitt_ego.models.attention import reference_attention, triton_attention
 from svitt_ego.models.block_pattern import BlockPattern, sample_block_pattern
 
@@ -82,7 +82,7 @@ def test_triton_reads_strided_views_like_the_model():
 
 def test_triton_sums_shared_positions_over_batch_chunks(monkeypatch):
     """Shared positions, batch 3 in chunks of 2: the table gradient of a full and of a partial chunk."""
-    monkeypatch.setattr(sparse_attention_triton, "BATCH_CHUNK", 2)
+    monkeypatch.setattr(ops, "BATCH_CHUNK", 2)
     q, k, v, positions, bias = attention_inputs(3, 2, 40, 16, frames=2, grid=5, per_sample=False,
                                                 dtype=torch.float32)
     pattern = sample_block_pattern(40, 8, 3, 1, generator=torch.Generator().manual_seed(2))
@@ -114,3 +114,17 @@ def test_pattern_kernel_transposes_the_pattern():
                                                   WIDTH=2, TILES_P=4, WIDTH_P=2)
     assert pairs[3].tolist() == [3, 1, 0]  # the counts; key tile 0: query tiles 0, 1, 2; tile 1: 1; tile 2: none
     assert pairs[0].tolist() == [1, 3, 4] and pairs[1, 0].item() == 2
+
+
+@pytest.mark.parametrize("per_sample,dtype", [(True, torch.float32), (False, torch.float16)])
+def test_the_kernel_ops_allocate_what_their_fakes_say(per_sample, dtype):
+    """The operators' kernel path (the interpreter's CPU stands for CUDA) against their fakes: every output's
+    shape, dtype and strides, the backward's workspaces included (shared positions at batch 3: the slots)."""
+    q, k, v, positions, bias = attention_inputs(3, 2, 21, 16, frames=2, grid=4, per_sample=per_sample, dtype=dtype)
+    pattern = sample_block_pattern(21, 8, 1, 1, generator=torch.Generator().manual_seed(0))
+    args = (q, k, v, bias.table, positions, pattern.key_blocks, pattern.valid, 8, 2, 4)
+    torch.library.opcheck(torch.ops.svitt_ego.sparse_attention_fwd.default, args, test_utils="test_faketensor")
+    out, probs, lse = (t.detach() for t in torch.ops.svitt_ego.sparse_attention_fwd(*args))
+    saved = (q.detach(), k.detach(), v.detach(), out, lse, *(a.detach() for a in args[3:7]), 8, 2, 4)
+    torch.library.opcheck(torch.ops.svitt_ego.sparse_attention_bwd.default, (torch.randn_like(out), None, *saved),
+                          test_utils="test_faketensor")

@@ -36,6 +36,7 @@ from svitt_ego.data.errors import MetadataError
 from svitt_ego.data.errors import load_json as _load_json
 from svitt_ego.data.transforms import eval_transform
 from svitt_ego.models.pruning import num_kept
+from svitt_ego.untrusted import printable
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ class VideoSource:
     count: int
     read: Callable[[np.ndarray], torch.Tensor]
     first: int = 0
+    path: Path | None = None  # the file or chunk folder read, if any
 
     def times(self, indices: torch.Tensor) -> np.ndarray:
         """Video seconds of frames ``indices`` (the middle of each frame's display time)."""
@@ -121,7 +123,18 @@ class VideoSource:
         return dataclasses.replace(self, fps=fps, count=count, first=first)
 
     def info(self) -> dict:
-        return {"source": self.name, "fps": self.fps, "first_frame": self.first, "frames": self.count}
+        """What a feature manifest says of the video (and its :func:`video_identity`, when read from a path)."""
+        identity = {"identity": video_identity(self.path)} if self.path is not None else {}
+        return {"source": self.name, "fps": self.fps, "first_frame": self.first, "frames": self.count, **identity}
+
+
+def video_identity(path: Path) -> dict:
+    """What a video's features depend on in the file system: its resolved path, total size and
+    latest modification (a chunk folder: over its chunks)."""
+    files = sorted(path.glob("*.mp4")) if path.is_dir() else [path]
+    stats = [f.stat() for f in files]
+    return {"video": str(path.resolve()), "size": sum(s.st_size for s in stats),
+            "mtime_ns": max(s.st_mtime_ns for s in stats)}
 
 
 def probe(path: str | Path) -> tuple[float, int]:
@@ -140,13 +153,15 @@ def file_source(path: str | Path) -> VideoSource:
     if not path.is_file():
         raise VideoReadError(f"{path}: no such video file")
     fps, count = probe(path)
-    return VideoSource(str(path), fps, count, lambda times: torch.from_numpy(np.stack(read_chunk_frames(path, times))))
+    return VideoSource(str(path), fps, count, lambda times: torch.from_numpy(np.stack(read_chunk_frames(path, times))),
+                       path=path)
 
 
 def chunk_folder_source(folder: str | Path, chunk_seconds: float = 600.0,
                         span: Callable[[float], tuple[int, int]] | None = None) -> VideoSource:
     """A prepared video ``ROOT/<video_uid>/<k>.mp4``: all its frames, or ``span(fps) = (first, count)``."""
-    from svitt_ego.data.video import VIDEO_UID_RULE, VideoReadError, chunk_path, is_video_uid, read_frames
+    from svitt_ego.data.errors import VIDEO_UID_RULE, is_video_uid
+    from svitt_ego.data.video import VideoReadError, chunk_path, read_frames
 
     folder = Path(folder)
     root, uid = folder.parent, folder.name
@@ -163,7 +178,8 @@ def chunk_folder_source(folder: str | Path, chunk_seconds: float = 600.0,
             chunk += 1
     if count <= 0:
         raise VideoReadError(f"{folder}: no frames")
-    return VideoSource(str(folder), fps, count, lambda times: read_frames(root, uid, times, chunk_seconds), first)
+    return VideoSource(str(folder), fps, count, lambda times: read_frames(root, uid, times, chunk_seconds), first,
+                       folder)
 
 
 def tensor_source(frames: torch.Tensor, fps: float, name: str = "frames") -> VideoSource:
@@ -389,12 +405,19 @@ def check_manifest(data, where: str) -> dict:
         frames = check_field(info, "frames", is_whole, "a whole number >= 1", at)
         check_field(info, "windows", lambda v: is_whole(v) and v == num_windows(frames, data["stride"]),
                     f"ceil(frames / stride) = {num_windows(frames, data['stride'])}", at)
+        if "identity" in info:  # written since the folders of earlier versions
+            check_field(info, "identity", _is_identity, "{'video': path, 'size': bytes, 'mtime_ns': time}", at)
     failed = check_field(data, "failed", lambda v: isinstance(v, dict) and all(isinstance(m, str)
                                                                                for m in v.values()),
                          "an object of messages", where)
     for key in failed:
         check_key(key, where)
     return data
+
+
+def _is_identity(value) -> bool:
+    return (isinstance(value, dict) and set(value) == {"video", "size", "mtime_ns"} and isinstance(value["video"], str)
+            and is_whole(value["size"], 0) and is_whole(value["mtime_ns"], 0))
 
 
 def read_manifest(folder: str | Path) -> dict:
@@ -497,9 +520,11 @@ def manifest_header(checkpoint: str | Path, digest: str, settings: Settings, sha
 
 
 def _foreign_files(folder: Path) -> list[str]:
+    from svitt_ego.run_folder import is_bookkeeping
+
     if not folder.is_dir():
         return []
-    return sorted(p.name for p in folder.iterdir() if p.name != ".lock" and not p.name.endswith(".tmp"))
+    return sorted(p.name for p in folder.iterdir() if not is_bookkeeping(p.name))
 
 
 def begin_folder(out: Path, header: dict, entries: dict[str, dict]) -> dict:
@@ -513,13 +538,11 @@ def begin_folder(out: Path, header: dict, entries: dict[str, dict]) -> dict:
         if changed:
             listed = "; ".join(f"{key} {manifest.get(key)!r} -> {header[key]!r}" for key in changed)
             raise FeatureFolderError(f"{path}: the folder holds features of other settings or weights ({listed}); "
-                                     "resume with the same ones or use another --out folder")
+                                     "resume with the same ones or use another --output folder")
         for key, info in entries.items():
             old = manifest["videos"].get(key)
-            if old is not None and any(old[k] != info[k] for k in COMPARED):
-                listed = "; ".join(f"{k} {old[k]!r} -> {info[k]!r}" for k in COMPARED if old[k] != info[k])
-                raise FeatureFolderError(f"{path}: video {key} differs from the one its features were made of "
-                                         f"({listed}); use another --out folder")
+            if old is not None:
+                _refuse_another_source(path, key, old, info)
     else:
         others = _foreign_files(out)
         if others:
@@ -530,6 +553,21 @@ def begin_folder(out: Path, header: dict, entries: dict[str, dict]) -> dict:
     manifest["failed"] = {k: v for k, v in manifest["failed"].items() if k not in entries}
     _write_manifest(out, manifest)
     return manifest
+
+
+def _refuse_another_source(path: Path, key: str, old: dict, new: dict) -> None:
+    """Refuse ``new`` as video ``key`` of a folder whose features of ``key`` came from ``old``: another source
+    (by resolved path), the same file changed since (size or modification time), or other frames."""
+    was = old.get("identity", {"video": str(Path(old["source"]).resolve())})
+    now = new.get("identity", {"video": str(Path(new["source"]).resolve())})
+    if was["video"] != now["video"]:
+        raise FeatureFolderError(f"{path}: {key} holds the features of {was['video']}, and {now['video']} has the "
+                                 "same name; extract it into another --output folder to keep both")
+    changed = [f"{k} {was[k]!r} -> {now[k]!r}" for k in ("size", "mtime_ns") if k in was and was[k] != now.get(k)]
+    changed += [f"{k} {old[k]!r} -> {new[k]!r}" for k in COMPARED if old[k] != new[k]]
+    if changed:
+        raise FeatureFolderError(f"{path}: video {key} differs from the one its features were made of "
+                                 f"({'; '.join(changed)}); use another --output folder")
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
@@ -614,7 +652,7 @@ def extract_into(out: str | Path, header: dict, jobs: dict[str, Callable[[], Vid
         manifest = decide_on_main(lambda: _finish(out, failed))
     if is_main() and summary:
         print(f"{len(manifest['videos'])} {noun} have features in {out}, "
-              f"{len(failed)} unreadable" + "".join(f"\n  {key}: {why}" for key, why in failed.items()))
+              f"{len(failed)} unreadable" + "".join(f"\n  {printable(key)}: {why}" for key, why in failed.items()))
     return manifest
 
 
@@ -736,16 +774,17 @@ def model_settings(model, what: str = "pooled", window: int | None = None, strid
 def extract_features(checkpoint: str | Path, videos: list, out: str | Path, what: str = "pooled",
                      window: int | None = None, stride: int | None = None, frames: int | None = None,
                      fps: float | None = None, dtype: str = "float16", batch_size: int = 32,
-                     chunk_seconds: float = 600.0, root: str | Path | None = None) -> dict:
+                     chunk_seconds: float = 600.0, root: str | Path | None = None, device: str | None = None) -> dict:
     """``svitt-ego extract-features``: window features of every video into ``out``; returns the manifest.
 
     ``frames`` defaults to the model's ``num_frames`` (another value re-inflates the model),
-    ``window`` to ``frames`` and ``stride`` to ``window``."""
+    ``window`` to ``frames`` and ``stride`` to ``window``; ``device``: :func:`~svitt_ego.device.pick_device`."""
+    from svitt_ego.device import pick_device
     from svitt_ego.distributed import setup_distributed
 
     check_numbers(window=window, stride=stride, frames=frames, batch_size=batch_size)
     jobs = {key: (lambda path=path: open_video(path, chunk_seconds)) for key, path in list_videos(videos, root).items()}
-    _, _, device = setup_distributed()
+    _, _, device = setup_distributed(pick_device(device))
     model, digest = load_model(checkpoint, frames)
     settings = model_settings(model, what, window, stride, fps, dtype)
     extractor = WindowExtractor(model, settings, batch_size, device)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -22,10 +21,10 @@ from torch import nn
 
 from svitt_ego.config import Config, ConfigError, VisionConfig, load_config
 from svitt_ego.device import AUTOCAST_DTYPES
-from svitt_ego.memory_engine import StepContext, StepParts, gib, measure_step, training_flops
+from svitt_ego.memory_engine import StepContext, StepParts, block_bytes, gib, measure_step, training_flops
 from svitt_ego.models import SViTTEgo, VideoEncoder, attention
 from svitt_ego.objective import PretrainingObjective
-from svitt_ego.train import build_optimizer, optimizer_step
+from svitt_ego.train import build_optimizer, optimizer_step, parameter_groups
 
 # What a card needs besides the step's peak (docs/memory.md): the CUDA context (outside
 # max_memory_allocated), and the caching allocator's fragmentation (reserved over allocated).
@@ -158,16 +157,22 @@ def plan_memory(cfg: Config, world_size: int = 1, flops: bool = True) -> MemoryP
 
 def _distributed(cfg: Config, parts: dict, peak: int, world_size: int, model: nn.Module,
                  notes: list[str]) -> tuple[int, list[str]]:
-    """DDP's gradient buckets (a flat copy of every gradient, for the whole step) and, with
-    ``train.shard_optimizer``, each rank's share of the optimizer state."""
-    buckets = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    parts["DDP gradient buckets"] = buckets
-    peak += buckets
+    """Under torchrun: DDP (``gradient_as_bucket_view``) keeps the gradients in its buckets, allocated
+    when it is built for every trained parameter in fp32 and kept for the whole run; with
+    ``train.shard_optimizer`` a rank keeps the AdamW state of its share only (the largest share of
+    ZeroRedundancyOptimizer's partition; its step counts are scalars)."""
+    buckets = sum(block_bytes(p.numel() * p.element_size()) for p in model.parameters() if p.requires_grad)
+    peak += buckets - parts["gradients"]
+    parts["gradients"] = buckets
+    notes.append("gradients: DDP's buckets, allocated for the whole run")
     if cfg.train.shard_optimizer:
-        kept = math.ceil(parts["optimizer state"] / world_size)
+        from svitt_ego.sharding import shard_sizes  # seconds to import: only when sharding (as train does)
+
+        share = max(shard_sizes(parameter_groups(model, cfg.train.weight_decay), world_size))
+        kept = 2 * 4 * share  # two fp32 moments an element
         peak -= parts["optimizer state"] - kept
         parts["optimizer state"] = kept
-        notes.append(f"optimizer state sharded over {world_size} ranks")
+        notes.append(f"optimizer state sharded over {world_size} ranks: the largest share")
     return peak, notes
 
 

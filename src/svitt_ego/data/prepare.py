@@ -31,8 +31,9 @@ import av
 from av.video.reformatter import VideoReformatter
 from tqdm import tqdm
 
-from svitt_ego.atomic import atomic_write_bytes, fsync_folder
-from svitt_ego.data.video import END_TOLERANCE_SECONDS, VIDEO_UID_RULE, is_video_uid
+from svitt_ego.atomic import atomic_write_bytes, fsync_folder, staging_path
+from svitt_ego.data.errors import VIDEO_UID_RULE, is_video_uid
+from svitt_ego.data.video import END_TOLERANCE_SECONDS
 
 MANIFEST = "chunks.json"
 # A keyframe every second: a clip's frames are then at most a second of decoding away.
@@ -234,7 +235,7 @@ class _ChunkWriter:
     def __init__(self, out_dir: Path, chunk: int, width: int, height: int, rate: Fraction, first_time: Fraction):
         self.chunk, self.rate, self.first_time = chunk, rate, first_time
         self.path = out_dir / f"{chunk}.mp4"
-        self.tmp = out_dir / f".{chunk}.mp4.{os.getpid()}.part"
+        self.tmp = staging_path(self.path, ".part")
         self.container = av.open(str(self.tmp), "w", format="mp4")
         self.stream = self.container.add_stream("libx264", rate=rate)
         self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"

@@ -17,7 +17,6 @@ Both draw from their own random streams, so the rest of the toy world does not c
 
 from __future__ import annotations
 
-import concurrent.futures
 import csv
 import io
 import json
@@ -151,9 +150,7 @@ def make_toy_benchmarks(root: str | Path, seed: int, num_videos: int) -> None:
     jobs += [(plan, root / "charades_ego" / "videos" / f"TOY{index:03d}EGO.mp4") for index, plan in enumerate(charades)]
     for _, path in jobs:
         path.parent.mkdir(parents=True, exist_ok=True)
-    with concurrent.futures.ProcessPoolExecutor(min(toy._workers(), len(jobs))) as pool:
-        for future in [pool.submit(_render_file, plan, path) for plan, path in jobs]:
-            future.result()
+    toy.render_all(_render_file, jobs, "toy benchmark videos")
     _write_epic_mir(root / "epic_mir", epic)
     _write_charades_ego(root / "charades_ego", charades)
     manifest_path.write_text(json.dumps(manifest))

@@ -11,12 +11,13 @@ Backends compute the same function:
 
 - ``reference``: dense attention with the equivalent N x N mask (for tests).
 - ``blocked``: gathers each query block's key blocks; never builds an N x N
-  matrix, runs anywhere.
+  matrix, runs anywhere (:mod:`svitt_ego.models.blocked`).
 - ``triton``: one fused Triton kernel (forward and backward) over G-token
   tiles, the bias looked up inside it; see
-  :mod:`svitt_ego.models.sparse_attention_triton`. What ``auto`` picks on CUDA
-  where the kernel is meant to run and has passed a self-check
-  (:func:`resolve_backend`).
+  :mod:`svitt_ego.models.sparse_attention_triton`. Called as the PyTorch
+  operators of :mod:`svitt_ego.models.ops` (whose CPU implementation is the
+  blocked math). What ``auto`` picks on CUDA where the kernel is meant to run
+  and has passed a self-check (:func:`resolve_backend`).
 - ``flex``: PyTorch FlexAttention (compiled). Each G-token block is padded to
   a tile of ``BlockPattern.tile_size`` tokens, [CLS] gets a tile of its own, the block
   pattern becomes the tile-level block mask and the bias is computed inside
@@ -44,6 +45,8 @@ import torch.nn.functional as F
 from svitt_ego.config import ConfigError
 from svitt_ego.distributed import decide_on_main, is_main
 from svitt_ego.models.block_pattern import BlockPattern, dense_mask, sample_block_pattern
+from svitt_ego.models.blocked import blocked_attention, cls_query_probs, score_dtype
+from svitt_ego.models.ops import triton_attention
 from svitt_ego.models.position_bias import CLS_POSITION, RelativePositionBias3D
 
 
@@ -54,57 +57,20 @@ def dense_attention(q, k, v, positions, rel_bias: RelativePositionBias3D, patter
     """Full attention through SDPA with the bias as a float mask; [CLS] probabilities on the side."""
     bias = rel_bias(positions, positions)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
-    cls_probs = _cls_probs(q, k, bias[:, :, :1])
+    cls_probs = cls_query_probs(q, k, bias[:, :, :1])
     return out, cls_probs
 
 
 def reference_attention(q, k, v, positions, rel_bias: RelativePositionBias3D, pattern: BlockPattern | None):
     """Materialise scores, bias and the dense mask: simple, O(N^2) memory."""
     scale = q.shape[-1] ** -0.5
-    acc = _score_dtype(q)
+    acc = score_dtype(q)
     scores = (q.to(acc) @ k.to(acc).transpose(-2, -1)) * scale
     scores = scores + rel_bias(positions, positions)
     if pattern is not None:
         scores = scores.masked_fill(~dense_mask(pattern, q.shape[-2] - 1), float("-inf"))
     probs = scores.softmax(-1).to(q.dtype)
     return probs @ v, probs[:, :, 0]
-
-
-def blocked_attention(q, k, v, positions, rel_bias: RelativePositionBias3D, pattern: BlockPattern):
-    """Each query block against its gathered key blocks plus [CLS]; memory O(N * W * G)."""
-    B, H, N, D = q.shape
-    n, G, nb = N - 1, pattern.block_size, pattern.num_blocks
-    pad = nb * G - n
-    scale = D**-0.5
-    W = pattern.key_blocks.shape[1]
-
-    cls_out, cls_probs = _cls_row(q, k, v, positions, rel_bias)
-
-    def blocks(x):  # [B, H, n, D] -> [B, H, nb, G, D]
-        return F.pad(x, (0, 0, 0, pad)).view(B, H, nb, G, D)
-
-    qb, kb, vb = blocks(q[:, :, 1:]), blocks(k[:, :, 1:]), blocks(v[:, :, 1:])
-    idx = pattern.key_blocks
-    k_cls = k[:, :, :1, None].expand(B, H, nb, 1, D)
-    v_cls = v[:, :, :1, None].expand(B, H, nb, 1, D)
-    kg = torch.cat([k_cls, kb[:, :, idx].reshape(B, H, nb, W * G, D)], dim=3)
-    vg = torch.cat([v_cls, vb[:, :, idx].reshape(B, H, nb, W * G, D)], dim=3)
-
-    patch_pos = F.pad(positions[:, 1:], (0, pad), value=0).view(-1, nb, G)
-    key_pos = patch_pos[:, idx].reshape(-1, nb, W * G)
-    key_pos = torch.cat([key_pos.new_full((key_pos.shape[0], nb, 1), CLS_POSITION), key_pos], dim=2)
-    bias = rel_bias(patch_pos, key_pos).transpose(1, 2)  # [B', H, nb, G, 1 + W*G]
-
-    token_ok = torch.arange(nb * G, device=q.device).view(nb, G) < n
-    key_ok = (token_ok[idx] & pattern.valid[:, :, None]).reshape(nb, W * G)
-    key_ok = torch.cat([key_ok.new_ones(nb, 1), key_ok], dim=1)
-
-    acc = _score_dtype(q)
-    scores = (qb.to(acc) @ kg.to(acc).transpose(-2, -1)) * scale + bias
-    scores = scores.masked_fill(~key_ok[:, None, :], float("-inf"))
-    out = scores.softmax(-1).to(q.dtype) @ vg
-    out = out.reshape(B, H, nb * G, D)[:, :, :n]
-    return torch.cat([cls_out, out], dim=2), cls_probs
 
 
 _compiled_flex_attention = None
@@ -154,33 +120,8 @@ def flex_attention(q, k, v, positions, rel_bias: RelativePositionBias3D, pattern
     block_mask = BlockMask.from_kv_blocks(kv_num[None, None], kv_indices[None, None], BLOCK_SIZE=P,
                                           mask_mod=mask_mod, seq_lengths=(L, L))
     out = _flex_attention()(tiled(q), tiled(k), tiled(v), score_mod=score_mod, block_mask=block_mask)
-    cls_probs = _cls_probs(q, k, rel_bias(positions[:, :1], positions))
+    cls_probs = cls_query_probs(q, k, rel_bias(positions[:, :1], positions))
     return out[:, :, slot], cls_probs
-
-
-def triton_attention(q, k, v, positions, rel_bias: RelativePositionBias3D, pattern: BlockPattern):
-    """The fused Triton kernels: patch rows, the dense [CLS] row and its probabilities."""
-    from svitt_ego.models.sparse_attention_triton import sparse_attention  # imports triton: only when used
-
-    return sparse_attention(q, k, v, positions, rel_bias, pattern)
-
-
-def _cls_probs(q, k, cls_bias):
-    """The [CLS] query's probabilities over all keys [B, H, N] (scores in at least fp32, cast back to q's dtype)."""
-    acc = _score_dtype(q)
-    scores = (q[:, :, :1].to(acc) @ k.to(acc).transpose(-2, -1)) * q.shape[-1] ** -0.5 + cls_bias
-    return scores.softmax(-1).to(q.dtype)[:, :, 0]
-
-
-def _score_dtype(q: torch.Tensor) -> torch.dtype:
-    """fp32 for half-precision inputs (fp16 scores overflow), the input's own dtype from fp32 up."""
-    return torch.promote_types(q.dtype, torch.float32)
-
-
-def _cls_row(q, k, v, positions, rel_bias: RelativePositionBias3D):
-    """The dense [CLS] query row: its output [B, H, 1, D] and its probabilities [B, H, N]."""
-    cls_probs = _cls_probs(q, k, rel_bias(positions[:, :1], positions))
-    return cls_probs[:, :, None] @ v, cls_probs
 
 
 BACKENDS: dict[str, Backend] = {"reference": reference_attention, "blocked": blocked_attention,

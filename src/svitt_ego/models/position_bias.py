@@ -43,8 +43,7 @@ class RelativePositionBias3D(nn.Module):
     @property
     def center_row(self) -> int:
         """The table row of the zero offset (t, h, w) = (0, 0, 0)."""
-        span = 2 * self.grid_size - 1
-        return ((self.num_frames - 1) * span + self.grid_size - 1) * span + self.grid_size - 1
+        return center_row(self.num_frames, self.grid_size)
 
     def offset_code(self, pos: torch.Tensor) -> torch.Tensor:
         """``(t * span + h) * span + w`` with ``span = 2 * grid - 1``: between two patches the table row
@@ -65,6 +64,12 @@ class RelativePositionBias3D(nn.Module):
     def forward(self, query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
         """Bias ``[..., heads, Nq, Nk]`` between positions ``[..., Nq]`` and ``[..., Nk]``."""
         return self.table[self.index(query_pos[..., :, None], key_pos[..., None, :])].movedim(-1, -3)
+
+
+def center_row(num_frames: int, grid_size: int) -> int:
+    """The table row of the zero offset (t, h, w) = (0, 0, 0) for ``num_frames`` frames of ``grid_size`` squared."""
+    span = 2 * grid_size - 1
+    return ((num_frames - 1) * span + grid_size - 1) * span + grid_size - 1
 
 
 def _split(pos: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

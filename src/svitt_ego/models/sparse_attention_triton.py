@@ -7,8 +7,11 @@ the kernels from the tokens' positions: each patch position gives an offset code
 ``(t * span + h) * span + w`` (see :meth:`RelativePositionBias3D.offset_code`), and the table row of
 a pair is the difference of the two codes plus the table's center row. Scores and softmax
 statistics are fp32 whatever the input dtype. The offset of a (batch, head) is int64, offsets
-inside one are int32 (:func:`sparse_attention` checks that they fit), and the grids are
-one-dimensional, so any batch x heads fits.
+inside one are int32 (:func:`svitt_ego.models.ops.triton_attention` checks that they fit), and the
+grids are one-dimensional, so any batch x heads fits.
+
+The model calls these launches through the PyTorch operators of :mod:`svitt_ego.models.ops`, which
+also allocate every buffer the backward writes (:func:`~svitt_ego.models.ops.backward_buffers`).
 
 Forward, two launches: ``_forward_kernel`` (one program per query tile, batch element and head;
 the online softmax over the [CLS] key and the tile's key tiles, two tile matmuls per pair, the bias
@@ -20,8 +23,9 @@ Backward (FlashAttention-2), four launches:
 
 - ``_pattern_kernel`` transposes the block pattern: each key tile's (query tile, slot) pairs.
 - ``_cls_backward_kernel`` (per batch element and head): ``delta = rowsum(dO * O)`` of every row
-  (for [CLS] plus ``sum(p * d cls_probs)``), the [CLS] key's dK / dV and its share of every dQ row
-  (which initialises the fp32 dQ buffer), the [CLS] query's dQ, and the three [CLS] table rows.
+  (for [CLS] plus ``sum(p * d cls_probs)``; an fp32 buffer beside the logsumexp), the [CLS] key's
+  dK / dV and its share of every dQ row (which initialises the fp32 dQ buffer), the [CLS] query's
+  dQ, and the three [CLS] table rows.
 - ``_backward_key_kernel`` (per key tile, head and batch chunk): dK and dV of the tile in
   registers, over the [CLS] query (vector operations) and the query tiles that visited it (five
   tile matmuls per pair: S, dV, dP, dK, dQ; the bias read once). It computes the transposed tiles
@@ -31,11 +35,11 @@ Backward (FlashAttention-2), four launches:
 
 The table gradient. A pair's dS goes to the table rows its index tile names, many elements to one
 row, so it needs atomics. Where the batch shares the positions (every layer before the first
-pruning) the index tile is the same for every batch element: a program takes ``BATCH_CHUNK``
-(16) batch elements, adds each one's dS of a pair into a slot of a private fp32 buffer (plain
-loads and stores: the slot is the program's own), and only then adds the slot to the table with
-one atomic per element: 16x fewer table atomics at batch 16. With per-sample positions every
-pair's dS goes to the table directly (one atomic per valid score element). These atomics come
+pruning) the index tile is the same for every batch element: a program takes
+``svitt_ego.models.ops.BATCH_CHUNK`` (16) batch elements, adds each one's dS of a pair into a slot
+of a private fp32 buffer (plain loads and stores: the slot is the program's own), and only then
+adds the slot to the table with one atomic per element: 16x fewer table atomics at batch 16. With
+per-sample positions every pair's dS goes to the table directly (one atomic per valid score element). These atomics come
 after dQ's, when the q and dO tiles are dead, and compute their row indices anew from the codes
 rather than keep the bias lookup's index tile live across the dK and dQ matmuls: without both,
 ptxas spills. The counts, by ``benchmarks/kernel_atomics.py``, and the registers are in
@@ -53,8 +57,7 @@ import triton
 import triton.language as tl
 
 from svitt_ego.models.block_pattern import BlockPattern
-from svitt_ego.models.position_bias import (CLS_TO_CLS_ROW, CLS_TO_PATCH_ROW, PATCH_TO_CLS_ROW,
-                                            RelativePositionBias3D)
+from svitt_ego.models.position_bias import CLS_TO_CLS_ROW, CLS_TO_PATCH_ROW, PATCH_TO_CLS_ROW
 
 # Launch options for 64-row tiles of head dim 64, from ptxas's report for sm_90a (Triton 3.6, see
 # benchmarks/kernel_registers.py): the forward at 4 warps fits 168 registers without spills in fp16 /
@@ -67,9 +70,7 @@ def forward_options(dtype: torch.dtype) -> dict:
     return dict(num_warps=4, num_stages=2, maxnreg=168 if half else None)
 
 
-# Batch elements one key-kernel program takes when the batch shares the positions (table atomics
-# shrink by this factor); tokens per step of the [CLS] kernels.
-BATCH_CHUNK, CLS_CHUNK = 16, 64
+CLS_CHUNK = 64  # tokens per step of the [CLS] kernels
 
 
 @triton.jit
@@ -227,14 +228,14 @@ def _pattern_kernel(KEY_BLOCKS, VALID, PAIRS, key_stride, valid_stride, num_tile
 
 
 @triton.jit
-def _cls_backward_kernel(Q, K, V, O, DO, DPROBS, LSE, DQ, DK, DV, TABLE, DTABLE,
+def _cls_backward_kernel(Q, K, V, O, DO, DPROBS, LSE, DELTA, DQ, DK, DV, TABLE, DTABLE,
                          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdb, sdh, sdn,
-                         spb, sph, spn, table_stride, table_head_stride, n, num_heads, delta_offset, cls_to_patch,
+                         spb, sph, spn, table_stride, table_head_stride, n, num_heads, cls_to_patch,
                          patch_to_cls, cls_to_cls, scale, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, HAS_DPROBS: tl.constexpr):
     """Per (batch, head): delta of every row, the [CLS] key's gradients and share of dQ, the [CLS] query's
-    dQ, the [CLS] table rows. Writes every row of the fp32 dQ buffer (the key kernel adds to it after).
-    ``LSE + delta_offset`` is where delta goes."""
+    dQ, the [CLS] table rows. Writes every row of the fp32 dQ buffer (the key kernel adds to it after)
+    and of ``DELTA``."""
     bh = tl.program_id(0).to(tl.int64)
     batch, head = bh // num_heads, bh % num_heads
     table = TABLE + head * table_head_stride
@@ -263,7 +264,7 @@ def _cls_backward_kernel(Q, K, V, O, DO, DPROBS, LSE, DQ, DK, DV, TABLE, DTABLE,
         q = _load_rows(q_ptr, sqn, token, patch, HEAD_DIM, BLOCK_D)
         do = _load_rows(do_ptr, sdn, token, patch, HEAD_DIM, BLOCK_D)
         delta = tl.sum(do * _load_rows(o_ptr, son, token, patch, HEAD_DIM, BLOCK_D), 1)
-        tl.store(LSE + delta_offset + bh * (n + 1) + token, delta, mask=patch)
+        tl.store(DELTA + bh * (n + 1) + token, delta, mask=patch)
         lse = tl.load(LSE + bh * (n + 1) + token, mask=patch, other=0.0)
         p0 = tl.where(patch, tl.exp(tl.sum(q * k0[None, :], 1) * scale + bias_p2c - lse), 0.0)
         ds0 = p0 * (tl.sum(do * v0[None, :], 1) - delta)
@@ -273,7 +274,7 @@ def _cls_backward_kernel(Q, K, V, O, DO, DPROBS, LSE, DQ, DK, DV, TABLE, DTABLE,
         ds_p2c += tl.sum(ds0, 0)
         start += CHUNK
     delta0 = tl.sum(do0 * _row(o_ptr, HEAD_DIM, BLOCK_D), 0) + probs_dot
-    tl.store(LSE + delta_offset + bh * (n + 1), delta0)
+    tl.store(DELTA + bh * (n + 1), delta0)
     # The [CLS] query against every key (its shares of the patch keys' dK / dV are the key kernel's).
     dq0 = tl.zeros([BLOCK_D], tl.float32)
     ds_c2p = 0.0
@@ -304,9 +305,9 @@ def _cls_backward_kernel(Q, K, V, O, DO, DPROBS, LSE, DQ, DK, DV, TABLE, DTABLE,
 
 
 @triton.jit
-def _backward_key_kernel(Q, K, V, DO, DPROBS, LSE, DQ, DK, DV, POS, TABLE, DTABLE, SLOTS, PAIRS,
+def _backward_key_kernel(Q, K, V, DO, DPROBS, LSE, DELTA, DQ, DK, DV, POS, TABLE, DTABLE, SLOTS, PAIRS,
                          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, spb, sph, spn, pos_stride,
-                         table_stride, table_head_stride, n, batch_size, num_heads, num_tiles, delta_offset, center,
+                         table_stride, table_head_stride, n, batch_size, num_heads, num_tiles, center,
                          cls_to_patch, scale, G: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, WIDTH: tl.constexpr, GRID: tl.constexpr,
                          PRECISION: tl.constexpr, CHUNK: tl.constexpr, SHARED: tl.constexpr,
@@ -343,7 +344,7 @@ def _backward_key_kernel(Q, K, V, DO, DPROBS, LSE, DQ, DK, DV, POS, TABLE, DTABL
         if HAS_DPROBS:
             dp0 += tl.load(DPROBS + batch * spb + head * sph + (1 + k_token) * spn, mask=k_ok,
                            other=0.0).to(tl.float32)
-        ds0 = p0 * (dp0 - tl.load(LSE + delta_offset + bh * (n + 1)))
+        ds0 = p0 * (dp0 - tl.load(DELTA + bh * (n + 1)))
         dk = ds0[:, None] * q0[None, :]
         dv = p0[:, None] * do0[None, :]
         j = 0
@@ -353,7 +354,7 @@ def _backward_key_kernel(Q, K, V, DO, DPROBS, LSE, DQ, DK, DV, POS, TABLE, DTABL
             do, _, _ = _tile(do_ptr, sdn, pair // WIDTH, n, G, BLOCK, HEAD_DIM, BLOCK_D)
             q_code = _codes(POS, batch * pos_stride, q_token, q_ok, GRID)
             lse = tl.load(LSE + bh * (n + 1) + 1 + q_token, mask=q_ok, other=0.0)
-            delta = tl.load(LSE + delta_offset + bh * (n + 1) + 1 + q_token, mask=q_ok, other=0.0)
+            delta = tl.load(DELTA + bh * (n + 1) + 1 + q_token, mask=q_ok, other=0.0)
             # Transposed, [key, query]: P^T and dS^T are the left operands of dV and dK as computed.
             rows = q_code[None, :] - k_code[:, None] + center
             both = k_ok[:, None] & q_ok[None, :]
@@ -421,90 +422,62 @@ def _table_rows(table) -> dict:
                 cls_to_cls=rows + CLS_TO_CLS_ROW)
 
 
-class _SparseAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, table, positions, key_blocks, valid, pattern, grid_size, center):
-        B, H, N, D = q.shape
-        n, nb = N - 1, pattern.num_blocks
-        consts = _constants(q, pattern, grid_size)
-        special = _table_rows(table)
-        out = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
-        cls_probs = torch.empty(B, H, N, device=q.device, dtype=q.dtype)
-        lse = torch.empty(2, B, H, N, device=q.device, dtype=torch.float32)  # logsumexp, then delta (backward)
-        pos_stride = positions.stride(0) if positions.shape[0] > 1 else 0
-        scale = D**-0.5
-        _forward_kernel[(nb * B * H,)](q, k, v, out, lse, positions, table, key_blocks, valid,
-                                       *_strides(q, k, v, out), pos_stride, *table.stride(),
-                                       key_blocks.stride(0), valid.stride(0), n, H, nb, center,
-                                       special["patch_to_cls"], scale, **forward_options(q.dtype), **consts)
-        _cls_forward_kernel[(B * H,)](q, k, v, out, lse, cls_probs, table, *q.stride()[:2], *_strides(k, v),
-                                      *out.stride()[:2], *cls_probs.stride()[:2], *table.stride(), n, H,
-                                      special["cls_to_patch"], special["cls_to_cls"], scale, CHUNK=CLS_CHUNK,
-                                      HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"])
-        ctx.save_for_backward(q, k, v, out, lse, table, positions, key_blocks, valid)
-        ctx.consts, ctx.center, ctx.pos_stride = consts, center, pos_stride
-        ctx.set_materialize_grads(False)
-        return out, cls_probs
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_probs):
-        q, k, v, out, lse, table, positions, key_blocks, valid = ctx.saved_tensors
-        B, H, N, D = q.shape
-        n, nb, consts = N - 1, key_blocks.shape[0], ctx.consts
-        width, special, scale = consts["WIDTH"], _table_rows(table), D**-0.5
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        elif grad_out.stride(-1) != 1:  # e.g. the expanded gradient of out.sum()
-            grad_out = grad_out.contiguous()
-        has_probs = grad_probs is not None
-        probs_arg = grad_probs if has_probs else lse
-        pairs = torch.empty(nb + 1, nb, device=q.device, dtype=torch.int32)
-        _pattern_kernel[(nb,)](key_blocks, valid, pairs, key_blocks.stride(0), valid.stride(0), nb,
-                               WIDTH=width, TILES_P=triton.next_power_of_2(nb),
-                               WIDTH_P=triton.next_power_of_2(width))
-        delta_offset = B * H * N
-        dq32 = torch.empty(B, H, N, D, device=q.device, dtype=torch.float32)
-        dk = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
-        dv = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
-        dtable = torch.zeros(table.shape, device=q.device, dtype=torch.float32)  # the table is contiguous
-        _cls_backward_kernel[(B * H,)](q, k, v, out, grad_out, probs_arg, lse, dq32, dk, dv, table, dtable,
-                                       *_strides(q, k, v, out, grad_out, probs_arg), *table.stride(), n, H,
-                                       delta_offset, special["cls_to_patch"], special["patch_to_cls"],
-                                       special["cls_to_cls"], scale, CHUNK=CLS_CHUNK, HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"],
-                                       HAS_DPROBS=has_probs)
-        chunk = min(B, BATCH_CHUNK) if ctx.pos_stride == 0 else 1
-        chunks = triton.cdiv(B, chunk)
-        shared = chunk > 1
-        block = consts["BLOCK"]
-        slots = (torch.empty(chunks * H * nb * width * block * block, device=q.device, dtype=torch.float32)
-                 if shared else dtable)
-        _backward_key_kernel[(nb * H * chunks,)](q, k, v, grad_out, probs_arg, lse, dq32, dk, dv, positions,
-                                                 table, dtable, slots, pairs,
-                                                 *_strides(q, k, v, grad_out, probs_arg), ctx.pos_stride,
-                                                 *table.stride(), n, B, H, nb, delta_offset, ctx.center,
-                                                 special["cls_to_patch"], scale, CHUNK=chunk, SHARED=shared, HAS_DPROBS=has_probs,
-                                                 num_warps=BACKWARD_WARPS, **consts)
-        dq = dq32
-        if q.dtype != torch.float32:
-            dq = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
-            _cast_kernel[(triton.cdiv(dq.numel(), CAST_BLOCK),)](dq32, dq, dq.numel(), BLOCK=CAST_BLOCK)
-        dtable = dtable if table.dtype == torch.float32 else dtable.to(table.dtype)
-        return dq, dk, dv, dtable, None, None, None, None, None, None
+def _positions_stride(positions) -> int:
+    return positions.stride(0) if positions.shape[0] > 1 else 0  # 0: the batch shares the positions
 
 
-def sparse_attention(q, k, v, positions, rel_bias: RelativePositionBias3D,
-                     pattern: BlockPattern) -> tuple[torch.Tensor, torch.Tensor]:
-    """Edge-sparse attention ``[B, H, 1 + n, D]`` and the [CLS] query's probabilities ``[B, H, 1 + n]``.
+def forward(q, k, v, table, positions, pattern: BlockPattern, grid_size: int, center: int):
+    """The output ``[B, H, 1 + n, D]`` and [CLS] probabilities ``[B, H, 1 + n]`` (q's dtype) and the logsumexp
+    of every row ``[B, H, 1 + n]`` (fp32). q, k, v of one dtype with unit last strides, the table contiguous,
+    positions ``[1 or B, 1 + n]`` on q's device; ``center`` the table row of the zero offset."""
+    B, H, N, D = q.shape
+    n, nb = N - 1, pattern.num_blocks
+    consts = _constants(q, pattern, grid_size)
+    special = _table_rows(table)
+    out = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
+    cls_probs = torch.empty(B, H, N, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
+    scale = D**-0.5
+    _forward_kernel[(nb * B * H,)](q, k, v, out, lse, positions, table, pattern.key_blocks, pattern.valid,
+                                   *_strides(q, k, v, out), _positions_stride(positions), *table.stride(),
+                                   pattern.key_blocks.stride(0), pattern.valid.stride(0), n, H, nb, center,
+                                   special["patch_to_cls"], scale, **forward_options(q.dtype), **consts)
+    _cls_forward_kernel[(B * H,)](q, k, v, out, lse, cls_probs, table, *q.stride()[:2], *_strides(k, v),
+                                  *out.stride()[:2], *cls_probs.stride()[:2], *table.stride(), n, H,
+                                  special["cls_to_patch"], special["cls_to_cls"], scale, CHUNK=CLS_CHUNK,
+                                  HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"])
+    return out, cls_probs, lse
 
-    ``q``, ``k``, ``v`` are ``[B, H, 1 + n, D]`` (any strides), ``positions`` ``[1 or B, 1 + n]``.
-    """
-    k, v = (t if t.dtype == q.dtype else t.to(q.dtype) for t in (k, v))
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if q.shape[2] * max(t.stride(2) for t in (q, k, v)) >= 2**31:
-        raise ValueError(f"{q.shape[2]} tokens x row stride {max(t.stride(2) for t in (q, k, v))} do not fit "
-                         "the kernel's int32 offsets inside one (batch, head)")
-    if positions.device != q.device or positions.stride(-1) != 1:
-        positions = positions.to(q.device).contiguous()
-    table = rel_bias.table if rel_bias.table.is_contiguous() else rel_bias.table.contiguous()
-    return _SparseAttention.apply(q, k, v, table, positions, pattern.key_blocks, pattern.valid, pattern,
-                                  rel_bias.grid_size, rel_bias.center_row)
+
+def backward(grad_out, grad_probs, q, k, v, out, lse, table, positions, pattern: BlockPattern, grid_size: int,
+             center: int, buffers: dict, chunk: int) -> None:
+    """Write dQ, dK, dV and the table's gradient into ``buffers`` (:func:`svitt_ego.models.ops.backward_buffers`,
+    whose ``slots`` exist when ``chunk`` > 1: batch elements per key-kernel program). ``grad_out`` has unit
+    last stride; ``grad_probs`` may be None (no loss reaches the [CLS] probabilities)."""
+    B, H, N, D = q.shape
+    n, nb = N - 1, pattern.num_blocks
+    consts = _constants(q, pattern, grid_size)
+    special, scale = _table_rows(table), D**-0.5
+    has_probs = grad_probs is not None
+    probs_arg = grad_probs if has_probs else lse
+    pairs, delta, dq32, dk, dv, dtable32 = (buffers[k] for k in ("pairs", "delta", "dq32", "dk", "dv", "dtable32"))
+    width = consts["WIDTH"]
+    _pattern_kernel[(nb,)](pattern.key_blocks, pattern.valid, pairs, pattern.key_blocks.stride(0),
+                           pattern.valid.stride(0), nb, WIDTH=width, TILES_P=triton.next_power_of_2(nb),
+                           WIDTH_P=triton.next_power_of_2(width))
+    _cls_backward_kernel[(B * H,)](q, k, v, out, grad_out, probs_arg, lse, delta, dq32, dk, dv, table, dtable32,
+                                   *_strides(q, k, v, out, grad_out, probs_arg), *table.stride(), n, H,
+                                   special["cls_to_patch"], special["patch_to_cls"], special["cls_to_cls"], scale,
+                                   CHUNK=CLS_CHUNK, HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"], HAS_DPROBS=has_probs)
+    shared = chunk > 1
+    slots = buffers["slots"] if shared else dtable32
+    _backward_key_kernel[(nb * H * triton.cdiv(B, chunk),)](
+        q, k, v, grad_out, probs_arg, lse, delta, dq32, dk, dv, positions, table, dtable32, slots, pairs,
+        *_strides(q, k, v, grad_out, probs_arg), _positions_stride(positions), *table.stride(), n, B, H, nb,
+        center, special["cls_to_patch"], scale, CHUNK=chunk, SHARED=shared, HAS_DPROBS=has_probs,
+        num_warps=BACKWARD_WARPS, **consts)
+    dq = buffers["dq"]
+    if dq is not dq32:
+        _cast_kernel[(triton.cdiv(dq.numel(), CAST_BLOCK),)](dq32, dq, dq.numel(), BLOCK=CAST_BLOCK)
+    if buffers["dtable"] is not dtable32:
+        buffers["dtable"].copy_(dtable32)

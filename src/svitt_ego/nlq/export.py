@@ -11,6 +11,10 @@ under OUT:
 | ``text_features/data.mdb`` | ``<annotation_uid>_<query_idx>`` -> npz ``token_features`` float32 [L, C] |
 | ``<annotation file stem>.jsonl`` | ``query_id``, ``video_id`` (clip_uid), ``duration``, ``query``, ``query_type`` "nlq", ``timestamps`` [[start, end]] when answered |
 | ``groundnlq_dataset.yaml`` | ``input_vid_dim``, ``input_txt_dim``, ``feat_stride``, ``num_frames``, ``default_fps``, ``max_seq_len`` |
+
+OUT is a new or empty folder, or one an earlier export made (its marker,
+:func:`svitt_ego.run_folder.marker`), which is then emptied first: an export never mixes with another's
+files. Everything is checked before OUT is touched.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ import numpy as np
 from svitt_ego.atomic import atomic_write, atomic_write_text
 from svitt_ego.nlq.annotations import NLQFormatError, NLQQuery, read_nlq
 from svitt_ego.nlq.features import NLQFeatures
+from svitt_ego.run_folder import run_folder
+
+COMMAND = "export-nlq-features"
 
 
 def _npz(**arrays: np.ndarray) -> bytes:
@@ -55,6 +62,7 @@ def _query_key(query: NLQQuery) -> str:
 def export_groundnlq(features_dir: str | Path, annotation_files: list, out: str | Path) -> dict:
     """Write GroundNLQ's inputs for the queries of ``annotation_files``; returns the config values."""
     features, out = NLQFeatures(features_dir), Path(out)
+    _refuse_shared_stems(annotation_files)
     splits, owner = {}, {}
     for path in annotation_files:
         parsed = read_nlq(path)
@@ -73,22 +81,40 @@ def export_groundnlq(features_dir: str | Path, annotation_files: list, out: str 
         raise NLQFormatError(f"{features_dir}: clips have different frame rates ("
                              + ", ".join(f"{uid} {fps:g} fps" for fps, uid in by_rate.items())
                              + "); GroundNLQ takes one default_fps: extract the features at a fixed --fps")
-    _write_lmdb(out / "video_features", {uid: _npz(features=features.video(uid).float().numpy()) for uid in clips})
-    _write_lmdb(out / "text_features", {_query_key(q): _npz(token_features=features.text(q).float().numpy())
-                                        for parsed in splits.values() for q in parsed.queries})
-    for path, parsed in splits.items():
-        lines = []
-        for q in parsed.queries:
-            item = {"query_id": _query_key(q), "video_id": q.clip_uid, "duration": parsed.clips[q.clip_uid].duration,
-                    "query": q.text, "query_type": "nlq"}
-            if q.start is not None:
-                item["timestamps"] = [[q.start, q.end]]
-            lines.append(json.dumps(item))
-        atomic_write_text(out / f"{path.stem}.jsonl", "".join(line + "\n" for line in lines))
     longest = max((features.clip(uid)["windows"] for uid in clips), default=1)
     config = {"input_vid_dim": features.manifest["dimension"], "input_txt_dim": features.manifest["text_dimension"],
               "feat_stride": features.stride, "num_frames": features.window,
               "default_fps": next(iter(rates.values()), None), "max_seq_len": 512 * math.ceil(longest / 512)}
-    atomic_write_text(out / "groundnlq_dataset.yaml", "dataset: {\n" + "".join(
-        f"  {key}: {value},\n" for key, value in config.items()) + "}\n")
+    videos = {uid: _npz(features=features.video(uid).float().numpy()) for uid in clips}
+    texts = {_query_key(q): _npz(token_features=features.text(q).float().numpy())
+             for parsed in splits.values() for q in parsed.queries}
+    with run_folder(out, COMMAND, fresh=True):  # new, empty or an earlier export's: emptied
+        _write_lmdb(out / "video_features", videos)
+        _write_lmdb(out / "text_features", texts)
+        for path, parsed in splits.items():
+            atomic_write_text(out / f"{path.stem}.jsonl", "".join(json.dumps(item) + "\n" for item in _items(parsed)))
+        atomic_write_text(out / "groundnlq_dataset.yaml", "dataset: {\n" + "".join(
+            f"  {key}: {value},\n" for key, value in config.items()) + "}\n")
     return config
+
+
+def _items(parsed) -> list[dict]:
+    """The jsonl lines of one annotation file's queries."""
+    items = []
+    for q in parsed.queries:
+        item = {"query_id": _query_key(q), "video_id": q.clip_uid, "duration": parsed.clips[q.clip_uid].duration,
+                "query": q.text, "query_type": "nlq"}
+        if q.start is not None:
+            item["timestamps"] = [[q.start, q.end]]
+        items.append(item)
+    return items
+
+
+def _refuse_shared_stems(annotation_files: list) -> None:
+    """Each annotation file becomes ``<stem>.jsonl``: two of one stem are refused, naming both."""
+    seen: dict[str, Path] = {}
+    for path in map(Path, annotation_files):
+        first = seen.setdefault(path.stem, path)
+        if first != path:
+            raise NLQFormatError(f"{first} and {path} would both be written as {path.stem}.jsonl; rename one or "
+                                 "export them into separate folders")
