@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_benchmark
 from torch import nn
 
 from svitt_ego import memory
@@ -16,7 +15,6 @@ from svitt_ego.config import ConfigError
 from svitt_ego.memory_engine import StepParts, _CastCache, block_bytes, cuda_autocast, measure_step
 from svitt_ego.sharding import shard_sizes
 
-ROOT = Path(__file__).resolve().parents[1]
 MB = 1000 * 1000 * 4  # a 1000 x 1000 fp32 weight
 
 
@@ -190,13 +188,6 @@ def test_cli_bad_input_is_one_line(args, message, capsys):
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-def _calibration():
-    spec = importlib.util.spec_from_file_location("memory_calibration", ROOT / "benchmarks" / "memory_calibration.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_gpu_check_compares_the_last_runs_predictions_with_its_measurements(tmp_path):
     """The GPU check's last part: each prediction of the last check beside train_step.py's peak of the same run."""
     results = tmp_path / "gpu_results.jsonl"
@@ -206,7 +197,7 @@ def test_gpu_check_compares_the_last_runs_predictions_with_its_measurements(tmp_
             {"part": "train_step", "run": "svitt_ego_kr3:4", "peak_gb": 2**30 * 5 / 1e9},
             {"part": "train_step", "run": "dense:4", "peak_gb": 15.0}]
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    _calibration().compare(str(results))
+    load_benchmark("memory_calibration").compare(str(results))
     added = [json.loads(line) for line in results.read_text().splitlines()][len(rows):]
     assert added == [{"part": "memory_check", "run": "svitt_ego_kr3:4", "backend": "t", "predicted_gib": 6.0,
                       "measured_gib": pytest.approx(5.0), "error": pytest.approx(0.2)}]
