@@ -310,7 +310,7 @@ def format_plan(plan: MemoryPlan, fitted: Fit | None = None) -> str:
             f"backend {plan.backend}, world size {plan.world_size}"]
     rows += [f"  {name:<32} {gib(size):7.2f} GiB" for name, size in plan.parts.items() if size]
     rows.append(f"  {'peak (max_memory_allocated)':<32} {plan.peak_gib:7.2f} GiB   during the {plan.where}")
-    rows.append(f"  {'kept for backward, end of forward':<32} {gib(plan.saved_bytes):7.2f} GiB")
+    rows.append(f"  {'kept at the end of the forward':<32} {gib(plan.saved_bytes):7.2f} GiB")
     rows.append(f"  {'card memory needed':<32} {gib(plan.needed_bytes()):7.2f} GiB   peak + {FRAGMENTATION:.0%} "
                 f"fragmentation + {gib(CUDA_CONTEXT_BYTES):.2f} GiB CUDA context")
     rows.append(f"training GFLOPs per clip: {plan.flops_per_clip / 1e9:.1f} for the whole step; video encoder "
