@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call on a machine with one CUDA GPU, within 7 minutes whatever
-# fails (the limits below add up to 6 min 40 s, with 5 s of kill grace each, and 10 s for nvidia-smi):
+# fails (the limits below add up to 6 min 55 s, with 5 s of kill grace each, and 10 s for nvidia-smi;
+# the planner's part runs beside the others, within their time):
 #
 #     bash benchmarks/gpu_check.sh [RESULTS] 2>&1 | tee gpu_check.log
 #
@@ -10,7 +11,9 @@
 #  2. the GPU tests (`pytest -m gpu`; FlexAttention's left out: compiling them takes minutes), one row
 #     per test as it ends (tests/results_rows.py);
 #  3. the attention benchmark (one BEiT-B layer, batch 16, fp16, beside flash attention);
-#  4. the training-step benchmark (beside a dense ViT-B/16 and the `dense` preset).
+#  4. the training-step benchmark (beside a dense ViT-B/16 and the `dense` preset);
+#  5. the memory planner's predictions for four of those steps, computed on the CPU (one core) while
+#     parts 1-4 run, then appended beside the peaks part 4 measured (benchmarks/memory_calibration.py).
 #
 # Each part runs in its own process under its own time limit; every figure is printed as soon as it
 # is measured and appended, one JSON line each, to RESULTS (default: gpu_results.jsonl here), with a
@@ -39,6 +42,9 @@ part() {
     fi
 }
 
+# The planner runs on the CPU beside the GPU parts, in their time; its limit ends with theirs.
+part memory_plan 390 env OMP_NUM_THREADS=1 python3 benchmarks/memory_calibration.py --plan-gpu-rows "$results" &
+planner=$!
 part correctness 80 python3 benchmarks/gpu_check.py --results "$results"
 part gpu_tests 100 env SVITT_EGO_TEST_RESULTS="$results" python3 -m pytest -q -m gpu -k "not flex" \
     -p no:cacheprovider tests/
@@ -47,4 +53,6 @@ part attention 60 python3 benchmarks/attention.py --frames 4 16 --repeats 10 --m
 part train_step 130 python3 benchmarks/train_step.py --steps 3 --results "$results" --runs vit_b:4 dense:4 \
     svitt_ego_kr3:4 encoder:svitt_ego_kr3:4 vit_b:16 dense:16 svitt_ego_kr3:16 encoder:svitt_ego_kr3:16 \
     svitt_ego_kr5:4 svitt_ego_kr3:4:ckpt
+wait "$planner"
+part memory_check 10 python3 benchmarks/memory_calibration.py --compare "$results"
 echo "== done: $results"

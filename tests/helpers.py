@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from fractions import Fraction
@@ -184,3 +185,12 @@ def _decode_all(path: Path) -> list:
 
     with av.open(str(path)) as container:
         return list(container.decode(video=0))
+
+
+def load_benchmark(name: str):
+    """The module of ``benchmarks/<name>.py``, imported from its file (benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

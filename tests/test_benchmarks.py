@@ -2,13 +2,13 @@
 the machine it is meant for (``gpu_check.sh`` only drives the others on a GPU)."""
 
 import importlib
-import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import SMALL_MODEL, load_benchmark
 
 from svitt_ego.config import load_config
 from svitt_ego.data.toy import make_toy_data, toy_data_overrides
@@ -49,6 +49,7 @@ def smallest_runs(demo: Path, tmp: Path) -> dict[str, tuple]:
         "egoclip_metadata.py": (("--rows", "2000", "--videos", "20"), "warm (from cache)"),
         "gpu_check.py": (("--device", "cpu", "--methods", "blocked", "--frames", "1", "--batch", "1", "--heads", "2",
                           "--dtypes", "float32"), " ok"),
+        "memory_calibration.py": (("--targets", "--set", *SMALL_MODEL), "svitt_ego_kr3:16"),
         "multimodal.py": ((model, toy, "--questions", "10"), "held-out VTM accuracy"),
         "objectives.py": (("--quick", "--seeds", "0", "--arms", "egonce", "--workdir", tmp), "mean +- standard error"),
         "saliency.py": (("--demo", demo, "--max-clips", "2"), "pretrained"),
@@ -130,10 +131,7 @@ def _ratios_are_to_the_anchor(out: str) -> None:
 
 
 def _nlq_seeds():
-    spec = importlib.util.spec_from_file_location("nlq_seeds", ROOT / "benchmarks" / "nlq_seeds.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("nlq_seeds")
 
 
 def test_nlq_seeds_validation_split_is_every_fourth_training_video(tmp_path):

@@ -114,6 +114,23 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan_memory(args: argparse.Namespace) -> int:
+    import json
+
+    from svitt_ego.atomic import atomic_write_json
+    from svitt_ego.memory import fit, format_plan, load_plan_config, parse_memory, plan_memory
+
+    gpu = parse_memory(args.gpu_memory) if args.gpu_memory is not None else None
+    cfg = load_plan_config(args.config, args.overrides)
+    plan = plan_memory(cfg, args.world_size)
+    fitted = fit(cfg, gpu, args.world_size, known=plan) if gpu is not None else None
+    report = plan.to_dict(fitted)
+    print(json.dumps(report) if args.json else format_plan(plan, fitted))
+    if args.output:
+        atomic_write_json(args.output, report)
+    return 0
+
+
 def _cmd_make_toy_data(args: argparse.Namespace) -> int:
     from svitt_ego.data.toy_benchmarks import make_toy_world
 
@@ -380,6 +397,20 @@ def _add_pretraining_commands(sub) -> None:
     _add_config_args(p, "svitt_ego_kr3")
     p.add_argument("--list", action="store_true", help="print the names of the presets shipped with svitt-ego")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("plan-memory", help="predict a training step's peak GPU memory, on any CPU (will it fit?)",
+                       description="Runs one real training step (forward with hard negatives, backward, optimizer "
+                                   "step) on fake tensors and prints its predicted peak GPU memory by part, and the "
+                                   "training FLOPs per clip beside the same encoder dense (docs/memory.md).")
+    _add_config_args(p, "svitt_ego_kr3")
+    p.add_argument("--world-size", type=_bounded(int, 1, 4096), default=1,
+                   help="GPUs (torchrun processes) the run uses: DDP's buckets, train.shard_optimizer's share")
+    p.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                   help="the card's memory (12GB, 11.5GiB, 24000MiB; a bare number is GiB): also print the largest "
+                        "train.batch_size that fits, with the reserve, and whether activation checkpointing is needed")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    _add_output(p, "also write the JSON object to this file")
+    p.set_defaults(func=_cmd_plan_memory)
 
     p = sub.add_parser("pretrain", help="pretrain on EgoClip (use torchrun for several GPUs)")
     _add_config_args(p, "svitt_ego_kr3")
