@@ -208,9 +208,9 @@ def build_finetune_run(task: Task, model: SViTTEgo, cfg: Config, device: torch.d
                           f"process (x {world_size()} processes)", "--batch-size")
     total_steps = t.epochs * sampler.batches_per_epoch
     optimizer, scheduler, scaler = build_optimizer(model, cfg, device, total_steps, sampler.batches_per_epoch)
-    checkpointer = Checkpointer(out, t.keep_checkpoints, {
-        "model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler,
-        "task": TaskSettings(task.settings, out / "last.pt", allow_config_change)})
+    checkpointer = Checkpointer(out, t.keep_checkpoints, {  # the task's settings first: checked before loading
+        "task": TaskSettings(task.settings, out / "last.pt", allow_config_change), "model": model,
+        "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler})
     return FinetuneRun(cfg, device, model, wrapped, model.tokenizer, optimizer, scheduler, scaler, dataset,
                        sampler, total_steps, checkpointer, MetricsLogger(out, device), task)
 
