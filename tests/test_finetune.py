@@ -151,3 +151,66 @@ def test_bad_input_is_one_line(toy, tmp_path, capsys):
         ["finetune-charades-ego", str(toy / "model"), "--annotations", str(toy / "charades_ego"), "--videos",
          str(toy / "charades_ego" / "videos"), "--output", str(tmp_path / "c")])
     assert not any((tmp_path / name).exists() for name in "abc")
+
+
+# --------------------------------------------------------------------------- the global batch under torchrun
+
+
+class _Encoders(torch.nn.Module):
+    """The dual encoder's interface on linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.video, self.text = torch.nn.Linear(6, 3), torch.nn.Linear(5, 3)
+
+    def encode_video(self, frames):
+        return F.normalize(self.video(frames), dim=-1)
+
+    def forward_text(self, ids, mask):
+        return ids
+
+    def text_embedding(self, hidden, mask):
+        return F.normalize(self.text(hidden), dim=-1)
+
+
+def _max_margin_step(rank: int, world_size: int):
+    from svitt_ego.eval.epic_mir_finetune import MaxMarginObjective
+
+    objective = MaxMarginObjective(_Encoders())
+    generator = torch.Generator().manual_seed(1)
+    batch = {"frames": torch.randn(4, 6, generator=generator), "input_ids": torch.randn(4, 5, generator=generator),
+             "attention_mask": torch.ones(4, 5), "verb": torch.tensor([0, 1, 0, 2]),
+             "nouns": pad_tags([[1], [1, 2], [3], [2]])}
+    local = slice(rank * 4 // world_size, (rank + 1) * 4 // world_size)
+    loss = objective({k: v[local] for k, v in batch.items()})["loss"]
+    loss.backward()
+    grads = [p.grad for p in objective.parameters()]
+    for g in grads if world_size > 1 else ():
+        torch.distributed.all_reduce(g)
+        g /= world_size  # as DDP averages
+    return loss.detach(), grads
+
+
+def _worker(rank, world_size, init_file, out_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        result = _max_margin_step(rank, world_size)
+        if rank == 0:
+            torch.save(result, out_file)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_see_the_global_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "rank0.pt")), nprocs=2)
+    loss, grads = torch.load(tmp_path / "rank0.pt")
+    expected_loss, expected_grads = _max_margin_step(0, 1)
+    torch.testing.assert_close(loss, expected_loss)
+    for got, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(got, expected)
