@@ -117,7 +117,9 @@ class TrainingClips(Dataset):
     def __init__(self, clips: Sequence[TrainingClip], cfg: Config):
         vision = cfg.model.vision
         self.clips, self.num_frames, self.seed, self.epoch = clips, vision.num_frames, cfg.train.seed, 0
-        self.transform = ClipTransform(vision.image_size, True, vision.mean, vision.std, scale=cfg.data.crop_scale)
+        # LaViLa's: a random resized crop, no flip.
+        self.transform = ClipTransform(vision.image_size, True, vision.mean, vision.std, scale=cfg.data.crop_scale,
+                                       flip=False)
 
     def __len__(self) -> int:
         return len(self.clips)
