@@ -21,6 +21,21 @@ SMALL_MODEL = ["model.vision.width=48", "model.vision.num_heads=2", "model.visio
                "model.text.tokenizer=minilm", "model.embed_dim=16"]
 
 
+def record_bars(monkeypatch, module) -> list:
+    """Every tqdm bar ``module`` makes from now on, kept to look at after it closes."""
+    from tqdm import tqdm
+
+    bars = []
+
+    class Recorded(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(module, "tqdm", Recorded)
+    return bars
+
+
 def toy_config(toy: Path, out: Path, *overrides: str) -> Config:
     """The ``tiny`` preset at :data:`SMALL_MODEL` size on a toy dataset, writing into ``out``."""
     return load_config("tiny", toy_run_overrides(toy, out, *overrides))

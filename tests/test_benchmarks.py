@@ -55,11 +55,15 @@ def smallest_runs(demo: Path, tmp: Path) -> dict[str, tuple]:
         "objectives.py": (("--quick", "--seeds", "0", "--arms", "egonce", "--workdir", tmp), "mean +- standard error"),
         "saliency.py": (("--demo", demo, "--max-clips", "2"), "pretrained"),
         "search_toy.py": (("--demo", demo, "--videos", "2"), "random moment"),
+        "search_scene_cuts.py": (("--demo", demo, "--videos", "1", "--seconds", "4", "--cut-every", "2"),
+                                 "match (now)"),
+        "threads.py": (("--demo", demo, "--fraction", "0.5", "--loads", "idle", "--settings", "one"),
+                       _one_thread_one_time),
         "train_step.py": (("--device", "cpu", "--runs", "vit_b:4", "tiny:4", "encoder:tiny:4", "--clips", "1",
                            "--steps", "1", "--image-size", "64", "--anchor-width", "64", "--anchor-depth", "2",
                            "--anchor-heads", "2"), _ratios_are_to_the_anchor),
         "vtm_probe.py": ((model, toy, "--steps", "1", "--batches", "1", "--candidates", "mean"), "candidate"),
-        "nlq_seeds.py": ((demo, "--out", tmp / "seeds", "--videos", "4", "--seeds", "0", "1", "--epochs", "1",
+        "nlq_seeds.py": ((demo, "--output", tmp / "seeds", "--videos", "4", "--seeds", "0", "1", "--epochs", "1",
                           "--arms", "all", "half", "narrations", "--pretrain-epochs", "1"),
                          _three_arms_two_seeds_honest_split),
         "nlq_memory.py": (("--windows", "64", "128", "--hidden", "16", "--levels", "3", "--video-dim", "8",
@@ -113,6 +117,11 @@ def _zero_shot_and_two_seeds_per_metric(out: str) -> None:
     assert all(re.fullmatch(r".*\d+\.\d +\d+\.\d \+- \d+\.\d +-?\d+\.\d", row) for row in table), out
 
 
+def _one_thread_one_time(out: str) -> None:
+    row = out.splitlines()[-1].split()
+    assert row[:2] == ["one", "1"] and float(row[2]) > 0, out
+
+
 def _memory_ratio_is_to_the_first_row(out: str) -> None:
     rows = [line.split() for line in out.splitlines()[1:]]
     assert [r[0] for r in rows] == ["64", "128"] and rows[0][2] == "1.00" and float(rows[1][1]) > 0
@@ -159,3 +168,57 @@ def test_nlq_seeds_model_settings_take_each_fields_type():
         module.model_settings(["video_dim=8"])
     with pytest.raises(SystemExit, match="--model stem_layers=2.5: not a whole number"):
         module.model_settings(["stem_layers=2.5"])
+
+
+def test_nlq_seeds_long_clips_are_the_clips_end_to_end(tmp_path):
+    """Six 24-window clips (two queries each, answers at known windows), five for training and one
+    held out: long clips of at least 40 windows. Every kept answer points at the same windows, and
+    the same features, in its long clip as in its clip; the held-out file's one clip is filled up
+    with training clips whose queries are not asked."""
+    import json
+
+    import torch
+
+    from svitt_ego.nlq.annotations import read_nlq
+    from svitt_ego.nlq.features import NLQFeatures
+    from test_nlq_model import _feature_folder
+
+    nlq = json.loads(_feature_folder(tmp_path / "features").read_text())
+    files = []
+    for name, videos in (("nlq_train.json", nlq["videos"][:5]), ("nlq_val.json", nlq["videos"][5:])):
+        files.append(tmp_path / name)
+        files[-1].write_text(json.dumps({"videos": videos}))
+    train, val = _nlq_seeds().long_clip_split(tmp_path / "features", files, 40, tmp_path / "long")
+    source, long = NLQFeatures(tmp_path / "features"), NLQFeatures(tmp_path / "long" / "features")
+    assert [len(long.video(uid)) for uid in read_nlq(train).clips] == [48, 72]  # 2 clips, then the last 3
+    held_out = read_nlq(val)
+    assert [len(long.video(uid)) for uid in held_out.clips] == [48]  # c5 filled up with a training clip
+    originals = {(q.clip_uid, q.query_idx): q for f in files for q in read_nlq(f).queries}
+    checked = 0
+    for path in (train, val):
+        for q in read_nlq(path).queries:
+            clip_uid = q.annotation_uid.split("_")[0]
+            original = originals[(clip_uid, q.query_idx)]
+            shifts = [long.to_index(q.clip_uid, t) - source.to_index(clip_uid, t0)
+                      for t, t0 in ((q.start, original.start), (q.end, original.end))]
+            offset = round(shifts[0])
+            assert shifts == pytest.approx([offset, offset], abs=1e-6) and offset % 24 == 0
+            torch.testing.assert_close(long.video(q.clip_uid)[offset:offset + 24], source.video(clip_uid))
+            torch.testing.assert_close(long.text(q), source.text(original))
+            checked += 1
+    assert {q.annotation_uid.split("_")[0] for q in held_out.queries} == {"c5"}
+    assert checked == len(read_nlq(train).queries) + len(held_out.queries) > 0
+
+
+@pytest.mark.slow
+def test_nlq_seeds_long_clips_smallest_run(demo_folder, tmp_path):
+    out = _run("benchmarks/nlq_seeds.py", demo_folder, "--output", tmp_path / "long", "--videos", "2", "--seeds", "0",
+               "--long-clips", "64", "--crop", "32", "--epochs", "1", "--warmup-epochs", "0", "--model", "hidden=32",
+               "levels=3")
+    lengths = re.findall(r"^(training|held-out) long clips: \d+ clips, (\d+) queries, (\d+)-(\d+) windows", out,
+                         re.MULTILINE)
+    assert [name for name, *_ in lengths] == ["training", "held-out"], out
+    assert all(int(queries) > 0 and int(low) >= 64 for _, queries, low, _ in lengths), out
+    assert re.search(r"^whole clips, 0 \+ 1 ep, seed 0: R@1 IoU=0.3 ", out, re.MULTILINE), out
+    assert re.search(r"^cropped to 32, 0 \+ 1 ep, seed 0: R@1 IoU=0.3 ", out, re.MULTILINE), out
+    assert "max_windows=32" in out and "lr=0.0001, batch_size=4" in out, out  # the recipe's from-scratch stage

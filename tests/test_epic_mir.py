@@ -220,12 +220,12 @@ def test_epic_mir_relevancy_command_writes_npy_and_compares(annotations, tmp_pat
     expected = build_relevancy(read_mir_annotations(annotations))
     pkl = tmp_path / "distributed.pkl"
     pkl.write_bytes(pickle.dumps(expected))
-    assert main(["epic-mir-relevancy", "--annotations", str(annotations), "--out", str(out),
+    assert main(["epic-mir-relevancy", "--annotations", str(annotations), "--output", str(out),
                  "--compare", str(pkl)]) == 0
     assert np.array_equal(np.load(out, allow_pickle=False), expected)
     assert "largest difference from" in capsys.readouterr().out
     (annotations / epic_mir.TEST_CSV).write_text(HEADER + "\nbroken\n")
-    assert main(["epic-mir-relevancy", "--annotations", str(annotations), "--out", str(out)]) == 2
+    assert main(["epic-mir-relevancy", "--annotations", str(annotations), "--output", str(out)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
 
 

@@ -125,11 +125,11 @@ def test_the_same_features_from_the_cli_python_and_nlq_extraction(small, tmp_pat
     nlq.write_text(json.dumps({"videos": [{"video_uid": "v", "clips": [{
         "clip_uid": "c", "video_start_sec": 0.0, "video_end_sec": 1.5, "annotations": [{
             "annotation_uid": "a", "language_queries": [{"query": "when?"}]}]}]}]}))
-    assert main(["extract-features", str(small.root / "model"), str(video), "--out", str(tmp_path / "file")]) == 0
+    assert main(["extract-features", str(small.root / "model"), str(video), "--output", str(tmp_path / "file")]) == 0
     assert main(["extract-features", str(small.root / "model"), "v", "--root", str(tmp_path / "videos"),
-                 "--out", str(tmp_path / "chunks")]) == 0
+                 "--output", str(tmp_path / "chunks")]) == 0
     assert main(["extract-nlq-features", str(small.root / "model.pt"), "--annotations", str(nlq), "--videos",
-                 str(tmp_path / "videos"), "--out", str(tmp_path / "nlq")]) == 0
+                 str(tmp_path / "videos"), "--output", str(tmp_path / "nlq")]) == 0
     python = extract_video_features(small.model, video).features
     from_file = load_features(tmp_path / "file")
     assert from_file.keys() == ["0"] and from_file.features("0").shape == (12, 48)
@@ -172,24 +172,24 @@ def test_resume_after_a_kill_and_refusals(small, tmp_path, monkeypatch, capsys):
     out, model = tmp_path / "out", str(small.root / "model")
     seen = _kill_on_second_video(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        main(["extract-features", model, str(tmp_path / "in"), "--out", str(out)])
+        main(["extract-features", model, str(tmp_path / "in"), "--output", str(out)])
     assert feature_file(out, "a").exists() and not feature_file(out, "b").exists()
 
     capsys.readouterr()
-    assert main(["extract-features", model, str(tmp_path / "in"), "--out", str(out), "--stride", "2"]) == 2
+    assert main(["extract-features", model, str(tmp_path / "in"), "--output", str(out), "--stride", "2"]) == 2
     assert "manifest.json: the folder holds features of other settings or weights (stride 4 -> 2)" in \
         capsys.readouterr().err
-    assert main(["extract-features", str(small.root / "other"), str(tmp_path / "in"), "--out", str(out)]) == 2
+    assert main(["extract-features", str(small.root / "other"), str(tmp_path / "in"), "--output", str(out)]) == 2
     assert "(weights_digest 'sha256:" in capsys.readouterr().err
     for bad in (["--stride", "0"], ["--stride", "-4"], ["--batch-size", "0"], ["--frames", "8", "--window", "4"],
                 ["--fps", "-1"], ["--fps", "nan"]):
-        assert main(["extract-features", model, str(tmp_path / "in"), "--out", str(tmp_path / "x"), *bad]) == 2
+        assert main(["extract-features", model, str(tmp_path / "in"), "--output", str(tmp_path / "x"), *bad]) == 2
         assert capsys.readouterr().err.count("\n") == 1
     assert not (tmp_path / "x").exists()
 
     seen.clear()
     monkeypatch.undo()
-    assert main(["extract-features", model, str(tmp_path / "in"), "--out", str(out)]) == 1  # one unreadable
+    assert main(["extract-features", model, str(tmp_path / "in"), "--output", str(out)]) == 1  # one unreadable
     summary = capsys.readouterr().out
     assert "2 videos have features" in summary and "1 unreadable" in summary and "junk.mp4" in summary
     features = load_features(out)
@@ -203,7 +203,7 @@ def test_a_folder_of_other_files_is_refused(small, tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "meta.json").write_text("{}")
     assert main(["extract-features", str(small.root / "model"), str(tmp_path / "a.mp4"),
-                 "--out", str(tmp_path / "out")]) == 2
+                 "--output", str(tmp_path / "out")]) == 2
     assert "holds meta.json but no manifest.json" in capsys.readouterr().err
 
 
@@ -212,17 +212,17 @@ def test_a_video_of_the_same_name_from_another_source_is_refused_naming_both(sma
     day1 = write_video(tmp_path / "day1" / "GX010001.mp4", [draw_code(j, 0) for j in range(8)], Fraction(10))
     day2 = write_video(tmp_path / "day2" / "GX010001.mp4", [draw_code(j, 1) for j in range(8)], Fraction(10))
     out, model = tmp_path / "f", str(small.root / "model")
-    assert main(["extract-features", model, str(tmp_path / "day1"), "--out", str(out)]) == 0
+    assert main(["extract-features", model, str(tmp_path / "day1"), "--output", str(out)]) == 0
     saved = feature_file(out, "GX010001").read_bytes()
     capsys.readouterr()
-    assert main(["extract-features", model, str(tmp_path / "day2"), "--out", str(out)]) == 2
+    assert main(["extract-features", model, str(tmp_path / "day2"), "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"GX010001 holds the features of {day1}, and {day2} has the same name" in err
     assert load_features(out).info("GX010001")["source"] == str(day1)
     assert feature_file(out, "GX010001").read_bytes() == saved
     stat = day1.stat()
     os.utime(day1, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))  # changed since
-    assert main(["extract-features", model, str(day1), "--out", str(out)]) == 2
+    assert main(["extract-features", model, str(day1), "--output", str(out)]) == 2
     assert "video GX010001 differs from the one its features were made of (mtime_ns" in capsys.readouterr().err
 
 
@@ -248,7 +248,8 @@ def folder(small, tmp_path_factory):
     """A feature folder of one 12-window video ``v``."""
     root = tmp_path_factory.mktemp("folder")
     _video(root / "v.mp4", 45)
-    assert main(["extract-features", str(small.root / "model"), str(root / "v.mp4"), "--out", str(root / "out")]) == 0
+    assert main(["extract-features", str(small.root / "model"), str(root / "v.mp4"),
+                 "--output", str(root / "out")]) == 0
     return root / "out"
 
 
@@ -314,7 +315,7 @@ def test_a_malformed_manifest_is_one_line_exit_2(folder, tmp_path, case, capsys)
     text = change if isinstance(change, str) else json.dumps(
         {**manifest, **change} if isinstance(change, dict) else change)
     (copy / "manifest.json").write_text(text)
-    assert main(["extract-features", manifest["checkpoint"], str(folder.parent / "v.mp4"), "--out", str(copy)]) == 2
+    assert main(["extract-features", manifest["checkpoint"], str(folder.parent / "v.mp4"), "--output", str(copy)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(copy / "manifest.json") in err and expected in err
 

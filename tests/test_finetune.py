@@ -44,8 +44,9 @@ def test_without_relevancy_the_loss_is_lavilas():
 
 
 def test_a_hand_worked_weighted_loss():
-    # s = [[1, 0.5], [0.9, 0.2]]: video 0 vs text 1: relu(0.2 - 0.5) = 0; text 1 vs video 0: relu(0.2 - (0.2 - 0.5)) = 0.5;
-    # video 1 vs text 0: relu(0.2 - (0.2 - 0.9)) = 0.9; text 0 vs video 1: relu(0.2 - (1 - 0.9)) = 0.1.
+    # s = [[1, 0.5], [0.9, 0.2]]: video 0 vs text 1: relu(0.2 - (1 - 0.5)) = 0;
+    # text 1 vs video 0: relu(0.2 - (0.2 - 0.5)) = 0.5; video 1 vs text 0: relu(0.2 - (0.2 - 0.9)) = 0.9;
+    # text 0 vs video 1: relu(0.2 - (1 - 0.9)) = 0.1.
     video = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     text = torch.tensor([[1.0, 0.9], [0.5, 0.2]])
     assert max_margin_ranking(video, text, None, 0.2).item() == pytest.approx((0 + 0.5 + 0.9 + 0.1) / 4)
@@ -146,7 +147,8 @@ def test_bad_input_is_one_line(toy, tmp_path, capsys):
     assert "EPIC_100_retrieval_train.csv: no such annotation file" in error(
         [*_mir(toy, tmp_path / "a"), "--annotations", str(no_split)])
     np.save(tmp_path / "wrong.npy", np.ones((3, 3)))
-    assert "relevancy matrix is 3 x 3" in error([*_mir(toy, tmp_path / "b"), "--relevancy", str(tmp_path / "wrong.npy")])
+    wrong = [*_mir(toy, tmp_path / "b"), "--relevancy", str(tmp_path / "wrong.npy")]
+    assert "relevancy matrix is 3 x 3" in error(wrong)
     assert "classes, expected 157 (--num-classes)" in error(
         ["finetune-charades-ego", str(toy / "model"), "--annotations", str(toy / "charades_ego"), "--videos",
          str(toy / "charades_ego" / "videos"), "--output", str(tmp_path / "c")])

@@ -1,7 +1,9 @@
 """Property-based tests of the readers of user input: ``read_egoclip``, ``read_egomcq``,
-``read_nlq`` and the config (overrides and YAML files). Any input either parses or raises the project's own error
-(:class:`MetadataError`, :class:`ConfigError`) naming the file, the line (or the question, or
-the key) and the field; never another exception.
+``read_nlq``, the config (overrides and YAML files), and any bytes as the other readers' files (the
+EK-100 and Charades-Ego CSVs, NLQ submissions, relevancy pickles and ``.npy`` files, frame images).
+Any input either parses or raises the project's own error (:class:`MetadataError`, :class:`ConfigError`,
+:class:`VideoReadError`) naming the file, the line (or the question, or the key) and the field, in one
+line; never another exception.
 
 The default run is bounded (the ``bounded`` profile in conftest.py); for a long one:
 
@@ -10,20 +12,26 @@ The default run is bounded (the ``bounded`` profile in conftest.py); for a long 
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import pickle
 import re
 import warnings
 
+import numpy as np
 import pytest
+import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from svitt_ego import charades_ego, epic_mir
 from svitt_ego.config import Config, ConfigError, load_config
 from svitt_ego.data.egoclip import COLUMNS, read_egoclip
 from svitt_ego.data.egomcq import read_egomcq
-from svitt_ego.data.errors import MetadataError
-from svitt_ego.data.video import VIDEO_UID_REGEX
+from svitt_ego.data.errors import VIDEO_UID_REGEX, MetadataError
+from svitt_ego.data.video import VideoReadError
+from svitt_ego.nlq import evaluate_nlq
 from svitt_ego.nlq.annotations import NLQFormatError, read_nlq
 
 
@@ -271,3 +279,111 @@ def test_yaml_files_parse_or_name_the_file(folder, text):
         message = str(err)
         assert "\n" not in message
         assert message.startswith(str(path)) or re.match(r"[\w.]+(\[\d+\])?: ", message), message
+
+
+# ---------------------------------------------------------------- any bytes as the other readers' files
+
+def _one_line(error: Exception, path) -> None:
+    message = str(error)
+    assert str(path) in message and "\n" not in message and len(message) < 2000, message
+
+
+def _bytes_after(*prefixes: bytes):
+    """A known beginning (a header, a magic number) followed by anything, or anything at all."""
+    return st.builds(lambda prefix, tail: prefix + tail, st.sampled_from([b"", *prefixes]), st.binary(max_size=80))
+
+
+MIR_HEADER = ",".join(epic_mir.TEST_COLUMNS).encode() + b"\n"
+CHARADES_HEADER = b"id,subject,scene,quality,relevance,verified,script,objects,descriptions,actions,length\n"
+
+
+# Each annotation reader of CSV files and the files it reads, as any bytes after a plausible start.
+CSV_READERS = {
+    "EK-100": (epic_mir.read_mir_annotations, {
+        epic_mir.TEST_CSV: _bytes_after(MIR_HEADER, MIR_HEADER + b"P01_01_0,P01,P01_01,00:00:01.00,00:00:01.00,"),
+        epic_mir.SENTENCE_CSV: _bytes_after(b"narration_id,narration\n")}),
+    "Charades-Ego": (charades_ego.read_charades_annotations, {
+        charades_ego.TEST_CSV: _bytes_after(CHARADES_HEADER, CHARADES_HEADER + b"AB12EGO,S,K,7,7,Yes,s,o,d,"),
+        charades_ego.CLASSES_TXT: _bytes_after(b"c000 ")}),
+}
+
+
+@pytest.mark.parametrize("reader", CSV_READERS)
+@given(data=st.data())
+def test_annotation_csvs_of_any_bytes_parse_or_are_one_line(folder, reader, data):
+    read, files = CSV_READERS[reader]
+    for name, contents in files.items():
+        (folder / name).write_bytes(data.draw(contents, label=name))
+    try:
+        read(folder)
+    except MetadataError as err:
+        _one_line(err, folder)
+
+
+NLQ = {"videos": [{"video_uid": "v1", "clips": [{"clip_uid": "c1", "video_start_sec": 0.0, "video_end_sec": 9.0,
+                                                 "annotations": [{"annotation_uid": "a1", "language_queries": [
+                                                     {"query": "where?", "clip_start_sec": 1, "clip_end_sec": 2}]}]}]}]}
+
+
+@given(json_values | st.fixed_dictionaries({"results": st.lists(st.fixed_dictionaries({
+    "clip_uid": st.just("c1") | json_values, "annotation_uid": st.just("a1") | json_values,
+    "query_idx": st.just(0) | json_values,
+    "predicted_times": st.lists(st.lists(st.integers() | st.floats() | json_values, max_size=3), max_size=3)}),
+    max_size=2)}))
+@example(data={"results": [{"clip_uid": "c1", "annotation_uid": "a1", "query_idx": 0,
+                            "predicted_times": [[0, 10**400]]}]})
+def test_nlq_submissions_of_any_json_score_or_are_one_line(data):
+    try:
+        evaluate_nlq(NLQ, data, submission_name="sub.json")
+    except NLQFormatError as err:
+        _one_line(err, "sub.json")
+
+
+PICKLE_STARTS = [pickle.dumps(np.zeros((2, 2)), protocol=p)[:n] for p in (2, 4, 5) for n in (2, 40, 120)]
+
+
+@given(_bytes_after(*PICKLE_STARTS, b"\x80\x02c_codecs\nencode\n", b"\x80\x04cnumpy\ndtype\n"))
+def test_relevancy_pickles_of_any_bytes_load_or_are_one_line(folder, data):
+    path = folder / "relevancy.pkl"
+    path.write_bytes(data)
+    try:
+        matrix = epic_mir.load_relevancy(path)
+    except MetadataError as err:
+        _one_line(err, path)
+    else:
+        assert matrix.ndim == 2 and matrix.dtype == np.float64
+
+
+def _npy_header(shape) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f8", "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
+@given(_bytes_after(b"\x93NUMPY\x01\x00", b"\x93NUMPY\x02\x00", _npy_header((2, 3)), _npy_header((23170, 23170)),
+                    _npy_header((2,)), _npy_header((1 << 62, 1 << 62))))
+def test_relevancy_npy_files_of_any_bytes_load_or_are_one_line(folder, data):
+    path = folder / "relevancy.npy"
+    path.write_bytes(data)
+    try:
+        epic_mir.load_relevancy(path, (2, 3))
+    except MetadataError as err:
+        _one_line(err, path)
+
+
+IMAGE_STARTS = [b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", b"GIF89a", b"BM",
+                b"II*\x00", b"RIFF\x00\x00\x00\x00WEBPVP8 "]
+
+
+@given(_bytes_after(*IMAGE_STARTS))
+def test_frame_images_of_any_bytes_read_or_are_one_line(folder, data):
+    (folder / "P01_01").mkdir(exist_ok=True)
+    path = folder / "P01_01" / "frame_0000000001.jpg"
+    path.write_bytes(data)
+    clip = epic_mir.MIRClip("P01_01_0", "P01", "P01_01", 0.0, 1.0, 1, 2, "x", 0, (0,))
+    try:
+        frames = epic_mir.ClipReader(folder, "frames", 1)(clip)
+    except VideoReadError as err:
+        _one_line(err, path)
+    else:
+        assert frames.dtype == torch.uint8 and frames.shape[-1] == 3

@@ -108,6 +108,24 @@ def test_save_and_load_reproduce_outputs(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_loaded_models_are_in_eval_mode(tmp_path):
+    """from_pretrained and load_for_eval (a folder or a training checkpoint) return the model in eval mode,
+    as transformers does: two encode_text calls on the same text give the same embedding."""
+    from svitt_ego.config import Config
+    from svitt_ego.evaluate import load_for_eval
+
+    model = _model("model.vision.depth=1", "model.vision.prune_layers=[]", "model.text.dropout=0.5")
+    folder = model.save_pretrained(tmp_path / "model")
+    torch.save({"config": Config(model=model.config).to_dict(), "model": model.state_dict()}, tmp_path / "last.pt")
+    ids, mask = _text(3)
+    for loaded in (SViTTEgo.from_pretrained(folder), load_for_eval(folder)[0], load_for_eval(tmp_path / "last.pt")[0]):
+        assert not loaded.training and not any(m.training for m in loaded.modules())
+        with torch.no_grad():
+            assert torch.equal(loaded.encode_text(ids, mask), loaded.encode_text(ids, mask))
+    with torch.no_grad():  # the check has teeth: in training mode, dropout makes the two calls differ
+        assert not torch.equal(loaded.train().encode_text(ids, mask), loaded.encode_text(ids, mask))
+
+
 def test_save_pretrained_replaces_a_model_folder_whole(tmp_path, monkeypatch):
     first, second = (_model("model.vision.depth=1", "model.vision.prune_layers=[]") for _ in range(2))
     folder = first.save_pretrained(tmp_path / "model")

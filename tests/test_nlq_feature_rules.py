@@ -64,13 +64,13 @@ def world(tmp_path_factory):
 
 def _extract(world, out, checkpoint="run1/model", *extra):
     return main(["extract-nlq-features", str(world.root / checkpoint), "--annotations", str(world.root / "nlq.json"),
-                 "--videos", str(world.root / "videos"), "--out", str(out), *map(str, extra)])
+                 "--videos", str(world.root / "videos"), "--output", str(out), *map(str, extra)])
 
 
 def test_a_killed_extraction_resumed_with_another_checkpoint_or_stride_is_refused(world, tmp_path, capsys):
     out = tmp_path / "nlqf"
     argv = ["extract-nlq-features", str(world.root / "run1" / "model"), "--annotations", str(world.root / "nlq.json"),
-            "--videos", str(world.root / "videos"), "--out", str(out)]
+            "--videos", str(world.root / "videos"), "--output", str(out)]
     killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_FIRST_TEXT_FILE, *argv], cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, capture_output=True)
     assert killed.returncode == -signal.SIGKILL
@@ -98,7 +98,7 @@ def test_a_non_finite_feature_is_refused_naming_clip_and_window(world, tmp_path,
     _model(0, tmp_path / "broken", broken=True)
     capsys.readouterr()
     status = main(["extract-nlq-features", str(tmp_path / "broken"), "--annotations", str(world.root / "nlq.json"),
-                   "--videos", str(world.root / "videos"), "--out", str(tmp_path / "nlqf")])
+                   "--videos", str(world.root / "videos"), "--output", str(tmp_path / "nlqf")])
     assert status == 2
     assert "(clip c1): window 0 has a non-finite feature" in capsys.readouterr().err
 
@@ -107,7 +107,7 @@ def test_search_takes_only_the_weights_the_features_came_from_wherever_it_runs(w
                                                                               capsys):
     monkeypatch.chdir(world.root)
     assert main(["extract-nlq-features", "run1/model", "--annotations", "nlq.json", "--videos", "videos",
-                 "--out", str(tmp_path / "nlqf")]) == 0  # a checkpoint path relative to the working directory
+                 "--output", str(tmp_path / "nlqf")]) == 0  # a checkpoint path relative to the working directory
     capsys.readouterr()
     assert main(["search", "run1/model", str(tmp_path / "nlqf"), "open the drawer", "--top-k", "3"]) == 0
     assert "c1" in capsys.readouterr().out
@@ -160,7 +160,7 @@ def test_a_malformed_manifest_field_is_one_line_exit_2(world, tmp_path, field, v
     annotations = str(world.root / "nlq.json")
     capsys.readouterr()
     for argv in (["search", world.root / "run1" / "model", tmp_path / "nlqf", "open the drawer"],
-                 ["train-nlq", tmp_path / "nlqf", "--annotations", annotations, "--out", tmp_path / "run"]):
+                 ["train-nlq", tmp_path / "nlqf", "--annotations", annotations, "--output", tmp_path / "run"]):
         assert main(list(map(str, argv))) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and str(manifest) in err and f"'{field}'" in err

@@ -139,7 +139,7 @@ def test_ids_that_would_name_paths_are_refused(tmp_path, field, value):
     (clip if field == "clip_uid" else clip["annotations"][0])[field] = value
     path = tmp_path / "nlq.json"
     path.write_text(json.dumps({"videos": [{"video_uid": "v1", "clips": [clip]}]}))
-    with pytest.raises(NLQFormatError, match=rf"field '{field}' must be an id .*got '{re.escape(value)}'"):
+    with pytest.raises(NLQFormatError, match=rf"field '{field}': '{re.escape(value)}' is not an id"):
         read_nlq(path)
 
 
@@ -153,7 +153,8 @@ def _official_scores(annotations, submission):
     for entry in submission["results"]:
         q = answers[entry["clip_uid"], entry["annotation_uid"]][entry["query_idx"]]
         overlap = np.array([_official_iou(p, (q["clip_start_sec"], q["clip_end_sec"])) for p in entry["predicted_times"]])
-        first.append(overlap[0])
+        # The one documented difference: 0/0 (a zero-length answer predicted exactly) is NaN there, 0 here.
+        first.append(np.nan_to_num(overlap[0]))
         for k, m in hits:
             hits[k, m].append((overlap > m)[:k].any())
     result = {f"R@{k} IoU={m}": 100 * np.mean(v) for (k, m), v in hits.items()}

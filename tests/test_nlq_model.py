@@ -5,6 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import record_bars
+
+import svitt_ego.nlq.train as nlq_train
 from svitt_ego.nlq import evaluate_nlq
 from svitt_ego.features import Settings, begin_folder, feature_file, manifest_header, write_tensors
 from svitt_ego.nlq.annotations import NLQQuery, parse_nlq
@@ -26,6 +29,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def groundnlq_reference() -> tuple[GroundingConfig, dict, dict]:
+    """The committed GroundNLQ reference: our config for its sizes, its state dict (as GroundNLQ
+    names it, in float32) and the file's tensors (inputs, outputs)."""
+    meta = json.loads((DATA / "groundnlq_reference.json").read_text())
+    ref = torch.load(DATA / "groundnlq_reference.pt", weights_only=True)
+    c, arch = meta["config"], meta["config"]["backbone_arch"]
+    cfg = GroundingConfig(video_dim=c["input_vid_dim"], text_dim=c["input_txt_dim"], hidden=c["embd_dim"],
+                          num_heads=c["n_head"], window=c["n_mha_win_size"], text_layers=arch[1],
+                          stem_layers=arch[2], levels=arch[4] + 1, head_layers=c["head_num_layers"])
+    state = {k.removeprefix("int8/"): v.float() * 2.0 ** -ref[k.replace("int8/", "exponent/")].item()
+             for k, v in ref.items() if k.startswith("int8/")}
+    return cfg, state, ref
+
+
 def test_matches_groundnlq_outputs():
     """GroundNLQ's own code (houzhijian/GroundNLQ, the commit in groundnlq_reference.json) gave
     these outputs: its ``LocPointTransformer`` was built outside this repository at hidden 128
@@ -34,15 +51,9 @@ def test_matches_groundnlq_outputs():
     random and rounded to ``int8 * 2 ** -exponent`` (stored so), the model was put in eval mode
     and run backbone -> neck -> heads on the stored input (two rows, the second padded in video
     and text), and each level's classification logits and regression offsets were saved."""
+    cfg, state, ref = groundnlq_reference()
     meta = json.loads((DATA / "groundnlq_reference.json").read_text())
-    ref = torch.load(DATA / "groundnlq_reference.pt", weights_only=True)
-    c, arch = meta["config"], meta["config"]["backbone_arch"]
-    cfg = GroundingConfig(video_dim=c["input_vid_dim"], text_dim=c["input_txt_dim"], hidden=c["embd_dim"],
-                          num_heads=c["n_head"], window=c["n_mha_win_size"], text_layers=arch[1],
-                          stem_layers=arch[2], levels=arch[4] + 1, head_layers=c["head_num_layers"])
-    assert [list(cfg.regress_range(level)) for level in range(cfg.levels)] == c["regression_range"]
-    state = {k.removeprefix("int8/"): v.float() * 2.0 ** -ref[k.replace("int8/", "exponent/")].item()
-             for k, v in ref.items() if k.startswith("int8/")}
+    assert [list(cfg.regress_range(level)) for level in range(cfg.levels)] == meta["config"]["regression_range"]
     model = GroundingModel(cfg)
     model.load_state_dict(from_groundnlq(state, cfg))  # strict: every name mapped, every shape fits
     with torch.no_grad():
@@ -150,14 +161,16 @@ def test_decode_by_hand():
 
 
 def _feature_folder(root, num_clips=6, windows=24, dim=8):
-    """A features folder where the answer's windows carry the query's code (learnable)."""
+    """A features folder where the answer's windows carry the query's code (learnable); ``windows``
+    is every clip's length, or a list of them."""
     generator = torch.Generator().manual_seed(0)
     settings = Settings("pooled", 4, 4, 4)
     header = {**manifest_header(root / "ckpt", "sha256:" + "0" * 64, settings, [dim]), "text_dimension": dim}
-    info = {"source": "v", "fps": 10.0, "first_frame": 0, "frames": 4 * windows, "windows": windows}
-    begin_folder(root, header, {f"c{c}": info for c in range(num_clips)})
+    lengths = windows if isinstance(windows, list) else [windows] * num_clips
+    begin_folder(root, header, {f"c{c}": {"source": "v", "fps": 10.0, "first_frame": 0, "frames": 4 * n, "windows": n}
+                                for c, n in enumerate(lengths)})
     videos = []
-    for c in range(num_clips):
+    for c, windows in enumerate(lengths):
         video = 0.1 * torch.randn(windows, dim, generator=generator)
         queries = []
         for k, (a, b) in enumerate([(2 + c % 4, 6 + c % 4), (12, 20)]):
@@ -177,13 +190,18 @@ def _feature_folder(root, num_clips=6, windows=24, dim=8):
 
 
 SMALL = {"hidden": 32, "levels": 3, "num_heads": 2, "text_layers": 1, "stem_layers": 1}
-SETTINGS = TrainSettings(batch_size=4, lr=3e-3, warmup_epochs=1, model=SMALL)
-LEARN = TrainSettings(batch_size=12, lr=5e-3, warmup_epochs=5, model=SMALL)
+SETTINGS = TrainSettings(model=SMALL)
+
+
+def _stage(annotations: str, epochs: int, **changes) -> Stage:
+    """``epochs`` in all at lr 3e-3, batch 4, the first of them warming up (none when ``epochs`` is 0)."""
+    warmup = min(1, epochs)
+    return Stage([annotations], epochs - warmup, **{"lr": 3e-3, "batch_size": 4, "warmup_epochs": warmup, **changes})
 
 
 def test_training_learns_and_predicts_a_submission(tmp_path):
     annotations = _feature_folder(tmp_path / "features")
-    train_nlq(tmp_path / "features", [Stage([str(annotations)], 120)], tmp_path / "run", LEARN)
+    train_nlq(tmp_path / "features", [Stage([str(annotations)], 115, 5e-3, 12, 5)], tmp_path / "run", SETTINGS)
     submission = predict_nlq(tmp_path / "features", tmp_path / "run" / "last.pt", annotations, tmp_path / "sub.json")
     assert json.loads((tmp_path / "sub.json").read_text()) == submission
     assert submission["challenge"] == "ego4d_nlq_challenge"
@@ -216,18 +234,18 @@ def test_a_dead_regression_channel_is_named(tmp_path, monkeypatch, caplog):
 
     monkeypatch.setattr(GroundingModel, "reset_heads", dead_start)
     with caplog.at_level("WARNING"):
-        train_nlq(tmp_path / "features", [Stage([annotations], 2)], tmp_path / "run", SETTINGS)
+        train_nlq(tmp_path / "features", [_stage(annotations, 2)], tmp_path / "run", SETTINGS)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("dead_offsets") for r in records] == [["start"], ["start"]]
     assert "stage 0, epoch 2: the regression head's distance to the start was 0 at all" in caplog.text
     monkeypatch.setattr(GroundingModel, "reset_heads", reset)
-    train_nlq(tmp_path / "features", [Stage([annotations], 1)], tmp_path / "sound", SETTINGS)
+    train_nlq(tmp_path / "features", [_stage(annotations, 1)], tmp_path / "sound", SETTINGS)
     assert "dead_offsets" not in json.loads((tmp_path / "sound" / "metrics.jsonl").read_text())
 
 
 def test_resume_continues_exactly(tmp_path):
     annotations = str(_feature_folder(tmp_path / "features"))
-    stages = [Stage([annotations], 2), Stage([annotations], 1)]
+    stages = [_stage(annotations, 2), _stage(annotations, 1)]
     straight = train_nlq(tmp_path / "features", stages, tmp_path / "a", SETTINGS)
     train_nlq(tmp_path / "features", stages[:1], tmp_path / "b", SETTINGS)
     with pytest.raises(FileExistsError, match="--resume"):
@@ -241,8 +259,8 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_a_clip_of_9216_windows_trains_and_predicts(tmp_path):
     annotations = _feature_folder(tmp_path / "features", num_clips=1, windows=9216)
-    settings = TrainSettings(batch_size=2, lr=1e-3, warmup_epochs=1, max_windows=None, model={**SMALL, "levels": 7})
-    train_nlq(tmp_path / "features", [Stage([str(annotations)], 1)], tmp_path / "run", settings)
+    settings = TrainSettings(model={**SMALL, "levels": 7})  # whole clips: nothing cropped
+    train_nlq(tmp_path / "features", [Stage([str(annotations)], 0, 1e-3, 2, 1)], tmp_path / "run", settings)
     submission = predict_nlq(tmp_path / "features", tmp_path / "run" / "last.pt", annotations, tmp_path / "sub.json")
     assert len(submission["results"]) == 2
     for entry in submission["results"]:
@@ -263,9 +281,9 @@ def test_a_querys_moments_do_not_depend_on_its_batch(tmp_path):
 
 def test_fine_tuning_restarts_the_heads(tmp_path):
     annotations = str(_feature_folder(tmp_path / "features"))
-    pretrained = train_nlq(tmp_path / "features", [Stage([annotations], 1)], tmp_path / "a", SETTINGS)
+    pretrained = train_nlq(tmp_path / "features", [_stage(annotations, 1)], tmp_path / "a", SETTINGS)
     fresh = GroundingModel(pretrained.config)
-    both = train_nlq(tmp_path / "features", [Stage([annotations], 1), Stage([annotations], 0)], tmp_path / "b",
+    both = train_nlq(tmp_path / "features", [_stage(annotations, 1), _stage(annotations, 0)], tmp_path / "b",
                      SETTINGS)
     for name, value in both.state_dict().items():
         if name.startswith(("cls_head.", "reg_head.")) and name.endswith("bias") or name in ("scales",
@@ -277,7 +295,7 @@ def test_fine_tuning_restarts_the_heads(tmp_path):
 
 def test_validation_scores_every_epoch_and_keeps_the_best(tmp_path):
     annotations = _feature_folder(tmp_path / "features")
-    train_nlq(tmp_path / "features", [Stage([str(annotations)], 4)], tmp_path / "run", SETTINGS, val=annotations)
+    train_nlq(tmp_path / "features", [_stage(str(annotations), 4)], tmp_path / "run", SETTINGS, val=annotations)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     scores = [r["val"]["R@1 IoU=0.3"] for r in records]
     assert len(scores) == 4
@@ -289,6 +307,16 @@ def test_validation_scores_every_epoch_and_keeps_the_best(tmp_path):
 
 def test_jittered_training_differs(tmp_path):
     annotations = str(_feature_folder(tmp_path / "features"))
-    plain = train_nlq(tmp_path / "features", [Stage([annotations], 1)], tmp_path / "a", SETTINGS)
-    jittered = train_nlq(tmp_path / "features", [Stage([annotations], 1, jitter=True)], tmp_path / "b", SETTINGS)
+    plain = train_nlq(tmp_path / "features", [_stage(annotations, 1)], tmp_path / "a", SETTINGS)
+    jittered = train_nlq(tmp_path / "features", [_stage(annotations, 1, jitter=True)], tmp_path / "b", SETTINGS)
     assert not torch.equal(plain.stem[0].attn.q.weight, jittered.stem[0].attn.q.weight)
+
+
+def test_every_epoch_has_a_bar_that_ends_at_its_total(tmp_path, monkeypatch):
+    bars = record_bars(monkeypatch, nlq_train)
+    annotations = str(_feature_folder(tmp_path / "features"))
+    stage = Stage([annotations], 2, lr=1e-3, batch_size=4)
+    train_nlq(tmp_path / "features", [stage], tmp_path / "run", SETTINGS)
+    steps = math.ceil(len(json.loads(Path(annotations).read_text())["videos"]) * 2 / stage.batch_size)
+    assert [(bar.n, bar.total) for bar in bars] == [(steps, steps)] * 2 and steps > 1
+    assert [bar.desc for bar in bars] == ["stage 0 epoch 1/2", "stage 0 epoch 2/2"]

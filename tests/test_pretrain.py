@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from helpers import toy_config, toy_run_overrides
+from helpers import record_bars, toy_config, toy_run_overrides
 
 from svitt_ego import train
 from svitt_ego.checkpoint import load_checkpoint
@@ -188,3 +188,11 @@ def test_demo_epochs_set_the_pretraining_length(tmp_path):
 
     assert demo_config(tmp_path, quick=True).train.epochs == 2
     assert demo_config(tmp_path, quick=True, epochs=7).train.epochs == 7
+    assert demo_config(tmp_path, quick=False).train.keep_checkpoints == 1  # one step-*.pt beside last.pt, best.pt
+
+
+def test_the_epoch_bar_ends_at_its_total(toy, tmp_path, monkeypatch):
+    """The last epoch stops at the run's last step; its bar still ends at its total (not 131/132)."""
+    bars = record_bars(monkeypatch, train)
+    train.pretrain(toy_config(toy, tmp_path / "run", "train.epochs=2", "data.fraction_per_epoch=0.3"))
+    assert len(bars) == 2 and all(bar.total > 1 and bar.n == bar.total for bar in bars), [(b.n, b.total) for b in bars]

@@ -136,7 +136,7 @@ def test_a_users_files_named_like_staging_files_are_never_deleted(small_checkpoi
     d.mkdir()
     files = _users_files(d)
     video = write_video(tmp_path / "a.mp4", [draw_code(j, 0) for j in range(4)], Fraction(10))
-    _one_line_error(capsys, lambda: main(["extract-features", str(small_checkpoint), str(video), "--out", str(d)]),
+    _one_line_error(capsys, lambda: main(["extract-features", str(small_checkpoint), str(video), "--output", str(d)]),
                     f"{d}: holds", "extract into a new or empty folder")
     assert _tree(d) == files and not (d / ".lock").exists()  # the refused folder as it was
 
@@ -269,17 +269,17 @@ def trained(nlq, tmp_path_factory):
 
 
 def _train_nlq(nlq, out, *args, features="features0"):
-    return main(["train-nlq", str(nlq / features), "--annotations", str(nlq / "nlq.json"), "--out", str(out),
-                 "--epochs", "1", *args])
+    return main(["train-nlq", str(nlq / features), "--annotations", str(nlq / "nlq.json"), "--output", str(out),
+                 "--epochs", "1", "--warmup-epochs", "0", *args])
 
 
 def test_train_nlq_resume_refuses_other_settings_naming_them(nlq, trained, tmp_path, capsys):
     out = shutil.copytree(trained, tmp_path / "run")
     saved = (out / "last.pt").read_bytes()
-    changed = ("--resume", "--lr", "0.5", "--batch-size", "4", "--seed", "3", "--epochs", "2")
+    changed = ("--resume", "--lr", "0.5", "--batch-size", "8", "--seed", "3", "--epochs", "2")
     _one_line_error(capsys, lambda: _train_nlq(nlq, out, *changed),
-                    "last.pt was saved with other settings: settings.batch_size 2 -> 4, settings.lr 5e-05 -> 0.5, "
-                    "settings.seed 0 -> 3, stages.0.epochs 1 -> 2;", "--allow-config-change")
+                    "last.pt was saved with other settings: settings.seed 0 -> 3, stages.0.batch_size 4 -> 8, "
+                    "stages.0.epochs 1 -> 2, stages.0.lr 0.0001 -> 0.5;", "--allow-config-change")
     _one_line_error(capsys, lambda: _train_nlq(nlq, out, "--resume", features="features1"), "features.checkpoint")
     assert (out / "last.pt").read_bytes() == saved
     assert _train_nlq(nlq, out, "--resume", "--epochs", "2", "--allow-config-change") == 0
@@ -381,17 +381,17 @@ def test_a_crafted_grounding_checkpoint_is_refused_before_anything_is_built(nlq,
     (["visualize", "C.pt", "V.mp4", "--start", "-1", "--end", "2"], "--start"),
     (["visualize", "C.pt", "V.mp4", "--start", "0", "--end", "inf"], "--end"),
     (["demo", "--workdir", "D", "--epochs", "0"], "--epochs"),
-    (["extract-nlq-features", "C.pt", "--annotations", "A", "--videos", "V", "--out", "D", "--window", "3",
+    (["extract-nlq-features", "C.pt", "--annotations", "A", "--videos", "V", "--output", "D", "--window", "3",
       "--stride", "0"], "--stride"),
-    (["extract-nlq-features", "C.pt", "--annotations", "A", "--videos", "V", "--out", "D", "--batch-size", "0"],
+    (["extract-nlq-features", "C.pt", "--annotations", "A", "--videos", "V", "--output", "D", "--batch-size", "0"],
      "--batch-size"),
-    (["extract-nlq-features", "C.pt", "--annotations", "A", "--videos", "V", "--out", "D", "--chunk-seconds",
+    (["extract-nlq-features", "C.pt", "--annotations", "A", "--videos", "V", "--output", "D", "--chunk-seconds",
       "-600"], "--chunk-seconds"),
-    (["train-nlq", "F", "--annotations", "A", "--out", "D", "--batch-size", "0"], "--batch-size"),
-    (["train-nlq", "F", "--annotations", "A", "--out", "D", "--lr", "nan"], "--lr"),
-    (["train-nlq", "F", "--annotations", "A", "--out", "D", "--epochs", "0"], "--epochs"),
-    (["train-nlq", "F", "--annotations", "A", "--out", "D", "--pretrain-epochs", "-1"], "--pretrain-epochs"),
-    (["train-nlq", "F", "--annotations", "A", "--out", "D", "--seed", str(2**64)], "--seed"),
+    (["train-nlq", "F", "--annotations", "A", "--output", "D", "--batch-size", "0"], "--batch-size"),
+    (["train-nlq", "F", "--annotations", "A", "--output", "D", "--lr", "nan"], "--lr"),
+    (["train-nlq", "F", "--annotations", "A", "--output", "D", "--epochs", "0"], "--epochs"),
+    (["train-nlq", "F", "--annotations", "A", "--output", "D", "--pretrain-epochs", "-1"], "--pretrain-epochs"),
+    (["train-nlq", "F", "--annotations", "A", "--output", "D", "--seed", str(2**64)], "--seed"),
     (["predict-nlq", "F", "--annotations", "A", "--output", "O", "--zero-shot", "--top-k", "0"], "--top-k"),
     (["search", "C.pt", "F", "a query", "--top-k", "0"], "--top-k"),
     (["search", "C.pt", "V.mp4", "a query", "--cache", "D", "--stride", "0"], "--stride"),
@@ -427,10 +427,10 @@ def test_a_number_argument_is_within_its_bounds_or_refused(text):
     ["predict-nlq", "features", "--annotations", "a.json", "--zero-shot", "--output", "a.json"],
     ["eval-nlq", "sub.json", "--annotations", "a.json", "--output", "sub.json"],
     ["eval-mcq", "model.pt", "--output", "model.pt"],
-    ["visualize", "model.pt", "v.mp4", "--start", "0", "--end", "1", "--out", "v.mp4"],
-    ["epic-mir-relevancy", "--annotations", "features", "--out", "r.npy", "--compare", "r.npy"],
-    ["extract-features", "model.pt", "features", "--out", "features"],
-    ["train-nlq", "features", "--annotations", "a.json", "--out", "features"],
+    ["visualize", "model.pt", "v.mp4", "--start", "0", "--end", "1", "--output", "v.mp4"],
+    ["epic-mir-relevancy", "--annotations", "features", "--output", "r.npy", "--compare", "r.npy"],
+    ["extract-features", "model.pt", "features", "--output", "features"],
+    ["train-nlq", "features", "--annotations", "a.json", "--output", "features"],
     ["search", "model.pt", "features", "drawer", "--cache", "features"],
 ])
 def test_no_command_writes_over_one_of_its_inputs(tmp_path, capsys, monkeypatch, argv):

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +23,8 @@ from svitt_ego.cli import main
 from svitt_ego.config import load_config
 from svitt_ego.features import WindowExtractor
 from svitt_ego.models import create_model
-from svitt_ego.search import Extraction, best_moments, recall_at, run_contrast, search_videos
+from svitt_ego.search import (MOMENT_LENGTHS, Extraction, best_moments, match_score, recall_at, run_contrast,
+                              search_folder, search_videos, segment_iou)
 from svitt_ego.search_page import THUMB_HEIGHT, format_time
 
 QUERIES = ["when did I open the drawer?", "where is the cup?"]
@@ -56,10 +58,82 @@ def _table(out: str) -> list[str]:
 
 def test_best_moments_by_hand():
     # Runs of 1, 2, 4 windows, inside mean less the mean of one window on either side: [1, 4] 0.7 - 0;
-    # [0, 3] 0.675 - 0.1 = 0.575 overlaps it by 0.6 (dropped); [2, 3] 0.95 - (0.8 + 0.1) / 2 = 0.5, IoU 0.5 (kept).
-    # The best single window, 3, has 0.9 - (1.0 + 0.1) / 2 = 0.35 only.
+    # [0, 3] 0.675 - 0.1 = 0.575 overlaps it by IoU 0.6 (dropped); [2, 3] 0.95 - (0.8 + 0.1) / 2 = 0.5 and
+    # [1, 2] 0.9 - (0 + 0.9) / 2 = 0.45 overlap it by IoU exactly 0.5 (dropped: suppression is at IoU >= 0.5).
+    # Next comes the single window 3: 0.9 - (1.0 + 0.1) / 2 = 0.35, IoU 0.25.
     scores = torch.tensor([0.0, 0.8, 1.0, 0.9, 0.1])
-    assert best_moments(scores, top_k=2) == [(1, 4, pytest.approx(0.7)), (2, 3, pytest.approx(0.5))]
+    assert best_moments(scores, top_k=2) == [(1, 4, pytest.approx(0.7)), (3, 3, pytest.approx(0.35))]
+
+
+class _Windows:
+    """A feature folder of 'projected' rows whose cosines with the query [1, 0] are given, a window a second."""
+
+    manifest = {"what": "projected"}
+
+    def __init__(self, cosines: dict[str, list[float]]):
+        self.cosines = {k: torch.tensor(v, dtype=torch.float64) for k, v in cosines.items()}
+
+    def keys(self):
+        return list(self.cosines)
+
+    def info(self, key):
+        return {"frames": len(self.cosines[key]), "fps": 1.0, "source": key}
+
+    def features(self, key):
+        c = self.cosines[key]
+        return torch.stack([c, (1 - c ** 2).sqrt()], 1)
+
+    def to_seconds(self, key, window):
+        return window + 0.5
+
+
+def test_moments_of_different_videos_rank_by_their_match_not_their_contrast():
+    """A video with cuts steps between scene levels whatever the query: its moment [4, 7] stands out by
+    0.3 - 0.1 = 0.2, the smooth video's best, window 5, by only 0.45 - 0.4 = 0.05; but the smooth
+    video's moment matches the query better (mean cosine 0.45 against 0.3), and it ranks first."""
+    folder = _Windows({"cuts": [0.1] * 4 + [0.3] * 4 + [0.1] * 4, "smooth": [0.4] * 5 + [0.45] + [0.4] * 6})
+    cut_column, smooth_column = (folder.cosines[k].float() for k in ("cuts", "smooth"))
+    assert best_moments(cut_column, 1) == [(4, 7, pytest.approx(0.2))]
+    assert best_moments(smooth_column, 1) == [(5, 5, pytest.approx(0.05))]
+    assert match_score(cut_column, 4, 7) == pytest.approx(0.3)
+    assert match_score(smooth_column, 5, 5) == pytest.approx(0.45)
+    found = search_folder(None, folder, torch.tensor([[1.0, 0.0]]), top_k=1)[0]
+    assert [(m.video, m.start, m.end, round(m.score, 6)) for m in sorted(found, key=lambda m: -m.score)] == \
+        [("smooth", 5.0, 6.0, 0.45), ("cuts", 4.0, 8.0, 0.3)]
+
+
+def _best_moments_by_all_pairs(scores, top_k, iou_threshold=0.5):
+    """best_moments as first written: every run against every kept run (O(runs x k))."""
+    spans, values = [], []
+    for length in (n for n in MOMENT_LENGTHS if n <= len(scores)):
+        starts = torch.arange(len(scores) - length + 1)
+        spans.append(torch.stack([starts, starts + length], 1).double())  # [first, last + 1)
+        values.append(run_contrast(scores, length))
+    spans, values, chosen = torch.cat(spans), torch.cat(values), []
+    for i in values.argsort(descending=True).tolist():
+        if all(segment_iou(spans[i], spans[j][None])[0] <= iou_threshold for j in chosen):
+            chosen.append(i)
+            if len(chosen) == top_k:
+                break
+    return [(int(spans[i, 0]), int(spans[i, 1]) - 1, float(values[i])) for i in chosen]
+
+
+@pytest.mark.parametrize("windows, top_ks", [(1, (1, 5)), (2, (1, 5)), (3, (2, 10**6)), (7, (1, 3, 10**6)),
+                                             (40, (1, 5, 20, 10**6)), (300, (1, 5, 40))])
+def test_best_moments_keeps_what_comparing_every_pair_keeps(windows, top_ks):
+    scores = torch.rand(windows, generator=torch.Generator().manual_seed(windows))
+    for top_k in top_ks:
+        assert best_moments(scores, top_k) == _best_moments_by_all_pairs(scores, top_k), top_k
+
+
+def test_best_moments_of_an_hour_at_any_k_is_prompt():
+    scores = torch.rand(3600, generator=torch.Generator().manual_seed(0))  # an hour at a window a second
+    start = time.perf_counter()
+    kept = best_moments(scores, 10**6)
+    assert time.perf_counter() - start < 10  # comparing every kept pair: 21,500 runs x 10,000 kept
+    spans = [(first, last + 1) for first, last, _ in kept]
+    assert len(kept) < sum(3600 - n + 1 for n in MOMENT_LENGTHS) and len(set(spans)) == len(spans)
+    assert [score for *_, score in kept] == sorted((score for *_, score in kept), reverse=True)
 
 
 def test_a_run_with_nothing_outside_it_scores_zero():
@@ -171,7 +245,7 @@ def test_a_chunk_folder_is_cached_by_its_chunks_and_shown_from_them(world, video
 
 
 def test_the_same_moments_from_raw_videos_and_from_their_feature_folder(world, tmp_path, capsys):
-    assert main(["extract-features", world.model, str(world.videos), "--out", str(tmp_path / "features")]) == 0
+    assert main(["extract-features", world.model, str(world.videos), "--output", str(tmp_path / "features")]) == 0
     raw, failed = search_videos(world.model, world.videos, QUERIES, 3, tmp_path / "cache")
     folder, _ = search_videos(world.model, tmp_path / "features", QUERIES, 3)
     assert failed == {}
@@ -187,8 +261,8 @@ def test_the_same_moments_from_raw_videos_and_from_their_feature_folder(world, t
 
 
 def test_refusals_are_one_line_exit_2(world, tmp_path, capsys):
-    assert main(["extract-features", world.model, str(world.kitchen), "--out", str(tmp_path / "pooled")]) == 0
-    assert main(["extract-features", world.model, str(world.kitchen), "--out", str(tmp_path / "tokens"),
+    assert main(["extract-features", world.model, str(world.kitchen), "--output", str(tmp_path / "pooled")]) == 0
+    assert main(["extract-features", world.model, str(world.kitchen), "--output", str(tmp_path / "tokens"),
                  "--what", "tokens"]) == 0
     cases = {
         ("search", world.root / "other", tmp_path / "pooled", "drawer"): "the features were extracted with weights",
@@ -330,3 +404,27 @@ def test_a_pairs_file_without_its_columns_is_refused(world, tmp_path, capsys):
     pairs.write_text("clip,caption\nkitchen.mp4,A\n")
     status, _, err = _main(capsys, "search", world.model, world.videos, "--mode", "clips", "--pairs", pairs)
     assert status == 2 and f"{pairs}, line 1: missing column(s) video, text" in err
+
+
+@pytest.mark.parametrize("clips, paired, refusal", [
+    (["broken.mp4"], "broken.mp4", "none of its 1 clips could be read; the first unreadable: "),
+    (["broken.mp4", "kitchen.mp4"], "broken.mp4", "none of the clips its pairs name could be read (1 unreadable), "
+                                                  "so Recall@K has no query"),
+])
+def test_pairs_with_no_readable_clip_are_one_line_not_nan(world, tmp_path, capsys, clips, paired, refusal):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    for name in clips:
+        shutil.copy(world.root / "junk" / "broken.mp4" if name == "broken.mp4" else world.kitchen, folder / name)
+    pairs = _pairs(tmp_path / "pairs.csv", f"{folder / paired},A\n")
+    status, out, err = _main(capsys, "search", world.model, folder, "--mode", "clips", "--pairs", pairs)
+    last = err.splitlines()[-1]  # after the progress bar
+    assert status == 2 and last.startswith("svitt-ego: error: ") and refusal in last and "nan" not in out, err
+
+
+def test_names_with_escape_sequences_print_escaped(world, tmp_path, capsys):
+    video = shutil.copy(world.kitchen, tmp_path / "\x1b]0;x\x07\x1b[2J.mp4")
+    status, out, _ = _main(capsys, "search", world.model, video, "drawer", "--top-k", "1", "--cache", tmp_path / "c")
+    assert status == 0 and "\x1b" not in out and "\x07" not in out
+    assert f"extracted {tmp_path}/\\x1b]0;x\\x07\\x1b[2J.mp4 into" in out
+    assert _table(out)[2].split()[1] == "\\x1b]0;x\\x07\\x1b[2J.mp4"

@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import record_bars
+
 from svitt_ego.data import toy
 
 av = pytest.importorskip("av")  # these tests write and read videos (PyAV)
@@ -227,3 +229,11 @@ def test_regenerating_deletes_only_what_the_manifest_lists(root, tmp_path):
     assert (old / "notes.txt").read_text() == "mine" and (old / "videos" / "mine" / "0.mp4").read_text() == "mine"
     assert (elsewhere / "keep.mp4").read_text() == "keep"
     assert json.loads((old / "manifest.json").read_text())["seed"] == 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_rendering_shows_a_bar_that_ends_at_its_total(monkeypatch, workers):
+    bars = record_bars(monkeypatch, toy)
+    monkeypatch.setattr(toy, "usable_cores", lambda: workers)
+    toy.render_all(math.sqrt, [(4.0,), (9.0,), (16.0,)], "squares")
+    assert [(bar.desc, bar.n, bar.total) for bar in bars] == [("squares", 3, 3)]

@@ -83,7 +83,7 @@ def test_the_list_never_replaces_an_annotation_file(files, tmp_path, capsys):
     ('{"videos": [{"video_uid": "x", "clips": [{"annotations": [{"something": 1}]}]}]}', "cannot tell NLQ, MQ"),
     ('[1, 2]', "not an EgoClip, EgoMCQ, NLQ, MQ or VQ file"),
     ('{"videos": [{"video_uid": "../etc", "clips": [{"annotations": [{"labels": []}]}]}]}',
-     "videos[0], field 'video_uid': '../etc' is not a video id"),
+     "videos[0], field 'video_uid': '../etc' is not an id"),
     ('{"videos": [{"video_uid": "x", "clips": [{"annotations": [{"labels": []}, {"query_sets": {}}]}]}]}',
      "several benchmarks in one file (MQ, VQ)"),
 ])
@@ -98,7 +98,7 @@ def test_an_unknown_or_malformed_file_is_one_line(tmp_path, capsys, content, mes
 def test_a_uid_list_names_its_bad_line(tmp_path):
     path = tmp_path / "uids.txt"
     path.write_text("# wanted\nabc-1\n\n../x\n")
-    with pytest.raises(MetadataError, match=r"uids.txt, line 4: '../x' is not a video id"):
+    with pytest.raises(MetadataError, match=r"uids.txt, line 4: '../x' is not an id"):
         read_uid_list(path)
     path.write_text("# nothing\n")
     with pytest.raises(MetadataError, match="empty"):

@@ -118,7 +118,7 @@ def test_cli_writes_the_figure(toy_video, tmp_path, capsys):
     for source, video in ((folder, toy_video), (checkpoint, toy_video / "0.mp4")):
         out = tmp_path / f"{source.name}.png"
         assert main(["visualize", str(source), str(video), "--start", "1", "--end", "3", "--text", TEXT,
-                     "--out", str(out)]) == 0
+                     "--output", str(out)]) == 0
         assert f"wrote {out}" in capsys.readouterr().out
         assert Image.open(out).size == Layout(4, 64).size(1 + 2 + 1)
         assert not list(tmp_path.glob(".*.tmp"))
@@ -137,7 +137,7 @@ def test_cli_bad_input_is_one_line(toy_video, tmp_path, capsys, missing_video, s
     folder = _model("model.vision.depth=1", "model.vision.prune_layers=[0]").save_pretrained(tmp_path / "m")
     video = tmp_path / "missing.mp4" if missing_video else toy_video
     out = tmp_path / "f.png"
-    assert main(["visualize", str(folder), str(video), "--start", start, "--end", end, "--out", str(out)]) == 2
+    assert main(["visualize", str(folder), str(video), "--start", start, "--end", end, "--output", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
     assert not out.exists()

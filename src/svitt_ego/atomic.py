@@ -3,8 +3,9 @@ onto the target, then the folder fsynced.
 
 A reader (or a resumed run) sees the old file or the whole new one, never a part of one, also
 after a crash; writers in several processes never share a temporary file. A write that fails (a full
-disk: ``OSError`` from the file system, ``RuntimeError`` from ``torch.save``) is a :class:`WriteError`
-naming the file, which the CLI reports in one line.
+disk: ``OSError`` from the file system, ``RuntimeError`` from ``torch.save``, ``SafetensorError``,
+``lmdb.Error``, Arrow's errors: whatever the writer raises) is a :class:`WriteError` naming the file,
+which the CLI reports in one line.
 
 Every staged name (this module's temporary files, prepare-videos' ``.part`` chunks, save_pretrained's
 staged folders) comes from :func:`staging_path`, which lists it in the staging journal of the run folder
@@ -22,6 +23,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from svitt_ego.untrusted import one_line
+
 
 class WriteError(OSError):
     """A file could not be written (disk full, no permission, ...)."""
@@ -31,7 +34,7 @@ class WriteError(OSError):
         lines = str(cause).strip().splitlines()
         self.reason = (getattr(cause, "reason", None) or getattr(cause, "strerror", None)  # a WriteError: its reason
                        or (lines[0] if lines else type(cause).__name__))
-        super().__init__(f"{path}: could not write ({self.reason})")
+        super().__init__(one_line(f"{path}: could not write ({self.reason})"))
 
 
 def fsync_folder(folder: str | Path) -> None:
@@ -116,7 +119,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         fsync_folder(path.parent)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, (OSError, RuntimeError)):
+        if isinstance(err, Exception) and not isinstance(err, WriteError):  # not an interrupt
             raise WriteError(path, err) from err
         raise
     return path

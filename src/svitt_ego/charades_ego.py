@@ -17,11 +17,13 @@ import torch
 
 from svitt_ego.atomic import atomic_write_text
 from svitt_ego.config import Config
-from svitt_ego.data.errors import MetadataError
-from svitt_ego.data.video import VIDEO_UID_RULE, is_video_uid, read_frames_by_index
+from svitt_ego.data.errors import MetadataError, checked_id
+from svitt_ego.data.video import read_frames_by_index
+from svitt_ego.device import pick_device
 from svitt_ego.distributed import is_main, setup_distributed
 from svitt_ego.evaluate import load_for_eval
 from svitt_ego.models import SViTTEgo
+from svitt_ego.untrusted import shown
 from svitt_ego.zero_shot import embed_clips, embed_texts, expected_random_ap, read_csv_rows, segment_frame_ids
 
 TEST_CSV = "CharadesEgo_v1_test_only1st.csv"
@@ -106,7 +108,7 @@ def read_classes(path: Path) -> tuple[list[str], list[str]]:
             continue
         match = _CLASS_LINE.fullmatch(text.strip())
         if match is None:
-            raise MetadataError(f"{path}, line {line}: expected 'cNNN class name', got {text[:200]!r}")
+            raise MetadataError(f"{path}, line {line}: expected 'cNNN class name', got {shown(text)}")
         if match[1] in ids:
             raise MetadataError(f"{path}, line {line}: class {match[1]} repeats")
         ids.append(match[1])
@@ -127,22 +129,20 @@ def read_charades_annotations(folder: str | Path, split_csv: str = TEST_CSV) -> 
     videos = []
     for line, row in read_csv_rows(test, ("id", "actions", "length")):
         where = f"{test}, line {line}"
-        if not is_video_uid(row["id"]):
-            raise MetadataError(f"{where}, field 'id': expected a file name ({VIDEO_UID_RULE}), "
-                                f"got {row['id'][:200]!r}")
+        checked_id(row["id"], f"{where}, field 'id'")
         try:
             length = float(row["length"])
         except ValueError:
             length = float("nan")
         if not 0 < length < float("inf"):
             raise MetadataError(f"{where}, field 'length': expected a positive number of seconds, "
-                                f"got {row['length'][:200]!r}")
+                                f"got {shown(row['length'])}")
         segments = []
         for action in filter(None, row["actions"].split(";")):
             match = _ACTION.fullmatch(action.strip())
             if match is None or match[1] not in index:
                 raise MetadataError(f"{where}, field 'actions': expected 'cNNN start end' of a class of "
-                                    f"{CLASSES_TXT}, got {action[:200]!r}")
+                                    f"{CLASSES_TXT}, got {shown(action)}")
             segments.append((index[match[1]], float(match[2]), float(match[3])))
         videos.append(CharadesVideo(row["id"], length, tuple(sorted({c for c, _, _ in segments})), tuple(segments)))
     if not videos:
@@ -185,9 +185,10 @@ def evaluate_charades_ego(model: SViTTEgo, cfg: Config, device: torch.device, an
 
 def run_charades_ego(checkpoint: str | Path, annotations: str | Path, videos: str | Path, num_frames: int = 16,
                      batch_size: int = 16, on_error: str = "fail", workers: int = 4,
-                     output: str | Path | None = None) -> dict:
-    """``svitt-ego eval-charades-ego``: evaluate, print the table, optionally write JSON."""
-    _, _, device = setup_distributed()
+                     output: str | Path | None = None, device: str | None = None) -> dict:
+    """``svitt-ego eval-charades-ego``: evaluate on ``device`` (:func:`pick_device`), print the table,
+    optionally write JSON."""
+    _, _, device = setup_distributed(pick_device(device))
     charades = read_charades_annotations(annotations)
     model, cfg = load_for_eval(checkpoint, overrides=[f"model.vision.num_frames={num_frames}",
                                                                    f"data.num_workers={workers}"])

@@ -22,6 +22,7 @@ from svitt_ego.atomic import atomic_copy, atomic_write
 from svitt_ego.config import Config
 from svitt_ego.distributed import decide_on_main, gather_objects, rank, world_size
 from svitt_ego.run_folder import refuse_changes, settings_changes
+from svitt_ego.untrusted import one_line
 
 # Settings that may change between a run and its resumption: where things are written or read from,
 # how often to log or save, how errors are handled. Any other change alters what the saved state means
@@ -30,13 +31,16 @@ RESUMABLE_CHANGES = (
     "train.output_dir", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every_epoch",
     "train.max_nonfinite", "train.log_every", "data.egomcq", "data.video_root", "data.num_workers",
     "data.on_error", "data.lax_metadata", "model.vision.backend", "model.vision.grad_checkpointing",
-    "model.vision.pretrained", "model.text.pretrained", "eval.",
+    "model.vision.pretrained", "model.text.pretrained", "model.init_from", "eval.",
     "train.shard_optimizer",  # where the AdamW state lives: the checkpoint holds it whole either way
 )
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, unsafe to load or cannot be written."""
+
+    def __init__(self, message: str):
+        super().__init__(one_line(message))
 
 
 _NUMPY_CORE = getattr(np, "_core", None) or np.core
@@ -81,13 +85,14 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint's contents, read without running code: anything but tensors and plain values is refused."""
+def load_checkpoint(path: str | Path, allowed: list = ()) -> dict:
+    """A checkpoint's contents, read without running code: anything but tensors and plain values is refused.
+    ``allowed`` admits more globals, as ``torch.serialization.safe_globals`` takes them (inert stand-ins)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
+        with torch.serialization.safe_globals([*NUMPY_ARRAY_GLOBALS, *allowed]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

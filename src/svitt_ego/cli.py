@@ -11,12 +11,59 @@ import logging
 import math
 import sys
 
+from svitt_ego.untrusted import one_line
+from svitt_ego import __version__
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless there is none to show (None, False, an empty
+    list) or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if default is None or default is False or default == [] or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _RecipeHelpFormatter(argparse.RawDescriptionHelpFormatter, _HelpFormatter):
+    """A description printed as written (``train-nlq``'s recipe table), options as :class:`_HelpFormatter`."""
+
 
 class _Parser(argparse.ArgumentParser):
-    """A bad argument gets one line and exit status 2, as every other bad input does."""
+    """A bad argument gets one line and exit status 2, as every other bad input does; help shows defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _OldSpelling(argparse.Action):
+    """An option's old spelling (``--out``): sets the new option (``--output``) and says so on stderr."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _add_output(p: argparse.ArgumentParser, help: str, required: bool = False, default: str | None = None) -> None:
+    """``--output``, every command's name for what it writes; ``--out``, its old spelling, still works."""
+    spellings = p.add_mutually_exclusive_group(required=required)
+    spellings.add_argument("--output", default=default, help=help)
+    spellings.add_argument("--out", dest="output", action=_OldSpelling, new="--output", help=argparse.SUPPRESS)
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    """``--device``, on every command that runs a model (svitt_ego.device.pick_device)."""
+    p.add_argument("--device", default=None,
+                   help="where the model runs: cpu, cuda, cuda:1, ... (default: cuda when there is a GPU, else cpu)")
 
 
 def _bounded(kind: type, low: float | None = None, high: float | None = None, above: bool = False):
@@ -112,7 +159,16 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from svitt_ego.train import pretrain
 
     pretrain(load_config(args.config, args.overrides), resume=args.resume,
-             allow_config_change=args.allow_config_change)
+             allow_config_change=args.allow_config_change, device=args.device)
+    return 0
+
+
+def _cmd_convert_svitt(args: argparse.Namespace) -> int:
+    from svitt_ego.models.svitt_weights import convert_svitt, model_overrides
+
+    folder = convert_svitt(args.checkpoint, args.output, vocab=args.vocab, overrides=model_overrides(args.overrides),
+                           text_heads=args.text_heads, allow_unused=args.allow_unused)
+    print(f"convert-svitt: wrote {folder}")
     return 0
 
 
@@ -120,7 +176,7 @@ def _cmd_eval_mcq(args: argparse.Namespace) -> int:
     from svitt_ego.evaluate import run_egomcq
 
     run_egomcq(args.checkpoint, args.config, args.overrides, output=args.output, score=args.score,
-               vtm_weight=args.vtm_weight)
+               vtm_weight=args.vtm_weight, device=args.device)
     return 0
 
 
@@ -129,8 +185,8 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     from svitt_ego.visualize import visualize
 
     try:
-        path = visualize(args.checkpoint, args.video, args.start, args.end, text=args.text, out=args.out,
-                         chunk_seconds=args.chunk_seconds)
+        path = visualize(args.checkpoint, args.video, args.start, args.end, text=args.text, out=args.output,
+                         chunk_seconds=args.chunk_seconds, device=args.device)
     except (VideoReadError, FileNotFoundError, ValueError) as err:
         print(f"svitt-ego: {err}", file=sys.stderr)
         return 2
@@ -147,38 +203,46 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                               "first, then run --task nlq", "--epochs")
         from svitt_ego.nlq.demo import demo_nlq
 
-        demo_nlq(args.workdir, quick=args.quick)
+        demo_nlq(args.workdir, quick=args.quick, device=args.device)
         return 0
     from svitt_ego.demo import demo
 
-    demo(args.workdir, quick=args.quick, epochs=args.epochs)
+    demo(args.workdir, quick=args.quick, epochs=args.epochs, device=args.device)
     return 0
 
 
 def _cmd_extract_nlq_features(args: argparse.Namespace) -> int:
     from svitt_ego.nlq.features import extract_nlq_features
 
-    meta = extract_nlq_features(args.checkpoint, args.annotations, args.videos, args.out, window=args.window,
-                                stride=args.stride, batch_size=args.batch_size, chunk_seconds=args.chunk_seconds)
+    meta = extract_nlq_features(args.checkpoint, args.annotations, args.videos, args.output, window=args.window,
+                                stride=args.stride, batch_size=args.batch_size, chunk_seconds=args.chunk_seconds,
+                                text=args.text, device=args.device)
     return 1 if meta["failed"] else 0
 
 
 def _cmd_extract_features(args: argparse.Namespace) -> int:
     from svitt_ego.features import extract_features
 
-    manifest = extract_features(args.checkpoint, args.videos, args.out, what=args.what, window=args.window,
+    manifest = extract_features(args.checkpoint, args.videos, args.output, what=args.what, window=args.window,
                                 stride=args.stride, frames=args.frames, fps=args.fps, dtype=args.dtype,
-                                batch_size=args.batch_size, chunk_seconds=args.chunk_seconds, root=args.root)
+                                batch_size=args.batch_size, chunk_seconds=args.chunk_seconds, root=args.root,
+                                device=args.device)
     return 1 if manifest["failed"] else 0
 
 
 def _cmd_train_nlq(args: argparse.Namespace) -> int:
-    from svitt_ego.nlq.train import Stage, TrainSettings, train_nlq
+    from svitt_ego.device import pick_device
+    from svitt_ego.nlq.train import TrainSettings, recipe_stage, train_nlq
 
-    stages = [Stage(args.pretrain, args.pretrain_epochs, jitter=args.jitter)] if args.pretrain else []
-    settings = TrainSettings(batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_nonfinite=args.max_nonfinite)
-    train_nlq(args.features, [*stages, Stage(args.annotations, args.epochs)], args.out, settings,
-              resume=args.resume, device=args.device, val=args.val, allow_config_change=args.allow_config_change)
+    stages = [recipe_stage("pretrain", args.pretrain, epochs=args.pretrain_epochs, lr=args.pretrain_lr,
+                           batch_size=args.pretrain_batch_size, warmup_epochs=args.pretrain_warmup_epochs,
+                           jitter=args.jitter)] if args.pretrain else []
+    stages.append(recipe_stage("finetune" if args.pretrain else "scratch", args.annotations, epochs=args.epochs,
+                               lr=args.lr, batch_size=args.batch_size, warmup_epochs=args.warmup_epochs))
+    settings = TrainSettings(seed=args.seed, max_nonfinite=args.max_nonfinite, max_windows=args.max_windows,
+                             micro_batch=args.micro_batch)
+    train_nlq(args.features, stages, args.output, settings,
+              resume=args.resume, device=pick_device(args.device), val=args.val, allow_config_change=args.allow_config_change)
     return 0
 
 
@@ -190,7 +254,7 @@ def _cmd_predict_nlq(args: argparse.Namespace) -> int:
     else:
         from svitt_ego.nlq.train import predict_nlq
 
-        predict_nlq(args.features, args.model, args.annotations, args.output, args.top_k)
+        predict_nlq(args.features, args.model, args.annotations, args.output, args.top_k, device=args.device)
     return 0
 
 
@@ -223,11 +287,11 @@ def _cmd_export_nlq_features(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from svitt_ego.device import default_device
+    from svitt_ego.device import pick_device
     from svitt_ego.search import Extraction, run_search
 
     how = Extraction(args.window, args.stride, args.frames, args.fps, args.batch_size,
-                     args.device or default_device(), args.chunk_seconds)
+                     str(pick_device(args.device)), args.chunk_seconds)
     return run_search(args.checkpoint, args.input, args.queries, args.mode, args.top_k, args.cache, how,
                       args.pairs, args.html, args.png)
 
@@ -237,14 +301,14 @@ def _cmd_eval_epic_mir(args: argparse.Namespace) -> int:
 
     result = run_epic_mir(args.checkpoint, args.annotations, videos=args.videos, frames_root=args.frames_root,
                           relevancy=args.relevancy, num_frames=args.num_frames, batch_size=args.batch_size,
-                          on_error=args.on_error, workers=args.workers, output=args.output)
+                          on_error=args.on_error, workers=args.workers, output=args.output, device=args.device)
     return 1 if result["skipped_clips"] else 0
 
 
 def _cmd_epic_mir_relevancy(args: argparse.Namespace) -> int:
     from svitt_ego.epic_mir import write_relevancy
 
-    write_relevancy(args.annotations, args.out, compare=args.compare)
+    write_relevancy(args.annotations, args.output, compare=args.compare)
     return 0
 
 
@@ -253,7 +317,7 @@ def _cmd_eval_charades_ego(args: argparse.Namespace) -> int:
 
     result = run_charades_ego(args.checkpoint, args.annotations, args.videos, num_frames=args.num_frames,
                               batch_size=args.batch_size, on_error=args.on_error, workers=args.workers,
-                              output=args.output)
+                              output=args.output, device=args.device)
     return 1 if result["skipped_videos"] else 0
 
 
@@ -298,33 +362,31 @@ def _add_window_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="svitt-ego", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_data_commands(sub)
     _add_pretraining_commands(sub)
     _add_nlq_commands(sub)
+    _add_search_command(sub)
     _add_zero_shot_commands(sub)
     _add_finetune_commands(sub)
     return parser
 
 
-def _add_pretraining_commands(sub) -> None:
-    """Data, pretraining, EgoMCQ, the figure and the demo."""
-    p = sub.add_parser("info", help="build a model from a config and print its size")
-    _add_config_args(p, "svitt_ego_kr3")
-    p.add_argument("--list", action="store_true", help="print the names of the presets shipped with svitt-ego")
-    p.set_defaults(func=_cmd_info)
-
+def _add_data_commands(sub) -> None:
+    """The toy world, Ego4D videos and their uids."""
     p = sub.add_parser("make-toy-data", help="generate the synthetic egocentric dataset")
-    p.add_argument("dir")
-    p.add_argument("--seed", type=seed, default=0)
-    p.add_argument("--num-videos", type=positive_int, default=None, help="default: the standard toy size")
+    p.add_argument("dir", help="the folder to generate it in")
+    p.add_argument("--seed", type=seed, default=0, help="the generator's seed")
+    p.add_argument("--num-videos", type=positive_int, default=None, help="videos (default: the standard toy size)")
     p.set_defaults(func=_cmd_make_toy_data)
 
     p = sub.add_parser("prepare-videos", help="resize Ego4D videos to short side 256 and cut 600-s chunks")
     p.add_argument("src", help="folder of <video_uid>.mp4 files")
     p.add_argument("dst", help="output root: DST/<video_uid>/<k>.mp4")
-    p.add_argument("--short-side", type=positive_int, default=256)
-    p.add_argument("--chunk-seconds", type=positive_float, default=600.0)
-    p.add_argument("--workers", type=positive_int, default=4)
+    p.add_argument("--short-side", type=positive_int, default=256, help="pixels of the shorter side")
+    p.add_argument("--chunk-seconds", type=positive_float, default=600.0, help="length of each chunk")
+    p.add_argument("--workers", type=positive_int, default=4, help="videos prepared at once")
     p.add_argument("--uids", default=None, help="prepare only the videos of this uid list (svitt-ego video-uids)")
     p.set_defaults(func=_cmd_prepare_videos)
 
@@ -338,12 +400,35 @@ def _add_pretraining_commands(sub) -> None:
     p.add_argument("--output", default=None, help="write the list here (default: standard output)")
     p.set_defaults(func=_cmd_video_uids)
 
+
+def _add_pretraining_commands(sub) -> None:
+    """Pretraining, EgoMCQ, the figure, window features and the demo."""
+    p = sub.add_parser("info", help="build a model from a config and print its size")
+    _add_config_args(p, "svitt_ego_kr3")
+    p.add_argument("--list", action="store_true", help="print the names of the presets shipped with svitt-ego")
+    p.set_defaults(func=_cmd_info)
+
     p = sub.add_parser("pretrain", help="pretrain on EgoClip (use torchrun for several GPUs)")
     _add_config_args(p, "svitt_ego_kr3")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.output_dir")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even though settings that change the saved state's meaning differ (logged)")
+    _add_device(p)
     p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("convert-svitt",
+                       help="a checkpoint SViTT's code wrote (SViTT's, SViTT-Ego's) as a model folder")
+    p.add_argument("checkpoint", help="the .pth file (read without running code)")
+    p.add_argument("output", help="the model folder to write (new or empty)")
+    p.add_argument("--vocab", default=None,
+                   help="a local BERT folder with vocab.txt (default: the checkpoint's text_encoder if local)")
+    p.add_argument("--text-heads", type=positive_int, default=12,
+                   help="BERT's attention heads when the checkpoint's config does not say (default: 12, BERT-base)")
+    p.add_argument("--allow-unused", action="store_true",
+                   help="drop the checkpoint's tensors that have no place in the model instead of refusing")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="model settings to change after reading, e.g. model.vision.num_frames=8")
+    p.set_defaults(func=_cmd_convert_svitt)
 
     p = sub.add_parser("eval-mcq", help="EgoMCQ accuracy (inter / intra) of a checkpoint")
     p.add_argument("checkpoint", help="a training checkpoint (.pt) or a save_pretrained folder")
@@ -357,6 +442,7 @@ def _add_pretraining_commands(sub) -> None:
     p.add_argument("--vtm-weight", type=finite_float, default=None, metavar="VTM_WEIGHT",
                    help="the weight of the VTM log-odds in --score both (default: the one picked on the "
                         "training split, svitt_ego.evaluate.VTM_WEIGHT)")
+    _add_device(p)
     p.set_defaults(func=_cmd_eval_mcq)
 
     p = sub.add_parser("visualize", help="draw the video patches node sparsity keeps for one clip (PNG)")
@@ -365,8 +451,9 @@ def _add_pretraining_commands(sub) -> None:
     p.add_argument("--start", type=nonnegative_float, required=True, help="clip start (seconds)")
     p.add_argument("--end", type=nonnegative_float, required=True, help="clip end (seconds)")
     p.add_argument("--text", default=None, help="also draw what the first fusion layer keeps for this text")
-    p.add_argument("--out", default="figure.png")
+    _add_output(p, "the PNG to write", default="figure.png")
     p.add_argument("--chunk-seconds", type=positive_float, default=600.0, help="chunk length of a chunk folder")
+    _add_device(p)
     p.set_defaults(func=_cmd_visualize)
 
     p = sub.add_parser("extract-features", help="window features of any videos (files, folders, lists, chunk folders)",
@@ -377,73 +464,98 @@ def _add_pretraining_commands(sub) -> None:
     p.add_argument("checkpoint", help="a training checkpoint (.pt) or a save_pretrained folder")
     p.add_argument("videos", nargs="+", help="video files, prepared chunk folders ROOT/VIDEO_UID, folders of either, "
                                              "or .txt files of such paths (one a line)")
-    p.add_argument("--out", required=True, help="the feature folder (manifest.json, videos/<name>.safetensors)")
+    _add_output(p, "the feature folder (manifest.json, videos/<name>.safetensors)", required=True)
     p.add_argument("--root", default=None, help="a prepare-videos root: VIDEOS may then be video uids under it")
     p.add_argument("--what", choices=["pooled", "projected", "tokens"], default="pooled",
                    help="pooled: the video encoder's pooled vector; projected: the joint-space embedding; "
                         "tokens: the last layer's kept tokens and their (t, h, w) positions")
     _add_window_args(p)
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="of the stored features")
+    _add_device(p)
     p.set_defaults(func=_cmd_extract_features)
 
     p = sub.add_parser("demo", help="toy data -> evaluate -> pretrain the tiny model -> evaluate again")
-    p.add_argument("--workdir", default="demo_run")
+    p.add_argument("--workdir", default="demo_run", help="the folder the toy data, the run and the results go in")
     p.add_argument("--quick", action="store_true", help="a short run (for tests)")
     p.add_argument("--epochs", type=positive_int, default=None,
                    help="pretraining epochs (default: the tiny preset's 5, about 11 minutes on 2 CPU cores; "
                         "10 takes twice as long and trains the multimodal encoder further)")
     p.add_argument("--task", choices=["pretrain", "nlq"], default="pretrain",
                    help="nlq: ground queries with the pretrained demo model (pretraining it first if missing)")
+    _add_device(p)
     p.set_defaults(func=_cmd_demo)
 
 
 def _add_nlq_commands(sub) -> None:
-    """Ego4D NLQ: features, the grounding model, submissions and their metric, zero-shot search."""
+    """Ego4D NLQ: features, the grounding model, submissions and their metric, narration queries."""
     p = sub.add_parser("extract-nlq-features", help="window features of Ego4D NLQ clips and their queries")
     p.add_argument("checkpoint", help="a training checkpoint (.pt) or a save_pretrained folder")
     p.add_argument("--annotations", nargs="+", required=True, help="nlq_*.json files (clips of all of them)")
     p.add_argument("--videos", required=True, help="videos as prepare-videos writes them")
-    p.add_argument("--out", required=True)
+    _add_output(p, "the feature folder (manifest.json, the clips' and the queries' features)", required=True)
     p.add_argument("--window", type=positive_int, default=4, help="frames per window (the model's num_frames)")
     p.add_argument("--stride", type=positive_int, default=4, help="frames between window starts")
     p.add_argument("--batch-size", type=positive_int, default=32, help="windows per forward pass")
-    p.add_argument("--chunk-seconds", type=positive_float, default=600.0)
+    p.add_argument("--chunk-seconds", type=positive_float, default=600.0, help="chunk length of chunk folders")
+    p.add_argument("--text", nargs="+", default=["svitt-ego"], metavar="ENCODER",
+                   help="the queries' token states: 'clip FOLDER' (a local Hugging Face CLIPTextModel and its "
+                        "tokenizer, GroundNLQ's text features, 512-d float32 for ViT-B/32) or 'svitt-ego' (the "
+                        "checkpoint's text encoder; the default)")
+    _add_device(p)
     p.set_defaults(func=_cmd_extract_nlq_features)
 
-    p = sub.add_parser("train-nlq", help="train the NLQ grounding model on extracted features")
-    p.add_argument("features")
-    p.add_argument("--annotations", nargs="+", required=True, help="NLQ-format training files")
-    p.add_argument("--out", required=True)
-    p.add_argument("--epochs", type=positive_int, default=10)
+    from svitt_ego.nlq.recipe import recipe_help
+
+    p = sub.add_parser("train-nlq", help="train the NLQ grounding model on extracted features",
+                       formatter_class=_RecipeHelpFormatter, description=recipe_help())
+    p.add_argument("features", help="a feature folder of extract-nlq-features")
+    p.add_argument("--annotations", nargs="+", required=True,
+                   help="NLQ-format training files (nlq_train.json, or nlq_train.json nlq_val.json for the test "
+                        "server)")
+    _add_output(p, "the run folder (last.pt, best.pt with --val, metrics.jsonl)", required=True)
+    stage = "(default: the recipe's, fine-tuning after --pretrain, else from scratch)"
+    p.add_argument("--epochs", type=positive_int, default=None, help=f"epochs after the warm-up {stage}")
+    p.add_argument("--warmup-epochs", type=nonnegative_int, default=None, help=f"warm-up epochs {stage}")
+    p.add_argument("--batch-size", type=positive_int, default=None, help=f"queries per step {stage}")
+    p.add_argument("--lr", type=positive_float, default=None, help=f"peak learning rate {stage}")
     p.add_argument("--pretrain", nargs="+", default=None,
                    help="NLQ-format files (e.g. narration queries) to train on first; the heads restart after")
-    p.add_argument("--pretrain-epochs", type=positive_int, default=10)
-    p.add_argument("--batch-size", type=positive_int, default=2)
-    p.add_argument("--lr", type=positive_float, default=5e-5)
-    p.add_argument("--seed", type=seed, default=0)
+    pretrain = "of the --pretrain stage (default: the recipe's)"
+    p.add_argument("--pretrain-epochs", type=positive_int, default=None, help=f"epochs after the warm-up {pretrain}")
+    p.add_argument("--pretrain-warmup-epochs", type=nonnegative_int, default=None, help=f"warm-up epochs {pretrain}")
+    p.add_argument("--pretrain-batch-size", type=positive_int, default=None, help=f"queries per step {pretrain}")
+    p.add_argument("--pretrain-lr", type=positive_float, default=None, help=f"peak learning rate {pretrain}")
+    p.add_argument("--jitter", action=argparse.BooleanOptionalAction, default=None,
+                   help="GroundNLQ's temporal jittering of the --pretrain answers (default: on, the recipe's)")
+    p.add_argument("--max-windows", type=positive_int, default=None,
+                   help="crop longer training clips to this many windows around the answer (default: whole clips)")
+    p.add_argument("--micro-batch", type=positive_int, default=None,
+                   help="queries per forward pass: a batch is run in parts and their gradients summed, the same "
+                        "step in less memory (default: the whole batch at once)")
+    p.add_argument("--seed", type=seed, default=0, help="the seed of initialisation and shuffling")
     p.add_argument("--max-nonfinite", type=nonnegative_int, default=10,
                    help="steps skipped for a non-finite loss or gradient before the run stops")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    _add_device(p)
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even though settings, stages or features differ from the run's own (logged)")
-    p.add_argument("--val", default=None, help="an NLQ file with answers: score every epoch, keep OUT/best.pt")
-    p.add_argument("--jitter", action="store_true", help="GroundNLQ's temporal jittering of the --pretrain answers")
+    p.add_argument("--val", default=None, help="an NLQ file with answers: score every epoch, keep OUTPUT/best.pt")
     p.set_defaults(func=_cmd_train_nlq)
 
     p = sub.add_parser("predict-nlq", help="write an official NLQ submission")
-    p.add_argument("features")
-    p.add_argument("--annotations", required=True)
-    p.add_argument("--output", required=True)
+    p.add_argument("features", help="a feature folder of extract-nlq-features")
+    p.add_argument("--annotations", required=True, help="the NLQ file whose queries to answer")
+    _add_output(p, "the submission (JSON) to write", required=True)
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", help="a train-nlq checkpoint (OUT/last.pt)")
+    which.add_argument("--model", help="a train-nlq checkpoint (OUTPUT/last.pt or best.pt)")
     which.add_argument("--zero-shot", action="store_true", help="score windows with the dual encoder instead")
-    p.add_argument("--top-k", type=positive_int, default=5)
+    p.add_argument("--top-k", type=positive_int, default=5, help="moments per query")
+    _add_device(p)
     p.set_defaults(func=_cmd_predict_nlq)
 
     p = sub.add_parser("eval-nlq", help="Recall@{1,5} at IoU {0.3,0.5} and mIoU of an NLQ submission")
-    p.add_argument("submission")
-    p.add_argument("--annotations", required=True)
+    p.add_argument("submission", help="a predict-nlq submission (JSON)")
+    p.add_argument("--annotations", required=True, help="the NLQ file with the answers")
     p.add_argument("--output", default=None, help="write the metrics as JSON here")
     p.set_defaults(func=_cmd_eval_nlq)
 
@@ -452,20 +564,24 @@ def _add_nlq_commands(sub) -> None:
     p.add_argument("egoclip", help="egoclip.csv")
     p.add_argument("--train", nargs="+", required=True, help="NLQ / MQ / VQ training files: their clips")
     p.add_argument("--exclude", nargs="*", default=[], help="val / test files: none of their videos is used")
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, help="the NLQ-format file to write")
     p.set_defaults(func=_cmd_narration_queries)
 
     p = sub.add_parser("export-nlq-features", help="a features folder as another project's inputs (GroundNLQ's lmdb)")
-    p.add_argument("features")
-    p.add_argument("--to", choices=["groundnlq"], required=True)
-    p.add_argument("out")
+    p.add_argument("features", help="a feature folder of extract-nlq-features")
+    p.add_argument("--to", choices=["groundnlq"], required=True, help="whose inputs")
+    p.add_argument("out", help="the folder to write them in")
     p.add_argument("--annotations", nargs="+", required=True, help="NLQ files whose queries to export (one jsonl each)")
     p.set_defaults(func=_cmd_export_nlq_features)
 
+
+def _add_search_command(sub) -> None:
+    """Zero-shot search of moments or clips by free text."""
     p = sub.add_parser("search", help="zero-shot: the moments of videos (or the clips) that best match queries",
                        description="The dual encoder alone: per query the best moments of every video, or with "
                                    "--mode clips the best clips (Recall@1/5/10 with --pairs). Raw videos are "
-                                   "extracted once into --cache; a feature folder is searched as it is.")
+                                   "extracted once into --cache; a feature folder is searched as it is. Queries "
+                                   "and options may come in any order.")
     p.add_argument("checkpoint", help="a training checkpoint (.pt) or a save_pretrained folder")
     p.add_argument("input", help="a video file, a prepared chunk folder, a folder of either, a .txt list of such "
                                  "paths, or a feature folder (extract-features, extract-nlq-features)")
@@ -476,7 +592,7 @@ def _add_nlq_commands(sub) -> None:
     p.add_argument("--cache", default=None, help="the folder raw videos' features are kept in (needed for raw "
                                                  "videos in --mode moments); one entry per video and setting")
     _add_window_args(p)
-    p.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
+    _add_device(p)
     p.add_argument("--pairs", default=None, help="--mode clips: a CSV video,text of true pairs; its texts are "
                                                  "the queries, and Recall@1/5/10 is printed both ways")
     p.add_argument("--html", default=None, help="write the results as a self-contained page here")
@@ -495,6 +611,7 @@ def _add_zero_shot_commands(sub) -> None:
                        help="an unreadable video stops the run (fail) or is named, counted and left out (skip)")
         p.add_argument("--workers", type=nonnegative_int, default=4, help="video-reading processes")
         p.add_argument("--output", default=None, help="write the scores as JSON here")
+        _add_device(p)
 
     p = sub.add_parser("eval-epic-mir", help="EPIC-Kitchens-100 multi-instance retrieval, zero-shot (mAP, nDCG)")
     p.add_argument("--annotations", required=True,
@@ -512,7 +629,7 @@ def _add_zero_shot_commands(sub) -> None:
 
     p = sub.add_parser("epic-mir-relevancy", help="build the EK-100 MIR relevancy matrix from the CSVs (.npy)")
     p.add_argument("--annotations", required=True, help="folder of the two EPIC_100_retrieval_test CSVs")
-    p.add_argument("--out", required=True, help="the .npy file to write")
+    _add_output(p, "the .npy file to write", required=True)
     p.add_argument("--compare", default=None, help="a distributed .pkl (or .npy) to report the largest difference from")
     p.set_defaults(func=_cmd_epic_mir_relevancy)
 
@@ -546,7 +663,7 @@ def _add_finetune_commands(sub) -> None:
                        help="the share of training videos held out to choose best.pt (default: 0.1)")
         p.add_argument("--seed", type=seed, default=0, help="data order, held-out videos, augmentation")
         p.add_argument("--workers", type=nonnegative_int, default=4, help="video-reading processes")
-        p.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
+        _add_device(p)
         p.add_argument("--resume", action="store_true", help="continue the run in --output from its last.pt")
         p.add_argument("--allow-config-change", action="store_true",
                        help="resume even though settings that change the saved state's meaning differ (logged)")
@@ -585,10 +702,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; a bad argument exits with one line and status 2 (``--help``: status 0)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # argparse fills the overrides with the first run of positionals only: take KEY=VALUE words
-    # that come after an option (``eval-mcq CKPT --output X a=b``) as overrides too.
-    if extra and hasattr(args, "overrides") and all("=" in word and not word.startswith("-") for word in extra):
-        args.overrides = [*args.overrides, *extra]
+    # argparse fills a trailing list of positionals with their first run only: take the KEY=VALUE words
+    # (``eval-mcq CKPT --output X a=b``) or search's queries (``search CKPT VIDEOS --cache C "a query"``)
+    # that come after an option into it too.
+    trailing = "queries" if hasattr(args, "queries") else "overrides"
+    if extra and hasattr(args, trailing) and all(not word.startswith("-") and (trailing == "queries" or "=" in word)
+                                                 for word in extra):
+        setattr(args, trailing, [*getattr(args, trailing), *extra])
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args
@@ -596,7 +716,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # The options a command writes to; every other path on its command line is an input, never written over.
 OUTPUTS = ("output", "out", "dst", "html", "png", "cache")
-NOT_PATHS = ("func", "command", "overrides", "queries")
+NOT_PATHS = ("func", "command", "overrides", "queries", "device")
 
 
 def refuse_inputs_as_outputs(args: argparse.Namespace) -> None:
@@ -615,12 +735,15 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
     except SystemExit as exit:  # argparse's own exit: --help, or a bad argument (one line, status 2)
         return exit.code if isinstance(exit.code, int) else 2
+    from svitt_ego.threads import configure_threads
+
+    configure_threads()  # before the command loads torch
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         refuse_inputs_as_outputs(args)
         return args.func(args)
     except _user_errors() as err:
-        print(f"svitt-ego: error: {err}", file=sys.stderr)
+        print(f"svitt-ego: error: {one_line(str(err))}", file=sys.stderr)
         return 2
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import math
-import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+from svitt_ego.untrusted import one_line, shown
 
 PRESETS = importlib.resources.files("svitt_ego") / "configs"  # shipped in the package (package data)
 # The largest size (width, depth, batch size, ...) a config may hold, so that no size overflows
@@ -33,7 +34,7 @@ class ConfigError(ValueError):
     not valid YAML. ``key`` is the dotted key at fault, when there is one."""
 
     def __init__(self, message: str, key: str | None = None):
-        super().__init__(message)
+        super().__init__(one_line(message))
         self.key = key
 
 
@@ -57,6 +58,13 @@ class VisionConfig:
     k_random: int = 3
     block_size: int = 56
     backend: str = "auto"
+    # SViTT's own block attention, for its checkpoints (convert-svitt sets it): the zero-padded keys of a
+    # partial last block join the softmax and a query block short of K_r others takes its own again
+    # (svitt_ego.models.block_pattern). K_l = 1 only; runs on the blocked backend whatever ``backend`` says.
+    svitt_blocks: bool = False
+    # The order the patch tokens are cut into blocks in: frame-major raster, or SViTT's optional z-curve or
+    # Hilbert curve over (t, h, w) (svitt_ego.models.token_order); the output tokens are in raster order.
+    token_order: str = "raster"
     eval_seed: int = 0
     # Node sparsity. keep_rate=1.0 turns it off.
     keep_rate: float = 0.7
@@ -101,6 +109,9 @@ class TextConfig:
     # video tokens for multimodal pruning (q_m): the [CLS] state (BERT, SViTT) or the mean over the text
     # tokens (a model whose [CLS] is nearly the same for every sentence cannot match with its [CLS]).
     fusion_pooling: str = "cls"
+    # The masked-language-model head; a model converted from a retrieval checkpoint (SViTT's BertModel
+    # text side) has none, and then cannot be pretrained with loss.mlm_weight > 0.
+    mlm_head: bool = True
     # Keep the word embeddings (and so the tied MLM decoder) fixed: on a CPU their
     # dense gradient and optimizer state are a large share of a small model's step.
     freeze_word_embeddings: bool = False
@@ -122,6 +133,9 @@ class ModelConfig:
     embed_dim: int = 256
     temperature: float = 0.07
     learn_temperature: bool = True
+    # A model folder (save_pretrained, convert-svitt) whose weights start the model instead of the BEiT /
+    # BERT folders; its sizes must be this config's (the bias tables follow num_frames).
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -212,7 +226,7 @@ def _choice(key: str, value: Any, choices: tuple) -> None:
 
 def _check(key: str, ok: bool, what: str, value: Any) -> None:
     if not ok:
-        raise ConfigError(f"{key}: must be {what}, got {_short(value)}", key)
+        raise ConfigError(f"{key}: must be {what}, got {shown(value)}", key)
 
 
 def _positive_ints(prefix: str, section: Any, names: tuple[str, ...]) -> None:
@@ -254,6 +268,9 @@ def _validate_vision(v: VisionConfig) -> None:
     _choice("model.vision.attention", v.attention, ("sparse", "dense"))
     _check("model.vision.k_local", v.k_local >= 1 and v.k_local % 2 == 1, "odd and >= 1", v.k_local)
     _check("model.vision.k_random", v.k_random >= 0, ">= 0", v.k_random)
+    _check("model.vision.k_local", not v.svitt_blocks or v.k_local == 1, "1 with model.vision.svitt_blocks",
+           v.k_local)
+    _choice("model.vision.token_order", v.token_order, ("raster", "zcurve", "hilbert"))
     _choice("model.vision.backend", v.backend, ("auto", "reference", "blocked", "triton", "flex"))
     _check("model.vision.eval_seed", 0 <= v.eval_seed < 2**31, "in [0, 2**31)", v.eval_seed)
     _check("model.vision.keep_rate", 0 < v.keep_rate <= 1, "in (0, 1]", v.keep_rate)
@@ -345,7 +362,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             (item,) = typing.get_args(annotation)
             return [_coerce(f"{key}[{i}]", x, item) for i, x in enumerate(value)]
     name = getattr(annotation, "__name__", str(annotation))
-    raise ConfigError(f"{key}: expected {name}, got {_short(value)}", key)
+    raise ConfigError(f"{key}: expected {name}, got {shown(value)}", key)
 
 
 def _finite_float(value: Any) -> float | None:
@@ -357,19 +374,6 @@ def _finite_float(value: Any) -> float | None:
     except (ValueError, OverflowError):
         return None
     return number if math.isfinite(number) else None
-
-
-# Bounds the repr of a value in a message: a few items per level, a few levels, and so a few
-# hundred characters, however large the value (one a YAML alias or a pickle's shared reference
-# makes exponentially large).
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 80, 80, 40
-_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 6
-
-
-def _short(value: Any) -> str:
-    text = _REPR.repr(value)
-    return text if len(text) <= 200 else text[:200] + "..."
 
 
 class _ConfigLoader(yaml.SafeLoader):
@@ -387,12 +391,12 @@ def _set(obj: Any, path: list[str], value: Any, prefix: str = "") -> None:
     key = f"{prefix}{path[0]}"
     fields = {f.name: f for f in dataclasses.fields(obj)}
     if path[0] not in fields:
-        raise ConfigError(f"unknown config key {_short(key)} (known: {', '.join(fields)})", key)
+        raise ConfigError(f"unknown config key {shown(key)} (known: {', '.join(fields)})", key)
     current = getattr(obj, path[0])
     if dataclasses.is_dataclass(current):
         if len(path) == 1:
             if not isinstance(value, dict):
-                raise ConfigError(f"{key}: expected a mapping, got {_short(value)}", key)
+                raise ConfigError(f"{key}: expected a mapping, got {shown(value)}", key)
             for sub, subvalue in value.items():
                 _set(current, [str(sub)], subvalue, key + ".")
         else:
@@ -400,17 +404,17 @@ def _set(obj: Any, path: list[str], value: Any, prefix: str = "") -> None:
         return
     if len(path) > 1:
         full_key = f"{key}.{'.'.join(path[1:])}"
-        raise ConfigError(f"unknown config key {_short(full_key)} ('{key}' is not a section)", full_key)
+        raise ConfigError(f"unknown config key {shown(full_key)} ('{key}' is not a section)", full_key)
     setattr(obj, path[0], _coerce(key, value, fields[path[0]].type))
 
 
 def apply(cfg: Config, updates: dict, prefix: str = "") -> Config:
     """Merge a nested mapping (as read from YAML) into ``cfg``."""
     if not isinstance(updates, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {_short(updates)}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {shown(updates)}")
     for key, value in updates.items():
         if not isinstance(key, str):
-            raise ConfigError(f"{prefix.rstrip('.') or 'config'}: keys must be strings, got {_short(key)}")
+            raise ConfigError(f"{prefix.rstrip('.') or 'config'}: keys must be strings, got {shown(key)}")
         _set(cfg, [key], value, prefix)
     return cfg
 
@@ -426,7 +430,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         return key, yaml.load(raw, Loader=_ConfigLoader)  # noqa: S506 - a safe loader
     except (yaml.YAMLError, RecursionError, ValueError) as err:  # ValueError: an integer too long to convert
-        raise ConfigError(f"override {_short(text)}: the value is not valid YAML ({_yaml_problem(err)})", key) from None
+        raise ConfigError(f"override {shown(text)}: the value is not valid YAML ({_yaml_problem(err)})", key) from None
 
 
 def preset_names() -> list[str]:

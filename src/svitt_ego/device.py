@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from svitt_ego.config import Config
+from svitt_ego.config import Config, ConfigError
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -14,6 +14,19 @@ AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 def default_device() -> str:
     """Where a command runs when not told: CUDA when there is a GPU, else the CPU."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """``--device``: the device ``name`` gives (cpu, cuda, cuda:1), or :func:`default_device` when None.
+
+    A name torch does not know, or CUDA on a machine without a GPU, is a one-line error."""
+    try:
+        device = torch.device(name or default_device())
+    except RuntimeError as err:
+        raise ConfigError(f"--device {name}: {str(err).splitlines()[0]}", "--device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: this machine has no CUDA device; use --device cpu", "--device")
+    return device
 
 
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:

@@ -31,14 +31,13 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """Rank, world size and device; initialises the process group when run under torchrun."""
+def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """Rank, world size and the device to run on: ``device`` (:func:`svitt_ego.device.pick_device`), on CUDA
+    without an index the local rank's GPU; initialises the process group when run under torchrun."""
     size = int(os.environ.get("WORLD_SIZE", 1))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if device.index is None else device.index)
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if size > 1 and not is_distributed():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return int(os.environ.get("RANK", 0)), size, device

@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import json
 import math
+import os
 import pickle
 import re
 from dataclasses import dataclass
@@ -23,11 +24,13 @@ from PIL import Image
 
 from svitt_ego.atomic import atomic_write, atomic_write_text
 from svitt_ego.config import Config, ConfigError
-from svitt_ego.data.errors import MetadataError
-from svitt_ego.data.video import VIDEO_UID_RULE, VideoReadError, is_video_uid, read_frames_by_index
+from svitt_ego.data.errors import MetadataError, checked_id
+from svitt_ego.data.video import VideoReadError, read_frames_by_index
+from svitt_ego.device import pick_device
 from svitt_ego.distributed import is_main, setup_distributed
 from svitt_ego.evaluate import load_for_eval
 from svitt_ego.models import SViTTEgo
+from svitt_ego.untrusted import shown
 from svitt_ego.zero_shot import embed_clips, embed_texts, expected_random_ap, read_csv_rows, segment_frame_ids
 
 TEST_CSV = "EPIC_100_retrieval_test.csv"
@@ -36,6 +39,8 @@ RELEVANCY_PKL = "caption_relevancy_EPIC_100_retrieval_test.pkl"
 TEST_COLUMNS = ("narration_id", "participant_id", "video_id", "narration_timestamp", "start_timestamp",
                 "stop_timestamp", "start_frame", "stop_frame", "narration", "verb", "verb_class", "noun",
                 "noun_class", "all_nouns", "all_noun_classes")
+# The float64 [clips, columns] matrices build_relevancy holds at its peak.
+RELEVANCY_BUILD_MATRICES = 4
 SCORE_KEYS = ("mAP V->T", "mAP T->V", "mAP avg", "nDCG V->T", "nDCG T->V", "nDCG avg")
 # EgoVLP's rgb_frames layout: <frames_root>/<video_id>/frame_0000000001.jpg
 FRAME_NAME = "frame_{:010d}.jpg"
@@ -168,7 +173,7 @@ def _field(where: str, name: str, value: str, parse, rule: str):
     try:
         return parse(value)
     except (ValueError, OverflowError):
-        raise MetadataError(f"{where}, field '{name}': expected {rule}, got {value[:200]!r}") from None
+        raise MetadataError(f"{where}, field '{name}': expected {rule}, got {shown(value)}") from None
 
 
 def _seconds(value: str) -> float:
@@ -194,9 +199,7 @@ def _natural(value: str) -> int:
 def _clip(path: Path, line: int, row: dict) -> MIRClip:
     where = f"{path}, line {line}"
     for name in ("participant_id", "video_id"):
-        if not is_video_uid(row[name]):
-            raise MetadataError(f"{where}, field '{name}': expected a folder name ({VIDEO_UID_RULE}), "
-                                f"got {row[name][:200]!r}")
+        checked_id(row[name], f"{where}, field '{name}'")
     if not row["narration_id"] or not row["narration"].strip():
         raise MetadataError(f"{where}, field '{'narration_id' if not row['narration_id'] else 'narration'}': empty")
     start, stop = (_field(where, name, row[name], _seconds, "a time HH:MM:SS.ss")
@@ -223,7 +226,7 @@ def read_mir_annotations(folder: str | Path) -> MIRAnnotations:
     for line, row in read_csv_rows(test, TEST_COLUMNS):
         clip = _clip(test, line, row)
         if clip.narration_id in row_of:
-            raise MetadataError(f"{test}, line {line}, field 'narration_id': {clip.narration_id!r} repeats "
+            raise MetadataError(f"{test}, line {line}, field 'narration_id': {shown(clip.narration_id)} repeats "
                                 f"the clip of row {row_of[clip.narration_id] + 1}")
         row_of[clip.narration_id] = len(clips)
         clips.append(clip)
@@ -232,7 +235,7 @@ def read_mir_annotations(folder: str | Path) -> MIRAnnotations:
     columns = []
     for line, row in read_csv_rows(sentences, ("narration_id",)):
         if row["narration_id"] not in row_of:
-            raise MetadataError(f"{sentences}, line {line}, field 'narration_id': {row['narration_id'][:200]!r} "
+            raise MetadataError(f"{sentences}, line {line}, field 'narration_id': {shown(row['narration_id'])} "
                                 f"is not a clip of {test.name}")
         columns.append(row_of[row["narration_id"]])
     if not columns:
@@ -242,9 +245,25 @@ def read_mir_annotations(folder: str | Path) -> MIRAnnotations:
 
 # ---------------------------------------------------------------- the relevancy matrix
 
+def physical_memory() -> int:
+    """This machine's memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_relevancy_fits(clips: int, columns: int) -> None:
+    """Refuse, in one line saying what it would need, a relevancy matrix larger than this machine's memory
+    can build (:func:`build_relevancy` holds about ``RELEVANCY_BUILD_MATRICES`` float64 matrices at once)."""
+    need, have = RELEVANCY_BUILD_MATRICES * 8 * clips * columns, physical_memory()
+    if need > have:
+        raise MetadataError(f"the relevancy matrix of {clips} clips x {columns} sentences needs about "
+                            f"{need / 2**30:.1f} GiB of memory to build, more than this machine's "
+                            f"{have / 2**30:.1f} GiB")
+
+
 def build_relevancy(annotations: MIRAnnotations) -> np.ndarray:
     """The JPoSE relevancy [clips, columns] (float64): (verb match + IoU of the noun-class sets) / 2,
     column j taking the classes of its own clip."""
+    check_relevancy_fits(len(annotations.clips), len(annotations.columns))
     clips = annotations.clips
     nouns = sorted({n for clip in clips for n in clip.noun_classes})
     position = {n: i for i, n in enumerate(nouns)}
@@ -263,9 +282,23 @@ def _array_globals() -> dict[tuple[str, str], object]:
     """What a pickled numpy array names (numpy 1 and numpy 2 module paths), and nothing else."""
     reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
     from_buffer = np.zeros(1).__reduce_ex__(5)[0]
-    allowed = {("_codecs", "encode"): codecs.encode, ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+
+    def empty_array(subtype, shape, dtype):
+        """NumPy pickles an array as an empty one that its state then fills: a shape here would be
+        allocated before anything is checked (40 bytes of pickle can ask for 10^12 elements)."""
+        if shape != (0,):
+            raise pickle.UnpicklingError(f"an array pickle starts from an empty array, not one of shape {shown(shape)}")
+        return reconstruct(subtype, shape, dtype)
+
+    def latin1(text, encoding="latin1"):
+        """``_codecs.encode`` as NumPy's pickles use it (an array's bytes as latin-1 text), and no other codec."""
+        if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+            raise pickle.UnpicklingError(f"refusing the codec {shown(encoding)} (an array pickle uses latin1)")
+        return codecs.encode(text, "latin1")
+
+    allowed = {("_codecs", "encode"): latin1, ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
     for package in ("numpy.core", "numpy._core"):
-        allowed[(f"{package}.multiarray", "_reconstruct")] = reconstruct
+        allowed[(f"{package}.multiarray", "_reconstruct")] = empty_array
         allowed[(f"{package}.numeric", "_frombuffer")] = from_buffer
     return allowed
 
@@ -285,33 +318,33 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 def load_relevancy(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
     """The relevancy matrix from the distributed ``.pkl`` (unpickled allowing only a numpy array) or
-    an ``.npy`` file (no pickles); ``shape``, when given, is the [clips, columns] of the CSVs."""
+    an ``.npy`` file (no pickles; mapped, so that its shape is checked before it is read); ``shape``,
+    when given, is the [clips, columns] of the CSVs."""
     path = Path(path)
     if not path.is_file():
         raise MetadataError(f"{path}: no such relevancy file")
     try:
         if path.suffix == ".npy":
-            matrix = np.load(path, allow_pickle=False)
+            matrix = np.load(path, mmap_mode="r", allow_pickle=False)
         else:
             with path.open("rb") as file:
                 matrix = _ArrayUnpickler(file).load()
-    except (pickle.UnpicklingError, ValueError, EOFError, TypeError, AttributeError, IndexError, KeyError,
-            OSError) as err:
-        raise MetadataError(f"{path}: not a relevancy matrix: {err}") from None
+    except Exception as err:  # whatever a crafted file makes the unpickler or NumPy raise
+        raise MetadataError(f"{path}: not a relevancy matrix: {type(err).__name__}: {err}") from None
     if not isinstance(matrix, np.ndarray) or matrix.ndim != 2 or matrix.dtype.kind not in "fiu":
         raise MetadataError(f"{path}: expected a 2-D numeric numpy array, got "
                             f"{getattr(matrix, 'shape', type(matrix).__name__)}")
     if shape is not None and matrix.shape != tuple(shape):
         raise MetadataError(f"{path}: the relevancy matrix is {matrix.shape[0]} x {matrix.shape[1]} but the "
                             f"annotations have {shape[0]} clips x {shape[1]} sentences")
-    return matrix.astype(np.float64, copy=False)
+    return np.array(matrix, dtype=np.float64)  # read (from a mapped .npy) only now
 
 
 def write_relevancy(annotations_folder: str | Path, out: str | Path, compare: str | Path | None = None) -> dict:
     """``svitt-ego epic-mir-relevancy``: build the matrix from the CSVs, write it as ``.npy``; with
     ``compare``, report its largest difference from a distributed matrix."""
     if Path(out).suffix != ".npy":
-        raise ConfigError(f"--out {out}: the relevancy matrix is written as .npy (no pickle)", "--out")
+        raise ConfigError(f"--output {out}: the relevancy matrix is written as .npy (no pickle)", "--output")
     matrix = build_relevancy(read_mir_annotations(annotations_folder))
 
     def save(tmp: Path) -> None:
@@ -355,7 +388,11 @@ class ClipReader:
             return read_frames_by_index(video_path(self.root, clip), lambda fps: segment_frame_ids(
                 round(clip.start * fps), math.ceil(clip.stop * fps), self.num_frames))
         edges = np.linspace(clip.start_frame, clip.stop_frame, self.num_frames + 1).astype(np.int64)
-        return torch.from_numpy(np.stack([self._jpeg(clip, int(i)) for i in (edges[:-1] + edges[1:] - 1) // 2]))
+        frames = [self._jpeg(clip, int(i)) for i in (edges[:-1] + edges[1:] - 1) // 2]
+        if len({frame.shape for frame in frames}) > 1:
+            raise VideoReadError(f"{self.root / clip.video_id}: the frames of clip {clip.narration_id} differ in size "
+                                 f"({sorted({frame.shape for frame in frames})})")
+        return torch.from_numpy(np.stack(frames))
 
     def _jpeg(self, clip: MIRClip, index: int) -> np.ndarray:
         path = self.root / clip.video_id / FRAME_NAME.format(index)
@@ -364,7 +401,7 @@ class ClipReader:
                 return np.asarray(image.convert("RGB"))
         except FileNotFoundError:
             raise VideoReadError(f"{path}: no such frame (clip {clip.narration_id})") from None
-        except OSError as err:
+        except (OSError, Image.DecompressionBombError, ValueError) as err:  # a bomb: a 14000 x 14000 frame
             raise VideoReadError(f"{path}: cannot decode: {err} (clip {clip.narration_id})") from None
 
 
@@ -397,12 +434,12 @@ def format_epic_mir(rows: dict[str, dict]) -> str:
 def run_epic_mir(checkpoint: str | Path, annotations: str | Path, videos: str | Path | None = None,
                  frames_root: str | Path | None = None, relevancy: str | Path | None = None, num_frames: int = 4,
                  batch_size: int = 32, on_error: str = "fail", workers: int = 4,
-                 output: str | Path | None = None) -> dict:
+                 output: str | Path | None = None, device: str | None = None) -> dict:
     """``svitt-ego eval-epic-mir``: evaluate, print the table, optionally write JSON."""
     if (videos is None) == (frames_root is None):
         raise ValueError("give exactly one of videos and frames_root")
     protocol = "videos" if videos is not None else "frames"
-    _, _, device = setup_distributed()
+    _, _, device = setup_distributed(pick_device(device))
     mir = read_mir_annotations(annotations)
     shape = (len(mir.clips), len(mir.columns))
     matrix = build_relevancy(mir) if relevancy is None else load_relevancy(relevancy, shape)

@@ -28,7 +28,7 @@ from svitt_ego.checkpoint import CheckpointError, load_checkpoint
 from svitt_ego.config import Config, ConfigError, config_from_dict, load_config, override, parse_override
 from svitt_ego.data.egomcq import INTER_VIDEO, INTRA_VIDEO, EgoMCQDataset, MCQQuestion, collate_egomcq, read_egomcq
 from svitt_ego.data.tokenizer import load_tokenizer
-from svitt_ego.device import autocast, to_device
+from svitt_ego.device import autocast, pick_device, to_device
 from svitt_ego.distributed import gather_objects, is_main, rank, setup_distributed, world_size
 from svitt_ego.models import SViTTEgo
 
@@ -202,7 +202,7 @@ def model_overrides(overrides: list[str] | tuple) -> tuple[dict, list[str]]:
 
 def load_for_eval(checkpoint: str | Path, config: str | None = None,
                   overrides: list[str] | tuple = ()) -> tuple[SViTTEgo, Config]:
-    """A model and its config from a training checkpoint (``.pt``) or a ``save_pretrained`` folder.
+    """A model (in eval mode) and its config from a training checkpoint (``.pt``) or a ``save_pretrained`` folder.
 
     The model's settings come from the checkpoint; ``model.`` overrides rebuild it from its
     weights (e.g. ``model.vision.num_frames=8`` re-inflates the bias tables, as
@@ -231,14 +231,16 @@ def load_for_eval(checkpoint: str | Path, config: str | None = None,
 
 
 def run_egomcq(checkpoint: str | Path, config: str | None = None, overrides: list[str] | tuple = (),
-               output: str | Path | None = None, score: str = "dual", vtm_weight: float | None = None) -> dict:
-    """``svitt-ego eval-mcq``: evaluate by ``score``, print the table, optionally write JSON."""
+               output: str | Path | None = None, score: str = "dual", vtm_weight: float | None = None,
+               device: str | None = None) -> dict:
+    """``svitt-ego eval-mcq``: evaluate by ``score`` on ``device`` (:func:`pick_device`), print the table,
+    optionally write JSON."""
     vtm_weight = VTM_WEIGHT if vtm_weight is None else vtm_weight
     if not math.isfinite(vtm_weight):
         raise ConfigError(f"--vtm-weight: must be a finite number, got {vtm_weight}", "--vtm-weight")
     if output is not None and os.path.lexists(output) and not Path(output).is_file():
         raise ConfigError(f"--output {output}: exists and is not a regular file; give a file name", "--output")
-    _, _, device = setup_distributed()
+    _, _, device = setup_distributed(pick_device(device))
     model, cfg = load_for_eval(checkpoint, config, overrides)
     result = evaluate_egomcq(model.to(device), cfg, device, score=score, vtm_weight=vtm_weight)
     if is_main():

@@ -36,6 +36,7 @@ from svitt_ego.data.errors import MetadataError
 from svitt_ego.data.errors import load_json as _load_json
 from svitt_ego.data.transforms import eval_transform
 from svitt_ego.models.pruning import num_kept
+from svitt_ego.untrusted import printable
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,8 @@ def file_source(path: str | Path) -> VideoSource:
 def chunk_folder_source(folder: str | Path, chunk_seconds: float = 600.0,
                         span: Callable[[float], tuple[int, int]] | None = None) -> VideoSource:
     """A prepared video ``ROOT/<video_uid>/<k>.mp4``: all its frames, or ``span(fps) = (first, count)``."""
-    from svitt_ego.data.video import VIDEO_UID_RULE, VideoReadError, chunk_path, is_video_uid, read_frames
+    from svitt_ego.data.errors import VIDEO_UID_RULE, is_video_uid
+    from svitt_ego.data.video import VideoReadError, chunk_path, read_frames
 
     folder = Path(folder)
     root, uid = folder.parent, folder.name
@@ -536,7 +538,7 @@ def begin_folder(out: Path, header: dict, entries: dict[str, dict]) -> dict:
         if changed:
             listed = "; ".join(f"{key} {manifest.get(key)!r} -> {header[key]!r}" for key in changed)
             raise FeatureFolderError(f"{path}: the folder holds features of other settings or weights ({listed}); "
-                                     "resume with the same ones or use another --out folder")
+                                     "resume with the same ones or use another --output folder")
         for key, info in entries.items():
             old = manifest["videos"].get(key)
             if old is not None:
@@ -560,12 +562,12 @@ def _refuse_another_source(path: Path, key: str, old: dict, new: dict) -> None:
     now = new.get("identity", {"video": str(Path(new["source"]).resolve())})
     if was["video"] != now["video"]:
         raise FeatureFolderError(f"{path}: {key} holds the features of {was['video']}, and {now['video']} has the "
-                                 "same name; extract it into another --out folder to keep both")
+                                 "same name; extract it into another --output folder to keep both")
     changed = [f"{k} {was[k]!r} -> {now[k]!r}" for k in ("size", "mtime_ns") if k in was and was[k] != now.get(k)]
     changed += [f"{k} {old[k]!r} -> {new[k]!r}" for k in COMPARED if old[k] != new[k]]
     if changed:
         raise FeatureFolderError(f"{path}: video {key} differs from the one its features were made of "
-                                 f"({'; '.join(changed)}); use another --out folder")
+                                 f"({'; '.join(changed)}); use another --output folder")
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
@@ -650,7 +652,7 @@ def extract_into(out: str | Path, header: dict, jobs: dict[str, Callable[[], Vid
         manifest = decide_on_main(lambda: _finish(out, failed))
     if is_main() and summary:
         print(f"{len(manifest['videos'])} {noun} have features in {out}, "
-              f"{len(failed)} unreadable" + "".join(f"\n  {key}: {why}" for key, why in failed.items()))
+              f"{len(failed)} unreadable" + "".join(f"\n  {printable(key)}: {why}" for key, why in failed.items()))
     return manifest
 
 
@@ -772,16 +774,17 @@ def model_settings(model, what: str = "pooled", window: int | None = None, strid
 def extract_features(checkpoint: str | Path, videos: list, out: str | Path, what: str = "pooled",
                      window: int | None = None, stride: int | None = None, frames: int | None = None,
                      fps: float | None = None, dtype: str = "float16", batch_size: int = 32,
-                     chunk_seconds: float = 600.0, root: str | Path | None = None) -> dict:
+                     chunk_seconds: float = 600.0, root: str | Path | None = None, device: str | None = None) -> dict:
     """``svitt-ego extract-features``: window features of every video into ``out``; returns the manifest.
 
     ``frames`` defaults to the model's ``num_frames`` (another value re-inflates the model),
-    ``window`` to ``frames`` and ``stride`` to ``window``."""
+    ``window`` to ``frames`` and ``stride`` to ``window``; ``device``: :func:`~svitt_ego.device.pick_device`."""
+    from svitt_ego.device import pick_device
     from svitt_ego.distributed import setup_distributed
 
     check_numbers(window=window, stride=stride, frames=frames, batch_size=batch_size)
     jobs = {key: (lambda path=path: open_video(path, chunk_seconds)) for key, path in list_videos(videos, root).items()}
-    _, _, device = setup_distributed()
+    _, _, device = setup_distributed(pick_device(device))
     model, digest = load_model(checkpoint, frames)
     settings = model_settings(model, what, window, stride, fps, dtype)
     extractor = WindowExtractor(model, settings, batch_size, device)

@@ -2,10 +2,11 @@
 
 **Moments.** Every window of a video is embedded as ``encode_video`` embeds a clip (the pooled
 feature through the video projection, L2-normalised) and scored by its cosine with the query's
-``encode_text`` embedding. A moment is a run of ``2 ** j`` windows (1 to 32) scored by how much its
+``encode_text`` embedding. A moment is a run of ``2 ** j`` windows (1 to 32) chosen by how much its
 windows stand out from their surroundings (:func:`run_contrast`: inside mean less outside mean; the
 inside mean alone never prefers a run to its best window); a video's best moments are kept with
-non-maximum suppression. The windows come
+non-maximum suppression, then scored and ranked across videos by their match with the query
+(:func:`match_score`: the inside mean, which a video's scene cuts do not raise). The windows come
 from a feature folder (:mod:`svitt_ego.features`), either given or made once per video and
 extraction setting in a cache folder (:func:`cached_features`).
 
@@ -34,6 +35,7 @@ from svitt_ego.features import (FORMAT, MANIFEST, FeatureFolder, FeatureFolderEr
                                 open_video, video_identity)
 from svitt_ego.run_folder import run_folder, start_afresh
 from svitt_ego.search_page import Moment, QueryResult, browser_playable, format_time
+from svitt_ego.untrusted import printable, shown
 
 log = logging.getLogger(__name__)
 
@@ -74,24 +76,44 @@ def run_contrast(scores: torch.Tensor, length: int) -> torch.Tensor:
 
 def best_moments(scores: torch.Tensor, top_k: int, iou_threshold: float = 0.5) -> list[tuple[int, int, float]]:
     """The ``top_k`` best runs ``(first, last, contrast)`` of windows by :func:`run_contrast`; a run
-    overlapping a better one by more than ``iou_threshold`` is dropped."""
-    candidates, values = [], []
+    overlapping a better one by ``iou_threshold`` or more is dropped.
+
+    The work is bounded whatever ``top_k``: no more runs than exist are kept, and a run is compared only
+    with the kept runs that can overlap it, those starting less than the longest run before it (at most
+    ``2 * 32`` starts of 6 lengths each), so suppression costs O(runs) after the sort."""
+    spans, values = [], []
     for length in MOMENT_LENGTHS:
         if length > len(scores):
             break
         starts = torch.arange(len(scores) - length + 1)
-        candidates.append(torch.stack([starts, starts + length - 1], 1))
+        spans.append(torch.stack([starts, starts + length - 1], 1))
         values.append(run_contrast(scores, length))
-    candidates, values = torch.cat(candidates).double(), torch.cat(values)
-    chosen = []
+    spans, values = torch.cat(spans).tolist(), torch.cat(values)
+    chosen: list[int] = []
+    kept_at: dict[int, list[int]] = {}  # first window -> the kept runs starting there
     for i in values.argsort(descending=True).tolist():
-        span = candidates[i] + torch.tensor([0.0, 1.0])  # a run covers [first, last + 1)
-        if all(segment_iou(span, (candidates[j] + torch.tensor([0.0, 1.0]))[None])[0] <= iou_threshold
-               for j in chosen):
+        first, last = spans[i]
+        near = (j for start in range(first - MOMENT_LENGTHS[-1] + 1, last + 1) for j in kept_at.get(start, ()))
+        if all(_run_iou(spans[i], spans[j]) < iou_threshold for j in near):
             chosen.append(i)
+            kept_at.setdefault(first, []).append(i)
             if len(chosen) == top_k:
                 break
-    return [(int(candidates[i, 0]), int(candidates[i, 1]), float(values[i])) for i in chosen]
+    return [(*spans[i], float(values[i])) for i in chosen]
+
+
+def _run_iou(one: list[int], other: list[int]) -> float:
+    """IoU of two runs of windows, each covering ``[first, last + 1)`` (as :func:`segment_iou` computes it)."""
+    inter = max(0, min(one[1], other[1]) - max(one[0], other[0]) + 1)
+    return inter / (max(one[1], other[1]) - min(one[0], other[0]) + 1)
+
+
+def match_score(scores: torch.Tensor, first: int, last: int) -> float:
+    """How well the run ``[first, last]`` of windows matches the query: the mean of its windows' scores
+    (cosines). Unlike the contrast that chose the run, it does not depend on the rest of its video, so
+    moments of different videos compare: a video with scene cuts, whose scores step up and down whatever
+    the query, gets no lead from them."""
+    return float(scores[first:last + 1].double().mean())
 
 
 def moment_seconds(features: FeatureFolder, key: str, first: int, last: int) -> tuple[float, float]:
@@ -135,9 +157,11 @@ def search_folder(model, features: FeatureFolder, queries: torch.Tensor, top_k: 
         length = info["frames"] / info["fps"]
         scores = video_embeddings(model, features, key) @ queries.T
         for q in range(len(queries)):
-            for first, last, score in best_moments(scores[:, q].contiguous(), top_k):
+            column = scores[:, q].contiguous()
+            for first, last, _ in best_moments(column, top_k):
                 start, end = moment_seconds(features, key, first, last)
-                found[q].append(Moment(video_path(features, key), max(start, 0.0), min(end, length), score))
+                found[q].append(Moment(video_path(features, key), max(start, 0.0), min(end, length),
+                                       match_score(column, first, last)))
     return found
 
 
@@ -241,7 +265,7 @@ def cached_features(checkpoint: str | Path, videos: dict[str, Path], cache: str 
         with run_folder(entry, "search", wait=_waiting_for(entry)):  # one search extracts it, others wait
             if is_cached(entry, key, header, identity):
                 reused += 1
-                print(f"reused {entry} for {path}")
+                print(f"reused {entry} for {printable(path)}")
             else:
                 start_afresh(entry, "search")  # an entry search made: emptied; anything else: refused
                 manifest = extract_into(entry, header, {key: lambda path=path: open_video(path, how.chunk_seconds)},
@@ -250,10 +274,10 @@ def cached_features(checkpoint: str | Path, videos: dict[str, Path], cache: str 
                     failed[str(path)] = manifest["failed"][key]
                     continue
                 seal_entry(entry, key, identity)
-                print(f"extracted {path} into {entry}")
+                print(f"extracted {printable(path)} into {entry}")
             found.append((FeatureFolder(entry), key))
     print(f"cache {cache}: {reused} reused, {len(found) - reused} extracted, {len(failed)} unreadable"
-          + "".join(f"\n  {why}" for why in failed.values()))
+          + "".join(f"\n  {printable(why)}" for why in failed.values()))
     return model, found, failed
 
 
@@ -341,17 +365,22 @@ def format_moments(results: list[QueryResult]) -> str:
     lines = []
     for result in results:
         width = _name_width(result)
-        lines += [f"query: {result.query}",
+        lines += [f"query: {printable(result.query)}",
                   f"{'rank':>4s}  {'video':{width}s}{'start':>9s}{'end':>9s}  {'m:ss.s':19s}{'score':>7s}"]
-        lines += [f"{rank:>4d}  {Path(m.video).name:{width}s}{m.start:>9.2f}{m.end:>9.2f}  "
+        lines += [f"{rank:>4d}  {_name(m):{width}s}{m.start:>9.2f}{m.end:>9.2f}  "
                   f"{format_time(m.start) + ' - ' + format_time(m.end):19s}{m.score:>7.3f}"
                   for rank, m in enumerate(result.moments, start=1)]
         lines += ["  (no moments)"] if not result.moments else []
     return "\n".join(lines)
 
 
+def _name(moment: Moment) -> str:
+    """A moment's file name as printed: escaped (a name may hold a terminal's escape sequences)."""
+    return printable(Path(moment.video).name)
+
+
 def _name_width(result: QueryResult) -> int:
-    return max([12] + [len(Path(m.video).name) + 2 for m in result.moments])
+    return max([12] + [len(_name(m)) + 2 for m in result.moments])
 
 
 # --------------------------------------------------------------------------- svitt-ego search --mode clips
@@ -381,7 +410,7 @@ def read_pairs(path: str | Path, clips: list[Path]) -> Pairs:
             raise MetadataError(f"{where}, field 'text': empty")
         clip = index.get((path.parent / video).resolve()) if video else None
         if clip is None:
-            raise MetadataError(f"{where}, field 'video': {video[:200]!r} is not one of the clips searched "
+            raise MetadataError(f"{where}, field 'video': {shown(video)} is not one of the clips searched "
                                 f"(a path relative to {path.parent} or absolute)")
         true.append((texts.setdefault(text, len(texts)), clip))
     if not true:
@@ -459,6 +488,7 @@ def search_clips(checkpoint: str | Path, source: str | Path, queries: list[str],
     videos, skipped = embed_clips(model, clips, WholeClipReader(model.config.vision.num_frames), cfg, device,
                                   how.batch_size, "skip", "clips")
     readable = [i for i in range(len(clips)) if i not in skipped]
+    _refuse_unreadable(source, pairs, clips, skipped, truth.truth[:, readable] if truth is not None else None)
     similarity = (embed_texts(model, texts, cfg, device) @ videos[readable].T).double().numpy()
     lengths = {i: clip_length(clips[i]) for i in readable}
     results = [QueryResult(text, [Moment(str(clips[readable[c]]), 0.0, lengths[readable[c]], float(row[c]))
@@ -468,12 +498,23 @@ def search_clips(checkpoint: str | Path, source: str | Path, queries: list[str],
     return results, {str(clips[i]): why for i, why in skipped.items()}, recall
 
 
+def _refuse_unreadable(source, pairs, clips: list[Path], skipped: dict[int, str], truth: np.ndarray | None) -> None:
+    """One line when no clip could be read, or (with ``pairs``) none of the clips the pairs name: no ranking
+    and no Recall@K (0 / 0) exist then."""
+    first = f"; the first unreadable: {next(iter(skipped.values()))}" if skipped else ""
+    if len(skipped) == len(clips):
+        raise MetadataError(f"{source}: none of its {len(clips)} clips could be read{first}")
+    if truth is not None and not truth.any():
+        raise MetadataError(f"{pairs}: none of the clips its pairs name could be read ({len(skipped)} unreadable), "
+                            f"so Recall@K has no query{first}")
+
+
 def format_clips(results: list[QueryResult]) -> str:
     lines = []
     for result in results:
         width = _name_width(result)
-        lines += [f"query: {result.query}", f"{'rank':>4s}  {'clip':{width}s}{'length':>9s}{'score':>8s}"]
-        lines += [f"{rank:>4d}  {Path(m.video).name:{width}s}{m.end:>9.2f}{m.score:>8.3f}"
+        lines += [f"query: {printable(result.query)}", f"{'rank':>4s}  {'clip':{width}s}{'length':>9s}{'score':>8s}"]
+        lines += [f"{rank:>4d}  {_name(m):{width}s}{m.end:>9.2f}{m.score:>8.3f}"
                   for rank, m in enumerate(result.moments, start=1)]
     return "\n".join(lines)
 
@@ -502,7 +543,7 @@ def run_search(checkpoint: str | Path, source: str | Path, queries: list[str], m
         results, failed, recall = search_clips(checkpoint, source, queries, top_k, pairs, how)
         print(format_clips(results) if pairs is None else format_recall(recall))
         print(f"{len(results)} texts; {len(failed)} unreadable clips left out"
-              + "".join(f"\n  {why}" for why in failed.values()))
+              + "".join(f"\n  {printable(why)}" for why in failed.values()))
     if html is not None or png is not None:
         add_frames(results, how.chunk_seconds)
     if html is not None:

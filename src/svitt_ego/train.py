@@ -38,7 +38,7 @@ from svitt_ego.config import Config, ConfigError
 from svitt_ego.data.dataset import EgoClipDataset, EpochSampler, collate_egoclip
 from svitt_ego.data.tokenizer import load_tokenizer
 from svitt_ego.data.video_uids import warn_shared_eval_videos
-from svitt_ego.device import autocast, to_device
+from svitt_ego.device import autocast, pick_device, to_device
 from svitt_ego.distributed import (barrier, decide_on_main, is_main, rank, setup_distributed, true_on_every_rank,
                                    world_size)
 from svitt_ego.evaluate import egomcq_score, evaluate_egomcq
@@ -173,9 +173,10 @@ class MetricsLogger:
     def _reset(self) -> None:
         self.tic, self.clips, self.skipped = time.perf_counter(), 0, 0
 
-    def progress(self, loader: DataLoader, epoch: int, initial: int, total: int) -> tqdm:
-        return tqdm(loader, desc=f"epoch {epoch}", disable=not self.enabled, dynamic_ncols=True,
-                    initial=initial, total=total)
+    def progress(self, epoch: int, initial: int, total: int) -> tqdm:
+        """The epoch's bar, counted by hand (one update per batch taken), so that it ends at its total
+        even when the loop stops at the run's last step."""
+        return tqdm(desc=f"epoch {epoch}", disable=not self.enabled, dynamic_ncols=True, initial=initial, total=total)
 
     def count(self, batch: dict) -> None:
         self.clips += batch["frames"].shape[0] * world_size()
@@ -292,8 +293,12 @@ def _adamw(t) -> type[torch.optim.Optimizer]:
 
 def build_run(cfg: Config, device: torch.device) -> Run:
     seed_everything(cfg.train.seed)
+    if cfg.loss.mlm_weight > 0 and not cfg.model.text.mlm_head:
+        raise ConfigError(f"loss.mlm_weight={cfg.loss.mlm_weight} needs an MLM head, and model.text.mlm_head is "
+                          "false (a model converted from a retrieval checkpoint); set loss.mlm_weight=0",
+                          "loss.mlm_weight")
+    model = create_model(cfg.model).to(device)  # with model.init_from, it names the tokenizer
     tokenizer = load_tokenizer(cfg.model.text)
-    model = create_model(cfg.model).to(device)
     objective = PretrainingObjective(model, cfg, tokenizer).to(device)
     # The gradients are views into DDP's buckets: no second copy of them (0.76 GiB for the paper's model).
     wrapped = (nn.parallel.DistributedDataParallel(objective, gradient_as_bucket_view=True)
@@ -327,11 +332,12 @@ def train_one_epoch(run: Run, state: TrainState) -> float | None:
                         collate_fn=run.collate(),
                         num_workers=cfg.data.num_workers, pin_memory=run.device.type == "cuda", drop_last=True,
                         generator=torch.Generator().manual_seed(t.seed + state.epoch))
-    progress = run.logger.progress(loader, state.epoch, state.batch_in_epoch, run.sampler.batches_per_epoch)
+    progress = run.logger.progress(state.epoch, state.batch_in_epoch, run.sampler.batches_per_epoch)
     loss_sum, trained = torch.zeros((), dtype=torch.float64, device=run.device), 0
-    for batch in progress:
+    for batch in loader:
         batch = to_device(batch, run.device)
         state.batch_in_epoch += 1
+        progress.update()
         run.logger.count(batch)
         accumulate = state.batch_in_epoch % t.grad_accum != 0
         try:
@@ -424,13 +430,13 @@ def train_epochs(run: Run, resume: bool, allow_config_change: bool) -> dict:
     return results
 
 
-def pretrain(cfg: Config, resume: bool = False, allow_config_change: bool = False) -> dict:
+def pretrain(cfg: Config, resume: bool = False, allow_config_change: bool = False, device: str | None = None) -> dict:
     """Pretrain with ``cfg``; returns the last EgoMCQ accuracies (empty without evaluation).
 
     ``resume`` continues the run in ``train.output_dir`` from ``last.pt``; a config that changes
-    what the saved state means is refused unless ``allow_config_change``.
+    what the saved state means is refused unless ``allow_config_change``. ``device``: :func:`pick_device`.
     """
-    _, _, device = setup_distributed()
+    _, _, device = setup_distributed(pick_device(device))
     out = Path(cfg.train.output_dir)
     if not resume and decide_on_main((out / "last.pt").exists):
         raise FileExistsError(f"{out} already holds a run ({out / 'last.pt'}); pass --resume to continue it, "

@@ -82,13 +82,13 @@ def kept_masks(model: SViTTEgo, frames: torch.Tensor, texts: list[str] | None = 
     vision = model.config.vision
     was_training = model.training
     model.eval()
-    video = model.forward_video(frames)
+    video = model.forward_video(frames.to(model.vision_proj.weight.device))
     T, grid = vision.num_frames, vision.grid_size
     total = T * grid * grid
     rows = []
     for layer, positions in zip(vision.prune_layers, video.kept_positions):
         rows.append(KeptRow(f"after video layer {layer}: {positions.shape[1]} of {total} patches kept "
-                            f"(q_v = {vision.keep_rate:g})", position_mask(positions, T, grid)))
+                            f"(q_v = {vision.keep_rate:g})", position_mask(positions.cpu(), T, grid)))
     if texts is not None:
         rows.append(fusion_row(model, video, texts, total))
     model.train(was_training)
@@ -97,7 +97,7 @@ def kept_masks(model: SViTTEgo, frames: torch.Tensor, texts: list[str] | None = 
 
 def fusion_row(model: SViTTEgo, video: VideoOutput, texts: list[str], total: int) -> KeptRow:
     """The video patches the first fusion layer keeps for ``texts`` (all of them when q_m = 1)."""
-    enc = model.tokenize(texts)
+    enc = {k: v.to(video.tokens.device) for k, v in model.tokenize(texts).items()}
     fused = model.fusion(model.forward_text(enc["input_ids"], enc["attention_mask"]), enc["attention_mask"],
                          video.tokens)
     kept = fused.kept_video_tokens
@@ -108,7 +108,7 @@ def fusion_row(model: SViTTEgo, video: VideoOutput, texts: list[str], total: int
     vision, text = model.config.vision, model.config.text
     label = (f"first fusion layer: {kept.shape[1]} of {n} video tokens kept for the text "
              f"(q_m = {text.keep_rate:g})")
-    return KeptRow(label, position_mask(positions.gather(1, kept - 1), vision.num_frames, vision.grid_size))
+    return KeptRow(label, position_mask(positions.gather(1, kept - 1).cpu(), vision.num_frames, vision.grid_size))
 
 
 # ---------------------------------------------------------------- drawing
@@ -186,13 +186,16 @@ def clip_figure(model: SViTTEgo, frames: torch.Tensor, text: str | None = None) 
 
 
 def visualize(checkpoint: str | Path, video: str | Path, start: float, end: float, text: str | None = None,
-              out: str | Path = "figure.png", chunk_seconds: float = 600.0) -> Path:
-    """``svitt-ego visualize``: the figure of the clip ``[start, end]`` of ``video`` for a checkpoint."""
+              out: str | Path = "figure.png", chunk_seconds: float = 600.0, device: str | None = None) -> Path:
+    """``svitt-ego visualize``: the figure of the clip ``[start, end]`` of ``video`` for a checkpoint, run on
+    ``device`` (:func:`~svitt_ego.device.pick_device`)."""
+    from svitt_ego.device import pick_device
     from svitt_ego.evaluate import load_for_eval
 
     if not end > start >= 0:
         raise ValueError(f"expected 0 <= --start < --end, got start={start}, end={end}")
     model, _ = load_for_eval(checkpoint)
+    model.to(pick_device(device))
     frames = read_video(video, start, end, model.config.vision.num_frames, chunk_seconds)
     return atomic_save_png(clip_figure(model, frames, text), out)
 

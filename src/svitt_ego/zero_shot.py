@@ -64,20 +64,22 @@ def read_csv_rows(path: Path, columns: tuple[str, ...]):
         raise MetadataError(f"{path}: no such annotation file")
     try:
         text = path.read_bytes().decode("utf-8-sig")
+    except OSError as err:
+        raise MetadataError(f"{path}: cannot read: {err}") from None
     except UnicodeDecodeError as err:
         raise MetadataError(f"{path}: not UTF-8 text (byte {err.start})") from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    missing = [name for name in columns if name not in (reader.fieldnames or [])]
-    if missing:
-        raise MetadataError(f"{path}, line 1: missing column(s) {', '.join(missing)}")
     try:
+        missing = [name for name in columns if name not in (reader.fieldnames or [])]  # reads the header
+        if missing:
+            raise MetadataError(f"{path}, line 1: missing column(s) {', '.join(missing)}")
         for row in reader:
             if None in row or None in row.values():
                 raise MetadataError(f"{path}, line {reader.line_num}: expected the {len(reader.fieldnames)} "
                                     "fields of the header")
             yield reader.line_num, row
     except csv.Error as err:
-        raise MetadataError(f"{path}, line {reader.line_num}: not valid CSV: {err}") from None
+        raise MetadataError(f"{path}, line {max(reader.line_num, 1)}: not valid CSV: {err}") from None
 
 
 class ClipFrames(Dataset):

@@ -34,8 +34,8 @@ import pyarrow.parquet as pq
 import torch
 
 from svitt_ego.atomic import atomic_write
-from svitt_ego.data.errors import MetadataError
-from svitt_ego.data.video import VIDEO_UID_REGEX, VIDEO_UID_RULE
+from svitt_ego.data.errors import VIDEO_UID_REGEX, VIDEO_UID_RULE, MetadataError, not_an_id
+from svitt_ego.untrusted import shown
 
 COLUMNS = ("clip_idx", "video_uid", "video_dur", "narration_source", "narration_ind",
            "narration_time", "clip_start", "clip_end", "clip_text", "tag_verb", "tag_noun")
@@ -155,7 +155,7 @@ def _convert(table: pa.Table) -> tuple[pa.Table, list]:
     """The typed table, and the checks of its rows: ``(field, mask of bad rows, message for a
     bad row)`` in column order."""
     def got(name: str, row: int) -> str:
-        return repr(table.column(name)[row].as_py())
+        return shown(table.column(name)[row].as_py())
 
     columns, checks = {}, []
     for name in COLUMNS:
@@ -174,7 +174,7 @@ def _convert(table: pa.Table) -> tuple[pa.Table, list]:
             columns[name] = raw
         if name == "video_uid":
             checks.append((name, _bad_video_uids(raw),
-                           lambda row: f"{got('video_uid', row)} is not a video id ({VIDEO_UID_RULE})"))
+                           lambda row: not_an_id(table.column("video_uid")[row].as_py())))
     reversed_times = pc.less(columns["clip_end"], columns["clip_start"]).to_numpy(zero_copy_only=False)
     checks.append(("clip_end", reversed_times,
                    lambda row: f"{got('clip_end', row)} is before clip_start {got('clip_start', row)}"))

@@ -12,10 +12,11 @@ import torch
 from torch.utils.data import Dataset
 
 from svitt_ego.config import Config
-from svitt_ego.data.errors import MetadataError, load_json
+from svitt_ego.data.errors import MetadataError, checked_id, load_json
 from svitt_ego.data.tokenizer import tokenize
 from svitt_ego.data.transforms import eval_transform
-from svitt_ego.data.video import VIDEO_UID_RULE, is_video_uid, read_clip_frames
+from svitt_ego.data.video import read_clip_frames
+from svitt_ego.untrusted import shown
 
 INTER_VIDEO, INTRA_VIDEO = 1, 2
 
@@ -46,7 +47,7 @@ def read_egomcq(path: str | Path) -> list[MCQQuestion]:
     data = load_json(path, what="EgoMCQ file (see data.egomcq)")
     if not isinstance(data, dict):
         raise MetadataError(f"{path}: expected an object of questions keyed by id, got {type(data).__name__}")
-    return [_question(qid, entry, f"{path}: question {_short(qid)}") for qid, entry in data.items()]
+    return [_question(qid, entry, f"{path}: question {shown(qid)}") for qid, entry in data.items()]
 
 
 def _question(qid: str, entry, where: str) -> MCQQuestion:
@@ -59,30 +60,27 @@ def _question(qid: str, entry, where: str) -> MCQQuestion:
     choices = entry["choices"]
     if not isinstance(choices, dict) or not choices or set(choices) != {str(i) for i in range(len(choices))}:
         raise MetadataError(f"{where}, field 'choices': expected an object with keys '0'..'n-1', "
-                            f"got {_short(choices)}")
+                            f"got {shown(choices)}")
     choices = [_clip(choices[str(i)], where, f"choices.{i}", need_text=False) for i in range(len(choices))]
     answer = _integer(entry["answer"], f"{where}, field 'answer'")
     if not 0 <= answer < len(choices):
-        raise MetadataError(f"{where}, field 'answer': {_short(answer)} is not a choice (0..{len(choices) - 1})")
+        raise MetadataError(f"{where}, field 'answer': {shown(answer)} is not a choice (0..{len(choices) - 1})")
     kind = _integer(entry["types"], f"{where}, field 'types'")
     if kind not in (INTER_VIDEO, INTRA_VIDEO):
-        raise MetadataError(f"{where}, field 'types': expected 1 (inter-video) or 2 (intra-video), got {_short(kind)}")
+        raise MetadataError(f"{where}, field 'types': expected 1 (inter-video) or 2 (intra-video), got {shown(kind)}")
     return MCQQuestion(qid, query, choices, answer, kind)
 
 
 def _clip(row, where: str, name: str, need_text: bool) -> Clip:
     if not isinstance(row, dict):
         raise MetadataError(f"{where}, field '{name}': expected an EgoClip row (an object), got {type(row).__name__}")
-    uid = row.get("video_uid")
-    if not is_video_uid(uid):
-        raise MetadataError(f"{where}, field '{name}.video_uid': expected a video id ({VIDEO_UID_RULE}), "
-                            f"got {_short(uid)}")
+    uid = checked_id(row.get("video_uid"), f"{where}, field '{name}.video_uid'")
     start, end = (_number(row.get(key), f"{where}, field '{name}.{key}'") for key in ("clip_start", "clip_end"))
     if end < start:
         raise MetadataError(f"{where}, field '{name}.clip_end': {end} is before clip_start {start}")
     text = row.get("clip_text")
     if need_text and not isinstance(text, str):
-        raise MetadataError(f"{where}, field '{name}.clip_text': expected a string, got {_short(text)}")
+        raise MetadataError(f"{where}, field '{name}.clip_text': expected a string, got {shown(text)}")
     return Clip(uid, start, end, text if isinstance(text, str) else None)
 
 
@@ -93,7 +91,7 @@ def _number(value, where: str) -> float:
     except (TypeError, ValueError, OverflowError):
         number = math.nan
     if isinstance(value, bool) or not math.isfinite(number):
-        raise MetadataError(f"{where}: expected a number, got {_short(value)}")
+        raise MetadataError(f"{where}: expected a number, got {shown(value)}")
     return number
 
 
@@ -102,14 +100,8 @@ def _integer(value, where: str) -> int:
     if isinstance(value, str) and re.fullmatch(r"\s*[0-9]{1,9}\s*", value):
         return int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise MetadataError(f"{where}: expected an integer, got {_short(value)}")
+        raise MetadataError(f"{where}: expected an integer, got {shown(value)}")
     return value
-
-
-def _short(value) -> str:
-    """``repr(value)``, cut to 200 characters (a field may hold a whole JSON document)."""
-    text = repr(value)
-    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def read_eval_clip(cfg: Config, clip: Clip) -> torch.Tensor:

@@ -1,14 +1,62 @@
-"""The error the metadata readers raise for a missing or malformed file, and the JSON loading they share."""
+"""The error the metadata readers raise for a missing or malformed file, and what they share: the JSON
+loading, the one check of ids read from annotations (:func:`checked_id`) and of JSON numbers."""
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
+
+from svitt_ego.untrusted import one_line, shown
+
+# A video id is one plain folder name under the video root: ASCII letters, digits, '_', '-' and
+# '.', not starting with '.' or '-' (so never '', '.', '..', a hidden name or a path), at most 128
+# characters. The same rule, as an RE2 pattern, checks whole metadata columns.
+VIDEO_UID_REGEX = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
+VIDEO_UID_RULE = "letters, digits, '_', '-' and '.', not starting with '.' or '-', at most 128 characters"
 
 
 class MetadataError(ValueError):
     """``egoclip.csv``, ``egomcq.json`` or a tokenizer's ``vocab.txt`` is missing or malformed.
-    The message is one line that names the file, the line (or question) and the field."""
+    The message is one line that names the file, the line (or question) and the field (see
+    :func:`svitt_ego.untrusted.one_line`)."""
+
+    def __init__(self, message: str):
+        super().__init__(one_line(message))
+
+
+def is_video_uid(value) -> bool:
+    """Whether ``value`` may name a video folder under the video root (see ``VIDEO_UID_REGEX``)."""
+    return isinstance(value, str) and re.fullmatch(VIDEO_UID_REGEX, value) is not None
+
+
+def checked_id(value, where: str, error: type[Exception] | None = None) -> str:
+    """``value`` if it is an id by ``VIDEO_UID_REGEX``; else ``error`` (:class:`MetadataError`) in one
+    line, ``where`` naming the file, the line (or the entry) and the field. Every reader of ids from
+    annotations (video ids, which name folders or files inside ``--videos``; clip and annotation ids,
+    which name output files) checks them with it, so that none names a path outside its folder."""
+    if not is_video_uid(value):
+        raise (error or MetadataError)(f"{where}: {not_an_id(value)}")
+    return value
+
+
+def not_an_id(value) -> str:
+    """Why ``value`` is refused as an id (the readers that check whole columns at once say it too)."""
+    return (f"{shown(value)} is not an id ({VIDEO_UID_RULE}): an id names a plain folder or file inside its "
+            "folder, never a path")
+
+
+def json_number(value) -> float | None:
+    """A JSON number (an int or a float, not a bool) as a finite float; None for anything else, an
+    integer too large for a float (400 digits) included."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def regular_file(path: str | Path, error: type[Exception], what: str) -> Path:

@@ -32,7 +32,8 @@ from av.video.reformatter import VideoReformatter
 from tqdm import tqdm
 
 from svitt_ego.atomic import atomic_write_bytes, fsync_folder, staging_path
-from svitt_ego.data.video import END_TOLERANCE_SECONDS, VIDEO_UID_RULE, is_video_uid
+from svitt_ego.data.errors import VIDEO_UID_RULE, is_video_uid
+from svitt_ego.data.video import END_TOLERANCE_SECONDS
 
 MANIFEST = "chunks.json"
 # A keyframe every second: a clip's frames are then at most a second of decoding away.

@@ -31,11 +31,14 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+from tqdm import tqdm
 
 from svitt_ego.atomic import atomic_write_json, atomic_write_text
-from svitt_ego.data.video import is_video_uid
+from svitt_ego.data.errors import is_video_uid
+from svitt_ego.threads import usable_cores
 
 VERSION = 2  # 2: 240 short videos instead of 60 long ones
 FPS = 10
@@ -578,11 +581,19 @@ scene is still, apart from a slight camera jitter.
 
 # ---------------------------------------------------------------- entry point
 
-def _workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
+def render_all(render: Callable, jobs: list[tuple], desc: str) -> None:
+    """``render(*job)`` for every job, in worker processes when there are several cores, with a progress bar."""
+    workers = min(usable_cores(), len(jobs))
+    with tqdm(total=len(jobs), desc=desc, unit="video", dynamic_ncols=True) as progress:
+        if workers > 1:
+            with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+                for future in concurrent.futures.as_completed([pool.submit(render, *job) for job in jobs]):
+                    future.result()
+                    progress.update()
+        else:
+            for job in jobs:
+                render(*job)
+                progress.update()
 
 
 def make_toy_data(root: str | Path, seed: int = 0, num_videos: int | None = None) -> Path:
@@ -614,16 +625,8 @@ def make_toy_data(root: str | Path, seed: int = 0, num_videos: int | None = None
     val_rows = _clip_rows(plans, "val", first_idx=len(train_rows))
     questions = _make_mcq(val_rows, rng)
 
-    video_root = root / "videos"
     jobs = sorted(plans, key=lambda p: -p.duration)  # the long video first
-    workers = min(_workers(), len(jobs))
-    if workers > 1:
-        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-            for future in [pool.submit(render_video, p, video_root) for p in jobs]:
-                future.result()
-    else:
-        for p in jobs:
-            render_video(p, video_root)
+    render_all(render_video, [(p, root / "videos") for p in jobs], "toy videos")
 
     _write_egoclip(root / "egoclip.csv", train_rows)
     atomic_write_text(root / "egomcq.json", json.dumps(questions))

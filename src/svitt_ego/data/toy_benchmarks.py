@@ -21,7 +21,6 @@ Both draw from their own random streams, so the rest of the toy world does not c
 
 from __future__ import annotations
 
-import concurrent.futures
 import csv
 import io
 import json
@@ -123,8 +122,9 @@ def _write_charades_ego(folder: Path, plans: list[toy.VideoPlan], train: list[to
     class_id = {pair: f"c{i:03d}" for i, pair in enumerate(classes)}
     lines = [f"{class_id[(verb, shape)]} {toy.VERBS[verb][2]} a {shape}" for verb, shape in classes]
     (folder / "Charades_v1_classes.txt").write_text("\n".join(lines) + "\n")
-    (folder / "CharadesEgo_v1_train_only1st.csv").write_text(_csv(CHARADES_COLUMNS, _charades_rows(train, class_id, "TRN")))
-    (folder / "CharadesEgo_v1_test_only1st.csv").write_text(_csv(CHARADES_COLUMNS, _charades_rows(plans, class_id, "TOY")))
+    for name, videos, prefix in (("train", train, "TRN"), ("test", plans, "TOY")):
+        rows = _charades_rows(videos, class_id, prefix)
+        (folder / f"CharadesEgo_v1_{name}_only1st.csv").write_text(_csv(CHARADES_COLUMNS, rows))
 
 
 def _charades_rows(plans: list[toy.VideoPlan], class_id: dict, prefix: str) -> list[dict]:
@@ -171,9 +171,7 @@ def make_toy_benchmarks(root: str | Path, seed: int, num_videos: int) -> None:
              for prefix, plans in (("TOY", charades), ("TRN", train_charades)) for index, plan in enumerate(plans)]
     for _, path in jobs:
         path.parent.mkdir(parents=True, exist_ok=True)
-    with concurrent.futures.ProcessPoolExecutor(min(toy._workers(), len(jobs))) as pool:
-        for future in [pool.submit(_render_file, plan, path) for plan, path in jobs]:
-            future.result()
+    toy.render_all(_render_file, jobs, "toy benchmark videos")
     _write_epic_mir(root / "epic_mir", epic, train_epic)
     _write_charades_ego(root / "charades_ego", charades, train_charades)
     manifest_path.write_text(json.dumps(manifest))

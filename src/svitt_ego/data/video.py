@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import re
 import threading
 from fractions import Fraction
 from pathlib import Path
@@ -27,6 +26,9 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+from svitt_ego.data.errors import VIDEO_UID_RULE, is_video_uid
+from svitt_ego.untrusted import one_line
 
 # Decode forward rather than seek when the next frame is at most this far ahead. In the chunks
 # written by ``prepare_videos`` (a keyframe every second) a seek lands on average half a second
@@ -46,20 +48,11 @@ _EPS = 1e-6
 # parent's context.
 _local = threading.local()
 
-# A video id is one plain folder name under the video root: ASCII letters, digits, '_', '-' and
-# '.', not starting with '.' or '-' (so never '', '.', '..', a hidden name or a path), at most 128
-# characters. The same rule, as an RE2 pattern, checks whole metadata columns.
-VIDEO_UID_REGEX = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
-VIDEO_UID_RULE = "letters, digits, '_', '-' and '.', not starting with '.' or '-', at most 128 characters"
-
-
-def is_video_uid(value) -> bool:
-    """Whether ``value`` may name a video folder under the video root (see ``VIDEO_UID_REGEX``)."""
-    return isinstance(value, str) and re.fullmatch(VIDEO_UID_REGEX, value) is not None
-
-
 class VideoReadError(RuntimeError):
     """A video file is missing, truncated or cannot be decoded. The message names the path."""
+
+    def __init__(self, message: str):
+        super().__init__(one_line(message))
 
 
 def sample_times(start: float, end: float, num_frames: int, sampling: str,

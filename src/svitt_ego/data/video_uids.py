@@ -18,8 +18,7 @@ import pandas as pd
 
 from svitt_ego.data.egoclip import read_egoclip
 from svitt_ego.data.egomcq import read_egomcq
-from svitt_ego.data.errors import MetadataError, load_json
-from svitt_ego.data.video import VIDEO_UID_RULE, is_video_uid
+from svitt_ego.data.errors import MetadataError, checked_id, load_json
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +87,8 @@ def read_videos(path: str | Path) -> tuple[str, dict[str, float | None]]:
 def _episodic_uids(path: Path, videos: list) -> list[str]:
     uids = []
     for i, video in enumerate(videos):
-        uid = video.get("video_uid") if isinstance(video, dict) else None
-        if not is_video_uid(uid):
-            raise MetadataError(f"{path}: videos[{i}], field 'video_uid': {str(uid)[:80]!r} is not a video id "
-                                f"({VIDEO_UID_RULE})")
-        uids.append(uid)
+        uids.append(checked_id(video.get("video_uid") if isinstance(video, dict) else None,
+                              f"{path}: videos[{i}], field 'video_uid'"))
     return uids
 
 
@@ -129,9 +125,7 @@ def read_uid_list(path: str | Path) -> list[str]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if not is_video_uid(line):
-            raise MetadataError(f"{path}, line {number}: {line[:80]!r} is not a video id ({VIDEO_UID_RULE})")
-        uids.append(line)
+        uids.append(checked_id(line, f"{path}, line {number}"))
     if not uids:
         raise MetadataError(f"{path}: the video uid list is empty")
     return uids

@@ -14,6 +14,7 @@ from torch import nn
 from svitt_ego.charades_ego import (CLASSES_TXT, CharadesAnnotations, VideoReader, charades_ego_map,
                                     evaluate_charades_ego, read_charades_annotations)
 from svitt_ego.data.errors import MetadataError
+from svitt_ego.device import pick_device
 from svitt_ego.distributed import all_gather_with_grad, is_main, setup_distributed
 from svitt_ego.eval.finetune import Recipe, Task, TrainingClip, finetune, held_out, load_model
 from svitt_ego.losses import info_nce
@@ -75,8 +76,7 @@ def run_finetune_charades_ego(model: str | Path, annotations: str | Path, videos
                               recipe: Recipe, num_classes: int = NUM_CLASSES, device: str | None = None,
                               resume: bool = False, allow_config_change: bool = False) -> dict:
     """``svitt-ego finetune-charades-ego``: fine-tune, print the test split's mAP of the last epoch."""
-    _, _, default = setup_distributed()
-    device = torch.device(device) if device else default
+    _, _, device = setup_distributed(pick_device(device))
     net, cfg = load_model(model, recipe, output)
     result = finetune(charades_task(annotations, videos, recipe, num_classes, cfg, device), net, cfg, device,
                       resume, allow_config_change)

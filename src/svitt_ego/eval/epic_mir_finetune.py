@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from svitt_ego.data.errors import MetadataError
+from svitt_ego.device import pick_device
 from svitt_ego.distributed import all_gather_no_grad, all_gather_with_grad, gather_tags, is_main, setup_distributed
 from svitt_ego.epic_mir import (TEST_COLUMNS, ClipReader, MIRAnnotations, MIRClip, _clip, build_relevancy,
                                 evaluate_epic_mir, format_epic_mir, load_relevancy, read_mir_annotations, video_path)
@@ -105,8 +106,7 @@ def run_finetune_epic_mir(model: str | Path, annotations: str | Path, videos: st
                           recipe: Recipe, relevancy: str | Path | None = None, device: str | None = None,
                           resume: bool = False, allow_config_change: bool = False) -> dict:
     """``svitt-ego finetune-epic-mir``: fine-tune, print the test split's table of the last epoch."""
-    _, _, default = setup_distributed()
-    device = torch.device(device) if device else default
+    _, _, device = setup_distributed(pick_device(device))
     net, cfg = load_model(model, recipe, output)
     result = finetune(mir_task(annotations, videos, recipe, relevancy, cfg, device), net, cfg, device, resume,
                       allow_config_change)

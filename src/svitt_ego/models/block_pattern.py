@@ -5,6 +5,12 @@ block may be partial). Query block ``b`` attends to its ``K_l`` local blocks (``
 ``(K_l-1)/2`` neighbours each side) and to ``K_r`` random other blocks, drawn without repetition
 and never a local block (fewer when fewer are free). Every attention backend reads the pattern
 from here; this module imports none of them.
+
+``svitt_blocks`` reproduces SViTT's own block attention (K_l = 1), for its checkpoints: a query block
+with fewer than K_r other blocks attends to its own block once more (SViTT's ``topk`` over the other
+blocks' noise falls back on the own block's zero), and the zero-padded keys of a partial last block
+take part in the softmax (score 0, the patch -> [CLS] bias, value 0), where ours are masked. Only the
+``blocked`` backend computes it.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ class BlockPattern:
     key_blocks: torch.Tensor  # [num_blocks, W] long
     valid: torch.Tensor  # [num_blocks, W] bool
     block_size: int
+    svitt_blocks: bool = False  # SViTT's padded keys and repeated own block (module docstring)
 
     @property
     def num_blocks(self) -> int:
@@ -36,7 +43,7 @@ class BlockPattern:
 
 def sample_block_pattern(num_tokens: int, block_size: int, k_local: int, k_random: int,
                          generator: torch.Generator | None = None,
-                         device: torch.device | str = "cpu") -> BlockPattern:
+                         device: torch.device | str = "cpu", svitt_blocks: bool = False) -> BlockPattern:
     """Draw the random blocks for ``num_tokens`` patch tokens (the [CLS] token excluded).
 
     Without a generator the draw happens on ``device`` (no host-device copy); with one, on the
@@ -47,12 +54,14 @@ def sample_block_pattern(num_tokens: int, block_size: int, k_local: int, k_rando
         noise = torch.rand(nb, nb, device=device)
     else:
         noise = torch.rand(nb, nb, generator=generator, device=generator.device).to(device)
-    return block_pattern_from_noise(noise, block_size, k_local, k_random)
+    return block_pattern_from_noise(noise, block_size, k_local, k_random, svitt_blocks)
 
 
-def block_pattern_from_noise(noise: torch.Tensor, block_size: int, k_local: int, k_random: int) -> BlockPattern:
+def block_pattern_from_noise(noise: torch.Tensor, block_size: int, k_local: int, k_random: int,
+                             svitt_blocks: bool = False) -> BlockPattern:
     """The pattern that ``noise`` [nb, nb] (uniform in [0, 1)) ranks: per query block, the local blocks
-    first, then the ``k_random`` other blocks with the lowest noise. Runs on ``noise``'s device."""
+    first, then the ``k_random`` other blocks with the lowest noise (with ``svitt_blocks``, the own block
+    again when fewer are free and there are at least ``k_random`` blocks). Runs on ``noise``'s device."""
     nb, device = noise.shape[0], noise.device
     blocks = torch.arange(nb, device=device)
     local = (blocks[:, None] - blocks[None, :]).abs() <= (k_local - 1) // 2
@@ -61,7 +70,10 @@ def block_pattern_from_noise(noise: torch.Tensor, block_size: int, k_local: int,
     key_blocks = keys.argsort(dim=1)[:, :width]
     count = (local.sum(1) + k_random).clamp(max=nb)
     valid = torch.arange(width, device=device)[None, :] < count[:, None]
-    return BlockPattern(key_blocks, valid, block_size)
+    if svitt_blocks and width < k_local + k_random <= nb + 1:
+        key_blocks = torch.cat([key_blocks, blocks[:, None]], dim=1)
+        valid = torch.cat([valid, valid.new_ones(nb, 1)], dim=1)
+    return BlockPattern(key_blocks, valid, block_size, svitt_blocks)
 
 
 def dense_mask(pattern: BlockPattern, num_tokens: int) -> torch.Tensor:

@@ -38,12 +38,14 @@ def _block_scores(q, k, positions, rel_bias: RelativePositionBias3D, pattern: Bl
     n, G, nb = q.shape[2] - 1, pattern.block_size, pattern.num_blocks
     W = pattern.key_blocks.shape[1]
     idx = pattern.key_blocks
-    patch_pos = F.pad(positions[:, 1:], (0, nb * G - n), value=0).view(-1, nb, G)
+    # SViTT's zero-padded keys take part, with the patch -> [CLS] bias (BlockPattern.svitt_blocks); ours are masked.
+    padding = CLS_POSITION if pattern.svitt_blocks else 0
+    patch_pos = F.pad(positions[:, 1:], (0, nb * G - n), value=padding).view(-1, nb, G)
     key_pos = patch_pos[:, idx].reshape(-1, nb, W * G)
     key_pos = torch.cat([key_pos.new_full((key_pos.shape[0], nb, 1), CLS_POSITION), key_pos], dim=2)
     bias = rel_bias(patch_pos, key_pos).transpose(1, 2)  # [B', H, nb, G, 1 + W*G]
 
-    token_ok = torch.arange(nb * G, device=q.device).view(nb, G) < n
+    token_ok = torch.arange(nb * G, device=q.device).view(nb, G) < (nb * G if pattern.svitt_blocks else n)
     key_ok = (token_ok[idx] & pattern.valid[:, :, None]).reshape(nb, W * G)
     key_ok = torch.cat([key_ok.new_ones(nb, 1), key_ok], dim=1)
 

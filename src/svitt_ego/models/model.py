@@ -52,7 +52,7 @@ class SViTTEgo(nn.Module):
         self.visual = VideoEncoder(cfg.vision)
         self.text = TextEncoder(cfg.text)
         self.fusion = FusionEncoder(cfg.text, video_width=cfg.vision.width)
-        self.mlm_head = MLMHead(cfg.text)
+        self.mlm_head = MLMHead(cfg.text) if cfg.text.mlm_head else None
         self.vision_proj = nn.Linear(cfg.vision.width, cfg.embed_dim)
         self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim)
         self.vtm_head = nn.Linear(cfg.text.width, 2)
@@ -138,6 +138,9 @@ class SViTTEgo(nn.Module):
         With ``select`` (bool [B, L]) only those positions go through the
         vocabulary projection, and the result is [num_selected, V].
         """
+        if self.mlm_head is None:
+            raise ConfigError("this model has no MLM head (model.text.mlm_head=false: converted from a retrieval "
+                              "checkpoint); masked language modelling needs one")
         text_hidden = self.forward_text(masked_ids, attention_mask)
         hidden = self.fusion(text_hidden, attention_mask, video_tokens).hidden
         if select is not None:
@@ -197,6 +200,9 @@ class SViTTEgo(nn.Module):
         frames (the bias tables are interpolated along time) or
         ``{"vision": {"k_random": 5}}`` changes the sparsity.
 
+        The model comes back in eval mode (dropout and drop path off), as transformers' models do:
+        call ``.train()`` before fine-tuning it.
+
         A config, weights file or vocabulary that is missing, not a regular file or malformed,
         or a config whose sizes do not fit the weights (checked before the model is built), is a
         one-line error naming the file.
@@ -217,7 +223,7 @@ class SViTTEgo(nn.Module):
                         overrides: dict | None = None) -> "SViTTEgo":
         """A model of config ``cfg`` (changed by ``overrides``, as in :meth:`from_pretrained`) holding
         ``state``, the weights of a model of config ``cfg`` (checked by :func:`check_fits` before
-        the model is built)."""
+        the model is built), in eval mode."""
         check_fits(cfg, state, source)
         if overrides:
             cfg = model_config_from_dict(_merge(cfg, overrides), "overrides")
@@ -230,7 +236,7 @@ class SViTTEgo(nn.Module):
         if report.missing or report.unexpected:
             raise CheckpointError(f"{source}: checkpoint does not match the model: missing "
                                   f"{report.missing[:5]}, unexpected {report.unexpected[:5]}")
-        return model
+        return model.eval()
 
     def describe(self) -> str:
         """Parameter counts per part, in millions."""
@@ -317,13 +323,35 @@ def model_config_from_dict(data: dict, source: str) -> ModelConfig:
 
 
 def create_model(cfg: ModelConfig, load_pretrained: bool = True) -> SViTTEgo:
-    """Build SViTT-Ego; with ``load_pretrained``, initialise from the BEiT / BERT folders the config names."""
+    """Build SViTT-Ego; with ``load_pretrained``, initialise from the model folder ``cfg.init_from`` (whose
+    vocabulary becomes the tokenizer, unless the config names one), else from the BEiT / BERT folders."""
     from svitt_ego.data.tokenizer import resolve_text_folder
     from svitt_ego.models.weights import load_beit, load_bert
 
+    if load_pretrained and cfg.init_from:
+        if cfg.text.tokenizer is None and (Path(cfg.init_from) / "vocab.txt").exists():
+            cfg.text.tokenizer = cfg.init_from
+        model = SViTTEgo(cfg)
+        load_model_folder(model, cfg.init_from)
+        return model
     model = SViTTEgo(cfg)
     if load_pretrained and cfg.vision.pretrained:
         load_beit(model.visual, cfg.vision.pretrained)
     if load_pretrained and cfg.text.pretrained:
         load_bert(model, resolve_text_folder(cfg.text.pretrained))
     return model
+
+
+def load_model_folder(model: SViTTEgo, folder: str | Path) -> None:
+    """Load the weights of a :meth:`SViTTEgo.save_pretrained` folder into ``model``, whose sizes must be the
+    folder's (a tensor that does not fit is named); the bias tables are resized to its number of frames."""
+    folder = Path(folder)
+    recover_pretrained(folder)
+    if not (folder / CONFIG_NAME).exists():
+        raise CheckpointError(f"model.init_from={folder}: not a saved model (no {CONFIG_NAME})")
+    state = dict(read_state_dict(folder))
+    resize_video_bias_tables(state, model.config.vision, prefix="visual.")
+    report = load_checked(model, state, str(folder))
+    if report.missing or report.unexpected:
+        raise CheckpointError(f"model.init_from={folder}: the folder's weights do not fit the model: missing "
+                              f"{report.missing[:5]}, unexpected {report.unexpected[:5]}")

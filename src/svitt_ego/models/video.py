@@ -22,8 +22,10 @@ from torch.utils.checkpoint import checkpoint
 from svitt_ego.config import VisionConfig
 from svitt_ego.models.attention import dense_attention, reference_attention, resolve_backend
 from svitt_ego.models.block_pattern import BlockPattern, block_pattern_from_noise, sample_block_pattern
+from svitt_ego.models.blocked import blocked_attention
 from svitt_ego.models.position_bias import CLS_POSITION, RelativePositionBias3D
-from svitt_ego.models.pruning import num_kept, prune_tokens
+from svitt_ego.models.pruning import gather_tokens, num_kept, prune_tokens
+from svitt_ego.models.token_order import token_order
 
 # Eval mode fixes layer l's pattern with the seed ``eval_seed * EVAL_SEED_STRIDE + l``: distinct per
 # layer, and distinct per eval_seed for up to this many layers.
@@ -62,7 +64,9 @@ class VideoAttention(nn.Module):
         B, N, C = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         q, k, v = F.linear(x, self.qkv.weight, bias).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        if self.backend == "reference":
+        if pattern is not None and pattern.svitt_blocks:
+            attend = blocked_attention  # the one backend that computes SViTT's blocks
+        elif self.backend == "reference":
             attend = reference_attention
         elif pattern is None:
             attend = dense_attention
@@ -112,6 +116,7 @@ class VideoEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self._eval_patterns: dict[tuple[int, int, str], BlockPattern] = {}
+        self._orders: dict[str, torch.Tensor] = {}
         self.patch_embed = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
@@ -141,12 +146,13 @@ class VideoEncoder(nn.Module):
             return None
         cfg = self.cfg
         if self.training:
-            return sample_block_pattern(num_tokens, cfg.block_size, cfg.k_local, cfg.k_random, device=device)
+            return sample_block_pattern(num_tokens, cfg.block_size, cfg.k_local, cfg.k_random, device=device,
+                                        svitt_blocks=cfg.svitt_blocks)
         key = (layer, num_tokens, str(torch.device(device)))
         if key not in self._eval_patterns:
             generator = torch.Generator().manual_seed(cfg.eval_seed * EVAL_SEED_STRIDE + layer)
             self._eval_patterns[key] = sample_block_pattern(num_tokens, cfg.block_size, cfg.k_local,
-                                                            cfg.k_random, generator, device)
+                                                            cfg.k_random, generator, device, cfg.svitt_blocks)
         return self._eval_patterns[key]
 
     def block_patterns(self, num_tokens: int, device: torch.device) -> list[BlockPattern | None]:
@@ -157,7 +163,8 @@ class VideoEncoder(nn.Module):
         cfg = self.cfg
         blocks = [math.ceil(n / cfg.block_size) for n in counts]
         noise = torch.rand(len(counts), blocks[0], blocks[0], device=device)
-        return [block_pattern_from_noise(noise[layer, :nb, :nb], cfg.block_size, cfg.k_local, cfg.k_random)
+        return [block_pattern_from_noise(noise[layer, :nb, :nb], cfg.block_size, cfg.k_local, cfg.k_random,
+                                         cfg.svitt_blocks)
                 for layer, nb in enumerate(blocks)]
 
     def tokens_per_layer(self, num_tokens: int) -> list[int]:
@@ -168,6 +175,16 @@ class VideoEncoder(nn.Module):
             if layer in self.cfg.prune_layers and self.cfg.keep_rate < 1.0:
                 num_tokens = num_kept(self.cfg.keep_rate, num_tokens)
         return counts
+
+    def token_order(self, device: torch.device) -> torch.Tensor | None:
+        """[1 + n] indices that put the patch tokens in ``cfg.token_order`` behind [CLS]; None for raster."""
+        if self.cfg.token_order == "raster":
+            return None
+        key = str(torch.device(device))
+        if key not in self._orders:
+            order = token_order(self.cfg.token_order, self.cfg.num_frames, self.cfg.grid_size)
+            self._orders[key] = torch.cat([order.new_zeros(1), order + 1]).to(device)
+        return self._orders[key]
 
     def embed(self, frames: torch.Tensor) -> torch.Tensor:
         """[B, T, 3, H, W] -> [B, 1 + T*h*w, C] with [CLS] in front."""
@@ -183,6 +200,9 @@ class VideoEncoder(nn.Module):
         x = self.embed(frames)
         B, N, _ = x.shape
         positions = torch.arange(CLS_POSITION, N - 1, device=x.device)[None]  # [1, N]: [CLS], then 0 .. n-1
+        order = self.token_order(x.device)
+        if order is not None:  # blocks are cut along the curve; the output returns to raster order below
+            x, positions = x[:, order], positions[:, order]
         kept = []
         patterns = self.block_patterns(N - 1, x.device)
         for layer, (block, pattern) in enumerate(zip(self.blocks, patterns)):
@@ -193,6 +213,8 @@ class VideoEncoder(nn.Module):
             if layer in self.cfg.prune_layers and self.cfg.keep_rate < 1.0:
                 x, positions = prune_tokens(x, positions, cls_probs.mean(1)[:, 1:], self.cfg.keep_rate)
                 kept.append(positions[:, 1:])
+        if order is not None:
+            x, positions, kept = _to_raster(x, positions, kept)
         tokens = self.norm(x)
         if self.cfg.pooling == "mean":
             pooled = self.fc_norm(x[:, 1:].mean(1))
@@ -200,3 +222,12 @@ class VideoEncoder(nn.Module):
             pooled = tokens[:, 0]
         return VideoOutput(tokens=tokens, pooled=pooled, last_hidden_state=x, kept_positions=kept)
 
+
+
+def _to_raster(x: torch.Tensor, positions: torch.Tensor,
+               kept: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The tokens [B, 1 + n, C], their positions [1 or B, 1 + n] and each pruning step's kept positions,
+    sorted by position: frame-major raster order, as without a token order."""
+    rank = positions[:, 1:].argsort(dim=1) + 1
+    idx = torch.cat([rank.new_zeros(rank.shape[0], 1), rank], dim=1).expand(x.shape[0], -1)
+    return gather_tokens(x, idx), positions.expand(x.shape[0], -1).gather(1, idx), [p.sort(1).values for p in kept]

@@ -10,14 +10,13 @@ the official metric scores them so; training clamps its targets to the clip.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from svitt_ego.data.errors import MetadataError
+from svitt_ego.data.errors import MetadataError, checked_id, json_number
 from svitt_ego.data.errors import load_json as _load_json
-from svitt_ego.data.video import VIDEO_UID_RULE, is_video_uid
+from svitt_ego.untrusted import shown
 
 # The real annotations sometimes carry the annotation tool's label in the text.
 _PREFIX = re.compile(r"^\s*query\s*text\s*:\s*", re.IGNORECASE)
@@ -72,9 +71,10 @@ def _number(obj: dict, key: str, where: str, required: bool = True) -> float | N
     value = obj.get(key)
     if value is None and not required:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise NLQFormatError(f"{where}: field '{key}' must be a finite number, got {value!r}")
-    return float(value)
+    number = json_number(value)
+    if number is None:
+        raise NLQFormatError(f"{where}: field '{key}' must be a finite number, got {shown(value)}")
+    return number
 
 
 def _items(obj: dict, key: str, where: str) -> list:
@@ -89,10 +89,7 @@ def _items(obj: dict, key: str, where: str) -> list:
 
 def _uid(obj: dict, key: str, where: str) -> str:
     """An id that names files of its own (features, checkpoints): never a path."""
-    value = obj.get(key)
-    if not is_video_uid(value):
-        raise NLQFormatError(f"{where}: field '{key}' must be an id ({VIDEO_UID_RULE}), got {_short(value)}")
-    return value
+    return checked_id(obj.get(key), f"{where}: field '{key}'", NLQFormatError)
 
 
 def _answer(query: dict, where: str) -> tuple[float | None, float | None]:
@@ -134,11 +131,9 @@ def parse_nlq(data, source: str) -> NLQAnnotations:
         raise NLQFormatError(f"{source}: expected a JSON object with 'videos', got {type(data).__name__}")
     out = NLQAnnotations()
     for v, video in enumerate(_items(data, "videos", source)):
-        video_uid = video.get("video_uid") if isinstance(video.get("video_uid"), str) else None
-        if video_uid is None:
-            raise NLQFormatError(f"{source}: videos[{v}]: field 'video_uid' must be a string")
-        for clip in _items(video, "clips", f"{source} video {video_uid}"):
-            _read_clip(video_uid, clip, source, out)
+        uid = _uid(video, "video_uid", f"{source}: videos[{v}]")
+        for clip in _items(video, "clips", f"{source} video {uid}"):
+            _read_clip(uid, clip, source, out)
     keys = [q.key for q in out.queries]
     if len(set(keys)) != len(keys):
         raise NLQFormatError(f"{source}: a (clip_uid, annotation_uid) pair appears twice")
@@ -153,8 +148,3 @@ def load_json(path: str | Path):
 
 def read_nlq(path: str | Path) -> NLQAnnotations:
     return parse_nlq(load_json(path), str(path))
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:80] + "..."

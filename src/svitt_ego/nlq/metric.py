@@ -11,9 +11,9 @@ the official 0/0 gives NaN, never above a threshold either but NaN in its mIoU.
 
 from __future__ import annotations
 
-import math
-
+from svitt_ego.data.errors import json_number
 from svitt_ego.nlq.annotations import NLQFormatError, NLQQuery, parse_nlq
+from svitt_ego.untrusted import shown
 
 THRESHOLDS = (0.3, 0.5)
 TOP_K = (1, 5)
@@ -33,12 +33,11 @@ def _predicted_times(entry: dict, where: str) -> list[tuple[float, float]]:
         raise NLQFormatError(f"{where}: field 'predicted_times' must be a non-empty list of [start, end]")
     out = []
     for i, pair in enumerate(times):
-        ok = isinstance(pair, (list, tuple)) and len(pair) == 2 and all(
-            isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in pair)
-        if not ok or pair[1] < pair[0]:
+        numbers = [json_number(t) for t in pair] if isinstance(pair, (list, tuple)) and len(pair) == 2 else [None]
+        if None in numbers or numbers[1] < numbers[0]:
             raise NLQFormatError(f"{where}: predicted_times[{i}] must be [start, end] with start <= end, "
-                                 f"got {pair!r}")
-        out.append((float(pair[0]), float(pair[1])))
+                                 f"got {shown(pair)}")
+        out.append((numbers[0], numbers[1]))
     return out
 
 
@@ -53,10 +52,10 @@ def read_submission(submission, source: str = "submission") -> dict[tuple[str, s
             raise NLQFormatError(f"{where}: must be an object")
         for name in ("clip_uid", "annotation_uid"):
             if not isinstance(entry.get(name), str):
-                raise NLQFormatError(f"{where}: field '{name}' must be a string, got {entry.get(name)!r}")
+                raise NLQFormatError(f"{where}: field '{name}' must be a string, got {shown(entry.get(name))}")
         idx = entry.get("query_idx")
         if not isinstance(idx, int) or isinstance(idx, bool):
-            raise NLQFormatError(f"{where}: field 'query_idx' must be an integer, got {idx!r}")
+            raise NLQFormatError(f"{where}: field 'query_idx' must be an integer, got {shown(idx)}")
         key = (entry["clip_uid"], entry["annotation_uid"], idx)
         if key in predictions:
             raise NLQFormatError(f"{where}: query {key} is predicted twice")

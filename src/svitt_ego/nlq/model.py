@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from svitt_ego.nlq.recipe import DROP_PATH, LABEL_SMOOTHING, LOSS_NORM_PER_GPU
+
 
 @dataclass
 class GroundingConfig:
@@ -39,11 +41,11 @@ class GroundingConfig:
     window: int = 9          # points each point attends to, itself in the middle
     head_layers: int = 3     # convolutions per head, the output one included
     dropout: float = 0.0     # in the MLPs and after the attention projections
-    drop_path: float = 0.1
+    drop_path: float = DROP_PATH
     prior: float = 0.01      # initial foreground probability
     center_radius: float = 1.5      # positives lie within this many strides of the moment's centre
-    label_smoothing: float = 0.1
-    loss_norm_init: float = 200.0   # the loss is divided by an EMA of the number of positives
+    label_smoothing: float = LABEL_SMOOTHING
+    loss_norm_init: float = LOSS_NORM_PER_GPU   # the loss is divided by an EMA of the number of positives
     loss_norm_momentum: float = 0.9
     score_threshold: float = 0.001  # decoding: candidates per level above this score,
     pre_nms: int = 2000             # at most this many per level,
@@ -162,8 +164,9 @@ class CrossAttention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: (strided) self-attention, optional cross-attention, MLP.
 
-    Residual branches are scaled per channel (``gamma_*``, from 1e-4) and dropped per row
-    (drop path); the cross-attention shares the self-attention's scale, as in GroundNLQ.
+    With drop path, residual branches are scaled per channel (``gamma_*``, from 1e-4) and dropped
+    per row; the cross-attention shares the self-attention's scale. Without (``drop_path`` 0) they
+    are added unscaled and there is no ``gamma_*``: GroundNLQ's ``AffineDropPath`` or ``Identity``.
     """
 
     def __init__(self, cfg: GroundingConfig, window: int | None, stride: int = 1, cross: bool = False):
@@ -176,12 +179,12 @@ class Block(nn.Module):
         self.pool = nn.MaxPool1d(stride + 1, stride, (stride + 1) // 2) if stride > 1 else nn.Identity()
         self.mlp = nn.Sequential(nn.Conv1d(dim, 4 * dim, 1), nn.GELU(), nn.Dropout(cfg.dropout),
                                  nn.Conv1d(4 * dim, dim, 1), nn.Dropout(cfg.dropout))
-        self.gamma_attn = nn.Parameter(torch.full((dim,), 1e-4))
-        self.gamma_mlp = nn.Parameter(torch.full((dim,), 1e-4))
+        scale = lambda: nn.Parameter(torch.full((dim,), 1e-4)) if cfg.drop_path > 0 else None  # noqa: E731
+        self.gamma_attn, self.gamma_mlp = scale(), scale()
         self.drop_path = cfg.drop_path
 
-    def _branch(self, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        return drop_path(gamma[:, None] * x, self.drop_path, self.training)
+    def _branch(self, x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
+        return x if gamma is None else drop_path(gamma[:, None] * x, self.drop_path, self.training)
 
     def forward(self, x, mask, text=None, text_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
         out, mask = self.attn(self.norm1(x), mask)
@@ -250,6 +253,14 @@ class GroundingModel(nn.Module):
         """Padded lengths are a multiple of this, so every level halves exactly."""
         return 2 ** (self.config.levels - 1)
 
+    def padded_length(self, longest: int) -> int:
+        """The length to pad a batch whose longest clip has ``longest`` windows to: the next multiple
+        of :attr:`multiple` and one more, so every level keeps at least one padded point after its
+        last valid one. The k3 convolutions and poolings then read padding there (whose values do
+        not depend on how much of it there is), never the array's end: a clip's outputs are the
+        same at any longer padding, GroundNLQ's ``max_seq_len`` included."""
+        return (-(-longest // self.multiple) + 1) * self.multiple
+
     def _embed(self, x, mask, convs, norms) -> torch.Tensor:
         m = mask[:, None].to(x.dtype)
         for conv, norm in zip(convs, norms):
@@ -257,7 +268,8 @@ class GroundingModel(nn.Module):
         return x
 
     def forward(self, video, video_mask, text, text_mask) -> list[dict]:
-        """``video`` [B, T, D] (T a multiple of :attr:`multiple`), ``text`` [B, L, C], bool masks.
+        """``video`` [B, T, D] (T a multiple of :attr:`multiple`, see :meth:`padded_length`), ``text``
+        [B, L, C], bool masks.
 
         Returns per level ``{"logits": [B, T_l], "offsets": [B, T_l, 2] (to the start and the end,
         in strides), "mask": [B, T_l], "stride": int}``; point ``j`` of a level is window ``j * stride``.

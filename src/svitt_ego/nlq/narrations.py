@@ -17,6 +17,7 @@ import torch
 
 from svitt_ego.data.egoclip import read_egoclip
 from svitt_ego.nlq.annotations import NLQFormatError, _items, _number, _uid, load_json
+from svitt_ego.untrusted import shown
 
 
 def _clips(path: str | Path) -> list[tuple[str, str, float, float]]:
@@ -28,7 +29,7 @@ def _clips(path: str | Path) -> list[tuple[str, str, float, float]]:
     for video in _items(data, "videos", str(path)):
         video_uid = _uid(video, "video_uid", str(path))
         for clip in _items(video, "clips", f"{path} video {video_uid}"):
-            where = f"{path} video {video_uid} clip {clip.get('clip_uid')!r}"
+            where = f"{path} video {video_uid} clip {shown(clip.get('clip_uid'))}"
             out.append((video_uid, _uid(clip, "clip_uid", where), _number(clip, "video_start_sec", where),
                         _number(clip, "video_end_sec", where)))
     return out

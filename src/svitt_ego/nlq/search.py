@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from svitt_ego.features import MANIFEST, model_of
+from svitt_ego.features import MANIFEST, FeatureFolderError, model_of
 from svitt_ego.nlq.annotations import NLQAnnotations
 from svitt_ego.nlq.features import NLQFeatures
 from svitt_ego.nlq.metric import submission_entry
+from svitt_ego.nlq.text import SVITT
 from svitt_ego.search import best_moments, moment_seconds, window_embeddings
 
 
@@ -66,5 +67,11 @@ def fixed_window_results(annotations: NLQAnnotations, interval: tuple[float, flo
 
 def load_dual_encoder(features: NLQFeatures, checkpoint: str | None = None):
     """The SViTT-Ego model the features came from (the manifest's checkpoint unless given); weights
-    other than those the features were extracted with are refused."""
-    return model_of(features.manifest, str(features.folder / MANIFEST), checkpoint)
+    other than those the features were extracted with are refused, and so are queries' token states
+    of another text encoder (the dual encoder scores its own)."""
+    where = str(features.folder / MANIFEST)
+    if features.manifest["text_encoder"] != SVITT:
+        raise FeatureFolderError(f"{where}: the queries' token states are {features.manifest['text_encoder']}'s; "
+                                 f"zero-shot scoring needs the dual encoder's own ({SVITT}): extract them with "
+                                 "--text svitt-ego into another folder")
+    return model_of(features.manifest, where, checkpoint)

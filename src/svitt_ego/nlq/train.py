@@ -1,7 +1,8 @@
 """``svitt-ego train-nlq`` and ``predict-nlq``: the grounding model on extracted features.
 
-Training runs in stages, each a list of NLQ-format annotation files and a number of epochs:
-e.g. pretraining on narration queries, then fine-tuning on NLQ, as the paper did. Every epoch
+Training runs in stages, each a list of NLQ-format annotation files and its schedule: e.g.
+pretraining on narration queries, then fine-tuning on NLQ, as the paper did, by default each with
+GroundNLQ's recipe for that stage (:mod:`svitt_ego.nlq.recipe`, :func:`recipe_stage`). Every epoch
 ends with an atomic ``last.pt`` (model, optimizer, stage, epoch, the torch RNG state and what the
 run's state means: its settings, stages and features), from which ``--resume`` continues exactly;
 a resume with other settings is refused naming them. The output folder is held through
@@ -15,11 +16,13 @@ import logging
 import math
 import pickle
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
+from tqdm import tqdm
 
 from svitt_ego.atomic import atomic_torch_save
 from svitt_ego.checkpoint import write_on_main
@@ -29,6 +32,7 @@ from svitt_ego.nlq.features import NLQFeatures
 from svitt_ego.nlq.metric import evaluate_nlq, make_submission, submission_entry
 from svitt_ego.nlq.model import GroundingConfig, GroundingModel
 from svitt_ego.nlq.narrations import jitter
+from svitt_ego.nlq.recipe import RECIPES
 from svitt_ego.run_folder import MetricsFile, refuse_changes, run_folder, settings_changes
 from svitt_ego.train import count_nonfinite
 
@@ -38,30 +42,49 @@ BEST_BY = "R@1 IoU=0.3"  # the validation score that picks best.pt
 
 @dataclass
 class TrainSettings:
-    batch_size: int = 2      # GroundNLQ's NLQ training
-    lr: float = 5e-5
+    """What holds for every stage of a run (a stage's schedule is its :class:`Stage`)."""
     weight_decay: float = 0.05  # on convolution weights only
-    warmup_epochs: int = 4   # linear warm-up from 0, then cosine to 1e-8, per iteration
-    max_windows: int | None = 2560  # longer clips are cropped around the moment in training (None: never)
+    max_windows: int | None = None  # crop longer training clips around the moment to this (None: never)
+    micro_batch: int | None = None  # queries per forward pass: a batch's gradients summed over its parts
     seed: int = 0
     model: dict = field(default_factory=dict)  # GroundingConfig fields other than the dimensions
     max_nonfinite: int = 10  # steps skipped for a non-finite loss or gradient before the run stops
 
 
 # What may differ between a run and its resumption; any other setting, stage or feature key is refused.
-RESUMABLE_CHANGES = ("settings.max_nonfinite",)
+RESUMABLE_CHANGES = ("settings.max_nonfinite", "settings.micro_batch")
 # What a feature folder's manifest says about the features' meaning (not about which clips it holds).
 FEATURE_KEYS = ("format", "checkpoint", "weights_digest", "what", "window", "stride", "frames", "fps", "dtype",
-                "dimension", "text_dimension", "time_convention")
+                "dimension", "text_dimension", "text_encoder", "time_convention")
 # Bounds on the sizes that the weights' shapes do not show, or that are looped over before they are checked.
 MAX_LEVELS, MAX_TEXT_LAYERS = 16, 64  # also the bound on stem_layers
 
 
 @dataclass
 class Stage:
+    """One stage: its files and its schedule, a linear warm-up from 0 over ``warmup_epochs``, then a
+    cosine to 1e-8 over ``epochs`` more, per iteration (``epochs`` counts after the warm-up, as
+    GroundNLQ counts it). ``loss_norm_init`` None starts the loss normaliser at the model config's."""
     annotations: list[str]
     epochs: int
+    lr: float
+    batch_size: int
+    warmup_epochs: int = 0
     jitter: bool = False  # GroundNLQ's temporal jittering of the answers (its narration pretraining)
+    loss_norm_init: float | None = None
+
+    @property
+    def total_epochs(self) -> int:
+        return self.warmup_epochs + self.epochs
+
+
+def recipe_stage(name: str, annotations: list, **changes) -> Stage:
+    """A stage with GroundNLQ's recipe ``name`` (``pretrain``, ``finetune``, ``scratch``), but
+    ``changes`` (those given as None keep the recipe's)."""
+    r = RECIPES[name]
+    stage = Stage([str(a) for a in annotations], r.epochs, r.lr, r.batch_size, r.warmup_epochs, r.jitter,
+                  r.loss_norm_init)
+    return replace(stage, **{key: value for key, value in changes.items() if value is not None})
 
 
 def training_queries(features: NLQFeatures, files: list) -> list[NLQQuery]:
@@ -79,10 +102,13 @@ def training_queries(features: NLQFeatures, files: list) -> list[NLQQuery]:
     return queries
 
 
-def collate(features: NLQFeatures, queries: list[NLQQuery], multiple: int, max_windows: int | None = None,
-            generator: torch.Generator | None = None) -> dict:
+def collate(features: NLQFeatures, queries: list[NLQQuery], padded_length: Callable[[int], int],
+            max_windows: int | None = None, generator: torch.Generator | None = None) -> dict:
     """Padded video [B, T, D], text [B, L, C], their masks, moments [B, 2] (window indices) and offsets.
 
+    ``T`` is ``padded_length(longest clip)`` (:meth:`GroundingModel.padded_length`), ``L`` the
+    longest query's tokens and one more: every row keeps a padded point after its last valid one,
+    so a query's outputs do not depend on the other rows of its batch.
     With ``max_windows`` a longer clip is cut to a random crop of that many windows that holds
     as much of the moment as fits; ``offsets`` says where each row starts in its clip.
     """
@@ -101,14 +127,15 @@ def collate(features: NLQFeatures, queries: list[NLQQuery], multiple: int, max_w
         offsets.append(offset)
         moments.append(moment - offset)
     texts = [features.text(q).float() for q in queries]
-    length = math.ceil(max(len(v) for v in videos) / multiple) * multiple
+    length = padded_length(max(len(v) for v in videos))
     video = pad_sequence(videos, batch_first=True)
     video = torch.nn.functional.pad(video, (0, 0, 0, length - video.shape[1]))
     lengths = torch.tensor([len(v) for v in videos])
     text_lengths = torch.tensor([len(t) for t in texts])
-    return {"video": video, "video_mask": torch.arange(length)[None] < lengths[:, None],
-            "text": pad_sequence(texts, batch_first=True),
-            "text_mask": torch.arange(max(text_lengths))[None] < text_lengths[:, None],
+    text_length = int(text_lengths.max()) + 1  # a padded token after every query, as for the video
+    text = torch.nn.functional.pad(pad_sequence(texts, batch_first=True), (0, 0, 0, 1))
+    return {"video": video, "video_mask": torch.arange(length)[None] < lengths[:, None], "text": text,
+            "text_mask": torch.arange(text_length)[None] < text_lengths[:, None],
             "moments": torch.stack(moments), "offsets": torch.tensor(offsets)}
 
 
@@ -122,20 +149,47 @@ def _forward(model: GroundingModel, batch: dict, device: torch.device) -> list[d
     return model(*(batch[k].to(device) for k in ("video", "video_mask", "text", "text_mask")))
 
 
-def _learning_rate(settings: TrainSettings, step: int, warmup: int, total: int, floor: float = 1e-8) -> float:
+def _learning_rate(lr: float, step: int, warmup: int, total: int, floor: float = 1e-8) -> float:
     """GroundNLQ's per-iteration schedule: 0 to ``lr`` over ``warmup`` steps, then cosine to ``floor``."""
     if step < warmup:
-        return settings.lr * step / max(1, warmup - 1)
-    return floor + 0.5 * (settings.lr - floor) * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        return lr * step / max(1, warmup - 1)
+    return floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _optimizer(model: GroundingModel, settings: TrainSettings) -> torch.optim.Optimizer:
-    """AdamW, weight decay on convolution weights only (not on biases, norms or scales)."""
+def _optimizer(model: GroundingModel, settings: TrainSettings, lr: float) -> torch.optim.Optimizer:
+    """AdamW, weight decay on convolution weights only (not on biases, norms or scales); the
+    learning rate is set before every step (:func:`_learning_rate`)."""
     decay = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Conv1d)}
     params = list(model.parameters())
     groups = [{"params": [p for p in params if id(p) in decay], "weight_decay": settings.weight_decay},
               {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=settings.lr)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def _backward(model: GroundingModel, features: NLQFeatures, chosen: list[NLQQuery], settings: TrainSettings,
+              device: torch.device) -> dict:
+    """Forward and backward of one batch, ``settings.micro_batch`` queries at a time; the gradients
+    are the whole batch's (its losses summed over all its points, divided by the loss normaliser
+    updated with all its positives), however it is split: each part's sums are backpropagated and
+    the gradients divided by that normaliser at the end. Returns the batch's losses."""
+    size, parts = settings.micro_batch or len(chosen), []
+    for j in range(0, len(chosen), size):
+        batch = collate(features, chosen[j:j + size], model.padded_length, settings.max_windows)
+        losses = grounding_loss(_forward(model, batch, device), batch["moments"].to(device), model.config,
+                                float(model.loss_normalizer))
+        (losses["loss"] if size >= len(chosen) else losses["loss"] * losses["normalizer"]).backward()
+        parts.append(losses)
+    if len(parts) == 1:
+        return parts[0]
+    momentum, positives = model.config.loss_norm_momentum, sum(part["positives"] for part in parts)
+    normalizer = momentum * float(model.loss_normalizer) + (1 - momentum) * max(positives, 1)
+    for parameter in model.parameters():
+        if parameter.grad is not None:
+            parameter.grad.div_(normalizer)
+    total = {key: sum(part[key].detach() * part["normalizer"] for part in parts) / normalizer
+             for key in ("loss", "cls", "reg")}
+    return {**total, "normalizer": normalizer, "positives": positives,
+            "zero_offsets": sum(part["zero_offsets"] for part in parts)}
 
 
 def _train_epoch(model, optimizer, features, queries, settings, stage: Stage, position: tuple[int, int],
@@ -145,21 +199,20 @@ def _train_epoch(model, optimizer, features, queries, settings, stage: Stage, po
     model.train()
     index, epoch = position
     order = torch.randperm(len(queries)).tolist()
-    steps = math.ceil(len(queries) / settings.batch_size)
+    steps = math.ceil(len(queries) / stage.batch_size)
     sums, trained = {"loss": 0.0, "cls": 0.0, "reg": 0.0}, 0
     positives, zero_offsets = 0, torch.zeros(2, dtype=torch.long)
-    for i in range(steps):
-        chosen = [queries[j] for j in order[i * settings.batch_size:(i + 1) * settings.batch_size]]
+    bar = f"stage {index} epoch {epoch + 1}/{stage.epochs}"
+    for i in tqdm(range(steps), desc=bar, unit="step", dynamic_ncols=True):
+        chosen = [queries[j] for j in order[i * stage.batch_size:(i + 1) * stage.batch_size]]
         if stage.jitter:
             chosen = [_jittered(features, q) for q in chosen]
-        batch = collate(features, chosen, model.multiple, settings.max_windows)
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(settings, epoch * steps + i, settings.warmup_epochs * steps, stage.epochs * steps)
-        losses = grounding_loss(_forward(model, batch, device), batch["moments"].to(device), model.config,
-                                float(model.loss_normalizer))
-        model.loss_normalizer.fill_(losses["normalizer"])
+            group["lr"] = _learning_rate(stage.lr, epoch * steps + i, stage.warmup_epochs * steps,
+                                         stage.total_epochs * steps)
         optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
+        losses = _backward(model, features, chosen, settings, device)
+        model.loss_normalizer.fill_(losses["normalizer"])
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         if not (torch.isfinite(losses["loss"]) and torch.isfinite(norm)):
             optimizer.zero_grad(set_to_none=True)
@@ -271,8 +324,8 @@ def run_settings(features: NLQFeatures, stages: list[Stage], settings: TrainSett
                  val: str | Path | None = None) -> dict:
     """What a run's state means: compared with the saved one when resuming."""
     return {"settings": asdict(settings), "features": {k: features.manifest.get(k) for k in FEATURE_KEYS},
-            "stages": [{"annotations": [str(Path(a).resolve()) for a in stage.annotations], "epochs": stage.epochs,
-                        "jitter": stage.jitter} for stage in stages],
+            "stages": [{**asdict(stage), "annotations": [str(Path(a).resolve()) for a in stage.annotations]}
+                       for stage in stages],
             "val": None if val is None else str(Path(val).resolve())}
 
 
@@ -296,7 +349,7 @@ def train_nlq(features_dir: str | Path, stages: list[Stage], out: str | Path, se
 def _train_nlq(features, stages, out, settings, resume, device, val, allow_config_change) -> GroundingModel:
     last, meaning = out / "last.pt", run_settings(features, stages, settings, val)
     if last.exists() and not resume:
-        raise FileExistsError(f"{last} exists: pass --resume to continue it, or another --out")
+        raise FileExistsError(f"{last} exists: pass --resume to continue it, or another --output")
     torch.manual_seed(settings.seed)
     cfg = GroundingConfig(video_dim=features.manifest["dimension"], text_dim=features.manifest["text_dimension"],
                           **settings.model)
@@ -313,12 +366,15 @@ def _train_nlq(features, stages, out, settings, resume, device, val, allow_confi
     try:
         for s, stage in enumerate(stages[position[0]:], start=position[0]):
             queries = training_queries(features, stage.annotations)
-            if s > 0 and (s != position[0] or position[1] == 0):
-                model.reset_heads()  # a later stage fine-tunes with fresh heads, as GroundNLQ does
-            optimizer = _optimizer(model, settings)
+            if s != position[0] or position[1] == 0:  # the stage begins
+                if s > 0:
+                    model.reset_heads()  # a later stage fine-tunes with fresh heads, as GroundNLQ does
+                if stage.loss_norm_init is not None:
+                    model.loss_normalizer.fill_(stage.loss_norm_init)
+            optimizer = _optimizer(model, settings, stage.lr)
             if s == position[0] and "optimizer" in state:
                 optimizer.load_state_dict(state["optimizer"])
-            for epoch in range(position[1] if s == position[0] else 0, stage.epochs):
+            for epoch in range(position[1] if s == position[0] else 0, stage.total_epochs):
                 start = time.perf_counter()
                 stats, nonfinite = _train_epoch(model, optimizer, features, queries, settings, stage, (s, epoch),
                                                 device, nonfinite)
@@ -341,6 +397,20 @@ def _train_nlq(features, stages, out, settings, resume, device, val, allow_confi
     return model
 
 
+def check_inputs(checkpoint: str | Path, state: dict, config: GroundingConfig, features: NLQFeatures) -> None:
+    """Refuse features the checkpoint's model cannot read, or whose queries another text encoder made."""
+    where = features.folder / "manifest.json"
+    for name, ours, theirs in (("video", config.video_dim, features.manifest["dimension"]),
+                               ("text", config.text_dim, features.manifest["text_dimension"])):
+        if ours != theirs:
+            raise NLQFormatError(f"{checkpoint}: the model reads {name} features of dimension {ours}, {where} holds "
+                                 f"{theirs}")
+    trained_on = (state.get("features") or {}).get("text_encoder", features.manifest["text_encoder"])
+    if trained_on != features.manifest["text_encoder"]:
+        raise NLQFormatError(f"{checkpoint}: trained on queries encoded by {trained_on}, {where} holds queries "
+                             f"encoded by {features.manifest['text_encoder']}")
+
+
 @torch.no_grad()
 def predict_moments(model: GroundingModel, features: NLQFeatures, queries: list[NLQQuery], clips: dict,
                     batch_size: int = 8, top_k: int = 5, device: torch.device | str = "cpu") -> list[dict]:
@@ -356,7 +426,7 @@ def predict_moments(model: GroundingModel, features: NLQFeatures, queries: list[
     for clip_queries in by_clip.values():
         for i in range(0, len(clip_queries), batch_size):
             chosen = clip_queries[i:i + batch_size]
-            outputs = _forward(model, collate(features, chosen, model.multiple), torch.device(device))
+            outputs = _forward(model, collate(features, chosen, model.padded_length), torch.device(device))
             for row, q in enumerate(chosen):
                 segments, _ = decode(outputs, row, model.config, top_k)
                 seconds = features.to_seconds(q.clip_uid, segments.cpu().double())
@@ -365,15 +435,17 @@ def predict_moments(model: GroundingModel, features: NLQFeatures, queries: list[
 
 
 def predict_nlq(features_dir: str | Path, checkpoint: str | Path, annotations: str | Path, output: str | Path,
-                top_k: int = 5, batch_size: int = 8) -> dict:
-    """``svitt-ego predict-nlq``: write the official submission for every query of ``annotations``."""
+                top_k: int = 5, batch_size: int = 8, device: str | None = None) -> dict:
+    """``svitt-ego predict-nlq``: write the official submission for every query of ``annotations``, the model
+    run on ``device`` (:func:`~svitt_ego.device.pick_device`)."""
     from svitt_ego.atomic import atomic_write_json
-    from svitt_ego.device import default_device
+    from svitt_ego.device import pick_device
 
-    model, _ = load_grounding(checkpoint)
+    model, state = load_grounding(checkpoint)
+    features = NLQFeatures(features_dir)
+    check_inputs(checkpoint, state, model.config, features)
     parsed = read_nlq(annotations)
-    results = predict_moments(model, NLQFeatures(features_dir), parsed.queries, parsed.clips, batch_size, top_k,
-                              default_device())
+    results = predict_moments(model, features, parsed.queries, parsed.clips, batch_size, top_k, pick_device(device))
     submission = make_submission(results)
     atomic_write_json(output, submission)
     return submission
