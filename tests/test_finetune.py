@@ -152,7 +152,12 @@ def test_bad_input_is_one_line(toy, tmp_path, capsys):
     assert "classes, expected 157 (--num-classes)" in error(
         ["finetune-charades-ego", str(toy / "model"), "--annotations", str(toy / "charades_ego"), "--videos",
          str(toy / "charades_ego" / "videos"), "--output", str(tmp_path / "c")])
-    assert not any((tmp_path / name).exists() for name in "abc")
+    no_videos = tmp_path / "videos"
+    shutil.copytree(toy / "epic_mir" / "videos", no_videos)
+    (no_videos / "P03" / "P03_01.MP4").unlink()
+    assert "P03_01.MP4: no such video file (1 of the training videos are missing)" in error(
+        [*_mir(toy, tmp_path / "d"), "--videos", str(no_videos)])
+    assert not any((tmp_path / name).exists() for name in "abcd")
 
 
 # --------------------------------------------------------------------------- the global batch under torchrun

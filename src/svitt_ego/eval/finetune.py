@@ -29,7 +29,7 @@ from svitt_ego.data.dataset import EpochSampler
 from svitt_ego.data.egoclip import pad_tags
 from svitt_ego.data.tokenizer import tokenize
 from svitt_ego.data.transforms import ClipTransform
-from svitt_ego.data.video import read_frames_by_index
+from svitt_ego.data.video import VideoReadError, read_frames_by_index
 from svitt_ego.distributed import barrier, decide_on_main, rank, world_size
 from svitt_ego.evaluate import load_for_eval
 from svitt_ego.models import SViTTEgo
@@ -222,6 +222,9 @@ def finetune(task: Task, model: SViTTEgo, cfg: Config, device: torch.device, res
     """Fine-tune ``model`` on ``task`` into ``cfg.train.output_dir``; returns the test split's scores of the
     last epoch's model, also written to ``test.json`` (``best.pt``: the best epoch on the held-out videos)."""
     out = Path(cfg.train.output_dir)
+    missing = sorted({str(clip.path) for clip in task.clips if not clip.path.is_file()})
+    if missing:
+        raise VideoReadError(f"{missing[0]}: no such video file ({len(missing)} of the training videos are missing)")
     if not resume and decide_on_main((out / "last.pt").exists):
         raise FileExistsError(f"{out} already holds a run ({out / 'last.pt'}); pass --resume to continue it, "
                               "or choose another --output")
