@@ -250,7 +250,7 @@ class Run:
         """The DataLoader's collate function for :attr:`dataset`."""
         return collate_egoclip(self.tokenizer, self.cfg.model.text.max_length)
 
-    def evaluate(self, state: "TrainState") -> tuple[dict, float, str] | None:
+    def evaluate(self, state: TrainState) -> tuple[dict, float, str] | None:
         """The end of an epoch's evaluation: ``(results, score, metric)`` (logged), the higher the score the
         better; None when there is nothing to evaluate on. Here EgoMCQ's mean accuracy."""
         if not (self.cfg.train.eval_every_epoch and decide_on_main(Path(self.cfg.data.egomcq).exists)):
