@@ -19,7 +19,7 @@ from svitt_ego.cli import main
 from svitt_ego.config import ConfigError, load_config
 from svitt_ego.data.egoclip import pad_tags
 from svitt_ego.data.toy_benchmarks import make_toy_benchmarks
-from svitt_ego.epic_mir import MIRAnnotations, MIRClip, build_relevancy
+from svitt_ego.epic_mir import MIRAnnotations, MIRClip, build_relevancy, read_mir_annotations, video_path
 from svitt_ego.eval.epic_mir_finetune import pair_relevancy
 from svitt_ego.eval.finetune import held_out, jittered_frame_ids
 from svitt_ego.losses import max_margin_ranking
@@ -91,6 +91,21 @@ def toy(tmp_path_factory):
     model = root / "model"
     SViTTEgo(load_config("tiny", SMALL_MODEL).model).save_pretrained(model)
     return root
+
+
+def test_the_toy_training_splits_are_other_videos(toy):
+    from svitt_ego.charades_ego import read_charades_annotations
+    from svitt_ego.eval.epic_mir_finetune import read_mir_clips
+
+    train = read_mir_clips(toy / "epic_mir" / "EPIC_100_retrieval_train.csv")
+    test = read_mir_annotations(toy / "epic_mir")
+    assert train and not {c.video_id for c in train} & {c.video_id for c in test.clips}
+    assert all(video_path(toy / "epic_mir" / "videos", c).is_file() for c in train)
+    charades = [read_charades_annotations(toy / "charades_ego", name).videos for name in
+                ("CharadesEgo_v1_train_only1st.csv", "CharadesEgo_v1_test_only1st.csv")]
+    assert not {v.video_id for v in charades[0]} & {v.video_id for v in charades[1]}
+    assert all(v.segments and (toy / "charades_ego" / "videos" / f"{v.video_id}.mp4").is_file()
+               for v in charades[0] if v.classes)
 
 
 def _mir(toy, output, *extra) -> list[str]:
