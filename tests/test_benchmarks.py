@@ -44,6 +44,8 @@ def smallest_runs(demo: Path, tmp: Path) -> dict[str, tuple]:
         "attention.py": (("--device", "cpu", "--frames", "1", "--batch", "1", "--repeats", "1", "--dtype", "float32",
                           "--methods", "blocked", "dense_bias", "flash"), "dense_bias"),
         "dataloader.py": (("--clips", "24", "--video-seconds", "8", "--workdir", tmp), "clips/s per worker"),
+        "finetune_toy.py": ((demo, "--out", tmp / "finetune", "--seeds", "0", "1", "--epochs", "1", "--num-videos", "6",
+                             "--batch-size", "4"), _zero_shot_and_two_seeds_per_metric),
         "extract_features.py": (("--preset", "tiny", "--device", "cpu", "--batch-size", "8", "--repeats", "1",
                                  "--synthetic", "0.5"), "4 windows of synthetic (15 frames at 30 fps)"),
         "egoclip_metadata.py": (("--rows", "2000", "--videos", "20"), "warm (from cache)"),
@@ -108,6 +110,12 @@ def _three_arms_two_seeds_honest_split(out: str) -> None:
     assert len(re.findall(r", seed [01]: R@1 IoU=0.3 ", out)) == 6, out
     table = out.split("mean +- standard error\n")[1].splitlines()
     assert len(table) == 4 and all(len(re.findall(r"\d+\.\d \+- \d+\.\d", row)) == 5 for row in table[1:]), out
+
+
+def _zero_shot_and_two_seeds_per_metric(out: str) -> None:
+    table = out.split("mean +- standard error\n")[1].splitlines()[1:]
+    assert [row.split()[:2] for row in table] == [["charades_ego", "mAP"], ["epic_mir", "mAP"], ["epic_mir", "nDCG"]]
+    assert all(re.fullmatch(r".*\d+\.\d +\d+\.\d \+- \d+\.\d +-?\d+\.\d", row) for row in table), out
 
 
 def _one_thread_one_time(out: str) -> None:

@@ -90,7 +90,8 @@ def test_annotations_are_read_into_multi_hot_labels(tmp_path):
                                "CD34EGO,S,K,7,7,Yes,s,o,d,,20.5"])
     annotations = read_charades_annotations(folder)
     assert annotations.class_names == ["Holding a bag", "Opening a door"]
-    assert annotations.videos == [CharadesVideo("AB12EGO", 33.1, (0, 1)), CharadesVideo("CD34EGO", 20.5, ())]
+    assert annotations.videos == [CharadesVideo("AB12EGO", 33.1, (0, 1), ((1, 11.9, 21.2), (0, 0.0, 12.6), (1, 30.0, 31.0))),
+                                  CharadesVideo("CD34EGO", 20.5, ())]
     assert annotations.labels().tolist() == [[1, 1], [0, 0]]
 
 

@@ -12,7 +12,8 @@ from svitt_ego.device import pick_device
 
 # The commands that run a model, each with --device.
 RUN_A_MODEL = {"demo", "pretrain", "eval-mcq", "visualize", "extract-features", "extract-nlq-features", "train-nlq",
-               "predict-nlq", "search", "eval-epic-mir", "eval-charades-ego"}
+               "predict-nlq", "search", "eval-epic-mir", "eval-charades-ego", "finetune-epic-mir",
+               "finetune-charades-ego"}
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:

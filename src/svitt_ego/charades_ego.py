@@ -81,6 +81,7 @@ class CharadesVideo:
     video_id: str
     length: float  # seconds
     classes: tuple[int, ...]  # indices into the class list
+    segments: tuple[tuple[int, float, float], ...] = ()  # (class, start, end seconds) of each action
 
 
 @dataclass(frozen=True)
@@ -117,11 +118,12 @@ def read_classes(path: Path) -> tuple[list[str], list[str]]:
     return ids, names
 
 
-def read_charades_annotations(folder: str | Path) -> CharadesAnnotations:
-    """Read ``CharadesEgo_v1_test_only1st.csv`` and ``Charades_v1_classes.txt`` from ``folder``.
-    A missing file or a malformed row raises :class:`MetadataError` naming the file, line and field."""
+def read_charades_annotations(folder: str | Path, split_csv: str = TEST_CSV) -> CharadesAnnotations:
+    """Read ``split_csv`` (by default ``CharadesEgo_v1_test_only1st.csv``) and ``Charades_v1_classes.txt``
+    from ``folder``. A missing file or a malformed row raises :class:`MetadataError` naming the file, line
+    and field."""
     folder = Path(folder)
-    test = folder / TEST_CSV
+    test = folder / split_csv
     class_ids, class_names = read_classes(folder / CLASSES_TXT)
     index = {c: i for i, c in enumerate(class_ids)}
     videos = []
@@ -135,14 +137,14 @@ def read_charades_annotations(folder: str | Path) -> CharadesAnnotations:
         if not 0 < length < float("inf"):
             raise MetadataError(f"{where}, field 'length': expected a positive number of seconds, "
                                 f"got {shown(row['length'])}")
-        classes = []
+        segments = []
         for action in filter(None, row["actions"].split(";")):
             match = _ACTION.fullmatch(action.strip())
             if match is None or match[1] not in index:
                 raise MetadataError(f"{where}, field 'actions': expected 'cNNN start end' of a class of "
                                     f"{CLASSES_TXT}, got {shown(action)}")
-            classes.append(index[match[1]])
-        videos.append(CharadesVideo(row["id"], length, tuple(sorted(set(classes)))))
+            segments.append((index[match[1]], float(match[2]), float(match[3])))
+        videos.append(CharadesVideo(row["id"], length, tuple(sorted({c for c, _, _ in segments})), tuple(segments)))
     if not videos:
         raise MetadataError(f"{test}: holds no videos")
     return CharadesAnnotations(class_ids, class_names, videos)

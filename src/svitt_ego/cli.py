@@ -338,6 +338,32 @@ def _cmd_eval_charades_ego(args: argparse.Namespace) -> int:
     return 1 if result["skipped_videos"] else 0
 
 
+def _recipe(args: argparse.Namespace):
+    from svitt_ego.eval.finetune import Recipe
+
+    return Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
+                  weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, num_frames=args.num_frames,
+                  val_fraction=args.val_fraction, seed=args.seed, workers=args.workers)
+
+
+def _cmd_finetune_epic_mir(args: argparse.Namespace) -> int:
+    from svitt_ego.eval.epic_mir_finetune import run_finetune_epic_mir
+
+    run_finetune_epic_mir(args.model, args.annotations, args.videos, args.output, _recipe(args),
+                          relevancy=args.relevancy, device=args.device, resume=args.resume,
+                          allow_config_change=args.allow_config_change)
+    return 0
+
+
+def _cmd_finetune_charades_ego(args: argparse.Namespace) -> int:
+    from svitt_ego.eval.charades_ego_finetune import run_finetune_charades_ego
+
+    run_finetune_charades_ego(args.model, args.annotations, args.videos, args.output, _recipe(args),
+                              num_classes=args.num_classes, device=args.device, resume=args.resume,
+                              allow_config_change=args.allow_config_change)
+    return 0
+
+
 def _add_window_args(p: argparse.ArgumentParser) -> None:
     """How videos are cut into windows and read: extract-features and search."""
     p.add_argument("--frames", type=positive_int, default=None,
@@ -360,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_nlq_commands(sub)
     _add_search_command(sub)
     _add_zero_shot_commands(sub)
+    _add_finetune_commands(sub)
     return parser
 
 
@@ -643,6 +670,50 @@ def _add_zero_shot_commands(sub) -> None:
     p.add_argument("--videos", required=True, help="VIDEOS/<id>.mp4")
     common(p, 16, 16)
     p.set_defaults(func=_cmd_eval_charades_ego)
+
+
+def _add_finetune_commands(sub) -> None:
+    """Fine-tuning on the peers' benchmarks: EPIC-Kitchens-100 MIR and Charades-Ego (docs/downstream.md)."""
+    def common(p, epochs: int, annotations: str, videos: str) -> None:
+        p.add_argument("model", metavar="MODEL", help="the model to start from: a save_pretrained folder or a "
+                                                      "pretraining checkpoint (.pt)")
+        p.add_argument("--annotations", required=True, help=annotations)
+        p.add_argument("--videos", required=True, help=videos)
+        p.add_argument("--output", required=True, help="the run's folder (checkpoints, best.pt, metrics.jsonl, "
+                                                       "test.json, model/); never the pretraining run's")
+        p.add_argument("--epochs", type=positive_int, default=epochs, help=f"default: {epochs} (LaViLa's)")
+        p.add_argument("--batch-size", type=positive_int, default=16,
+                       help="clips per process; the loss sees every process's (default: 16, LaViLa's per GPU)")
+        p.add_argument("--lr", type=positive_float, default=3e-5, help="peak learning rate (default: 3e-5)")
+        p.add_argument("--min-lr", type=positive_float, default=1e-5, help="the cosine's end (default: 1e-5)")
+        p.add_argument("--weight-decay", type=nonnegative_float, default=0.01, help="AdamW's (default: 0.01)")
+        p.add_argument("--warmup-epochs", type=nonnegative_float, default=1.0, help="linear warm-up (default: 1)")
+        p.add_argument("--num-frames", type=positive_int, default=16,
+                       help="frames per clip; the model is re-inflated to them (default: 16)")
+        p.add_argument("--val-fraction", type=_bounded(float, 0, 1, above=True), default=0.1,
+                       help="the share of training videos held out to choose best.pt (default: 0.1)")
+        p.add_argument("--seed", type=seed, default=0, help="data order, held-out videos, augmentation")
+        p.add_argument("--workers", type=nonnegative_int, default=4, help="video-reading processes")
+        _add_device(p)
+        p.add_argument("--resume", action="store_true", help="continue the run in --output from its last.pt")
+        p.add_argument("--allow-config-change", action="store_true",
+                       help="resume even though settings that change the saved state's meaning differ (logged)")
+
+    p = sub.add_parser("finetune-epic-mir", help="fine-tune the dual encoder on EK-100 MIR's training split, "
+                                                 "score its test split (mAP, nDCG)")
+    common(p, 100, "folder of EPIC_100_retrieval_train.csv and the two EPIC_100_retrieval_test CSVs",
+           "VIDEOS/<participant_id>/<video_id>.MP4, read by timestamps (LaViLa's protocol)")
+    p.add_argument("--relevancy", default=None, help="the test split's relevancy matrix (.pkl or .npy; default: "
+                                                     "built from the CSVs)")
+    p.set_defaults(func=_cmd_finetune_epic_mir)
+
+    p = sub.add_parser("finetune-charades-ego", help="fine-tune the dual encoder on Charades-Ego's training "
+                                                     "split, score its test split (mAP)")
+    common(p, 10, "folder of CharadesEgo_v1_train_only1st.csv, CharadesEgo_v1_test_only1st.csv and "
+                  "Charades_v1_classes.txt", "VIDEOS/<id>.mp4")
+    p.add_argument("--num-classes", type=positive_int, default=157,
+                   help="the classes Charades_v1_classes.txt must hold (default: 157)")
+    p.set_defaults(func=_cmd_finetune_charades_ego)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

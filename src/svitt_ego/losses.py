@@ -271,3 +271,38 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits.reshape(-1, logits.shape[-1]).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum"
     )
     return total / labels.ne(IGNORE_INDEX).sum().clamp(min=1)
+
+
+# --------------------------------------------------------------------------- max-margin ranking
+
+
+def max_margin_ranking(video_emb: torch.Tensor, text_emb: torch.Tensor, relevancy: Optional[torch.Tensor] = None,
+                       margin: float = 0.2) -> torch.Tensor:
+    """The multi-instance max-margin ranking loss of EK-100 MIR fine-tuning, weighted by relevancy.
+
+    With ``s = v @ t.T`` ([N, N], cosines of row ``i``'s pair), every other pair ``(i, j)`` costs
+    ``relu(margin - (s_ii - s_ij))`` (video ``i`` against text ``j``) plus ``relu(margin - (s_jj - s_ij))``
+    (text ``j`` against video ``i``), weighted by ``1 - relevancy[i, j]``: a pair as relevant as the
+    true one is no negative. The sum is divided by ``2 N (N - 1)``, so that without ``relevancy`` (no
+    pair relevant) this is LaViLa's and EgoVLP's ``MaxMarginRankingLoss(margin, fix_norm=True)``.
+
+    Args:
+        video_emb, text_emb: [N, D] L2-normalised embeddings; row ``i`` of each is a pair.
+        relevancy: [N, N] in [0, 1] (symmetric); None means 0 off the diagonal.
+    """
+    n = video_emb.shape[0]
+    if video_emb.shape != text_emb.shape or n < 2:
+        raise ValueError(f"expected two [N, D] embeddings with N >= 2, got {tuple(video_emb.shape)} and "
+                         f"{tuple(text_emb.shape)}")
+    dtype = torch.promote_types(video_emb.dtype, torch.float32)
+    with torch.autocast(device_type=video_emb.device.type, enabled=False):
+        sim = video_emb.to(dtype) @ text_emb.to(dtype).T
+        true = sim.diagonal()
+        video_to_text = F.relu(margin - (true[:, None] - sim))  # row i: video i, column j: text j
+        text_to_video = F.relu(margin - (true[None, :] - sim))  # column j: text j against video i
+        weight = 1 - torch.eye(n, dtype=dtype, device=sim.device)
+        if relevancy is not None:
+            if relevancy.shape != (n, n):
+                raise ValueError(f"relevancy must be [{n}, {n}], got {tuple(relevancy.shape)}")
+            weight = weight * (1 - relevancy.to(device=sim.device, dtype=dtype))
+        return ((video_to_text + text_to_video) * weight).sum() / (2 * n * (n - 1))

@@ -47,7 +47,7 @@ from svitt_ego.objective import PretrainingObjective
 from svitt_ego.run_folder import MetricsFile, run_folder
 
 __all__ = ["MetricsLogger", "NonFiniteStep", "Run", "TrainState", "build_optimizer", "cosine_schedule",
-           "count_nonfinite", "optimizer_step", "parameter_groups", "pretrain", "train_one_epoch"]
+           "count_nonfinite", "optimizer_step", "parameter_groups", "pretrain", "train_epochs", "train_one_epoch"]
 
 log = logging.getLogger(__name__)
 
@@ -206,10 +206,17 @@ class MetricsLogger:
         log.info("epoch %d: EgoMCQ inter %s, intra %s", state.epoch, *(
             "absent" if results[k] is None else f"{results[k]:.1f}%" for k in ("inter", "intra")))
 
+    def scores(self, state: TrainState, section: str, results: dict) -> None:
+        """An evaluation's numbers (``{name: value}``) as ``<section>_<name>`` records and scalars."""
+        if self.enabled:
+            self._write({"step": state.step, "epoch": state.epoch,
+                         **{f"{section}_{k}": v for k, v in results.items() if isinstance(v, (int, float))}},
+                        section, exclude=("step", "epoch"))
+
     def _write(self, record: dict, section: str, exclude: tuple = (), include: tuple | None = None) -> None:
         for key, value in record.items():
             if key not in exclude and (include is None or key in include) and value is not None:
-                self.writer.add_scalar(f"{section}/{key.removeprefix('egomcq_')}", value, record["step"])
+                self.writer.add_scalar(f"{section}/{key.removeprefix(section + '_')}", value, record["step"])
         self.file.write(record)
 
     def close(self) -> None:
@@ -238,6 +245,19 @@ class Run:
     total_steps: int
     checkpointer: Checkpointer
     logger: MetricsLogger
+
+    def collate(self):
+        """The DataLoader's collate function for :attr:`dataset`."""
+        return collate_egoclip(self.tokenizer, self.cfg.model.text.max_length)
+
+    def evaluate(self, state: TrainState) -> tuple[dict, float, str] | None:
+        """The end of an epoch's evaluation: ``(results, score, metric)`` (logged), the higher the score the
+        better; None when there is nothing to evaluate on. Here EgoMCQ's mean accuracy."""
+        if not (self.cfg.train.eval_every_epoch and decide_on_main(Path(self.cfg.data.egomcq).exists)):
+            return None
+        results = evaluate_egomcq(self.model, self.cfg, self.device, self.tokenizer)
+        self.logger.egomcq(state, results)
+        return results, egomcq_score(results), "egomcq"
 
 
 def seed_everything(seed: int) -> None:
@@ -309,7 +329,7 @@ def train_one_epoch(run: Run, state: TrainState) -> float | None:
     run.sampler.set_epoch(state.epoch, state.batch_in_epoch)
     run.dataset.set_epoch(state.epoch)
     loader = DataLoader(run.dataset, batch_size=t.batch_size, sampler=run.sampler,
-                        collate_fn=collate_egoclip(run.tokenizer, cfg.model.text.max_length),
+                        collate_fn=run.collate(),
                         num_workers=cfg.data.num_workers, pin_memory=run.device.type == "cuda", drop_last=True,
                         generator=torch.Generator().manual_seed(t.seed + state.epoch))
     progress = run.logger.progress(state.epoch, state.batch_in_epoch, run.sampler.batches_per_epoch)
@@ -359,22 +379,20 @@ def save_state(run: Run, state: TrainState) -> None:
 
 
 def end_epoch(run: Run, state: TrainState, mean_loss: float | None) -> dict:
-    """After :func:`train_one_epoch`: move to the next epoch if this one is complete, evaluate EgoMCQ
-    on it, checkpoint, and copy the checkpoint to ``best.pt`` if its score is the best so far.
+    """After :func:`train_one_epoch`: move to the next epoch if this one is complete, evaluate it
+    (:meth:`Run.evaluate`), checkpoint, and copy the checkpoint to ``best.pt`` if its score is the best so far.
 
-    The score is EgoMCQ's mean accuracy when evaluated, else minus the mean training loss.
+    The score is the evaluation's when there is one, else minus the mean training loss.
     """
-    cfg, batches = run.cfg, run.sampler.batches_per_epoch
-    finished = state.batch_in_epoch >= batches - batches % cfg.train.grad_accum
+    batches = run.sampler.batches_per_epoch
+    finished = state.batch_in_epoch >= batches - batches % run.cfg.train.grad_accum
     if finished:
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-    results = {}
-    if finished and cfg.train.eval_every_epoch and decide_on_main(Path(cfg.data.egomcq).exists):
-        results = evaluate_egomcq(run.model, cfg, run.device, run.tokenizer)
-        run.logger.egomcq(state, results)
-        score, metric = egomcq_score(results), "egomcq"
+    evaluated = run.evaluate(state) if finished else None
+    if evaluated is not None:
+        results, score, metric = evaluated
     else:
-        score, metric = (-mean_loss if mean_loss is not None else -math.inf), "-train_loss"
+        results, score, metric = {}, (-mean_loss if mean_loss is not None else -math.inf), "-train_loss"
     improved = score > state.best
     if improved:
         state.best, state.best_metric = score, metric
@@ -402,6 +420,16 @@ def start(run: Run, resume: bool, allow_config_change: bool) -> TrainState:
     return state
 
 
+def train_epochs(run: Run, resume: bool, allow_config_change: bool) -> dict:
+    """:func:`start`, then :func:`train_one_epoch` and :func:`end_epoch` until the last epoch or step;
+    returns the last evaluation's results."""
+    state, results = start(run, resume, allow_config_change), {}
+    run.model.train()
+    while state.epoch < run.cfg.train.epochs and state.step < run.total_steps:
+        results = end_epoch(run, state, train_one_epoch(run, state))
+    return results
+
+
 def pretrain(cfg: Config, resume: bool = False, allow_config_change: bool = False, device: str | None = None) -> dict:
     """Pretrain with ``cfg``; returns the last EgoMCQ accuracies (empty without evaluation).
 
@@ -416,10 +444,7 @@ def pretrain(cfg: Config, resume: bool = False, allow_config_change: bool = Fals
     with run_folder(out, "pretrain"):
         run = build_run(cfg, device)
         try:
-            state, results = start(run, resume, allow_config_change), {}
-            run.model.train()
-            while state.epoch < cfg.train.epochs and state.step < run.total_steps:
-                results = end_epoch(run, state, train_one_epoch(run, state))
+            results = train_epochs(run, resume, allow_config_change)
             write_on_main(out / "model", lambda: run.model.save_pretrained(out / "model"))
         finally:
             run.logger.close()

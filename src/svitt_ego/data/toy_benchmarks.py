@@ -11,6 +11,10 @@ them unchanged.
   ``CharadesEgo_v1_test_only1st.csv`` and ``Charades_v1_classes.txt``, whose classes are the
   (verb, shape) pairs the videos show ("pick up a cup").
 
+Each also has a training split for fine-tuning, of other videos (each toy video is a scene of its own,
+so no training scene is a held-out one): ``EPIC_100_retrieval_train.csv`` (participants P03, P04) and
+``CharadesEgo_v1_train_only1st.csv`` (ids ``TRN<k>EGO``; only actions of the held-out split's classes).
+
 Both draw from their own random streams, so the rest of the toy world does not change;
 :func:`make_toy_world` makes the whole world.
 """
@@ -28,7 +32,7 @@ import numpy as np
 
 from svitt_ego.data import toy
 
-VERSION = 1
+VERSION = 2  # 2: the training splits
 MANIFEST = "zero_shot_manifest.json"  # written last: marks complete analogues
 EPIC_SECONDS = (20.0, 30.0)
 CHARADES_SECONDS = (8.0, 14.0)
@@ -42,6 +46,11 @@ CHARADES_COLUMNS = ["id", "subject", "scene", "quality", "relevance", "verified"
 def benchmark_sizes(num_videos: int) -> tuple[int, int]:
     """(EK-100 MIR videos, Charades-Ego videos) of a toy world of ``num_videos`` videos."""
     return max(2, num_videos // 20), max(4, num_videos // 6)
+
+
+def training_sizes(num_videos: int) -> tuple[int, int]:
+    """The training splits' (EK-100 MIR videos, Charades-Ego videos): twice the held-out ones."""
+    return tuple(2 * n for n in benchmark_sizes(num_videos))
 
 
 def _plans(seed: int, stream: int, count: int, seconds: tuple[float, float]) -> list[toy.VideoPlan]:
@@ -62,15 +71,15 @@ def _csv(columns: list[str], rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def _epic_video_id(index: int) -> tuple[str, str]:
-    participant = f"P{index % 2 + 1:02d}"
+def _epic_video_id(index: int, first_participant: int = 1) -> tuple[str, str]:
+    participant = f"P{index % 2 + first_participant:02d}"
     return participant, f"{participant}_{index // 2 + 1:02d}"
 
 
-def _epic_rows(plans: list[toy.VideoPlan]) -> list[dict]:
+def _epic_rows(plans: list[toy.VideoPlan], first_participant: int = 1) -> list[dict]:
     rows = []
     for index, plan in enumerate(plans):
-        participant, video = _epic_video_id(index)
+        participant, video = _epic_video_id(index, first_participant)
         for k, action in enumerate(plan.actions):
             noun = plan.objects[action.obj].noun
             verb = toy.VERBS[action.verb][2]
@@ -85,7 +94,8 @@ def _epic_rows(plans: list[toy.VideoPlan]) -> list[dict]:
     return rows
 
 
-def _write_epic_mir(folder: Path, plans: list[toy.VideoPlan]) -> None:
+def _write_epic_mir(folder: Path, plans: list[toy.VideoPlan], train: list[toy.VideoPlan]) -> None:
+    (folder / "EPIC_100_retrieval_train.csv").write_text(_csv(EPIC_COLUMNS, _epic_rows(train, first_participant=3)))
     rows = _epic_rows(plans)
     first = {}
     for i, row in enumerate(rows):
@@ -107,22 +117,29 @@ def _charades_classes(plans: list[toy.VideoPlan]) -> list[tuple[int, str]]:
     return sorted(pairs, key=lambda pair: (pair[0], toy.SHAPES.index(pair[1])))
 
 
-def _write_charades_ego(folder: Path, plans: list[toy.VideoPlan]) -> None:
-    classes = _charades_classes(plans)
+def _write_charades_ego(folder: Path, plans: list[toy.VideoPlan], train: list[toy.VideoPlan]) -> None:
+    classes = _charades_classes(plans)  # a training action of another class is left out
     class_id = {pair: f"c{i:03d}" for i, pair in enumerate(classes)}
     lines = [f"{class_id[(verb, shape)]} {toy.VERBS[verb][2]} a {shape}" for verb, shape in classes]
     (folder / "Charades_v1_classes.txt").write_text("\n".join(lines) + "\n")
+    for name, videos, prefix in (("train", train, "TRN"), ("test", plans, "TOY")):
+        rows = _charades_rows(videos, class_id, prefix)
+        (folder / f"CharadesEgo_v1_{name}_only1st.csv").write_text(_csv(CHARADES_COLUMNS, rows))
+
+
+def _charades_rows(plans: list[toy.VideoPlan], class_id: dict, prefix: str) -> list[dict]:
     rows = []
     for index, plan in enumerate(plans):
-        actions = [(class_id[(a.verb, toy.NOUNS[plan.objects[a.obj].noun].split(" ")[1])], a) for a in plan.actions]
+        pairs = [((a.verb, toy.NOUNS[plan.objects[a.obj].noun].split(" ")[1]), a) for a in plan.actions]
+        actions = [(class_id[pair], a) for pair, a in pairs if pair in class_id]
         rows.append({
-            "id": f"TOY{index:03d}EGO", "subject": "TOY", "scene": "Kitchen", "quality": 7, "relevance": 7,
+            "id": f"{prefix}{index:03d}EGO", "subject": "TOY", "scene": "Kitchen", "quality": 7, "relevance": 7,
             "verified": "Yes", "script": "; ".join(f"C {toy.VERBS[a.verb][0]} the {toy.NOUNS[plan.objects[a.obj].noun]}"
                                                    for _, a in actions),
             "objects": ";".join(sorted({toy.NOUNS[o.noun] for o in plan.objects})), "descriptions": "",
             "actions": ";".join(f"{c} {a.start:.2f} {a.end:.2f}" for c, a in actions), "length": f"{plan.duration:.2f}",
         })
-    (folder / "CharadesEgo_v1_test_only1st.csv").write_text(_csv(CHARADES_COLUMNS, rows))
+    return rows
 
 
 def _render_file(plan: toy.VideoPlan, path: Path) -> None:
@@ -143,16 +160,20 @@ def make_toy_benchmarks(root: str | Path, seed: int, num_videos: int) -> None:
         shutil.rmtree(root / name, ignore_errors=True)
     num_epic, num_charades = benchmark_sizes(num_videos)
     epic, charades = _plans(seed, 1, num_epic, EPIC_SECONDS), _plans(seed, 2, num_charades, CHARADES_SECONDS)
+    train_epic, train_charades = (_plans(seed, stream, count, seconds) for stream, count, seconds in
+                                  zip((3, 4), training_sizes(num_videos), (EPIC_SECONDS, CHARADES_SECONDS)))
     jobs = []
-    for index, plan in enumerate(epic):
-        participant, video = _epic_video_id(index)
-        jobs.append((plan, root / "epic_mir" / "videos" / participant / f"{video}.MP4"))
-    jobs += [(plan, root / "charades_ego" / "videos" / f"TOY{index:03d}EGO.mp4") for index, plan in enumerate(charades)]
+    for first, plans in ((1, epic), (3, train_epic)):
+        for index, plan in enumerate(plans):
+            participant, video = _epic_video_id(index, first)
+            jobs.append((plan, root / "epic_mir" / "videos" / participant / f"{video}.MP4"))
+    jobs += [(plan, root / "charades_ego" / "videos" / f"{prefix}{index:03d}EGO.mp4")
+             for prefix, plans in (("TOY", charades), ("TRN", train_charades)) for index, plan in enumerate(plans)]
     for _, path in jobs:
         path.parent.mkdir(parents=True, exist_ok=True)
     toy.render_all(_render_file, jobs, "toy benchmark videos")
-    _write_epic_mir(root / "epic_mir", epic)
-    _write_charades_ego(root / "charades_ego", charades)
+    _write_epic_mir(root / "epic_mir", epic, train_epic)
+    _write_charades_ego(root / "charades_ego", charades, train_charades)
     manifest_path.write_text(json.dumps(manifest))
 
 

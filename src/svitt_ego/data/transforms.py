@@ -50,8 +50,9 @@ class ClipTransform:
     """uint8 ``[T, H, W, 3]`` -> normalised float ``[T, 3, size, size]``."""
 
     def __init__(self, size: int, train: bool, mean: list[float], std: list[float],
-                 scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)):
-        self.size, self.train = size, train
+                 scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 flip: bool = True):
+        self.size, self.train, self.flip = size, train, flip
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         std_ = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         # (x / 255 - mean) / std as one multiply-add.
@@ -66,7 +67,7 @@ class ClipTransform:
             if rng is None:
                 raise ValueError("the training transform needs an rng")
             top, left, h, w = random_resized_crop_box(height, width, self.scale, self.ratio, rng)
-            flip = rng.random() < 0.5
+            flip = self.flip and rng.random() < 0.5
         else:
             (top, left, h, w), flip = center_crop_box(height, width), False
         crop = frames[:, top:top + h, left:left + w].permute(0, 3, 1, 2)

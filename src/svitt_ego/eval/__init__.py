@@ -1,0 +1,1 @@
+"""Downstream tasks: fine-tuning on EK-100 MIR and Charades-Ego (docs/downstream.md)."""
