@@ -31,11 +31,11 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 def zero_shot(model: Path, root: Path, benchmark: str, num_frames: int) -> dict:
     if benchmark == "epic_mir":
-        from svitt_ego.epic_mir import run_epic_mir
+        from svitt_ego.eval.epic_mir import run_epic_mir
 
         return run_epic_mir(model, root / "epic_mir", videos=root / "epic_mir" / "videos", num_frames=num_frames,
                             workers=0)
-    from svitt_ego.charades_ego import run_charades_ego
+    from svitt_ego.eval.charades_ego import run_charades_ego
 
     return run_charades_ego(model, root / "charades_ego", root / "charades_ego" / "videos", num_frames=num_frames,
                             workers=0)

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from svitt_ego.data.egoclip import read_egoclip
-from svitt_ego.evaluate import (VTM_WEIGHT, combine_scores, egomcq_accuracy, egomcq_choice_scores, egomcq_score,
-                                evaluate_egomcq_scores, format_egomcq, load_for_eval)
+from svitt_ego.eval.egomcq import (VTM_WEIGHT, combine_scores, egomcq_accuracy, egomcq_choice_scores, egomcq_score,
+                                   evaluate_egomcq_scores, format_egomcq)
+from svitt_ego.models.loading import load_for_eval
 from svitt_ego.fusion_checks import heldout_clips, heldout_pairs, video_tokens, vtm_accuracy
 
 WEIGHTS = [0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]

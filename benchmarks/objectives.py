@@ -34,7 +34,7 @@ import torch
 from svitt_ego.atomic import append_jsonl
 from svitt_ego.config import load_config
 from svitt_ego.data.toy import make_toy_data, toy_data_overrides
-from svitt_ego.evaluate import evaluate_egomcq
+from svitt_ego.eval.egomcq import evaluate_egomcq
 from svitt_ego.models import SViTTEgo
 from svitt_ego.train import pretrain
 

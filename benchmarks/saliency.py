@@ -26,7 +26,7 @@ import torch
 from svitt_ego.config import load_config
 from svitt_ego.data.toy import FPS, NOUNS, VERBS, actor_masks, plan_world
 from svitt_ego.data.video import read_clip_frames, sample_times
-from svitt_ego.evaluate import load_for_eval
+from svitt_ego.models.loading import load_for_eval
 from svitt_ego.models import SViTTEgo, create_model
 from svitt_ego.visualize import eval_transform, kept_masks, patch_coverage, survival
 

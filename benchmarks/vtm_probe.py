@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from svitt_ego.data.dataset import EgoClipDataset, EpochSampler, collate_egoclip
 from svitt_ego.data.egoclip import action_positive_mask
-from svitt_ego.evaluate import load_for_eval
+from svitt_ego.models.loading import load_for_eval
 from svitt_ego.fusion_checks import heldout_clips, heldout_pairs, video_tokens, vtm_accuracy
 from svitt_ego.losses import sample_vtm_negatives, vtm_loss, vtm_pairs
 

@@ -15,8 +15,9 @@ from helpers import SMALL_MODEL, draw_code, read_code, write_video
 from hypothesis import given
 from hypothesis import strategies as st
 
-from svitt_ego import charades_ego
-from svitt_ego.charades_ego import CharadesVideo, VideoReader, chance_map, charades_ego_map, read_charades_annotations
+from svitt_ego.eval import charades_ego
+from svitt_ego.eval.charades_ego import (CharadesVideo, VideoReader, chance_map, charades_ego_map,
+                                         read_charades_annotations)
 from svitt_ego.cli import main
 from svitt_ego.config import load_config
 from svitt_ego.data.errors import MetadataError

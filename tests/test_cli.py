@@ -106,3 +106,15 @@ def test_every_command_sets_its_threads_before_it_runs(monkeypatch, capsys):
     monkeypatch.setattr("svitt_ego.threads.configure_threads", lambda: calls.append("threads"))
     assert main(["info", "--list"]) == 0 and calls == ["threads"]
     assert main(["--version"]) == 0 and calls == ["threads"]  # argparse's own exits need none
+
+
+def test_help_lists_every_command_once_under_its_task():
+    from svitt_ego.cli import TASKS
+
+    grouped = [name for names in TASKS.values() for name in names]
+    assert sorted(grouped) == sorted(_commands())  # each command in exactly one task
+    text = build_parser().format_help()
+    assert text.index("\ndata:\n") < text.index("\nEgo4D NLQ:\n")
+    lines = [line.split() for line in text[text.index("\ndata:\n"):].splitlines() if line.startswith("  ")]
+    assert [words[0] for words in lines] == grouped
+    assert " ".join(lines[grouped.index("train-nlq")][1:]) == "train the NLQ grounding model on extracted features"

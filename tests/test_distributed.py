@@ -152,7 +152,7 @@ def test_a_full_disk_on_rank_0_stops_every_rank_with_the_same_checkpoint_error(t
 
 def _egomcq_worker(rank, world_size, init_file, cfg_path, out_file):
     from svitt_ego.config import load_config
-    from svitt_ego.evaluate import evaluate_egomcq
+    from svitt_ego.eval.egomcq import evaluate_egomcq
     from svitt_ego.models import SViTTEgo
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
@@ -172,7 +172,7 @@ def test_egomcq_with_a_rank_that_has_no_questions(tmp_path, video_root):
     from helpers import FRAMES, SMALL_MODEL, mcq_question, write_egomcq
 
     from svitt_ego.config import load_config
-    from svitt_ego.evaluate import evaluate_egomcq
+    from svitt_ego.eval.egomcq import evaluate_egomcq
     from svitt_ego.models import SViTTEgo
 
     egomcq = write_egomcq(tmp_path / "egomcq.json", {"0": mcq_question(1, 1)})

@@ -17,15 +17,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from svitt_ego import epic_mir
+from svitt_ego.eval import epic_mir
 from svitt_ego.cli import main
 from svitt_ego.config import load_config
 from svitt_ego.data.errors import MetadataError
 from svitt_ego.data.toy_benchmarks import make_toy_benchmarks
 from svitt_ego.data.transforms import eval_transform
 from svitt_ego.data.video import VideoReadError
-from svitt_ego.epic_mir import (ClipReader, MIRClip, build_relevancy, chance_scores, epic_mir_scores, load_relevancy,
-                                read_mir_annotations)
+from svitt_ego.eval.epic_mir import (ClipReader, MIRClip, build_relevancy, chance_scores, epic_mir_scores,
+                                     load_relevancy, read_mir_annotations)
 from svitt_ego.models import SViTTEgo
 
 OFFICIAL = json.loads((Path(__file__).parent / "data" / "zero_shot_official.json").read_text())

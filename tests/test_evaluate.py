@@ -9,8 +9,9 @@ from helpers import FRAMES, SIZE, SMALL_MODEL, mcq_question, write_egomcq
 
 from svitt_ego.checkpoint import save_checkpoint
 from svitt_ego.config import ConfigError, load_config
-from svitt_ego.evaluate import (combine_scores, egomcq_accuracy, egomcq_scores, evaluate_egomcq,
-                                evaluate_egomcq_scores, load_for_eval)
+from svitt_ego.eval.egomcq import (combine_scores, egomcq_accuracy, egomcq_scores, evaluate_egomcq,
+                                   evaluate_egomcq_scores)
+from svitt_ego.models.loading import load_for_eval
 from svitt_ego.models import SViTTEgo
 
 

@@ -25,7 +25,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from svitt_ego import charades_ego, epic_mir
+from svitt_ego.eval import charades_ego, epic_mir
 from svitt_ego.config import Config, ConfigError, load_config
 from svitt_ego.data.egoclip import COLUMNS, read_egoclip
 from svitt_ego.data.egomcq import read_egomcq

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from svitt_ego import charades_ego, epic_mir
+from svitt_ego.eval import charades_ego, epic_mir
 from svitt_ego.cli import main
 from svitt_ego.data.egoclip import COLUMNS, read_egoclip
 from svitt_ego.data.egomcq import read_egomcq

@@ -112,7 +112,7 @@ def test_loaded_models_are_in_eval_mode(tmp_path):
     """from_pretrained and load_for_eval (a folder or a training checkpoint) return the model in eval mode,
     as transformers does: two encode_text calls on the same text give the same embedding."""
     from svitt_ego.config import Config
-    from svitt_ego.evaluate import load_for_eval
+    from svitt_ego.models.loading import load_for_eval
 
     model = _model("model.vision.depth=1", "model.vision.prune_layers=[]", "model.text.dropout=0.5")
     folder = model.save_pretrained(tmp_path / "model")

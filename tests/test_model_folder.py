@@ -14,7 +14,7 @@ import torch
 from helpers import WORDS
 from safetensors.torch import load_file, save_file
 
-from svitt_ego import evaluate
+from svitt_ego.eval import egomcq as evaluate
 from svitt_ego.cli import main
 from svitt_ego.config import load_config
 from svitt_ego.models import SViTTEgo

@@ -62,7 +62,7 @@ def _annotations(path, annotation_uid=None):
 @pytest.fixture
 def brightness(tmp_path, monkeypatch):
     _write_video(tmp_path / "videos" / "v1" / "0.mp4", 20)
-    monkeypatch.setattr("svitt_ego.evaluate.load_for_eval", lambda checkpoint: (_BrightnessModel(), None))
+    monkeypatch.setattr("svitt_ego.models.loading.load_for_eval", lambda checkpoint: (_BrightnessModel(), None))
     return tmp_path
 
 
@@ -121,11 +121,11 @@ def test_an_interrupted_extraction_refuses_other_settings_or_weights(brightness,
 
     other = _BrightnessModel()
     other.register_buffer("scale", torch.ones(1))  # other weights, so another digest
-    monkeypatch.setattr("svitt_ego.evaluate.load_for_eval", lambda checkpoint: (other, None))
+    monkeypatch.setattr("svitt_ego.models.loading.load_for_eval", lambda checkpoint: (other, None))
     with pytest.raises(FeatureFolderError, match="weights_digest 'sha256:"):
         extract_nlq_features(tmp_path / "run_c", [annotations], tmp_path / "videos", out)
 
-    monkeypatch.setattr("svitt_ego.evaluate.load_for_eval", lambda checkpoint: (_BrightnessModel(), None))
+    monkeypatch.setattr("svitt_ego.models.loading.load_for_eval", lambda checkpoint: (_BrightnessModel(), None))
     monkeypatch.setattr(WindowExtractor, "rows", real_rows)
     calls.clear()
     manifest = extract_nlq_features(tmp_path / "ckpt", [annotations], tmp_path / "videos", out)

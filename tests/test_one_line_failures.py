@@ -23,15 +23,15 @@ from helpers import SMALL_MODEL, draw_code, write_video
 from PIL import Image
 from safetensors import SafetensorError
 
-from svitt_ego import epic_mir
+from svitt_ego.eval import epic_mir
 from svitt_ego.atomic import WriteError, atomic_write
-from svitt_ego.charades_ego import read_charades_annotations
+from svitt_ego.eval.charades_ego import read_charades_annotations
 from svitt_ego.cli import main
 from svitt_ego.config import load_config
 from svitt_ego.data.errors import MetadataError
 from svitt_ego.data.toy_benchmarks import make_toy_benchmarks
 from svitt_ego.data.video import VideoReadError
-from svitt_ego.epic_mir import ClipReader, MIRClip, load_relevancy, read_mir_annotations
+from svitt_ego.eval.epic_mir import ClipReader, MIRClip, load_relevancy, read_mir_annotations
 from svitt_ego.models import SViTTEgo, create_model
 from svitt_ego.nlq.annotations import NLQFormatError, read_nlq
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from svitt_ego.config import Config, load_config
-from svitt_ego.evaluate import load_for_eval
+from svitt_ego.models.loading import load_for_eval
 from svitt_ego.models import SViTTEgo
 
 SMALL = ["model.vision.width=32", "model.vision.num_heads=2", "model.vision.depth=2", "model.vision.image_size=32",

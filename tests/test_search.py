@@ -358,7 +358,7 @@ def _pairs(path: Path, rows: str) -> Path:
 
 def test_clip_retrieval_ranks_and_recalls_known_embeddings(world, tmp_path, monkeypatch, capsys):
     """Embeddings chosen by hand: clip kitchen is text A's, garage is B's and C's; C is closest to kitchen."""
-    import svitt_ego.zero_shot as zero_shot
+    import svitt_ego.eval.embed as zero_shot
 
     clips = {"garage.avi": [1.0, 0.0], "kitchen.mp4": [0.0, 1.0], "broken.mp4": [float("nan")] * 2}
     texts = {"A": [0.0, 1.0], "B": [1.0, 0.0], "C": [0.1, 0.9]}

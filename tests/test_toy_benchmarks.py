@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from svitt_ego.charades_ego import read_charades_annotations
+from svitt_ego.eval.charades_ego import read_charades_annotations
 from svitt_ego.data import toy_benchmarks
-from svitt_ego.epic_mir import RELEVANCY_PKL, load_relevancy, read_mir_annotations
+from svitt_ego.eval.epic_mir import RELEVANCY_PKL, load_relevancy, read_mir_annotations
 
 
 @pytest.fixture(scope="module")

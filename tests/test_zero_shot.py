@@ -15,7 +15,7 @@ from svitt_ego.config import load_config
 from svitt_ego.data.transforms import eval_transform
 from svitt_ego.data.video import VideoReadError
 from svitt_ego.models import SViTTEgo
-from svitt_ego.zero_shot import embed_clips, expected_random_ap, segment_frame_ids
+from svitt_ego.eval.embed import embed_clips, expected_random_ap, segment_frame_ids
 
 ITEMS = list(range(5))
 BROKEN = 3  # the item whose "video" cannot be read

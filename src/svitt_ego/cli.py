@@ -27,7 +27,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class _RecipeHelpFormatter(argparse.RawDescriptionHelpFormatter, _HelpFormatter):
-    """A description printed as written (``train-nlq``'s recipe table), options as :class:`_HelpFormatter`."""
+    """A description and epilog printed as written (``train-nlq``'s recipe table, the commands by task),
+    options as :class:`_HelpFormatter`."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -190,7 +191,7 @@ def _cmd_convert_svitt(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_mcq(args: argparse.Namespace) -> int:
-    from svitt_ego.evaluate import run_egomcq
+    from svitt_ego.eval.egomcq import run_egomcq
 
     run_egomcq(args.checkpoint, args.config, args.overrides, output=args.output, score=args.score,
                vtm_weight=args.vtm_weight, device=args.device)
@@ -259,7 +260,8 @@ def _cmd_train_nlq(args: argparse.Namespace) -> int:
     settings = TrainSettings(seed=args.seed, max_nonfinite=args.max_nonfinite, max_windows=args.max_windows,
                              micro_batch=args.micro_batch)
     train_nlq(args.features, stages, args.output, settings,
-              resume=args.resume, device=pick_device(args.device), val=args.val, allow_config_change=args.allow_config_change)
+              resume=args.resume, device=pick_device(args.device), val=args.val,
+              allow_config_change=args.allow_config_change)
     return 0
 
 
@@ -314,7 +316,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_epic_mir(args: argparse.Namespace) -> int:
-    from svitt_ego.epic_mir import run_epic_mir
+    from svitt_ego.eval.epic_mir import run_epic_mir
 
     result = run_epic_mir(args.checkpoint, args.annotations, videos=args.videos, frames_root=args.frames_root,
                           relevancy=args.relevancy, num_frames=args.num_frames, batch_size=args.batch_size,
@@ -323,14 +325,14 @@ def _cmd_eval_epic_mir(args: argparse.Namespace) -> int:
 
 
 def _cmd_epic_mir_relevancy(args: argparse.Namespace) -> int:
-    from svitt_ego.epic_mir import write_relevancy
+    from svitt_ego.eval.epic_mir import write_relevancy
 
     write_relevancy(args.annotations, args.output, compare=args.compare)
     return 0
 
 
 def _cmd_eval_charades_ego(args: argparse.Namespace) -> int:
-    from svitt_ego.charades_ego import run_charades_ego
+    from svitt_ego.eval.charades_ego import run_charades_ego
 
     result = run_charades_ego(args.checkpoint, args.annotations, args.videos, num_frames=args.num_frames,
                               batch_size=args.batch_size, on_error=args.on_error, workers=args.workers,
@@ -377,16 +379,44 @@ def _add_window_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-seconds", type=positive_float, default=600.0, help="chunk length of chunk folders")
 
 
+# ``svitt-ego --help`` lists the commands by task, in this order.
+TASKS = {
+    "data": ["make-toy-data", "prepare-videos", "video-uids"],
+    "the model and pretraining": ["demo", "info", "plan-memory", "pretrain", "convert-svitt", "visualize"],
+    "evaluation (zero-shot)": ["eval-mcq", "eval-epic-mir", "epic-mir-relevancy", "eval-charades-ego"],
+    "fine-tuning": ["finetune-epic-mir", "finetune-charades-ego"],
+    "features and search of any video": ["extract-features", "search"],
+    "Ego4D NLQ": ["extract-nlq-features", "narration-queries", "train-nlq", "predict-nlq", "eval-nlq",
+                  "export-nlq-features"],
+}
+
+
+class _Commands:
+    """The subcommands: each parser's one-line help is its description, and ``svitt-ego --help`` lists
+    them by :data:`TASKS` (argparse alone lists them in one block)."""
+
+    def __init__(self, sub):
+        self._sub, self.helps = sub, {}
+
+    def add_parser(self, name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+        self.helps[name] = help
+        kwargs.setdefault("description", help)
+        return self._sub.add_parser(name, **kwargs)
+
+    def listing(self) -> str:
+        return "\n\n".join(f"{task}:\n" + "\n".join(f"  {name:<23} {self.helps[name]}" for name in names)
+                           for task, names in TASKS.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="svitt-ego", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="svitt-ego", description=__doc__.splitlines()[0], formatter_class=_RecipeHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_data_commands(sub)
-    _add_pretraining_commands(sub)
-    _add_nlq_commands(sub)
-    _add_search_command(sub)
-    _add_zero_shot_commands(sub)
-    _add_finetune_commands(sub)
+    help = "one of the commands below; svitt-ego COMMAND --help for its options"
+    commands = _Commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help=help))
+    for add in (_add_data_commands, _add_pretraining_commands, _add_nlq_commands, _add_search_command,
+                _add_zero_shot_commands, _add_finetune_commands):
+        add(commands)
+    parser.epilog = commands.listing()
     return parser
 
 
@@ -472,7 +502,7 @@ def _add_pretraining_commands(sub) -> None:
                         "both: dual + VTM_WEIGHT * vtm")
     p.add_argument("--vtm-weight", type=finite_float, default=None, metavar="VTM_WEIGHT",
                    help="the weight of the VTM log-odds in --score both (default: the one picked on the "
-                        "training split, svitt_ego.evaluate.VTM_WEIGHT)")
+                        "training split, svitt_ego.eval.egomcq.VTM_WEIGHT)")
     _add_device(p)
     p.set_defaults(func=_cmd_eval_mcq)
 

@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 
 from svitt_ego.atomic import atomic_write_text
-from svitt_ego.charades_ego import VideoReader, chance_map, evaluate_charades_ego, read_charades_annotations
+from svitt_ego.eval.charades_ego import VideoReader, chance_map, evaluate_charades_ego, read_charades_annotations
 from svitt_ego.config import Config, load_config
 from svitt_ego.data.toy import toy_data_overrides
 from svitt_ego.device import pick_device
 from svitt_ego.data.toy_benchmarks import make_toy_world
-from svitt_ego.epic_mir import (RELEVANCY_PKL, ClipReader, chance_scores, evaluate_epic_mir, format_epic_mir,
-                                load_relevancy, read_mir_annotations)
-from svitt_ego.evaluate import CHANCE, evaluate_egomcq, format_egomcq
+from svitt_ego.eval.epic_mir import (RELEVANCY_PKL, ClipReader, chance_scores, evaluate_epic_mir, format_epic_mir,
+                                     load_relevancy, read_mir_annotations)
+from svitt_ego.eval.egomcq import CHANCE, evaluate_egomcq, format_egomcq
 from svitt_ego.fusion_checks import format_multimodal_report, multimodal_report
 from svitt_ego.models import SViTTEgo, create_model
 from svitt_ego.run_folder import run_folder

@@ -687,7 +687,7 @@ def _finish(out: Path, failed: dict[str, str]) -> dict:
 def load_model(checkpoint: str | Path, frames: int | None = None):
     """The SViTT-Ego model of ``checkpoint`` (re-inflated to ``frames`` when given) and the
     :func:`~svitt_ego.models.digest.weights_digest` of the checkpoint's own weights."""
-    from svitt_ego.evaluate import load_for_eval
+    from svitt_ego.models.loading import load_for_eval
     from svitt_ego.models import SViTTEgo
     from svitt_ego.models.digest import weights_digest
 

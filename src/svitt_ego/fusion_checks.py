@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from svitt_ego.config import Config
 from svitt_ego.data.egomcq import Clip, read_egomcq, read_eval_clip
 from svitt_ego.data.transforms import eval_transform
-from svitt_ego.evaluate import evaluate_egomcq_scores, format_egomcq
+from svitt_ego.eval.egomcq import evaluate_egomcq_scores, format_egomcq
 from svitt_ego.models import SViTTEgo
 
 MATCH, SAME_VIDEO, OTHER_VIDEO = "match", "same video", "other video"

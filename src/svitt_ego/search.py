@@ -11,7 +11,7 @@ from a feature folder (:mod:`svitt_ego.features`), either given or made once per
 extraction setting in a cache folder (:func:`cached_features`).
 
 **Clips.** Each clip of a folder is one embedding, its model's frames spread over the whole clip
-(:func:`svitt_ego.zero_shot.embed_clips`): texts rank clips and clips rank texts; with a file of
+(:func:`svitt_ego.eval.embed.embed_clips`): texts rank clips and clips rank texts; with a file of
 true pairs the command reports Recall@1/5/10 both ways (:func:`recall_at`).
 """
 
@@ -397,7 +397,7 @@ def read_pairs(path: str | Path, clips: list[Path]) -> Pairs:
     """A CSV with header ``video,text``; ``video`` a path relative to the CSV's folder (or absolute)
     that must be one of ``clips``, so the file names no other file. One line naming file, line and field
     for anything else."""
-    from svitt_ego.zero_shot import read_csv_rows
+    from svitt_ego.eval.embed import read_csv_rows
 
     path = Path(path)
     index = {clip.resolve(): i for i, clip in enumerate(clips)}
@@ -453,7 +453,7 @@ class WholeClipReader:
 
     def __call__(self, path: Path) -> torch.Tensor:
         from svitt_ego.data.video import read_frames_by_index, video_header
-        from svitt_ego.zero_shot import segment_frame_ids
+        from svitt_ego.eval.embed import segment_frame_ids
 
         _, count = video_header(path)
         return read_frames_by_index(path, lambda fps: segment_frame_ids(0, count, self.num_frames))
@@ -472,8 +472,8 @@ def search_clips(checkpoint: str | Path, source: str | Path, queries: list[str],
     """Text -> video retrieval over the clips of ``source``: per query (or, with ``pairs``, per text of
     that CSV) the ``top_k`` best clips, the unreadable clips ``{clip: why}`` (left out) and, with
     ``pairs``, :func:`recall_at` over the readable clips. ``how.frames`` re-inflates the model."""
-    from svitt_ego.evaluate import load_for_eval
-    from svitt_ego.zero_shot import embed_clips, embed_texts
+    from svitt_ego.models.loading import load_for_eval
+    from svitt_ego.eval.embed import embed_clips, embed_texts
 
     if bool(queries) == (pairs is not None):
         raise MetadataError("--mode clips takes QUERY ... or --pairs FILE.csv (whose texts are the queries), "

@@ -41,7 +41,7 @@ from svitt_ego.data.video_uids import warn_shared_eval_videos
 from svitt_ego.device import autocast, pick_device, to_device
 from svitt_ego.distributed import (barrier, decide_on_main, is_main, rank, setup_distributed, true_on_every_rank,
                                    world_size)
-from svitt_ego.evaluate import egomcq_score, evaluate_egomcq
+from svitt_ego.eval.egomcq import egomcq_score, evaluate_egomcq
 from svitt_ego.models import SViTTEgo, create_model
 from svitt_ego.objective import PretrainingObjective
 from svitt_ego.run_folder import MetricsFile, run_folder

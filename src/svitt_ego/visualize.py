@@ -190,7 +190,7 @@ def visualize(checkpoint: str | Path, video: str | Path, start: float, end: floa
     """``svitt-ego visualize``: the figure of the clip ``[start, end]`` of ``video`` for a checkpoint, run on
     ``device`` (:func:`~svitt_ego.device.pick_device`)."""
     from svitt_ego.device import pick_device
-    from svitt_ego.evaluate import load_for_eval
+    from svitt_ego.models.loading import load_for_eval
 
     if not end > start >= 0:
         raise ValueError(f"expected 0 <= --start < --end, got start={start}, end={end}")

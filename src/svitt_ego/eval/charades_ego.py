@@ -21,10 +21,10 @@ from svitt_ego.data.errors import MetadataError, checked_id
 from svitt_ego.data.video import read_frames_by_index
 from svitt_ego.device import pick_device
 from svitt_ego.distributed import is_main, setup_distributed
-from svitt_ego.evaluate import load_for_eval
+from svitt_ego.models.loading import load_for_eval
 from svitt_ego.models import SViTTEgo
 from svitt_ego.untrusted import shown
-from svitt_ego.zero_shot import embed_clips, embed_texts, expected_random_ap, read_csv_rows, segment_frame_ids
+from svitt_ego.eval.embed import embed_clips, embed_texts, expected_random_ap, read_csv_rows, segment_frame_ids
 
 TEST_CSV = "CharadesEgo_v1_test_only1st.csv"
 CLASSES_TXT = "Charades_v1_classes.txt"

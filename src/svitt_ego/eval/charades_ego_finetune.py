@@ -11,15 +11,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from svitt_ego.charades_ego import (CLASSES_TXT, CharadesAnnotations, VideoReader, charades_ego_map,
-                                    evaluate_charades_ego, read_charades_annotations)
+from svitt_ego.eval.charades_ego import (CLASSES_TXT, CharadesAnnotations, VideoReader, charades_ego_map,
+                                         evaluate_charades_ego, read_charades_annotations)
 from svitt_ego.data.errors import MetadataError
 from svitt_ego.device import pick_device
 from svitt_ego.distributed import all_gather_with_grad, is_main, setup_distributed
 from svitt_ego.eval.finetune import Recipe, Task, TrainingClip, finetune, held_out, load_model
 from svitt_ego.losses import info_nce
 from svitt_ego.models import SViTTEgo
-from svitt_ego.zero_shot import embed_clips, embed_texts
+from svitt_ego.eval.embed import embed_clips, embed_texts
 
 TRAIN_CSV = "CharadesEgo_v1_train_only1st.csv"
 NUM_CLASSES = 157

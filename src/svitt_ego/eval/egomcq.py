@@ -24,13 +24,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from svitt_ego.atomic import atomic_write_text
-from svitt_ego.checkpoint import CheckpointError, load_checkpoint
-from svitt_ego.config import Config, ConfigError, config_from_dict, load_config, override, parse_override
+from svitt_ego.config import Config, ConfigError
 from svitt_ego.data.egomcq import INTER_VIDEO, INTRA_VIDEO, EgoMCQDataset, MCQQuestion, collate_egomcq, read_egomcq
 from svitt_ego.data.tokenizer import load_tokenizer
 from svitt_ego.device import autocast, pick_device, to_device
 from svitt_ego.distributed import gather_objects, is_main, rank, setup_distributed, world_size
 from svitt_ego.models import SViTTEgo
+from svitt_ego.models.loading import load_for_eval
 
 CHANCE = {"inter": 20.0, "intra": 20.0}  # five choices per question
 SCORES = ("dual", "vtm", "both")
@@ -182,52 +182,6 @@ def format_egomcq(rows: dict[str, dict]) -> str:
         lines.append(f"{'questions':14s}{counted['num_inter']:>8d}{counted['num_intra']:>8d}")
     lines += [f"{name:14s}{cell(r['inter'])}{cell(r['intra'])}" for name, r in rows.items()]
     return "\n".join(lines)
-
-
-def model_overrides(overrides: list[str] | tuple) -> tuple[dict, list[str]]:
-    """Split ``key=value`` overrides into a nested dict of the ``model.`` ones and the rest."""
-    model, rest = {}, []
-    for text in overrides:
-        key, value = parse_override(text)
-        if not key.startswith("model."):
-            rest.append(text)
-            continue
-        *sections, name = key.split(".")[1:]
-        node = model
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[name] = value
-    return model, rest
-
-
-def load_for_eval(checkpoint: str | Path, config: str | None = None,
-                  overrides: list[str] | tuple = ()) -> tuple[SViTTEgo, Config]:
-    """A model (in eval mode) and its config from a training checkpoint (``.pt``) or a ``save_pretrained`` folder.
-
-    The model's settings come from the checkpoint; ``model.`` overrides rebuild it from its
-    weights (e.g. ``model.vision.num_frames=8`` re-inflates the bias tables, as
-    :meth:`SViTTEgo.from_pretrained` does). The rest (data paths, batch size) comes from
-    ``config`` if given, else from the training checkpoint's own config; overrides apply last.
-    """
-    path = Path(checkpoint)
-    changes, rest = model_overrides(overrides)
-    if path.is_dir():
-        model = SViTTEgo.from_pretrained(path, changes)
-        cfg = load_config(config) if config else Config()
-    elif path.is_file():
-        state = load_checkpoint(path)
-        if not isinstance(state, dict) or not {"config", "model"} <= state.keys():
-            raise CheckpointError(f"{path}: not a training checkpoint (a mapping with 'config' and 'model')")
-        try:
-            saved = config_from_dict(state["config"])
-        except ConfigError as err:
-            raise ConfigError(f"{path}: its config: {err}", err.key) from None
-        cfg = load_config(config) if config else saved
-        model = SViTTEgo.from_state_dict(saved.model, state["model"], str(path), changes)
-    else:
-        raise CheckpointError(f"{path}: no such checkpoint (a .pt file or a save_pretrained folder)")
-    cfg.model = model.config
-    return model, override(cfg, rest)
 
 
 def run_egomcq(checkpoint: str | Path, config: str | None = None, overrides: list[str] | tuple = (),

@@ -2,7 +2,7 @@
 embeddings under torchrun, text embeddings, and the expected score of a random ranking.
 
 Every process embeds every ``world_size``-th clip and the embeddings are gathered back into the
-benchmark's order, so each clip is counted once, as EgoMCQ's questions are (``evaluate.py``).
+benchmark's order, so each clip is counted once, as EgoMCQ's questions are (``egomcq.py``).
 A clip whose video cannot be read stops the run (``on_error="fail"``) or is left out and named
 (``on_error="skip"``); the benchmark then says how many it left out.
 """

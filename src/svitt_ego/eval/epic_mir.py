@@ -28,10 +28,10 @@ from svitt_ego.data.errors import MetadataError, checked_id
 from svitt_ego.data.video import VideoReadError, read_frames_by_index
 from svitt_ego.device import pick_device
 from svitt_ego.distributed import is_main, setup_distributed
-from svitt_ego.evaluate import load_for_eval
+from svitt_ego.models.loading import load_for_eval
 from svitt_ego.models import SViTTEgo
 from svitt_ego.untrusted import shown
-from svitt_ego.zero_shot import embed_clips, embed_texts, expected_random_ap, read_csv_rows, segment_frame_ids
+from svitt_ego.eval.embed import embed_clips, embed_texts, expected_random_ap, read_csv_rows, segment_frame_ids
 
 TEST_CSV = "EPIC_100_retrieval_test.csv"
 SENTENCE_CSV = "EPIC_100_retrieval_test_sentence.csv"
@@ -196,7 +196,8 @@ def _natural(value: str) -> int:
     return int(value)
 
 
-def _clip(path: Path, line: int, row: dict) -> MIRClip:
+def mir_clip(path: Path, line: int, row: dict) -> MIRClip:
+    """One row of an EK-100 MIR CSV (``path``, ``line``) as a clip, every field checked."""
     where = f"{path}, line {line}"
     for name in ("participant_id", "video_id"):
         checked_id(row[name], f"{where}, field '{name}'")
@@ -224,7 +225,7 @@ def read_mir_annotations(folder: str | Path) -> MIRAnnotations:
     test, sentences = folder / TEST_CSV, folder / SENTENCE_CSV
     clips, row_of = [], {}
     for line, row in read_csv_rows(test, TEST_COLUMNS):
-        clip = _clip(test, line, row)
+        clip = mir_clip(test, line, row)
         if clip.narration_id in row_of:
             raise MetadataError(f"{test}, line {line}, field 'narration_id': {shown(clip.narration_id)} repeats "
                                 f"the clip of row {row_of[clip.narration_id] + 1}")

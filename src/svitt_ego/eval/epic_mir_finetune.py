@@ -2,7 +2,7 @@
 the max-margin ranking loss weighted by the relevancy of the (global) batch's pairs (docs/downstream.md).
 
 The relevancy of two training clips is the benchmark's own, (verb match + IoU of the noun-class
-sets) / 2 (:func:`svitt_ego.epic_mir.build_relevancy`), computed inside each batch from the CSV's
+sets) / 2 (:func:`svitt_ego.eval.epic_mir.build_relevancy`), computed inside each batch from the CSV's
 ``verb_class`` and ``all_noun_classes``: never a dense matrix of the whole training split.
 """
 
@@ -16,12 +16,13 @@ from torch import nn
 from svitt_ego.data.errors import MetadataError
 from svitt_ego.device import pick_device
 from svitt_ego.distributed import all_gather_no_grad, all_gather_with_grad, gather_tags, is_main, setup_distributed
-from svitt_ego.epic_mir import (TEST_COLUMNS, ClipReader, MIRAnnotations, MIRClip, _clip, build_relevancy,
-                                evaluate_epic_mir, format_epic_mir, load_relevancy, read_mir_annotations, video_path)
+from svitt_ego.eval.epic_mir import (TEST_COLUMNS, ClipReader, MIRAnnotations, MIRClip, build_relevancy,
+                                     evaluate_epic_mir, format_epic_mir, load_relevancy, mir_clip,
+                                     read_mir_annotations, video_path)
 from svitt_ego.eval.finetune import Recipe, Task, TrainingClip, finetune, held_out, load_model
 from svitt_ego.losses import max_margin_ranking
 from svitt_ego.models import SViTTEgo
-from svitt_ego.zero_shot import read_csv_rows
+from svitt_ego.eval.embed import read_csv_rows
 
 TRAIN_CSV = "EPIC_100_retrieval_train.csv"
 MARGIN = 0.2  # LaViLa's and EgoVLP's
@@ -29,7 +30,7 @@ MARGIN = 0.2  # LaViLa's and EgoVLP's
 
 def read_mir_clips(path: str | Path) -> list[MIRClip]:
     """The clips of an EK-100 MIR CSV (``EPIC_100_retrieval_train.csv``: the test CSV's columns)."""
-    clips = [_clip(Path(path), line, row) for line, row in read_csv_rows(Path(path), TEST_COLUMNS)]
+    clips = [mir_clip(Path(path), line, row) for line, row in read_csv_rows(Path(path), TEST_COLUMNS)]
     if not clips:
         raise MetadataError(f"{path}: holds no clips")
     return clips

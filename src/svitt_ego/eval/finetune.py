@@ -31,7 +31,7 @@ from svitt_ego.data.tokenizer import tokenize
 from svitt_ego.data.transforms import ClipTransform
 from svitt_ego.data.video import VideoReadError, read_frames_by_index
 from svitt_ego.distributed import barrier, decide_on_main, rank, world_size
-from svitt_ego.evaluate import load_for_eval
+from svitt_ego.models.loading import load_for_eval
 from svitt_ego.models import SViTTEgo
 from svitt_ego.run_folder import refuse_changes, run_folder, settings_changes
 from svitt_ego.train import MetricsLogger, Run, TrainState, build_optimizer, seed_everything, train_epochs
@@ -102,7 +102,7 @@ class TrainingClip:
 
 def jittered_frame_ids(start: int, end: int, num_frames: int, rng: np.random.Generator) -> np.ndarray:
     """A random frame of each of ``num_frames`` equal segments of frames ``[start, end)`` (LaViLa's
-    ``get_frame_ids`` with jitter; without it, :func:`svitt_ego.zero_shot.segment_frame_ids`)."""
+    ``get_frame_ids`` with jitter; without it, :func:`svitt_ego.eval.embed.segment_frame_ids`)."""
     size = (end - start - 1) / num_frames
     edges = np.round(size * np.arange(num_frames + 1)) + start
     low, high = edges[:-1].astype(np.int64), np.minimum(edges[1:].astype(np.int64), end)
