@@ -31,8 +31,11 @@ def test_killed_run_resumes_to_the_same_parameters(toy, tmp_path):
     cfg = toy_config(toy, tmp_path / "killed", *overrides)
     (tmp_path / "killed").mkdir()
     cfg.save(tmp_path / "killed.yaml")
+    # As many CPU threads as this process's runs use: another count sums in another order, not bit for bit.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen([sys.executable, "-m", "svitt_ego.cli", "pretrain", "--config",
-                             str(tmp_path / "killed.yaml")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             str(tmp_path / "killed.yaml")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
     deadline = time.time() + 120
     while not (tmp_path / "killed" / "step-6.pt").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
