@@ -118,3 +118,15 @@ def test_help_lists_every_command_once_under_its_task():
     lines = [line.split() for line in text[text.index("\ndata:\n"):].splitlines() if line.startswith("  ")]
     assert [words[0] for words in lines] == grouped
     assert " ".join(lines[grouped.index("train-nlq")][1:]) == "train the NLQ grounding model on extracted features"
+
+
+def test_no_command_line_builder_is_longer_than_80_lines():
+    import ast
+    import inspect
+
+    import svitt_ego.cli as cli
+
+    tree = ast.parse(inspect.getsource(cli))
+    lengths = {node.name: node.end_lineno - node.lineno + 1 for node in tree.body
+               if isinstance(node, ast.FunctionDef) and node.name.startswith("_add_")}
+    assert len(lengths) >= 7 and max(lengths.values()) <= 80, lengths

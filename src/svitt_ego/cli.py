@@ -413,8 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     help = "one of the commands below; svitt-ego COMMAND --help for its options"
     commands = _Commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help=help))
-    for add in (_add_data_commands, _add_pretraining_commands, _add_nlq_commands, _add_search_command,
-                _add_zero_shot_commands, _add_finetune_commands):
+    for add in (_add_data_commands, _add_pretraining_commands, _add_zero_shot_commands, _add_finetune_commands,
+                _add_features_commands, _add_nlq_input_commands, _add_nlq_commands):
         add(commands)
     parser.epilog = commands.listing()
     return parser
@@ -449,7 +449,7 @@ def _add_data_commands(sub) -> None:
 
 
 def _add_pretraining_commands(sub) -> None:
-    """Pretraining, EgoMCQ, the figure, window features and the demo."""
+    """The model: its size, its memory, pretraining, SViTT's weights, the figure and the demo."""
     p = sub.add_parser("info", help="build a model from a config and print its size")
     _add_config_args(p, "svitt_ego_kr3")
     p.add_argument("--list", action="store_true", help="print the names of the presets shipped with svitt-ego")
@@ -491,21 +491,6 @@ def _add_pretraining_commands(sub) -> None:
                    help="model settings to change after reading, e.g. model.vision.num_frames=8")
     p.set_defaults(func=_cmd_convert_svitt)
 
-    p = sub.add_parser("eval-mcq", help="EgoMCQ accuracy (inter / intra) of a checkpoint")
-    p.add_argument("checkpoint", help="a training checkpoint (.pt) or a save_pretrained folder")
-    p.add_argument("--config", default=None,
-                   help="a preset or YAML file for the data settings (default: the checkpoint's own)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.egomcq=...")
-    p.add_argument("--output", default=None, help="write the accuracies as JSON here")
-    p.add_argument("--score", choices=["dual", "vtm", "both"], default="dual",
-                   help="dual: cosine of the two encoders; vtm: the VTM head's log-odds of a match; "
-                        "both: dual + VTM_WEIGHT * vtm")
-    p.add_argument("--vtm-weight", type=finite_float, default=None, metavar="VTM_WEIGHT",
-                   help="the weight of the VTM log-odds in --score both (default: the one picked on the "
-                        "training split, svitt_ego.eval.egomcq.VTM_WEIGHT)")
-    _add_device(p)
-    p.set_defaults(func=_cmd_eval_mcq)
-
     p = sub.add_parser("visualize", help="draw the video patches node sparsity keeps for one clip (PNG)")
     p.add_argument("checkpoint", help="a training checkpoint (.pt) or a save_pretrained folder")
     p.add_argument("video", help="a video file PyAV reads, or a prepared chunk folder ROOT/VIDEO_UID")
@@ -516,24 +501,6 @@ def _add_pretraining_commands(sub) -> None:
     p.add_argument("--chunk-seconds", type=positive_float, default=600.0, help="chunk length of a chunk folder")
     _add_device(p)
     p.set_defaults(func=_cmd_visualize)
-
-    p = sub.add_parser("extract-features", help="window features of any videos (files, folders, lists, chunk folders)",
-                       description="One row per window of --window frames, every --stride frames; the model sees "
-                                   "--frames of each window's frames, spread evenly over the window when fewer. "
-                                   "Row i stands for the window's centre, (stride*i + window/2)/fps s. Resumable: "
-                                   "rerun with the same settings to continue.")
-    p.add_argument("checkpoint", help="a training checkpoint (.pt) or a save_pretrained folder")
-    p.add_argument("videos", nargs="+", help="video files, prepared chunk folders ROOT/VIDEO_UID, folders of either, "
-                                             "or .txt files of such paths (one a line)")
-    _add_output(p, "the feature folder (manifest.json, videos/<name>.safetensors)", required=True)
-    p.add_argument("--root", default=None, help="a prepare-videos root: VIDEOS may then be video uids under it")
-    p.add_argument("--what", choices=["pooled", "projected", "tokens"], default="pooled",
-                   help="pooled: the video encoder's pooled vector; projected: the joint-space embedding; "
-                        "tokens: the last layer's kept tokens and their (t, h, w) positions")
-    _add_window_args(p)
-    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="of the stored features")
-    _add_device(p)
-    p.set_defaults(func=_cmd_extract_features)
 
     p = sub.add_parser("demo", help="toy data -> evaluate -> pretrain the tiny model -> evaluate again")
     p.add_argument("--workdir", default="demo_run", help="the folder the toy data, the run and the results go in")
@@ -547,8 +514,8 @@ def _add_pretraining_commands(sub) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
-def _add_nlq_commands(sub) -> None:
-    """Ego4D NLQ: features, the grounding model, submissions and their metric, narration queries."""
+def _add_nlq_input_commands(sub) -> None:
+    """Ego4D NLQ's inputs: window and query features, narration queries, GroundNLQ's own format."""
     p = sub.add_parser("extract-nlq-features", help="window features of Ego4D NLQ clips and their queries")
     p.add_argument("checkpoint", help="a training checkpoint (.pt) or a save_pretrained folder")
     p.add_argument("--annotations", nargs="+", required=True, help="nlq_*.json files (clips of all of them)")
@@ -565,6 +532,24 @@ def _add_nlq_commands(sub) -> None:
     _add_device(p)
     p.set_defaults(func=_cmd_extract_nlq_features)
 
+    p = sub.add_parser("narration-queries", help="EgoClip narrations inside training clips, as NLQ queries "
+                       "(GroundNLQ's pretraining set)")
+    p.add_argument("egoclip", help="egoclip.csv")
+    p.add_argument("--train", nargs="+", required=True, help="NLQ / MQ / VQ training files: their clips")
+    p.add_argument("--exclude", nargs="*", default=[], help="val / test files: none of their videos is used")
+    p.add_argument("--output", required=True, help="the NLQ-format file to write")
+    p.set_defaults(func=_cmd_narration_queries)
+
+    p = sub.add_parser("export-nlq-features", help="a features folder as another project's inputs (GroundNLQ's lmdb)")
+    p.add_argument("features", help="a feature folder of extract-nlq-features")
+    p.add_argument("--to", choices=["groundnlq"], required=True, help="whose inputs")
+    p.add_argument("out", help="the folder to write them in")
+    p.add_argument("--annotations", nargs="+", required=True, help="NLQ files whose queries to export (one jsonl each)")
+    p.set_defaults(func=_cmd_export_nlq_features)
+
+
+def _add_nlq_commands(sub) -> None:
+    """Ego4D NLQ: the grounding model's training, predictions and the official metric."""
     from svitt_ego.nlq.recipe import recipe_help
 
     p = sub.add_parser("train-nlq", help="train the NLQ grounding model on extracted features",
@@ -620,24 +605,27 @@ def _add_nlq_commands(sub) -> None:
     p.add_argument("--output", default=None, help="write the metrics as JSON here")
     p.set_defaults(func=_cmd_eval_nlq)
 
-    p = sub.add_parser("narration-queries", help="EgoClip narrations inside training clips, as NLQ queries "
-                       "(GroundNLQ's pretraining set)")
-    p.add_argument("egoclip", help="egoclip.csv")
-    p.add_argument("--train", nargs="+", required=True, help="NLQ / MQ / VQ training files: their clips")
-    p.add_argument("--exclude", nargs="*", default=[], help="val / test files: none of their videos is used")
-    p.add_argument("--output", required=True, help="the NLQ-format file to write")
-    p.set_defaults(func=_cmd_narration_queries)
 
-    p = sub.add_parser("export-nlq-features", help="a features folder as another project's inputs (GroundNLQ's lmdb)")
-    p.add_argument("features", help="a feature folder of extract-nlq-features")
-    p.add_argument("--to", choices=["groundnlq"], required=True, help="whose inputs")
-    p.add_argument("out", help="the folder to write them in")
-    p.add_argument("--annotations", nargs="+", required=True, help="NLQ files whose queries to export (one jsonl each)")
-    p.set_defaults(func=_cmd_export_nlq_features)
+def _add_features_commands(sub) -> None:
+    """Window features of any videos, and zero-shot search of their moments or clips by free text."""
+    p = sub.add_parser("extract-features", help="window features of any videos (files, folders, lists, chunk folders)",
+                       description="One row per window of --window frames, every --stride frames; the model sees "
+                                   "--frames of each window's frames, spread evenly over the window when fewer. "
+                                   "Row i stands for the window's centre, (stride*i + window/2)/fps s. Resumable: "
+                                   "rerun with the same settings to continue.")
+    p.add_argument("checkpoint", help="a training checkpoint (.pt) or a save_pretrained folder")
+    p.add_argument("videos", nargs="+", help="video files, prepared chunk folders ROOT/VIDEO_UID, folders of either, "
+                                             "or .txt files of such paths (one a line)")
+    _add_output(p, "the feature folder (manifest.json, videos/<name>.safetensors)", required=True)
+    p.add_argument("--root", default=None, help="a prepare-videos root: VIDEOS may then be video uids under it")
+    p.add_argument("--what", choices=["pooled", "projected", "tokens"], default="pooled",
+                   help="pooled: the video encoder's pooled vector; projected: the joint-space embedding; "
+                        "tokens: the last layer's kept tokens and their (t, h, w) positions")
+    _add_window_args(p)
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="of the stored features")
+    _add_device(p)
+    p.set_defaults(func=_cmd_extract_features)
 
-
-def _add_search_command(sub) -> None:
-    """Zero-shot search of moments or clips by free text."""
     p = sub.add_parser("search", help="zero-shot: the moments of videos (or the clips) that best match queries",
                        description="The dual encoder alone: per query the best moments of every video, or with "
                                    "--mode clips the best clips (Recall@1/5/10 with --pairs). Raw videos are "
@@ -662,7 +650,7 @@ def _add_search_command(sub) -> None:
 
 
 def _add_zero_shot_commands(sub) -> None:
-    """The zero-shot benchmarks of the peers: EPIC-Kitchens-100 MIR and Charades-Ego (docs/zero-shot.md)."""
+    """Zero-shot evaluation: EgoMCQ and the peers' EPIC-Kitchens-100 MIR and Charades-Ego (docs/zero-shot.md)."""
     def common(p, frames: int, batch: int) -> None:
         p.add_argument("checkpoint", help="a training checkpoint (.pt) or a save_pretrained folder")
         p.add_argument("--num-frames", type=int, choices=[4, 16], default=frames,
@@ -673,6 +661,21 @@ def _add_zero_shot_commands(sub) -> None:
         p.add_argument("--workers", type=nonnegative_int, default=4, help="video-reading processes")
         p.add_argument("--output", default=None, help="write the scores as JSON here")
         _add_device(p)
+
+    p = sub.add_parser("eval-mcq", help="EgoMCQ accuracy (inter / intra) of a checkpoint")
+    p.add_argument("checkpoint", help="a training checkpoint (.pt) or a save_pretrained folder")
+    p.add_argument("--config", default=None,
+                   help="a preset or YAML file for the data settings (default: the checkpoint's own)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.egomcq=...")
+    p.add_argument("--output", default=None, help="write the accuracies as JSON here")
+    p.add_argument("--score", choices=["dual", "vtm", "both"], default="dual",
+                   help="dual: cosine of the two encoders; vtm: the VTM head's log-odds of a match; "
+                        "both: dual + VTM_WEIGHT * vtm")
+    p.add_argument("--vtm-weight", type=finite_float, default=None, metavar="VTM_WEIGHT",
+                   help="the weight of the VTM log-odds in --score both (default: the one picked on the "
+                        "training split, svitt_ego.eval.egomcq.VTM_WEIGHT)")
+    _add_device(p)
+    p.set_defaults(func=_cmd_eval_mcq)
 
     p = sub.add_parser("eval-epic-mir", help="EPIC-Kitchens-100 multi-instance retrieval, zero-shot (mAP, nDCG)")
     p.add_argument("--annotations", required=True,
