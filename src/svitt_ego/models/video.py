@@ -23,6 +23,7 @@ from svitt_ego.config import VisionConfig
 from svitt_ego.models.attention import dense_attention, reference_attention, resolve_backend
 from svitt_ego.models.block_pattern import BlockPattern, block_pattern_from_noise, sample_block_pattern
 from svitt_ego.models.blocked import blocked_attention
+from svitt_ego.models.layers import gelu_linear, scaled_linear
 from svitt_ego.models.position_bias import CLS_POSITION, RelativePositionBias3D
 from svitt_ego.models.pruning import gather_tokens, num_kept, prune_tokens
 from svitt_ego.models.token_order import token_order
@@ -59,8 +60,10 @@ class VideoAttention(nn.Module):
         self.rel_pos_bias = RelativePositionBias3D(cfg.num_frames, cfg.grid_size, cfg.num_heads)
         self.backend = cfg.backend
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor,
-                pattern: BlockPattern | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, pattern: BlockPattern | None,
+                scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``scale * proj(attention)`` (the block's layer scale, if given, folded into the projection)
+        and the [CLS] row's attention probabilities."""
         B, N, C = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         q, k, v = F.linear(x, self.qkv.weight, bias).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
@@ -73,10 +76,14 @@ class VideoAttention(nn.Module):
         else:
             attend = resolve_backend(self.backend, q.device, q.dtype, q.shape[-1], pattern.block_size)
         out, cls_probs = attend(q, k, v, positions, self.rel_pos_bias, pattern)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C)), cls_probs
+        return scaled_linear(out.transpose(1, 2).reshape(B, N, C), self.proj, scale), cls_probs
 
 
 class VideoBlock(nn.Module):
+    """BEiT's block with layer scale: ``x + gamma_1 * attn(norm1(x))``, then ``x + gamma_2 * mlp(norm2(x))``,
+    each branch dropped by drop path. The scales are folded into the projections and the MLP's GELU is
+    recomputed in the backward (``svitt_ego.models.layers``): the same maths, keeping less for the backward."""
+
     def __init__(self, cfg: VisionConfig, drop_path: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
@@ -89,9 +96,9 @@ class VideoBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x, positions, pattern):
-        attn, cls_probs = self.attn(self.norm1(x), positions, pattern)
-        x = x + self.drop_path(self.gamma_1 * attn)
-        x = x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
+        attn, cls_probs = self.attn(self.norm1(x), positions, pattern, self.gamma_1)
+        x = x + self.drop_path(attn)
+        x = x + self.drop_path(gelu_linear(self.mlp[0](self.norm2(x)), self.mlp[2], self.gamma_2))
         return x, cls_probs
 
 
