@@ -85,10 +85,11 @@ def test_bert_layer_equals_the_unfused_maths(monkeypatch, autocast, atol):
         torch.testing.assert_close(a, b, atol=atol, rtol=1e-5)
 
 
-def test_a_video_block_keeps_six_widths_a_token_less(monkeypatch):
-    """fp32, [B, N, C] = [4, 33, 32]: the unfused block also keeps the projection's output (gamma_1's
-    gradient), the MLP's output (gamma_2's) and GELU's output [B, N, 4C]: 6C floats a token; the lean
-    one keeps the two scaled weights instead, C^2 + 4C^2 floats."""
+def test_a_video_block_keeps_eight_widths_a_token_less(monkeypatch):
+    """fp32, [B, N, C] = [4, 33, 32]. The unfused block also keeps both LayerNorms' outputs and their
+    mean and 1 / std (the lean one recomputes them from the input it keeps), the projection's output
+    (gamma_1's gradient), the MLP's output (gamma_2's) and GELU's output [B, N, 4C]: 8C + 4 floats a
+    token; the lean one keeps the two scaled weights instead, C^2 + 4C^2 floats."""
     torch.manual_seed(0)
     block = VideoBlock(VISION, drop_path=0.0).train()
     B, N, C = 4, 33, 32
@@ -112,4 +113,4 @@ def test_a_video_block_keeps_six_widths_a_token_less(monkeypatch):
     lean = kept()
     monkeypatch.setattr(VideoBlock, "forward", unfused_block)
     unfused = kept()
-    assert unfused - lean == 4 * (B * N * 6 * C - 5 * C * C) == 4 * (25344 - 5120)
+    assert unfused - lean == 4 * (B * N * (8 * C + 4) - 5 * C * C) == 4 * (34320 - 5120)
