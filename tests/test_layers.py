@@ -14,9 +14,10 @@ from svitt_ego.models.video import VideoBlock, VideoEncoder
 VISION = VisionConfig(image_size=32, patch_size=8, width=32, depth=2, num_heads=2, num_frames=2, block_size=4,
                       prune_layers=[0], drop_path=0.5, backend="blocked")
 TEXT = TextConfig(width=32, num_heads=2, intermediate_size=64, dropout=0.3)
-# fp32: the same sums in another order (atol 1e-6, and 1e-5 of the value for the larger gradients). CPU autocast bf16 (8 mantissa bits): the unfused scale multiplies
-# a bf16 projection in fp32, the folded one is rounded into the bf16 weight.
-TOLERANCES = [(False, 1e-6), (True, 2e-2)]
+# Each output and gradient within this fraction of its largest magnitude. fp32: the same sums in another
+# order. CPU autocast bf16 (8 mantissa bits): the unfused scale multiplies a bf16 projection in fp32, the
+# folded one is rounded into the bf16 weight.
+TOLERANCES = [(False, 1e-5), (True, 2e-2)]
 
 
 def unfused_block(block, x, positions, pattern):
@@ -44,10 +45,17 @@ def _lean_and_unfused(monkeypatch, model, cls, unfused, autocast, step):
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out = step()
-        out.float().square().mean().backward()
+        # a fixed random direction: a sum of squares after a LayerNorm would have almost no gradient
+        probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+        (out.float() * probe).sum().backward()
         runs.append([out.detach().float()] + [p.grad.clone() for p in model.parameters()])
     assert all(g.abs().sum() > 0 for g in runs[1][1:])
     return runs
+
+
+def _assert_close(lean, plain, tol):
+    for i, (a, b) in enumerate(zip(lean, plain)):
+        assert (a - b).abs().max() <= tol * b.abs().max(), i
 
 
 def _scaled_encoder():
@@ -58,8 +66,8 @@ def _scaled_encoder():
     return model
 
 
-@pytest.mark.parametrize("autocast, atol", TOLERANCES)
-def test_video_encoder_equals_the_unfused_block_maths(monkeypatch, autocast, atol):
+@pytest.mark.parametrize("autocast, tol", TOLERANCES)
+def test_video_encoder_equals_the_unfused_block_maths(monkeypatch, autocast, tol):
     """The encoder's tokens and every parameter's gradient, with drop path on."""
     model, frames = _scaled_encoder(), torch.randn(2, 2, 3, 32, 32)
 
@@ -68,12 +76,11 @@ def test_video_encoder_equals_the_unfused_block_maths(monkeypatch, autocast, ato
         return torch.cat([out.tokens.flatten(), out.pooled.flatten()])
 
     lean, plain = _lean_and_unfused(monkeypatch, model, VideoBlock, unfused_block, autocast, step)
-    for a, b in zip(lean, plain):
-        torch.testing.assert_close(a, b, atol=atol, rtol=1e-5)
+    _assert_close(lean, plain, tol)
 
 
-@pytest.mark.parametrize("autocast, atol", TOLERANCES)
-def test_bert_layer_equals_the_unfused_maths(monkeypatch, autocast, atol):
+@pytest.mark.parametrize("autocast, tol", TOLERANCES)
+def test_bert_layer_equals_the_unfused_maths(monkeypatch, autocast, tol):
     """A fusion layer (self- and cross-attention, FFN) in training mode, dropout on."""
     torch.manual_seed(0)
     layer = BertLayer(TEXT, video_width=24).train()
@@ -81,8 +88,7 @@ def test_bert_layer_equals_the_unfused_maths(monkeypatch, autocast, atol):
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool()
     lean, plain = _lean_and_unfused(monkeypatch, layer, BertLayer, unfused_bert, autocast,
                                     lambda: layer(x, mask, video_tokens)[0])
-    for a, b in zip(lean, plain):
-        torch.testing.assert_close(a, b, atol=atol, rtol=1e-5)
+    _assert_close(lean, plain, tol)
 
 
 def test_a_video_block_keeps_eight_widths_a_token_less(monkeypatch):
