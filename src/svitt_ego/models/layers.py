@@ -81,35 +81,36 @@ class _NormLinear(torch.autograd.Function):
     def forward(ctx, x, norm_weight, norm_bias, eps, weight, bias):
         device = x.device.type
         dtype = _autocast_dtype(x)
-        ctx.norm_dtype = torch.float32 if dtype is not None else x.dtype
+        ctx.norm_dtype = torch.float32 if dtype is not None else x.dtype  # CUDA autocast: LayerNorm in fp32
         dtype = dtype or x.dtype
         ctx.eps, ctx.dtypes = eps, (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         weight = weight.to(dtype)
         with torch.autocast(device, enabled=False):
-            y = _NormLinear.norm(ctx, x, norm_weight, norm_bias)[0].to(dtype)
+            y = _NormLinear.norm(ctx, x.to(ctx.norm_dtype), norm_weight, norm_bias)[0].to(dtype)
             out = F.linear(y, weight, None if bias is None else bias.to(dtype))
         ctx.save_for_backward(x, norm_weight, norm_bias, weight)
         return out
 
     @staticmethod
     def norm(ctx, x, norm_weight, norm_bias):
-        """LayerNorm over the last dimension in its dtype: its output, mean and 1 / std."""
+        """LayerNorm over the last dimension of ``x`` (in the norm's dtype): its output, mean and 1 / std."""
         dtype = ctx.norm_dtype
-        return torch.ops.aten.native_layer_norm(x.to(dtype), [x.shape[-1]], norm_weight.to(dtype),
-                                                norm_bias.to(dtype), ctx.eps)
+        return torch.ops.aten.native_layer_norm(x, [x.shape[-1]], norm_weight.to(dtype), norm_bias.to(dtype),
+                                                ctx.eps)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, norm_weight, norm_bias, weight = ctx.saved_tensors
         x_dtype, weight_dtype, bias_dtype = ctx.dtypes
-        grad_out = grad_out.to(weight.dtype)
-        y, mean, rstd = _NormLinear.norm(ctx, x, norm_weight, norm_bias)
-        grad_y = (grad_out @ weight).to(ctx.norm_dtype)
         dtype = ctx.norm_dtype
-        grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
-            grad_y, x.to(dtype), [x.shape[-1]], mean, rstd, norm_weight.to(dtype), norm_bias.to(dtype),
-            ctx.needs_input_grad[:3])
+        grad_out = grad_out.to(weight.dtype)
+        x = x.to(dtype)
+        y, mean, rstd = _NormLinear.norm(ctx, x, norm_weight, norm_bias)
         grads = _linear_grads(ctx, grad_out, y.to(weight.dtype), weight, (weight_dtype, bias_dtype))
+        del y
+        grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
+            (grad_out @ weight).to(dtype), x, [x.shape[-1]], mean, rstd, norm_weight.to(dtype),
+            norm_bias.to(dtype), ctx.needs_input_grad[:3])
         return (None if grad_x is None else grad_x.to(x_dtype),
                 None if grad_norm_weight is None else grad_norm_weight.to(norm_weight.dtype),
                 None if grad_norm_bias is None else grad_norm_bias.to(norm_bias.dtype), None, *grads)
