@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from svitt_ego.config import TextConfig
+from svitt_ego.models.layers import gelu_linear
 from svitt_ego.models.pruning import gather_tokens, kept_indices
 
 
@@ -80,7 +81,10 @@ class BertResidual(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+        return self.add_norm(self.dense(x), residual)
+
+    def add_norm(self, branch: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(branch) + residual)
 
 
 class BertAttention(nn.Module):
@@ -95,12 +99,12 @@ class BertAttention(nn.Module):
 
 
 class BertIntermediate(nn.Module):
+    """BERT's intermediate dense layer. Its GELU is applied with the output's dense layer, ``gelu_linear``
+    (the same maths; GELU's output is recomputed in the backward rather than kept)."""
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.dense = nn.Linear(cfg.width, cfg.intermediate_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.dense(x))
 
 
 class BertLayer(nn.Module):
@@ -116,7 +120,8 @@ class BertLayer(nn.Module):
         probs = None
         if self.crossattention is not None:
             x, probs = self.crossattention(x, video, None, query_weights)
-        return self.output(self.intermediate(x), x), probs
+        ffn = gelu_linear(self.intermediate.dense(x), self.output.dense)
+        return self.output.add_norm(ffn, x), probs
 
 
 def init_bert_weights(module: nn.Module) -> None:

@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -23,6 +22,7 @@ from svitt_ego.config import VisionConfig
 from svitt_ego.models.attention import dense_attention, reference_attention, resolve_backend
 from svitt_ego.models.block_pattern import BlockPattern, block_pattern_from_noise, sample_block_pattern
 from svitt_ego.models.blocked import blocked_attention
+from svitt_ego.models.layers import gelu_linear, norm_linear, scaled_linear
 from svitt_ego.models.position_bias import CLS_POSITION, RelativePositionBias3D
 from svitt_ego.models.pruning import gather_tokens, num_kept, prune_tokens
 from svitt_ego.models.token_order import token_order
@@ -59,11 +59,16 @@ class VideoAttention(nn.Module):
         self.rel_pos_bias = RelativePositionBias3D(cfg.num_frames, cfg.grid_size, cfg.num_heads)
         self.backend = cfg.backend
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor,
-                pattern: BlockPattern | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, pattern: BlockPattern | None,
+                scale: torch.Tensor | None = None,
+                norm: nn.LayerNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``scale * proj(attention(norm(x)))`` and the [CLS] row's attention probabilities. The block's
+        layer scale, if given, is folded into the projection; its LayerNorm, if given, is recomputed in
+        the backward rather than kept (``svitt_ego.models.layers``)."""
         B, N, C = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
-        q, k, v = F.linear(x, self.qkv.weight, bias).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        qkv = norm_linear(x, norm, self.qkv.weight, bias)
+        q, k, v = qkv.view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         if pattern is not None and pattern.svitt_blocks:
             attend = blocked_attention  # the one backend that computes SViTT's blocks
         elif self.backend == "reference":
@@ -73,10 +78,15 @@ class VideoAttention(nn.Module):
         else:
             attend = resolve_backend(self.backend, q.device, q.dtype, q.shape[-1], pattern.block_size)
         out, cls_probs = attend(q, k, v, positions, self.rel_pos_bias, pattern)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C)), cls_probs
+        return scaled_linear(out.transpose(1, 2).reshape(B, N, C), self.proj, scale), cls_probs
 
 
 class VideoBlock(nn.Module):
+    """BEiT's block with layer scale: ``x + gamma_1 * attn(norm1(x))``, then ``x + gamma_2 * mlp(norm2(x))``,
+    each branch dropped by drop path. The scales are folded into the projections, the LayerNorms and the
+    MLP's GELU are recomputed in the backward (``svitt_ego.models.layers``): the same maths, keeping less
+    for the backward."""
+
     def __init__(self, cfg: VisionConfig, drop_path: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
@@ -89,9 +99,10 @@ class VideoBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x, positions, pattern):
-        attn, cls_probs = self.attn(self.norm1(x), positions, pattern)
-        x = x + self.drop_path(self.gamma_1 * attn)
-        x = x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
+        attn, cls_probs = self.attn(x, positions, pattern, self.gamma_1, self.norm1)
+        x = x + self.drop_path(attn)
+        fc1, fc2 = self.mlp[0], self.mlp[2]
+        x = x + self.drop_path(gelu_linear(norm_linear(x, self.norm2, fc1.weight, fc1.bias), fc2, self.gamma_2))
         return x, cls_probs
 
 
