@@ -320,6 +320,8 @@ def format_plan(plan: MemoryPlan, fitted: Fit | None = None) -> str:
         rows.append(f"on {gib(fitted.gpu_bytes):.2f} GiB: largest train.batch_size {fitted.largest_batch}"
                     + (f"; with activation checkpointing {fitted.largest_batch_checkpointed}"
                        if fitted.largest_batch_checkpointed is not None else "")
-                    + ("; activation checkpointing needed" if fitted.checkpointing_needed else ""))
+                    + ("; activation checkpointing needed" if fitted.checkpointing_needed
+                       else f"; the configured batch {plan.batch_size} fits as it is"
+                       if fitted.largest_batch >= plan.batch_size else ""))
     rows += [f"note: {note}" for note in plan.notes]
     return "\n".join(rows)
