@@ -506,7 +506,7 @@ def _add_pretraining_commands(sub) -> None:
     p.add_argument("--workdir", default="demo_run", help="the folder the toy data, the run and the results go in")
     p.add_argument("--quick", action="store_true", help="a short run (for tests)")
     p.add_argument("--epochs", type=positive_int, default=None,
-                   help="pretraining epochs (default: the tiny preset's 5, about 11 minutes on 2 CPU cores; "
+                   help="pretraining epochs (default: the tiny preset's 5, about 9 minutes on 2 quiet CPU cores; "
                         "10 takes twice as long and trains the multimodal encoder further)")
     p.add_argument("--task", choices=["pretrain", "nlq"], default="pretrain",
                    help="nlq: ground queries with the pretrained demo model (pretraining it first if missing)")
