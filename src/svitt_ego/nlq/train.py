@@ -202,7 +202,7 @@ def _train_epoch(model, optimizer, features, queries, settings, stage: Stage, po
     steps = math.ceil(len(queries) / stage.batch_size)
     sums, trained = {"loss": 0.0, "cls": 0.0, "reg": 0.0}, 0
     positives, zero_offsets = 0, torch.zeros(2, dtype=torch.long)
-    bar = f"stage {index} epoch {epoch + 1}/{stage.epochs}"
+    bar = f"stage {index} epoch {epoch + 1}/{stage.total_epochs}"  # warm-up epochs included
     for i in tqdm(range(steps), desc=bar, unit="step", dynamic_ncols=True):
         chosen = [queries[j] for j in order[i * stage.batch_size:(i + 1) * stage.batch_size]]
         if stage.jitter:
