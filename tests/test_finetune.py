@@ -119,7 +119,9 @@ def test_finetune_epic_mir_resumes_exactly(toy, tmp_path):
     whole = json.loads((tmp_path / "run" / "test.json").read_text())
     assert 0 < whole["mAP avg"] <= 100 and whole["clips"] == 17
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records if "val_score" in r] == [1, 2] and "test_mAP avg" in records[-1]
+    # The held-out videos are scored before the first step (the loaded model), then after each epoch.
+    assert [r["epoch"] for r in records if "val_score" in r] == [0, 1, 2] and "test_mAP avg" in records[-1]
+    assert records[0]["step"] == 0 and "val_score" in records[0]
     # Interrupted after the first epoch: its checkpoint is last.pt; resuming gives the same weights.
     shutil.copytree(tmp_path / "run", tmp_path / "resumed")
     first_epoch = sorted((tmp_path / "resumed").glob("step-*.pt"), key=lambda p: int(p.stem[5:]))[0]

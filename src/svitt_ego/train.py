@@ -250,6 +250,9 @@ class Run:
         """The DataLoader's collate function for :attr:`dataset`."""
         return collate_egoclip(self.tokenizer, self.cfg.model.text.max_length)
 
+    def before_training(self, state: TrainState) -> None:
+        """Called once on a fresh run, before its first step (fine-tuning scores its starting model)."""
+
     def evaluate(self, state: TrainState) -> tuple[dict, float, str] | None:
         """The end of an epoch's evaluation: ``(results, score, metric)`` (logged), the higher the score the
         better; None when there is nothing to evaluate on. Here EgoMCQ's mean accuracy."""
@@ -424,6 +427,8 @@ def train_epochs(run: Run, resume: bool, allow_config_change: bool) -> dict:
     """:func:`start`, then :func:`train_one_epoch` and :func:`end_epoch` until the last epoch or step;
     returns the last evaluation's results."""
     state, results = start(run, resume, allow_config_change), {}
+    if state.step == 0:
+        run.before_training(state)
     run.model.train()
     while state.epoch < run.cfg.train.epochs and state.step < run.total_steps:
         results = end_epoch(run, state, train_one_epoch(run, state))

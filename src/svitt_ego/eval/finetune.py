@@ -189,6 +189,10 @@ class FinetuneRun(Run):
     def collate(self):
         return collate_clips(self.tokenizer, self.cfg.model.text.max_length)
 
+    def before_training(self, state: TrainState) -> None:
+        """The held-out videos' scores of the model as loaded (step 0): what fine-tuning starts from."""
+        self.logger.scores(state, "val", self.task.validate(self.model))
+
     def evaluate(self, state: TrainState) -> tuple[dict, float, str]:
         results = self.task.validate(self.model)
         self.logger.scores(state, "val", results)
