@@ -31,6 +31,7 @@ default 2,560). ``--stride 1`` extracts four times as many windows per second as
     python benchmarks/nlq_seeds.py demo_run --validation --lr 1e-3 --model drop_path=0   # a setting to try
     python benchmarks/nlq_seeds.py demo_run --arms half narrations # narrations vs none (one process an arm works too)
     python benchmarks/nlq_seeds.py demo_run --long-clips 2560 --crop 1280 --stride 1   # whole vs cropped
+    python benchmarks/nlq_seeds.py --merge a/results-whole.json b/results-cropped.json  # processes' table
     PYTHONPATH=/path/to/other/checkout/src python benchmarks/nlq_seeds.py demo_run --output other
 """
 
@@ -263,16 +264,31 @@ def _table(arms: dict) -> str:
     return "\n".join(lines)
 
 
+def merged_table(paths: list[Path]) -> str:
+    """The table of several runs' ``results-*.json`` (arms or seeds run in separate processes)."""
+    import json
+
+    arms: dict[str, list[dict]] = {}
+    for path in paths:
+        for name, rows in json.loads(path.read_text())["arms"].items():
+            arms.setdefault(name, []).extend(rows)
+    seeds = sorted({row["seed"] for rows in arms.values() for row in rows})
+    return f"seeds {seeds}, mean +- standard error\n" + _table(arms)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("demo", type=Path, help="a `svitt-ego demo` folder (run/model, toy_data)")
+    parser.add_argument("demo", type=Path, nargs="?", help="a `svitt-ego demo` folder (run/model, toy_data)")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="RESULTS",
+                        help="only print the table of these results-*.json files (runs of separate processes)")
     parser.add_argument("--output", type=Path, default=None, help="features and results (default DEMO/nlq_seeds)")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="none: the baselines only")
     parser.add_argument("--epochs", type=int, default=None,
                         help="NLQ training (fine-tuning) epochs after the warm-up (default: the NLQ demo's)")
-    parser.add_argument("--arms", nargs="+", choices=ARMS, default=["all"],
-                        help="all: the NLQ training videos; half: every other one; narrations: the narrations of "
-                             "the other half first, then half")
+    parser.add_argument("--arms", nargs="+", choices=ARMS + LONG_ARMS, default=None,
+                        help="all (default): the NLQ training videos; half: every other one; narrations: the "
+                             "narrations of the other half first, then half; with --long-clips whole and cropped "
+                             "(both by default; one process an arm works too)")
     parser.add_argument("--pretrain-epochs", type=int, default=10, help="after the warm-up")
     parser.add_argument("--jitter", action=argparse.BooleanOptionalAction, default=True,
                         help="GroundNLQ's temporal jittering of the narration queries")
@@ -290,6 +306,15 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=2560, help="the cropped arm's windows (with --long-clips)")
     parser.add_argument("--stride", type=int, default=4, help="frames between window starts in extraction")
     args = parser.parse_args()
+    if args.merge:
+        print(merged_table(args.merge))
+        return
+    if args.demo is None:
+        parser.error("the demo folder is required (unless --merge)")
+    long_arms = args.long_clips is not None
+    args.arms = args.arms or list(LONG_ARMS if long_arms else ["all"])
+    if any((arm in LONG_ARMS) != long_arms for arm in args.arms):
+        parser.error(f"--arms: {', '.join(LONG_ARMS)} go with --long-clips, {', '.join(ARMS)} without it")
 
     from svitt_ego.atomic import atomic_write_json
     from svitt_ego.nlq.demo import EPOCHS, TOY_SETTINGS, toy_stage
@@ -321,7 +346,7 @@ def main() -> None:
     if args.long_clips is not None:
         shutil.rmtree(out / "long", ignore_errors=True)
         train, val = long_clip_split(features, [train, val], args.long_clips, out / "long")
-        features, args.arms = out / "long" / "features", list(LONG_ARMS)
+        features = out / "long" / "features"
         windows = {uid: info["windows"] for uid, info in read_manifest(features)["videos"].items()}
         for name, path in (("training", train), ("held-out", val)):
             lengths = [windows[uid] for uid in read_nlq(path).clips]
