@@ -373,6 +373,7 @@ def main() -> None:
     for arm in args.arms:
         print(f"{arm}: {arms[arm][2]} (seed aside); stages: {arms[arm][1]}", flush=True)
     results: dict[str, list[dict]] = {}
+    results_file = out / f"results-{'-'.join(args.arms)}.json"  # written after every seed: a killed run keeps them
     for name, stages, settings in (arms[arm] for arm in args.arms):
         for seed in args.seeds:
             begun = time.perf_counter()
@@ -380,9 +381,10 @@ def main() -> None:
             results.setdefault(name, []).append({"seed": seed, **{m: row[m] for m in METRICS}})
             print(f"{name}, seed {seed}: " + ", ".join(f"{m} {row[m]:.1f}" for m in METRICS)
                   + f" ({(time.perf_counter() - begun) / 60:.1f} min)", flush=True)
+            atomic_write_json(results_file, {"code": _code(), "seeds": args.seeds, "arms": results})  # seed by seed
     if results:
         print(f"\nseeds {args.seeds}, mean +- standard error\n" + _table(results))
-    atomic_write_json(out / f"results-{'-'.join(args.arms)}.json", {"code": _code(), "seeds": args.seeds, "arms": results})
+    atomic_write_json(results_file, {"code": _code(), "seeds": args.seeds, "arms": results})
 
 
 if __name__ == "__main__":

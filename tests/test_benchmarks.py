@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import SMALL_MODEL, load_benchmark
 
@@ -46,7 +47,7 @@ def smallest_runs(demo: Path, tmp: Path) -> dict[str, tuple]:
                           "--methods", "blocked", "dense_bias", "flash"), "dense_bias"),
         "dataloader.py": (("--clips", "24", "--video-seconds", "8", "--workdir", tmp), "clips/s per worker"),
         "finetune_toy.py": ((demo, "--out", tmp / "finetune", "--seeds", "0", "1", "--epochs", "1", "--num-videos", "6",
-                             "--batch-size", "4"), _zero_shot_and_two_seeds_per_metric),
+                             "--batch-size", "4", "--probe"), _zero_shot_and_two_seeds_per_metric),
         "extract_features.py": (("--preset", "tiny", "--device", "cpu", "--batch-size", "8", "--repeats", "1",
                                  "--synthetic", "0.5"), "4 windows of synthetic (15 frames at 30 fps)"),
         "egoclip_metadata.py": (("--rows", "2000", "--videos", "20"), "warm (from cache)"),
@@ -114,6 +115,11 @@ def _three_arms_two_seeds_honest_split(out: str) -> None:
 
 
 def _zero_shot_and_two_seeds_per_metric(out: str) -> None:
+    probes = re.findall(r"^probe (\w+), (zero-shot|seed \d): (.*)$", out, re.MULTILINE)
+    assert [(b, who) for b, who, _ in probes] == [(b, who) for b in ("charades_ego", "epic_mir")
+                                                  for who in ("zero-shot", "seed 0", "seed 1")], out
+    parts = {b: re.findall(r"(\w+) [\d.]+% \(chance [\d.]+%\)", found) for b, _, found in probes}
+    assert parts == {"charades_ego": ["class", "verb", "object"], "epic_mir": ["verb", "object", "colour", "shape"]}, out
     table = out.split("mean +- standard error\n")[1].split("\nval: ")[0].splitlines()[1:]
     assert [row.split()[:2] for row in table] == [["charades_ego", "val"], ["charades_ego", "mAP"], ["epic_mir", "val"],
                                                   ["epic_mir", "mAP"], ["epic_mir", "nDCG"]]
@@ -209,6 +215,17 @@ def test_nlq_seeds_long_clips_are_the_clips_end_to_end(tmp_path):
             checked += 1
     assert {q.annotation_uid.split("_")[0] for q in held_out.queries} == {"c5"}
     assert checked == len(read_nlq(train).queries) + len(held_out.queries) > 0
+
+
+def test_finetune_toy_probe_counts_top1_and_chance_by_hand():
+    keys = ["turn a plate", "turn a cup", "push a plate"]
+    similarity = np.array([[0.9, 0.1, 0.0],   # own "turn a plate": picks it
+                           [0.8, 0.1, 0.0],   # own "turn a cup": picks "turn a plate" (same verb only)
+                           [0.1, 0.7, 0.2]])  # own "push a plate": picks "turn a cup" (nothing shared)
+    own, top1 = keys, load_benchmark("finetune_toy")._top1
+    assert top1(similarity, own, keys, lambda k: k) == pytest.approx((100 / 3, 100 / 3))
+    # verb: hits 1, 1, 0; chance: "turn" is 2 of 3 keys, "push" 1 of 3 -> (2/3 + 2/3 + 1/3) / 3
+    assert top1(similarity, own, keys, lambda k: k.split(" a ")[0]) == pytest.approx((200 / 3, 500 / 9))
 
 
 def test_nlq_seeds_merges_the_seeds_of_separate_processes(tmp_path):
