@@ -87,12 +87,16 @@ def _loaded(model: Path, num_frames: int):
     return net, cfg, torch.device("cpu")
 
 
-def _top1(similarity, own: list, keys: list, part) -> tuple[float, float]:
+def _top1(similarity, own: list, keys: list, part, allowed=None) -> tuple[float, float]:
     """How often the closest key shares ``part`` with the item's own key, and how often a key drawn
-    uniformly from those the item could pick does (%)."""
-    picked = [keys[j] for j in similarity.argmax(axis=1)]
+    uniformly from those the item could pick does (%). ``allowed`` [items, keys] (bool, default all):
+    the keys each item picks from."""
+    import numpy as np
+
+    allowed = np.ones(similarity.shape, dtype=bool) if allowed is None else allowed
+    picked = [keys[j] for j in np.where(allowed, similarity, -np.inf).argmax(axis=1)]
     hits = [part(p) == part(o) for p, o in zip(picked, own)]
-    chance = [sum(part(k) == part(o) for k in keys) / len(keys) for o in own]
+    chance = [sum(part(k) == part(o) for k, ok in zip(keys, row) if ok) / row.sum() for o, row in zip(own, allowed)]
     return 100 * statistics.fmean(hits), 100 * statistics.fmean(chance)
 
 
@@ -122,9 +126,7 @@ def probe_epic_mir(model: Path, root: Path, num_frames: int) -> dict:
     for name, same in kept.items():
         allowed = np.array([[same(k, o) for k in keys] for o in own])
         rows = allowed.sum(axis=1) > 1  # clips with a narration to confuse theirs with
-        hit, _ = _top1(np.where(allowed, similarity, -np.inf)[rows], [o for o, r in zip(own, rows) if r], keys,
-                       lambda k: k)
-        scores[name] = (hit, 100 * statistics.fmean(1 / n for n in allowed.sum(axis=1)[rows]))
+        scores[name] = _top1(similarity[rows], [o for o, r in zip(own, rows) if r], keys, lambda k: k, allowed[rows])
     return scores
 
 
@@ -183,15 +185,16 @@ def main() -> None:
     rows, settings, tic = [], [], time.perf_counter()
     for benchmark in args.benchmarks:
         given = {key: getattr(args, key) for key in SETTINGS[benchmark] if getattr(args, key) is not None}
-        run = argparse.Namespace(**{**vars(args), **SETTINGS[benchmark], **given})
-        base = zero_shot(model, root, benchmark, run.num_frames)
-        name = f"{benchmark}-e{run.epochs}-b{run.batch_size}-lr{run.lr:g}-f{run.num_frames}-v{run.val_fraction:g}"
-        runs = [finetuned(model, root, benchmark, seed, args.out / f"{name}-seed{seed}", run) for seed in args.seeds]
-        settings.append(f"{benchmark} {run.epochs} epochs, lr {run.lr:g}, {run.num_frames} frames")
+        recipe = argparse.Namespace(**{**vars(args), **SETTINGS[benchmark], **given})
+        base = zero_shot(model, root, benchmark, recipe.num_frames)
+        name = (f"{benchmark}-e{recipe.epochs}-b{recipe.batch_size}-lr{recipe.lr:g}-f{recipe.num_frames}"
+                f"-v{recipe.val_fraction:g}")
+        runs = [finetuned(model, root, benchmark, seed, args.out / f"{name}-seed{seed}", recipe) for seed in args.seeds]
+        settings.append(f"{benchmark} {recipe.epochs} epochs, lr {recipe.lr:g}, {recipe.num_frames} frames")
         if args.probe:
             for label, path in [("zero-shot", model)] + [(f"seed {seed}", args.out / f"{name}-seed{seed}" / "model")
                                                           for seed in args.seeds]:
-                found = PROBES[benchmark](path, root, run.num_frames)
+                found = PROBES[benchmark](path, root, recipe.num_frames)
                 print(f"probe {benchmark}, {label}: " + ", ".join(
                     f"{what} {hit:.1f}% (chance {chance:.1f}%)" for what, (hit, chance) in found.items()), flush=True)
         mean, se = mean_se([run["val last"] for run in runs])

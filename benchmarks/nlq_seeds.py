@@ -38,6 +38,7 @@ default 2,560). ``--stride 1`` extracts four times as many windows per second as
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import subprocess
@@ -266,8 +267,6 @@ def _table(arms: dict) -> str:
 
 def merged_table(paths: list[Path]) -> str:
     """The table of several runs' ``results-*.json`` (arms or seeds run in separate processes)."""
-    import json
-
     arms: dict[str, list[dict]] = {}
     for path in paths:
         for name, rows in json.loads(path.read_text())["arms"].items():

@@ -226,6 +226,9 @@ def test_finetune_toy_probe_counts_top1_and_chance_by_hand():
     assert top1(similarity, own, keys, lambda k: k) == pytest.approx((100 / 3, 100 / 3))
     # verb: hits 1, 1, 0; chance: "turn" is 2 of 3 keys, "push" 1 of 3 -> (2/3 + 2/3 + 1/3) / 3
     assert top1(similarity, own, keys, lambda k: k.split(" a ")[0]) == pytest.approx((200 / 3, 500 / 9))
+    # Each item picks among its allowed keys: item 1 now picks its own (0.1 over 0.0); chance 1 / allowed.
+    allowed = np.array([[True, True, False], [False, True, True], [True, True, True]])
+    assert top1(similarity, own, keys, lambda k: k, allowed) == pytest.approx((200 / 3, 100 * (1 / 2 + 1 / 2 + 1 / 3) / 3))
 
 
 def test_nlq_seeds_merges_the_seeds_of_separate_processes(tmp_path):
